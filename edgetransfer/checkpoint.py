@@ -1,0 +1,63 @@
+"""The fine-tuned model on disk: weights plus everything needed to rebuild and feed it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ._io import write_bytes
+from .errors import RunError
+from .models import BuiltModel, build
+from .preprocessing import Preprocessing
+
+__all__ = ["save_checkpoint", "load_checkpoint", "FORMAT"]
+
+FORMAT = "edgetransfer.checkpoint/1"
+
+
+def save_checkpoint(path: str | Path, built: BuiltModel, classes: list[str], **extra: Any) -> Path:
+    """Atomically write the model, its architecture, classes and preprocessing to ``path``."""
+    payload = {
+        "format": FORMAT,
+        "arch": built.arch.name,
+        "weights": built.weights,
+        "num_classes": built.num_classes,
+        "classes": list(classes),
+        "preprocessing": built.preprocessing.to_dict(),
+        "state_dict": {k: v.detach().cpu() for k, v in built.module.state_dict().items()},
+        **extra,
+    }
+    return write_bytes(path, lambda f: torch.save(payload, f))
+
+
+def load_checkpoint(path: str | Path) -> tuple[BuiltModel, dict[str, Any]]:
+    """Rebuild the model saved at ``path`` (CPU, eval mode) and return it with the payload.
+
+    Raises:
+        RunError: the file is missing, not an edgetransfer checkpoint, or inconsistent.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise RunError(f"checkpoint not found: {path} (run edgetransfer finetune first)")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise RunError(f"cannot read checkpoint {path}: {str(exc).splitlines()[0]}") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise RunError(f"{path} is not an edgetransfer checkpoint (format {FORMAT})")
+    if len(payload["classes"]) != payload["num_classes"]:
+        raise RunError(
+            f"{path}: {len(payload['classes'])} class names for a {payload['num_classes']}-class classifier"
+        )
+    pre = Preprocessing.from_dict(payload["preprocessing"])
+    built = build(payload["arch"], payload["num_classes"], weights="none", image_size=pre.input_size)
+    built.preprocessing = pre
+    built.weights = payload["weights"]
+    try:
+        built.module.load_state_dict(payload["state_dict"], strict=True)
+    except RuntimeError as exc:
+        raise RunError(f"{path} does not fit {payload['arch']}: {str(exc).splitlines()[0]}") from None
+    built.module.eval()
+    return built, payload

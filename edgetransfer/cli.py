@@ -1,0 +1,190 @@
+"""The ``edgetransfer`` command: a thin layer over the library.
+
+Each command parses its options, calls one library function and prints the result. Library
+errors (:class:`EdgeTransferError`) become one line on stderr and exit status 1.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from datetime import datetime
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .errors import EdgeTransferError
+
+RESUME_EXIT = 130
+
+
+def _friendly(command):
+    """Turn library errors into one clean line and Ctrl-C into a hint, never a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except EdgeTransferError as exc:
+            raise click.ClickException(str(exc)) from None
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="edgetransfer")
+def main() -> None:
+    """Fine-tune a pretrained CNN, export it, optimise it and benchmark it for the edge."""
+
+
+_FINETUNE_DEFAULTS_NOTE = "default: chosen from the mode (head 30 epochs at 1e-2, full 10 at 1e-3)"
+
+
+@main.command()
+@click.option("--data", default="digits", show_default=True, help="Image folder (class subfolders, or train/ and val/), or 'digits' for the embedded demo.")
+@click.option("--arch", default="timm:efficientnet_lite0", show_default=True, help="torchvision builder name (resnet18, …) or timm:NAME.")
+@click.option("--weights", default=None, help="embedded | DEFAULT | a torchvision weights name | PATH | none. [default: embedded for timm:efficientnet_lite0, else DEFAULT]")
+@click.option("--mode", type=click.Choice(["head", "full"]), default="head", show_default=True, help="head: frozen features, new classifier; full: train everything.")
+@click.option("--unfreeze", "unfreeze_blocks", type=int, default=0, show_default=True, help="With --mode head, also train the last K blocks of the backbone.")
+@click.option("--epochs", type=int, default=None, help=_FINETUNE_DEFAULTS_NOTE)
+@click.option("--lr", type=float, default=None, help="Learning rate of the new classifier (the backbone gets lr x --backbone-lr-scale).")
+@click.option("--backbone-lr-scale", type=float, default=0.1, show_default=True)
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--optimizer", type=click.Choice(["adamw", "sgd"]), default="adamw", show_default=True)
+@click.option("--weight-decay", type=float, default=1e-4, show_default=True)
+@click.option("--warmup-epochs", type=float, default=1.0, show_default=True)
+@click.option("--label-smoothing", type=float, default=0.1, show_default=True)
+@click.option("--augment", type=click.Choice(["none", "crop", "crop-flip"]), default="crop", show_default=True, help="Train-time augmentation when images go through the backbone.")
+@click.option("--probe-epochs", type=int, default=None, help="Before training images end to end, train the new classifier on frozen features for N epochs. [default: 10; 0 in cached head mode]")
+@click.option("--train-bn-stats", is_flag=True, help="Let BatchNorm update its running statistics while training images (default: keep the pretrained ones).")
+@click.option("--image-size", type=int, default=None, help="Train (and later export and bench) at this size. [default: 64 for the demo, else the weights' size]")
+@click.option("--val-fraction", type=float, default=0.2, show_default=True, help="Validation share per class for a folder without train/ and val/.")
+@click.option("--limit-per-class", type=int, default=None, help="Use at most N images per class (quick runs).")
+@click.option("--patience", type=int, default=None, help="Stop after N epochs without a better val top-1.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--no-amp", is_flag=True, help="Disable mixed precision on CUDA.")
+@click.option("--workers", type=int, default=None, help="Data loader processes. [default: 0 for the demo, else up to 4]")
+@click.option("--threads", type=int, default=None, help="torch CPU threads (torch.set_num_threads).")
+@click.option("--strict", is_flag=True, help="Fail on unreadable images instead of skipping them.")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Run directory. [default: runs/<time>-<arch>-<mode>]")
+@click.option("--resume", "resume_dir", type=click.Path(path_type=Path), default=None, help="Continue the interrupted run in this directory (its own settings are used).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+@click.pass_context
+@_friendly
+def finetune(ctx: click.Context, **options) -> None:
+    """Fine-tune a pretrained CNN on an image folder (or the demo digits) into runs/.
+
+    \b
+    Examples:
+      edgetransfer finetune                          # embedded EfficientNet-Lite0 on digits, offline
+      edgetransfer finetune --data photos/ --mode full --epochs 15
+      edgetransfer finetune --data photos/ --arch resnet18 --weights IMAGENET1K_V1
+      edgetransfer finetune --resume runs/20261128-101500-efficientnet_lite0-head
+    """
+    from .data import DataSpec
+    from .finetune import FinetuneConfig, finetune as run_finetune
+    from .progress import console, set_quiet
+    from .report import epochs_table, finetune_summary_table
+
+    set_quiet(options.pop("quiet"))
+    resume_dir = options.pop("resume_dir")
+    threads = options.pop("threads")
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    if resume_dir is not None:
+        _refuse_options_with_resume(ctx)
+        config, run_dir = FinetuneConfig(), resume_dir
+    else:
+        config = _config_from_options(options, DataSpec, FinetuneConfig)
+        run_dir = options["out"] or _default_run_dir(config.arch, config.mode.value)
+    try:
+        result = run_finetune(config, run_dir, resume=resume_dir is not None)
+    except KeyboardInterrupt:
+        console.print(f"\ninterrupted; finished epochs are saved. Continue with: edgetransfer finetune --resume {run_dir}")
+        sys.exit(RESUME_EXIT)
+    console.print(epochs_table(result.metrics["epochs"]))
+    console.print(finetune_summary_table(result.metrics, result.run_dir))
+    click.echo(str(result.run_dir))
+
+
+def _config_from_options(options, DataSpec, FinetuneConfig):
+    data = DataSpec(
+        source=options["data"],
+        val_fraction=options["val_fraction"],
+        seed=options["seed"],
+        limit_per_class=options["limit_per_class"],
+        strict=options["strict"],
+    )
+    return FinetuneConfig(
+        data=data,
+        arch=options["arch"],
+        weights=options["weights"],
+        mode=options["mode"],
+        unfreeze_blocks=options["unfreeze_blocks"],
+        image_size=options["image_size"],
+        epochs=options["epochs"],
+        batch_size=options["batch_size"],
+        lr=options["lr"],
+        backbone_lr_scale=options["backbone_lr_scale"],
+        optimizer=options["optimizer"],
+        weight_decay=options["weight_decay"],
+        warmup_epochs=options["warmup_epochs"],
+        label_smoothing=options["label_smoothing"],
+        augment=options["augment"],
+        probe_epochs=options["probe_epochs"],
+        train_bn_stats=options["train_bn_stats"],
+        patience=options["patience"],
+        seed=options["seed"],
+        device=options["device"],
+        amp=not options["no_amp"],
+        workers=options["workers"],
+    )
+
+
+def _refuse_options_with_resume(ctx: click.Context) -> None:
+    allowed = {"resume_dir", "quiet", "threads"}
+    given = [
+        name for name in ctx.params
+        if name not in allowed and ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT
+    ]
+    if given:
+        flags = ", ".join("--" + n.replace("_", "-") for n in given)
+        raise EdgeTransferError(f"--resume continues with the run's own settings; drop {flags}")
+
+
+def _default_run_dir(arch: str, mode: str) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{stamp}-{arch.removeprefix('timm:')}-{mode}"
+
+
+@main.command()
+@click.argument("run_dir", required=False, type=click.Path(path_type=Path))
+@click.option("--timm", "include_timm", is_flag=True, help="List every timm architecture too.")
+@_friendly
+def info(run_dir: Path | None, include_timm: bool) -> None:
+    """Show a run's manifest, or (without RUN_DIR) the architectures that can be fine-tuned.
+
+    \b
+    Examples:
+      edgetransfer info
+      edgetransfer info runs/20261128-101500-efficientnet_lite0-head
+    """
+    if run_dir is None:
+        from .models import DEFAULT_ARCH, list_architectures
+
+        names = list_architectures(include_timm=include_timm)
+        click.echo(f"{DEFAULT_ARCH} (default, embedded offline weights)")
+        click.echo("\n".join(names if include_timm else names + ["timm:<any timm model> (edgetransfer info --timm)"]))
+        return
+    from .manifest import Manifest
+    from .errors import RunError
+
+    if not Manifest.exists(run_dir):
+        raise RunError(f"no run at {run_dir} (no manifest.json)")
+    import json
+
+    click.echo(json.dumps(Manifest.load(run_dir).data, indent=2))

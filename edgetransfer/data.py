@@ -1,0 +1,311 @@
+"""Image data: folders (``train/``+``val/`` or one folder split by a seeded fraction) and the
+embedded demo (scikit-learn's handwritten digits), checked up front and served to torch.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import random
+from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from .errors import DataError, unknown_name
+from .preprocessing import Preprocessing, load_rgb, to_rgb
+from .progress import console, progress
+
+__all__ = [
+    "DEMO",
+    "DataSpec",
+    "Sample",
+    "Dataset",
+    "Augment",
+    "load_dataset",
+    "load_image",
+    "eval_transform",
+    "train_transform",
+    "TorchImages",
+]
+
+DEMO = "digits"
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".jfif", ".jp2"}
+)
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Where images come from and how they are split; recorded so later stages see the same split.
+
+    Attributes:
+        source: ``"digits"`` for the embedded demo, or an image folder.
+        val_fraction: validation share per class when the folder has no ``train/``+``val/``.
+        seed: seeds the split and the per-class subset.
+        limit_per_class: keep at most this many images per class (before splitting).
+        strict: fail on unreadable images instead of skipping them.
+    """
+
+    source: str = DEMO
+    val_fraction: float = 0.2
+    seed: int = 0
+    limit_per_class: int | None = None
+    strict: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.val_fraction < 1.0:
+            raise DataError(f"val_fraction must be between 0 and 1 (exclusive), got {self.val_fraction}")
+        if self.limit_per_class is not None and self.limit_per_class < 2:
+            raise DataError(f"limit_per_class must be at least 2, got {self.limit_per_class}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "DataSpec":
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image: a file path, or pixels held in memory (the demo), and its class index."""
+
+    source: str | np.ndarray = field(compare=False)
+    label: int
+    name: str
+
+
+@dataclass
+class Dataset:
+    """The classes and the two splits, plus what was skipped and why."""
+
+    classes: list[str]
+    train: list[Sample]
+    val: list[Sample]
+    layout: str
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "classes": self.classes,
+            "layout": self.layout,
+            "train_images": len(self.train),
+            "val_images": len(self.val),
+            "skipped_images": len(self.skipped),
+        }
+
+
+def load_image(sample: Sample) -> Image.Image:
+    """The sample's pixels as an RGB Pillow image.
+
+    Raises:
+        DataError: the file is unreadable.
+    """
+    if isinstance(sample.source, np.ndarray):
+        return to_rgb(Image.fromarray(sample.source))
+    return load_rgb(sample.source)
+
+
+def load_dataset(spec: DataSpec, workers: int = 4) -> Dataset:
+    """Read, check and split the data ``spec`` names.
+
+    Every image is decoded once here, so a corrupt file is found before training starts: it
+    is skipped and counted (or, with ``spec.strict``, an error).
+
+    Raises:
+        DataError: missing or empty path, class folders without images, fewer than two
+            classes, validation classes unknown to training, or (strict) a corrupt image.
+    """
+    if spec.source == DEMO:
+        return _split(spec, *_digits(), layout="demo")
+    root = Path(spec.source).expanduser()
+    if not root.exists():
+        raise DataError(f"data path not found: {root} (give an image folder, or omit --data for the demo)")
+    if not root.is_dir():
+        raise DataError(f"data path is not a folder: {root} (give a folder with one subfolder per class)")
+    if (root / "train").is_dir() and (root / "val").is_dir():
+        return _train_val(spec, root, workers)
+    classes, samples = _scan(root)
+    samples, skipped = _check(samples, spec.strict, workers)
+    dataset = _split(spec, classes, samples, layout="split")
+    dataset.skipped = skipped
+    return dataset
+
+
+def _digits() -> tuple[list[str], list[Sample]]:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    pixels = (digits.images * (255.0 / 16.0)).round().astype(np.uint8)
+    samples = [Sample(img, int(y), f"digits/{i:04d}") for i, (img, y) in enumerate(zip(pixels, digits.target))]
+    return [str(c) for c in digits.target_names], samples
+
+
+def _scan(root: Path, classes: list[str] | None = None) -> tuple[list[str], list[Sample]]:
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    found = [p.name for p in folders]
+    if classes is None:
+        classes = found
+        if len(classes) < 2:
+            raise DataError(
+                f"{root} has {len(classes)} class folder(s); put each class's images in its own subfolder"
+                " (at least two classes)"
+            )
+    else:
+        extra = sorted(set(found) - set(classes))
+        if extra:
+            raise DataError(f"{root} has classes that training does not: {', '.join(extra)}")
+    samples = []
+    for folder in folders:
+        images = sorted(
+            p for p in folder.rglob("*")
+            if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() and not p.name.startswith(".")
+        )
+        if not images:
+            raise DataError(f"class folder {folder} has no images; add some or remove the folder")
+        label = classes.index(folder.name)
+        samples += [Sample(str(p), label, str(p.relative_to(root))) for p in images]
+    return classes, samples
+
+
+def _check(samples: list[Sample], strict: bool, workers: int) -> tuple[list[Sample], list[tuple[str, str]]]:
+    """Decode every image once; keep the good ones, report the bad ones."""
+
+    def reason(sample: Sample) -> str | None:
+        try:
+            load_image(sample)
+            return None
+        except DataError as exc:
+            return str(exc)
+
+    good, bad = [], []
+    with progress() as bar, ThreadPoolExecutor(max(1, workers)) as pool:
+        task = bar.add_task("checking images", total=len(samples), status="")
+        for sample, problem in zip(samples, pool.map(reason, samples)):
+            bar.advance(task)
+            (bad if problem else good).append((sample, problem))
+    if bad and strict:
+        raise DataError(f"{len(bad)} unreadable image(s), first: {bad[0][1]} (drop --strict to skip them)")
+    if bad:
+        console.print(f"[yellow]warning:[/] skipped {len(bad)} unreadable image(s); first: {bad[0][1]}")
+    return [s for s, _ in good], [(s.name, p) for s, p in bad]
+
+
+def _limit(samples: list[Sample], limit: int | None, rng: random.Random) -> dict[int, list[Sample]]:
+    by_class: dict[int, list[Sample]] = defaultdict(list)
+    for sample in samples:
+        by_class[sample.label].append(sample)
+    for label, items in by_class.items():
+        rng.shuffle(items)
+        if limit is not None:
+            by_class[label] = items[:limit]
+    return by_class
+
+
+def _split(spec: DataSpec, classes: list[str], samples: list[Sample], layout: str) -> Dataset:
+    """Seeded, stratified split: each class gives ``val_fraction`` of its images (at least one)."""
+    rng = random.Random(spec.seed)
+    train, val = [], []
+    for label, items in sorted(_limit(samples, spec.limit_per_class, rng).items()):
+        if len(items) < 2:
+            raise DataError(f"class {classes[label]!r} has {len(items)} readable image(s); a split needs at least 2")
+        n_val = min(len(items) - 1, max(1, round(spec.val_fraction * len(items))))
+        val += items[:n_val]
+        train += items[n_val:]
+    _need_two_classes(classes, train)
+    return Dataset(classes, train, val, layout)
+
+
+def _train_val(spec: DataSpec, root: Path, workers: int) -> Dataset:
+    classes, train = _scan(root / "train")
+    _, val = _scan(root / "val", classes)
+    train, skipped = _check(train, spec.strict, workers)
+    val, skipped_val = _check(val, spec.strict, workers)
+    rng = random.Random(spec.seed)
+    train = [s for items in _limit(train, spec.limit_per_class, rng).values() for s in items]
+    val = [s for items in _limit(val, spec.limit_per_class, rng).values() for s in items]
+    _need_two_classes(classes, train)
+    if not val:
+        raise DataError(f"{root / 'val'} has no readable images")
+    return Dataset(classes, train, val, "train/val", skipped + skipped_val)
+
+
+def _need_two_classes(classes: list[str], train: list[Sample]) -> None:
+    counts = Counter(s.label for s in train)
+    empty = [classes[i] for i in range(len(classes)) if counts[i] == 0]
+    if empty:
+        raise DataError(f"no readable training images for class(es) {', '.join(empty)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# torch side: transforms and a Dataset
+
+
+class Augment(str, enum.Enum):
+    """Train-time augmentation (only used when the backbone sees the images every epoch)."""
+
+    NONE = "none"
+    CROP = "crop"  # random resized crop, scale 0.5-1: safe for digits, text, anything oriented
+    CROP_FLIP = "crop-flip"  # plus horizontal flips: natural photos
+
+    @classmethod
+    def parse(cls, name: str) -> "Augment":
+        try:
+            return cls(name)
+        except ValueError:
+            raise unknown_name("augmentation", name, [m.value for m in cls]) from None
+
+
+def eval_transform(pre: Preprocessing):
+    """torchvision transform equal to ``pre``: resize, centre crop, scale, normalise."""
+    import torchvision.transforms as T
+
+    return T.Compose([
+        T.Resize(pre.resize_size, interpolation=T.InterpolationMode(pre.interpolation.value)),
+        T.CenterCrop(pre.input_size),
+        T.ToTensor(),
+        T.Normalize(pre.mean, pre.std),
+    ])
+
+
+def train_transform(pre: Preprocessing, augment: Augment):
+    """Train-time transform; ``Augment.NONE`` is the eval transform."""
+    import torchvision.transforms as T
+
+    if augment is Augment.NONE:
+        return eval_transform(pre)
+    steps = [
+        T.RandomResizedCrop(
+            pre.input_size, scale=(0.5, 1.0), interpolation=T.InterpolationMode(pre.interpolation.value)
+        )
+    ]
+    if augment is Augment.CROP_FLIP:
+        steps.append(T.RandomHorizontalFlip())
+    return T.Compose([*steps, T.ToTensor(), T.Normalize(pre.mean, pre.std)])
+
+
+class TorchImages:
+    """A map-style torch dataset over samples (an ``__getitem__``/``__len__`` pair)."""
+
+    def __init__(self, samples: list[Sample], transform) -> None:
+        self.samples = samples
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        sample = self.samples[index]
+        return self.transform(load_image(sample)), sample.label
+
+
+def default_workers(spec: DataSpec) -> int:
+    """Loader worker processes: none for in-memory demo data, else up to 4 leaving one core free."""
+    if spec.source == DEMO:
+        return 0
+    return max(0, min(4, (os.cpu_count() or 1) - 1))

@@ -1,0 +1,617 @@
+"""Transfer learning: train a swapped classifier (``head``) or the whole network (``full``).
+
+In ``head`` mode the frozen backbone's features are computed once and cached, so an epoch costs
+about as much as a pass of a linear layer. Every file a run writes is written atomically and
+``last.pt`` after each epoch lets an interrupted run continue with ``resume=True``.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ._io import read_json, write_bytes, write_json
+from .checkpoint import save_checkpoint
+from .data import DEMO, Augment, DataSpec, Dataset, TorchImages, default_workers, eval_transform, load_dataset, train_transform
+from .errors import EdgeTransferError, RunError, unknown_name
+from .manifest import Manifest, now
+from .metrics import confusion_matrix, per_class_accuracy, topk_accuracy
+from .models import DEFAULT_ARCH, BuiltModel, build, default_weights, trunk_blocks
+from .progress import console, progress
+
+__all__ = ["Mode", "OptimizerName", "FinetuneConfig", "FinetuneResult", "finetune"]
+
+CONFIG, CHECKPOINT, LAST, METRICS, CURVES = "config.json", "model.pt", "last.pt", "metrics.json", "curves.png"
+FEATURES = "cache/features.pt"
+DEMO_IMAGE_SIZE = 64
+PROBE_LR = 1e-2
+
+
+class Mode(str, enum.Enum):
+    HEAD = "head"  # frozen feature extractor (optionally its last K blocks unfrozen), new classifier
+    FULL = "full"  # everything trains; the backbone at lr * backbone_lr_scale
+
+
+class OptimizerName(str, enum.Enum):
+    ADAMW = "adamw"
+    SGD = "sgd"
+
+
+def _parse(enum_cls, value):
+    if isinstance(value, enum_cls):
+        return value
+    try:
+        return enum_cls(value)
+    except ValueError:
+        raise unknown_name(enum_cls.__name__.lower(), str(value), [m.value for m in enum_cls]) from None
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Everything that decides a fine-tuning run; saved as ``config.json`` in the run directory.
+
+    ``None`` fields get defaults that depend on the others (see :meth:`resolved`).
+    """
+
+    data: DataSpec = field(default_factory=DataSpec)
+    arch: str = DEFAULT_ARCH
+    weights: str | None = None
+    mode: Mode = Mode.HEAD
+    unfreeze_blocks: int = 0
+    image_size: int | None = None
+    epochs: int | None = None
+    batch_size: int = 64
+    lr: float | None = None
+    backbone_lr_scale: float = 0.1
+    optimizer: OptimizerName = OptimizerName.ADAMW
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.1
+    augment: Augment = Augment.CROP
+    probe_epochs: int | None = None
+    train_bn_stats: bool = False
+    patience: int | None = None
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True
+    workers: int | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "mode", _parse(Mode, self.mode))
+        object.__setattr__(self, "optimizer", _parse(OptimizerName, self.optimizer))
+        object.__setattr__(self, "augment", _parse(Augment, self.augment))
+        checks = [
+            (self.epochs is None or self.epochs >= 1, f"epochs must be at least 1, got {self.epochs}"),
+            (self.batch_size >= 1, f"batch size must be at least 1, got {self.batch_size}"),
+            (self.lr is None or self.lr > 0, f"learning rate must be positive, got {self.lr}"),
+            (self.unfreeze_blocks >= 0, f"unfreeze blocks must be 0 or more, got {self.unfreeze_blocks}"),
+            (self.mode is Mode.HEAD or self.unfreeze_blocks == 0, "--unfreeze goes with --mode head (full trains every block)"),
+            (0 <= self.label_smoothing < 1, f"label smoothing must be in [0, 1), got {self.label_smoothing}"),
+            (self.probe_epochs is None or self.probe_epochs >= 0, f"probe epochs must be 0 or more, got {self.probe_epochs}"),
+            (self.patience is None or self.patience >= 1, f"patience must be at least 1, got {self.patience}"),
+            (self.image_size is None or self.image_size >= 16, f"image size must be at least 16, got {self.image_size}"),
+            (0 < self.backbone_lr_scale <= 1, f"backbone lr scale must be in (0, 1], got {self.backbone_lr_scale}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise EdgeTransferError(message)
+
+    @property
+    def caches_features(self) -> bool:
+        return self.mode is Mode.HEAD and self.unfreeze_blocks == 0
+
+    def resolved(self) -> "FinetuneConfig":
+        """Fill the defaults that depend on other fields (weights, size, epochs, lr, workers)."""
+        return replace(
+            self,
+            weights=self.weights if self.weights is not None else default_weights(self.arch),
+            image_size=self.image_size or (DEMO_IMAGE_SIZE if self.data.source == DEMO else None),
+            epochs=self.epochs or (30 if self.caches_features else 10),
+            probe_epochs=self.probe_epochs if self.probe_epochs is not None else (0 if self.caches_features else 10),
+            lr=self.lr or (1e-2 if self.caches_features else 1e-3),
+            workers=self.workers if self.workers is not None else default_workers(self.data),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.update(mode=self.mode.value, optimizer=self.optimizer.value, augment=self.augment.value)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "FinetuneConfig":
+        data = dict(data)
+        data["data"] = DataSpec.from_dict(data["data"])
+        return cls(**data)
+
+
+@dataclass
+class FinetuneResult:
+    run_dir: Path
+    metrics: dict[str, Any]
+    config: FinetuneConfig
+
+
+EpochCallback = Callable[[dict[str, Any]], None]
+
+
+def finetune(
+    config: FinetuneConfig,
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    on_epoch: EpochCallback | None = None,
+) -> FinetuneResult:
+    """Fine-tune ``config.arch`` on ``config.data`` and write the run into ``run_dir``.
+
+    Args:
+        config: the run's settings (ignored with ``resume``: the run's own config is used).
+        run_dir: the run directory; it must not hold another run.
+        resume: continue the interrupted run in ``run_dir`` from its last finished epoch.
+        on_epoch: called with each epoch's record after it is saved.
+
+    Returns:
+        The run directory, the final metrics and the resolved config.
+
+    Raises:
+        RunError: ``run_dir`` holds another run, or there is nothing to resume.
+        DataError, ModelError, WeightsError: bad data, architecture or weights.
+    """
+    run_dir = Path(run_dir)
+    config, manifest, state = _open_run(run_dir, config, resume)
+    started = time.perf_counter()
+    dataset = load_dataset(config.data, workers=max(1, config.workers))
+    _seed(config.seed)  # before building: the new classifier's initial weights come from it
+    built = build(config.arch, len(dataset.classes), config.weights, config.image_size)
+    if config.image_size is None:
+        config = replace(config, image_size=built.preprocessing.input_size)
+    device = _device(config.device)
+    built.module.to(device)
+    probe = _probe_head(config, built, dataset, device, run_dir) if state is None else None
+    loop = _make_loop(config, built, dataset, device, run_dir)
+    trainer = _Trainer(config, built, loop, run_dir, dataset.classes)
+    if state is not None:
+        trainer.restore(state)
+    trainer.probe = probe if probe is not None else (state or {}).get("probe")
+    trainer.run(on_epoch)
+    metrics = trainer.finish(dataset, time.perf_counter() - started)
+    _record(manifest, config, metrics, run_dir)
+    return FinetuneResult(run_dir, metrics, config)
+
+
+# ---------------------------------------------------------------------------------------------
+# The run directory
+
+
+def _open_run(run_dir: Path, config: FinetuneConfig, resume: bool):
+    """Return the config to use, the manifest and the saved training state (or None)."""
+    if resume:
+        if not (run_dir / CONFIG).is_file():
+            raise RunError(f"nothing to resume in {run_dir}: no {CONFIG} (start it without --resume)")
+        config = FinetuneConfig.from_dict(read_json(run_dir / CONFIG))
+        manifest = Manifest.load(run_dir) if Manifest.exists(run_dir) else Manifest.create(run_dir, config=config.to_dict())
+        if manifest.data.get("status") == "complete":
+            raise RunError(f"{run_dir} is already complete; nothing to resume")
+        state = _load_state(run_dir / LAST) if (run_dir / LAST).is_file() else None
+        return config, manifest, state
+    if run_dir.exists() and any(run_dir.iterdir()):
+        held = "a run" if (run_dir / CONFIG).is_file() else "other files"
+        raise RunError(
+            f"{run_dir} already holds {held}; pick another --out/--name, or --resume {run_dir} to continue it"
+        )
+    config = config.resolved()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json(run_dir / CONFIG, config.to_dict())
+    manifest = Manifest.create(run_dir, run=run_dir.name, status="training", config=config.to_dict())
+    manifest.save()
+    return config, manifest, None
+
+
+def _load_state(path: Path) -> dict[str, Any]:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)  # our own file: RNG states need pickle
+    except Exception as exc:
+        raise RunError(f"cannot read {path} to resume ({str(exc).splitlines()[0]}); start a new run") from None
+
+
+def _record(manifest: Manifest, config: FinetuneConfig, metrics: dict[str, Any], run_dir: Path) -> None:
+    settings = {"arch": config.arch, "weights": config.weights, "mode": config.mode.value, "image_size": config.image_size}
+    manifest.data["config"] = config.to_dict()
+    manifest.record("checkpoint", CHECKPOINT, "torch-checkpoint", parent=None, settings=settings)
+    manifest.record("metrics", METRICS, "metrics", parent="checkpoint")
+    manifest.record("curves", CURVES, "plot", parent="metrics")
+    manifest.data["finetune"] = {
+        "val_top1": metrics["final"]["top1"],
+        "val_top5": metrics["final"]["top5"],
+        "best_epoch": metrics["best_epoch"],
+        "classes": metrics["classes"],
+        "data": config.data.to_dict(),
+        "finished": now(),
+    }
+    manifest.data["status"] = "complete"
+    manifest.save()
+    (run_dir / LAST).unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Setup helpers
+
+
+def _seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise EdgeTransferError(f"device {name!r} asked for, but torch sees no CUDA GPU; use --device cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise unknown_name("device", name, ["auto", "cpu", "cuda", "cuda:0"]) from None
+
+
+def _autocast(device: torch.device, enabled: bool):
+    return torch.autocast(device.type, dtype=torch.float16, enabled=enabled and device.type == "cuda")
+
+
+def _loader(samples, transform, config: FinetuneConfig, shuffle: bool, generator=None):
+    from torch.utils.data import DataLoader
+
+    return DataLoader(
+        TorchImages(samples, transform),
+        batch_size=config.batch_size,
+        shuffle=shuffle,
+        num_workers=config.workers,
+        generator=generator,
+        persistent_workers=config.workers > 0,
+        pin_memory=torch.cuda.is_available(),
+    )
+
+
+def _make_loop(config, built, dataset, device, run_dir):
+    if config.caches_features:
+        return _CachedHeadLoop(config, built, dataset, device, run_dir)
+    return _ImageLoop(config, built, dataset, device)
+
+
+def _probe_head(config: FinetuneConfig, built: BuiltModel, dataset: Dataset, device, run_dir: Path):
+    """Linear probe before fine-tuning: train the new head on cached frozen features first, so
+    the backbone is never updated through the gradients of a random classifier."""
+    if config.caches_features or not config.probe_epochs:
+        return None
+    started = time.perf_counter()
+    loop = _CachedHeadLoop(replace(config, batch_size=64), built, dataset, device, run_dir)
+    optimizer = torch.optim.AdamW(loop.head.parameters(), lr=PROBE_LR, weight_decay=config.weight_decay)
+    schedule = _cosine_with_warmup(optimizer, replace(config, epochs=config.probe_epochs), loop.steps_per_epoch)
+    criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    for _ in range(config.probe_epochs):
+        for x, y, head in loop.train_batches():
+            optimizer.zero_grad(set_to_none=True)
+            criterion(head(x).float(), y).backward()
+            optimizer.step()
+            schedule.step()
+    logits, labels = loop.val_logits()
+    for param in built.module.parameters():
+        param.requires_grad_(True)
+    return {
+        "epochs": config.probe_epochs,
+        "val_top1": topk_accuracy(logits.numpy(), labels.numpy(), 1),
+        "seconds": time.perf_counter() - started,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# What an epoch iterates over: cached features, or images through the network
+
+
+class _CachedHeadLoop:
+    """Head mode: the frozen backbone runs once per image; epochs train the head on features."""
+
+    def __init__(self, config, built: BuiltModel, dataset: Dataset, device, run_dir: Path) -> None:
+        self.config, self.built, self.device = config, built, device
+        self.head = built.head()
+        for param in built.module.parameters():
+            param.requires_grad_(False)
+        for param in self.head.parameters():
+            param.requires_grad_(True)
+        self.generator = torch.Generator().manual_seed(config.seed)
+        started = time.perf_counter()
+        self.train_x, self.train_y, self.val_x, self.val_y = self._features(dataset, run_dir)
+        self.features_s = time.perf_counter() - started
+
+    def _features(self, dataset: Dataset, run_dir: Path):
+        path = run_dir / FEATURES
+        key = {"train": [s.name for s in dataset.train], "val": [s.name for s in dataset.val]}
+        if path.is_file():
+            cached = torch.load(path, map_location="cpu", weights_only=True)
+            if cached.get("key") == key:
+                return cached["train_x"], cached["train_y"], cached["val_x"], cached["val_y"]
+        transform = eval_transform(self.built.preprocessing)
+        train_x, train_y = self._extract(dataset.train, transform, "features (train)")
+        val_x, val_y = self._extract(dataset.val, transform, "features (val)")
+        payload = {"key": key, "train_x": train_x, "train_y": train_y, "val_x": val_x, "val_y": val_y}
+        write_bytes(path, lambda f: torch.save(payload, f))
+        return train_x, train_y, val_x, val_y
+
+    def _extract(self, samples, transform, label: str) -> tuple[torch.Tensor, torch.Tensor]:
+        captured: list[torch.Tensor] = []
+        hook = self.built.classifier.register_forward_pre_hook(lambda m, args: captured.append(args[0].float().cpu()))
+        labels = []
+        self.built.module.eval()
+        try:
+            with progress() as bar, torch.no_grad():
+                task = bar.add_task(label, total=len(samples), status="")
+                for x, y in _loader(samples, transform, self.config, shuffle=False):
+                    with _autocast(self.device, self.config.amp):
+                        self.built.module(x.to(self.device, non_blocking=True))
+                    labels.append(y)
+                    bar.advance(task, len(y))
+        finally:
+            hook.remove()
+        return torch.cat(captured), torch.cat(labels)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(len(self.train_y) / self.config.batch_size)
+
+    def param_groups(self, lr: float) -> list[dict[str, Any]]:
+        return [{"params": list(self.head.parameters()), "lr": lr, "name": "head"}]
+
+    def train_batches(self):
+        self.head.train()
+        order = torch.randperm(len(self.train_y), generator=self.generator)
+        for start in range(0, len(order), self.config.batch_size):
+            index = order[start : start + self.config.batch_size]
+            yield self.train_x[index].to(self.device), self.train_y[index].to(self.device), self.head
+
+    def val_logits(self) -> tuple[torch.Tensor, torch.Tensor]:
+        self.head.eval()
+        with torch.no_grad():
+            logits = [self.head(x.to(self.device)).float().cpu() for x in self.val_x.split(1024)]
+        return torch.cat(logits), self.val_y
+
+    def rng_state(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state()}
+
+    def set_rng_state(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["generator"])
+
+
+class _ImageLoop:
+    """Full mode, or head mode with unfrozen blocks: images go through the network every epoch."""
+
+    def __init__(self, config, built: BuiltModel, dataset: Dataset, device) -> None:
+        self.config, self.built, self.device = config, built, device
+        self.features_s = 0.0
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.train = _loader(dataset.train, train_transform(built.preprocessing, config.augment), config, True, self.generator)
+        self.val = _loader(dataset.val, eval_transform(built.preprocessing), config, False)
+        self.trainable = self._select_trainable()
+
+    def _select_trainable(self) -> list[nn.Module]:
+        """Modules that train (and so run BatchNorm in train mode); all others stay frozen."""
+        module, head = self.built.module, self.built.classifier
+        if self.config.mode is Mode.FULL:
+            for param in module.parameters():
+                param.requires_grad_(True)
+            return [module]
+        blocks = trunk_blocks(self.built)
+        unfrozen = blocks[-self.config.unfreeze_blocks :] if self.config.unfreeze_blocks else []
+        for param in module.parameters():
+            param.requires_grad_(False)
+        for part in [*unfrozen, head]:
+            for param in part.parameters():
+                param.requires_grad_(True)
+        return [*unfrozen, head]
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.train)
+
+    def param_groups(self, lr: float) -> list[dict[str, Any]]:
+        head_ids = {id(p) for p in self.built.classifier.parameters()}
+        backbone = [p for p in self.built.module.parameters() if p.requires_grad and id(p) not in head_ids]
+        groups = [{"params": list(self.built.classifier.parameters()), "lr": lr, "name": "head"}]
+        if backbone:
+            groups.append({"params": backbone, "lr": lr * self.config.backbone_lr_scale, "name": "backbone"})
+        return groups
+
+    def train_batches(self):
+        self.built.module.eval()
+        for part in self.trainable:
+            part.train()
+        if not self.config.train_bn_stats:
+            # Batch statistics of a small, shifted dataset wreck pretrained features; BatchNorm
+            # keeps its running statistics and only its affine parameters train.
+            for layer in self.built.module.modules():
+                if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+                    layer.eval()
+        for x, y in self.train:
+            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True), self.built.module
+
+    def val_logits(self) -> tuple[torch.Tensor, torch.Tensor]:
+        self.built.module.eval()
+        logits, labels = [], []
+        with torch.no_grad():
+            for x, y in self.val:
+                with _autocast(self.device, self.config.amp):
+                    logits.append(self.built.module(x.to(self.device)).float().cpu())
+                labels.append(y)
+        return torch.cat(logits), torch.cat(labels)
+
+    def rng_state(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state()}
+
+    def set_rng_state(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["generator"])
+
+
+# ---------------------------------------------------------------------------------------------
+# The epoch loop, checkpoints and resume
+
+
+class _Trainer:
+    def __init__(self, config: FinetuneConfig, built: BuiltModel, loop, run_dir: Path, classes: list[str]) -> None:
+        self.config, self.built, self.loop, self.run_dir, self.classes = config, built, loop, run_dir, classes
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+        self.optimizer = _optimizer(config, loop.param_groups(config.lr))
+        self.scheduler = _cosine_with_warmup(self.optimizer, config, loop.steps_per_epoch)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=config.amp and loop.device.type == "cuda")
+        self.history: list[dict[str, Any]] = []
+        self.best_top1, self.best_epoch, self.stale = -1.0, 0, 0
+        self.probe: dict[str, Any] | None = None
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.built.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.loop.set_rng_state(state["loop_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        np.random.set_state(state["numpy_rng"])
+        random.setstate(state["python_rng"])
+        self.history = state["history"]
+        self.best_top1, self.best_epoch, self.stale = state["best_top1"], state["best_epoch"], state["stale"]
+        console.print(f"resuming {self.run_dir} after epoch {len(self.history)} of {self.config.epochs}")
+
+    def run(self, on_epoch: EpochCallback | None) -> None:
+        with progress() as bar:
+            task = bar.add_task("epochs", total=self.config.epochs, completed=len(self.history), status="")
+            for epoch in range(len(self.history) + 1, self.config.epochs + 1):
+                record = self._epoch(epoch)
+                bar.update(task, advance=1, status=f"val top-1 {100 * record['val_top1']:.2f}%")
+                if on_epoch is not None:
+                    on_epoch(record)
+                if self.config.patience and self.stale >= self.config.patience:
+                    console.print(f"early stop: no better val top-1 for {self.stale} epochs")
+                    break
+
+    def _epoch(self, epoch: int) -> dict[str, Any]:
+        started = time.perf_counter()
+        train_loss, train_top1 = self._train_one_epoch()
+        logits, labels = self.loop.val_logits()
+        val_loss = float(nn.functional.cross_entropy(logits, labels))
+        val_top1 = topk_accuracy(logits.numpy(), labels.numpy(), 1)
+        record = {
+            "epoch": epoch,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "train_loss": train_loss,
+            "train_top1": train_top1,
+            "val_loss": val_loss,
+            "val_top1": val_top1,
+            "seconds": time.perf_counter() - started,
+        }
+        self.history.append(record)
+        if val_top1 > self.best_top1:
+            self.best_top1, self.best_epoch, self.stale = val_top1, epoch, 0
+            save_checkpoint(self.run_dir / CHECKPOINT, self.built, self.classes, epoch=epoch, val_top1=val_top1)
+        else:
+            self.stale += 1
+        self._save_state()
+        return record
+
+    def _train_one_epoch(self) -> tuple[float, float]:
+        total_loss, correct, seen = 0.0, 0, 0
+        for x, y, model in self.loop.train_batches():
+            with _autocast(self.loop.device, self.config.amp):
+                logits = model(x)
+                loss = self.criterion(logits.float(), y)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.scheduler.step()
+            total_loss += loss.item() * len(y)
+            correct += int((logits.argmax(1) == y).sum())
+            seen += len(y)
+        return total_loss / seen, correct / seen
+
+    def _save_state(self) -> None:
+        state = {
+            "model": self.built.module.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "loop_rng": self.loop.rng_state(),
+            "torch_rng": torch.get_rng_state(),
+            "numpy_rng": np.random.get_state(),
+            "python_rng": random.getstate(),
+            "history": self.history,
+            "best_top1": self.best_top1,
+            "best_epoch": self.best_epoch,
+            "stale": self.stale,
+            "probe": self.probe,
+        }
+        write_bytes(self.run_dir / LAST, lambda f: torch.save(state, f))
+
+    def finish(self, dataset: Dataset, total_s: float) -> dict[str, Any]:
+        """Evaluate the best checkpoint, write metrics.json and curves.png."""
+        best = torch.load(self.run_dir / CHECKPOINT, map_location="cpu", weights_only=True)
+        self.built.module.load_state_dict(best["state_dict"])
+        logits, labels = self.loop.val_logits()
+        logits_np, labels_np = logits.numpy(), labels.numpy()
+        matrix = confusion_matrix(logits_np.argmax(1), labels_np, len(self.classes))
+        metrics = {
+            "arch": self.config.arch,
+            "weights": self.config.weights,
+            "mode": self.config.mode.value,
+            "image_size": self.config.image_size,
+            "classes": self.classes,
+            "train_images": len(dataset.train),
+            "val_images": len(dataset.val),
+            "skipped_images": len(dataset.skipped),
+            "epochs": self.history,
+            "best_epoch": self.best_epoch,
+            "stopped_early": len(self.history) < self.config.epochs,
+            "probe": self.probe,
+            "final": {
+                "top1": topk_accuracy(logits_np, labels_np, 1),
+                "top5": topk_accuracy(logits_np, labels_np, 5),
+                "loss": float(nn.functional.cross_entropy(logits, labels)),
+                "confusion_matrix": matrix.tolist(),
+                "per_class_top1": [None if math.isnan(v) else float(v) for v in per_class_accuracy(matrix)],
+            },
+            "timing": {
+                "features_s": self.loop.features_s + (self.probe or {}).get("seconds", 0.0),
+                "epochs_s": sum(r["seconds"] for r in self.history),
+                "total_s": total_s,
+                "torch_threads": torch.get_num_threads(),
+                "device": str(self.loop.device),
+            },
+        }
+        write_json(self.run_dir / METRICS, metrics)
+        from .report import plot_training
+
+        plot_training(metrics, self.run_dir / CURVES)
+        return metrics
+
+
+def _optimizer(config: FinetuneConfig, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+    if config.optimizer is OptimizerName.SGD:
+        return torch.optim.SGD(groups, lr=config.lr, momentum=0.9, nesterov=True, weight_decay=config.weight_decay)
+    return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def _cosine_with_warmup(optimizer, config: FinetuneConfig, steps_per_epoch: int):
+    total = max(1, config.epochs * steps_per_epoch)
+    warmup = min(total - 1, int(config.warmup_epochs * steps_per_epoch))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

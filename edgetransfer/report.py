@@ -1,0 +1,87 @@
+"""Showing results: terminal tables (rich) and PNG plots (matplotlib, headless)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+from ._io import atomic_path
+
+__all__ = ["epochs_table", "finetune_summary_table", "plot_training"]
+
+
+def epochs_table(history: list[dict[str, Any]], last: int = 12) -> Table:
+    """Per-epoch loss, accuracy and time (the last ``last`` epochs)."""
+    table = Table(title="training", title_justify="left")
+    for column in ("epoch", "lr", "train loss", "train top-1", "val loss", "val top-1", "seconds"):
+        table.add_column(column, justify="right")
+    for row in history[-last:]:
+        table.add_row(
+            str(row["epoch"]),
+            f"{row['lr']:.2e}",
+            f"{row['train_loss']:.4f}",
+            f"{100 * row['train_top1']:.2f}%",
+            f"{row['val_loss']:.4f}",
+            f"{100 * row['val_top1']:.2f}%",
+            f"{row['seconds']:.1f}",
+        )
+    return table
+
+
+def finetune_summary_table(metrics: dict[str, Any], run_dir: Path) -> Table:
+    """The outcome of a fine-tuning run in a few rows."""
+    final, timing = metrics["final"], metrics["timing"]
+    table = Table(title=f"result: {run_dir}", title_justify="left", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("model", f"{metrics['arch']} ({metrics['mode']}), {metrics['image_size']} px")
+    table.add_row("data", f"{metrics['train_images']} train / {metrics['val_images']} val, {len(metrics['classes'])} classes")
+    table.add_row("best epoch", f"{metrics['best_epoch']} of {len(metrics['epochs'])}")
+    table.add_row("val top-1", f"{100 * final['top1']:.2f}%")
+    table.add_row("val top-5", f"{100 * final['top5']:.2f}%")
+    table.add_row("time", f"{timing['total_s']:.1f} s (features {timing['features_s']:.1f} s, epochs {timing['epochs_s']:.1f} s)")
+    return table
+
+
+def plot_training(metrics: dict[str, Any], path: Path) -> Path:
+    """Loss and top-1 per epoch, and the validation confusion matrix, as one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    history = metrics["epochs"]
+    epochs = [row["epoch"] for row in history]
+    fig, (loss_ax, acc_ax, cm_ax) = plt.subplots(1, 3, figsize=(15, 4.4))
+    loss_ax.plot(epochs, [r["train_loss"] for r in history], "o-", label="train")
+    loss_ax.plot(epochs, [r["val_loss"] for r in history], "o-", label="val")
+    loss_ax.set(title="loss", xlabel="epoch")
+    acc_ax.plot(epochs, [100 * r["train_top1"] for r in history], "o-", label="train")
+    acc_ax.plot(epochs, [100 * r["val_top1"] for r in history], "o-", label="val")
+    acc_ax.axvline(metrics["best_epoch"], color="grey", linestyle=":", label="best")
+    acc_ax.set(title="top-1 (%)", xlabel="epoch")
+    for ax in (loss_ax, acc_ax):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    _confusion(cm_ax, metrics["final"]["confusion_matrix"], metrics["classes"])
+    fig.suptitle(f"{metrics['arch']} ({metrics['mode']}), val top-1 {100 * metrics['final']['top1']:.2f}%")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _confusion(ax, matrix: list[list[int]], classes: list[str]) -> None:
+    ax.imshow(matrix, cmap="Blues")
+    ax.set(title="val confusion (rows: true)", xlabel="predicted", ylabel="true")
+    if len(classes) <= 20:
+        ticks = range(len(classes))
+        ax.set_xticks(ticks, classes, rotation=90 if max(map(len, classes)) > 3 else 0)
+        ax.set_yticks(ticks, classes)
+        for i, row in enumerate(matrix):
+            for j, count in enumerate(row):
+                if count:
+                    ax.text(j, i, str(count), ha="center", va="center", fontsize=7)

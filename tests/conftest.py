@@ -1,0 +1,44 @@
+"""Shared fixtures: real (small) image folders made from scikit-learn's digits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from edgetransfer.progress import set_quiet
+
+torch.set_num_threads(2)
+set_quiet(True)
+
+
+def digits_pixels(per_class: int, classes: int = 3, size: int = 24) -> list[tuple[int, np.ndarray]]:
+    """Real handwritten digits (scikit-learn), upscaled to ``size`` px greyscale uint8."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    out = []
+    for label in range(classes):
+        images = digits.images[digits.target == label][:per_class]
+        for image in images:
+            pixels = (image * 255 / 16).round().astype(np.uint8)
+            out.append((label, np.asarray(Image.fromarray(pixels).resize((size, size), Image.Resampling.BILINEAR))))
+    return out
+
+
+def write_folder(root: Path, per_class: int, classes: int = 3, size: int = 24) -> Path:
+    """An image folder with one subfolder per digit class, PNG files."""
+    for index, (label, pixels) in enumerate(digits_pixels(per_class, classes, size)):
+        folder = root / f"digit_{label}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels).save(folder / f"{index:04d}.png")
+    return root
+
+
+@pytest.fixture
+def digit_folder(tmp_path: Path) -> Path:
+    """3 classes x 12 real digit images."""
+    return write_folder(tmp_path / "images", per_class=12)

@@ -1,0 +1,124 @@
+from __future__ import annotations
+
+import io
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from edgetransfer.data import DataSpec, load_dataset, load_image
+from edgetransfer.errors import DataError
+from edgetransfer.preprocessing import load_rgb, to_rgb
+
+from conftest import write_folder
+
+
+def test_folder_is_split_stratified_and_seeded(digit_folder):
+    first = load_dataset(DataSpec(str(digit_folder), val_fraction=0.25, seed=3))
+    again = load_dataset(DataSpec(str(digit_folder), val_fraction=0.25, seed=3))
+    other = load_dataset(DataSpec(str(digit_folder), val_fraction=0.25, seed=4))
+    assert first.classes == ["digit_0", "digit_1", "digit_2"]
+    assert Counter(s.label for s in first.val) == {0: 3, 1: 3, 2: 3}
+    assert Counter(s.label for s in first.train) == {0: 9, 1: 9, 2: 9}
+    assert [s.name for s in first.val] == [s.name for s in again.val]
+    assert [s.name for s in first.val] != [s.name for s in other.val]
+    assert not {s.name for s in first.val} & {s.name for s in first.train}
+
+
+def test_train_val_layout_is_used_as_given(tmp_path):
+    write_folder(tmp_path / "d" / "train", per_class=6)
+    write_folder(tmp_path / "d" / "val", per_class=2)
+    dataset = load_dataset(DataSpec(str(tmp_path / "d")))
+    assert dataset.layout == "train/val"
+    assert (len(dataset.train), len(dataset.val)) == (18, 6)
+
+
+def test_demo_digits_are_served_from_memory():
+    dataset = load_dataset(DataSpec())
+    assert dataset.classes == [str(d) for d in range(10)]
+    assert len(dataset.train) + len(dataset.val) == 1797
+    image = load_image(dataset.train[0])
+    assert image.mode == "RGB" and image.size == (8, 8)
+    assert np.asarray(image).max() > 128  # strokes are bright on black
+
+
+def test_limit_per_class_takes_a_subset():
+    dataset = load_dataset(DataSpec(limit_per_class=10))
+    assert len(dataset.train) == 80 and len(dataset.val) == 20
+
+
+def test_corrupt_and_truncated_images_are_skipped_and_counted(digit_folder, capsys):
+    (digit_folder / "digit_0" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nthis is not a png")
+    good = (digit_folder / "digit_1" / "0012.png").read_bytes()
+    (digit_folder / "digit_1" / "truncated.png").write_bytes(good[: len(good) // 2])
+    (digit_folder / "digit_2" / "notes.txt").write_text("not an image, ignored")
+    dataset = load_dataset(DataSpec(str(digit_folder)))
+    assert len(dataset.train) + len(dataset.val) == 36
+    assert sorted(name for name, _ in dataset.skipped) == ["digit_0/broken.png", "digit_1/truncated.png"]
+    with pytest.raises(DataError, match=r"2 unreadable image\(s\).*drop --strict"):
+        load_dataset(DataSpec(str(digit_folder), strict=True))
+
+
+@pytest.mark.parametrize(
+    "make, expected",
+    [
+        (lambda: Image.new("L", (4, 4), 200), (200, 200, 200)),
+        (lambda: Image.new("RGBA", (4, 4), (10, 20, 30, 0)), (10, 20, 30)),
+        (lambda: Image.new("CMYK", (4, 4), (0, 0, 0, 0)), (255, 255, 255)),
+        (lambda: Image.new("I;16", (4, 4), 65535), (255, 255, 255)),
+        (lambda: Image.new("I;16", (4, 4), 32896), (128, 128, 128)),
+        (lambda: Image.new("1", (4, 4), 1), (255, 255, 255)),
+        (lambda: Image.new("P", (4, 4), 0).convert("P"), (0, 0, 0)),
+    ],
+)
+def test_every_pillow_mode_becomes_8_bit_rgb(make, expected):
+    image = to_rgb(make())
+    assert image.mode == "RGB"
+    assert tuple(np.asarray(image)[0, 0]) == expected
+
+
+def test_sixteen_bit_png_round_trip(tmp_path):
+    path = tmp_path / "deep.png"
+    Image.fromarray(np.full((5, 5), 4096 * 8, dtype=np.uint16)).save(path)
+    assert tuple(np.asarray(load_rgb(path))[0, 0]) == (128, 128, 128)
+
+
+@pytest.mark.parametrize(
+    "build_tree, message",
+    [
+        (lambda root: None, r"data path not found"),
+        (lambda root: root.mkdir(), r"has 0 class folder\(s\)"),
+        (lambda root: write_folder(root, per_class=4, classes=1), r"has 1 class folder\(s\).*at least two"),
+        (lambda root: (write_folder(root, 4), (root / "empty_class").mkdir()), r"class folder .*empty_class has no images"),
+    ],
+)
+def test_bad_folders_get_one_clear_line(tmp_path, build_tree, message):
+    root = tmp_path / "data"
+    build_tree(root)
+    with pytest.raises(DataError, match=message) as error:
+        load_dataset(DataSpec(str(root)))
+    assert "\n" not in str(error.value)
+
+
+def test_validation_class_unknown_to_training_is_refused(tmp_path):
+    write_folder(tmp_path / "d" / "train", per_class=4, classes=2)
+    write_folder(tmp_path / "d" / "val", per_class=2, classes=3)
+    with pytest.raises(DataError, match=r"classes that training does not: digit_2"):
+        load_dataset(DataSpec(str(tmp_path / "d")))
+
+
+def test_a_file_as_data_path_is_refused(tmp_path):
+    path = tmp_path / "x.png"
+    Image.new("RGB", (2, 2)).save(path)
+    with pytest.raises(DataError, match="not a folder"):
+        load_dataset(DataSpec(str(path)))
+
+
+def test_bytes_and_bad_bytes():
+    buffer = io.BytesIO()
+    Image.new("RGB", (3, 3), (1, 2, 3)).save(buffer, format="PNG")
+    assert tuple(np.asarray(load_rgb(buffer.getvalue()))[1, 1]) == (1, 2, 3)
+    with pytest.raises(DataError, match=r"cannot read image <bytes>"):
+        load_rgb(b"definitely not an image")
