@@ -328,6 +328,7 @@ class _CachedHeadLoop:
         for param in self.head.parameters():
             param.requires_grad_(True)
         self.generator = torch.Generator().manual_seed(config.seed)
+        self.train_pass_s = 0.0  # one backbone pass over the training images (0 when cached)
         started = time.perf_counter()
         self.train_x, self.train_y, self.val_x, self.val_y = self._features(dataset, run_dir)
         self.features_s = time.perf_counter() - started
@@ -340,7 +341,9 @@ class _CachedHeadLoop:
             if cached.get("key") == key:
                 return cached["train_x"], cached["train_y"], cached["val_x"], cached["val_y"]
         transform = eval_transform(self.built.preprocessing)
+        started = time.perf_counter()
         train_x, train_y = self._extract(dataset.train, transform, "features (train)")
+        self.train_pass_s = time.perf_counter() - started
         val_x, val_y = self._extract(dataset.val, transform, "features (val)")
         payload = {"key": key, "train_x": train_x, "train_y": train_y, "val_x": val_x, "val_y": val_y}
         write_bytes(path, lambda f: torch.save(payload, f))
@@ -586,6 +589,7 @@ class _Trainer:
             },
             "timing": {
                 "features_s": self.loop.features_s + (self.probe or {}).get("seconds", 0.0),
+                "train_pass_s": getattr(self.loop, "train_pass_s", None),
                 "epochs_s": sum(r["seconds"] for r in self.history),
                 "total_s": total_s,
                 "torch_threads": torch.get_num_threads(),
