@@ -14,7 +14,8 @@ __all__ = ["epochs_table", "finetune_summary_table", "plot_training"]
 
 def epochs_table(history: list[dict[str, Any]], last: int = 12) -> Table:
     """Per-epoch loss, accuracy and time (the last ``last`` epochs)."""
-    table = Table(title="training", title_justify="left")
+    shown = f"last {last} of {len(history)} epochs" if len(history) > last else f"{len(history)} epochs"
+    table = Table(title=f"training ({shown})", title_justify="left")
     for column in ("epoch", "lr", "train loss", "train top-1", "val loss", "val top-1", "seconds"):
         table.add_column(column, justify="right")
     for row in history[-last:]:
