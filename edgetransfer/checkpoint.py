@@ -26,10 +26,19 @@ def save_checkpoint(path: str | Path, built: BuiltModel, classes: list[str], **e
         "num_classes": built.num_classes,
         "classes": list(classes),
         "preprocessing": built.preprocessing.to_dict(),
-        "state_dict": {k: v.detach().cpu() for k, v in built.module.state_dict().items()},
+        "state_dict": _cpu_state(built.module),
         **extra,
     }
     return write_bytes(path, lambda f: torch.save(payload, f))
+
+
+def _cpu_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The state_dict on CPU, keeping its ``_metadata`` (some modules, mnasnet among them,
+    read their version from it when loading)."""
+    state = module.state_dict()
+    cpu = type(state)((k, v.detach().cpu()) for k, v in state.items())
+    cpu._metadata = getattr(state, "_metadata", None)
+    return cpu
 
 
 def load_checkpoint(path: str | Path) -> tuple[BuiltModel, dict[str, Any]]:

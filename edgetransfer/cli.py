@@ -188,3 +188,72 @@ def info(run_dir: Path | None, include_timm: bool) -> None:
     import json
 
     click.echo(json.dumps(Manifest.load(run_dir).data, indent=2))
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--opset", type=int, default=None, help="ONNX opset. [default: 18]")
+@click.option("--static-batch", type=int, default=None, help="Fix the batch dimension to N (default: dynamic).")
+@click.option("--fuse-preprocess", is_flag=True, help="Input uint8 NHWC images at the model's size; scaling and normalisation run inside the graph.")
+@click.option("--atol", type=float, default=1e-3, show_default=True, help="Largest logit difference ONNX Runtime may show against PyTorch.")
+@click.option("--verify-images", type=int, default=64, show_default=True, help="Validation images the parity check uses.")
+@click.option("--no-verify", is_flag=True, help="Skip the parity check.")
+@click.option("--output", type=click.Path(path_type=Path), default=None, help="Where to write. [default: RUN_DIR/model.onnx]")
+@_friendly
+def export(run_dir: Path, opset, static_batch, fuse_preprocess, atol, verify_images, no_verify, output) -> None:
+    """Export a fine-tuned run to ONNX and check it computes what PyTorch computes.
+
+    \b
+    Examples:
+      edgetransfer export runs/20261128-101500-efficientnet_lite0-head
+      edgetransfer export runs/demo --fuse-preprocess      # uint8 NHWC input, for apps
+      edgetransfer export runs/demo --static-batch 1 --output model-b1.onnx
+    """
+    from .export import DEFAULT_OPSET, ExportOptions, export_onnx
+    from .progress import console
+    from .report import parity_table
+
+    options = ExportOptions(
+        opset=opset or DEFAULT_OPSET, static_batch=static_batch, fuse_preprocess=fuse_preprocess,
+        verify=not no_verify, atol=atol, verify_images=verify_images, output=output,
+    )
+    with console.status("exporting to ONNX and checking parity"):
+        result = export_onnx(run_dir, options)
+    console.print(parity_table(result))
+    click.echo(str(result.path))
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("-k", "--top-k", type=int, default=3, show_default=True)
+@click.option("--provider", "providers", multiple=True, help="cpu, cuda, tensorrt or a full provider name; repeat for a fallback order. [default: cpu]")
+@click.option("--allow-fallback", is_flag=True, help="Accept a later provider when the first cannot load.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@_friendly
+def predict(model: Path, images: tuple[Path, ...], top_k: int, providers, allow_fallback: bool, as_json: bool) -> None:
+    """Classify images with an exported model (torch-free runtime).
+
+    \b
+    Examples:
+      edgetransfer predict runs/demo/model.onnx cat.jpg dog.png
+      edgetransfer predict model.onnx photos/*.jpg --top-k 1 --json
+      edgetransfer predict model.onnx img.png --provider cuda --provider cpu --allow-fallback
+    """
+    import json
+
+    from .runtime import Predictor
+
+    predictor = Predictor(model, providers=list(providers) or None, allow_fallback=allow_fallback)
+    results = predictor.predict([str(p) for p in images], top_k=top_k)
+    if as_json:
+        rows = [
+            {"image": str(path), "predictions": [{"label": p.label, "index": p.index, "probability": p.probability} for p in preds]}
+            for path, preds in zip(images, results)
+        ]
+        click.echo(json.dumps({"provider": predictor.provider, "results": rows}, indent=2))
+        return
+    from .progress import console
+    from .report import predictions_table
+
+    console.print(predictions_table(images, results, predictor.provider), soft_wrap=True)

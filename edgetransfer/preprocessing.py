@@ -79,6 +79,30 @@ class Preprocessing:
         resize = max(input_size, int(round(input_size / self.crop_pct)))
         return replace(self, input_size=input_size, resize_size=resize)
 
+    def resize_crop(self, image: Image.Image) -> Image.Image:
+        """Resize the shorter side and centre-crop, exactly as torchvision's Resize+CenterCrop."""
+        width, height = image.size
+        short, long = (width, height) if width <= height else (height, width)
+        if short != self.resize_size:
+            new_long = int(self.resize_size * long / short)
+            size = (self.resize_size, new_long) if width <= height else (new_long, self.resize_size)
+            image = image.resize(size, self.interpolation.pil)
+        width, height = image.size
+        left = int(round((width - self.input_size) / 2.0))
+        top = int(round((height - self.input_size) / 2.0))
+        return image.crop((left, top, left + self.input_size, top + self.input_size))
+
+    def normalize(self, pixels: np.ndarray) -> np.ndarray:
+        """HWC uint8 RGB pixels (already resized and cropped) to a CHW float32 model input."""
+        scaled = pixels.astype(np.float32) / np.float32(255.0)
+        mean = np.asarray(self.mean, dtype=np.float32)
+        std = np.asarray(self.std, dtype=np.float32)
+        return ((scaled - mean) / std).transpose(2, 0, 1)
+
+    def __call__(self, image: Image.Image) -> np.ndarray:
+        """An RGB Pillow image to the CHW float32 input the model was trained on."""
+        return self.normalize(np.asarray(self.resize_crop(image), dtype=np.uint8))
+
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["interpolation"] = self.interpolation.value

@@ -86,3 +86,36 @@ def _confusion(ax, matrix: list[list[int]], classes: list[str]) -> None:
             for j, count in enumerate(row):
                 if count:
                     ax.text(j, i, str(count), ha="center", va="center", fontsize=7)
+
+
+def parity_table(result) -> Table:
+    """Where an export went and how closely ONNX Runtime matched PyTorch."""
+    table = Table(title=f"exported: {result.path}", title_justify="left", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("model", f"{result.info.arch}, {len(result.info.labels)} classes, input {result.info.input_format}")
+    pre = result.info.preprocessing
+    table.add_row("preprocessing", f"resize {pre.resize_size} ({pre.interpolation.value}), crop {pre.input_size}, mean {_short(pre.mean)}, std {_short(pre.std)}")
+    if result.parity:
+        p = result.parity
+        table.add_row("parity", f"max |logit diff| {p['max_abs_diff']:.2e} (atol {p['atol']:g}), top-1 agreement {100 * p['top1_agreement']:.1f}%")
+        table.add_row("checked on", f"{p['images']} validation images, batches of {p['batch_size']}, {p['provider']}")
+    else:
+        table.add_row("parity", "not checked (--no-verify)")
+    table.add_row("time", f"{result.seconds:.1f} s")
+    return table
+
+
+def predictions_table(images, results, provider: str) -> Table:
+    """Top-k labels per image."""
+    table = Table(title=f"predictions ({provider})", title_justify="left")
+    for column in ("image", "rank", "label", "probability"):
+        table.add_column(column, justify="right" if column in ("rank", "probability") else "left")
+    for image, predictions in zip(images, results):
+        for rank, prediction in enumerate(predictions, 1):
+            table.add_row(str(image) if rank == 1 else "", str(rank), prediction.label, f"{prediction.probability:.4f}")
+    return table
+
+
+def _short(values) -> str:
+    return "(" + ", ".join(f"{v:.3f}" for v in values) + ")"

@@ -1,0 +1,12 @@
+"""The runtime for deployed apps: numpy, onnxruntime and Pillow, never torch.
+
+    from edgetransfer.runtime import Predictor
+
+    predictor = Predictor("runs/demo/model.onnx")
+    for prediction in predictor.predict("photo.jpg", top_k=3):
+        print(prediction.label, prediction.probability)
+"""
+
+from ._predictor import Prediction, Predictor, PredictorError
+
+__all__ = ["Predictor", "Prediction", "PredictorError"]

@@ -1,0 +1,263 @@
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+from PIL import Image
+
+from ..errors import DataError, EdgeTransferError
+from ..metadata import FLOAT_NCHW, UINT8_NHWC, ModelInfo
+from ..preprocessing import Preprocessing, load_rgb, to_rgb
+
+__all__ = ["Predictor", "Prediction", "PredictorError", "ImageInput"]
+
+ImageInput = Union[str, os.PathLike, bytes, Image.Image, np.ndarray]
+
+PROVIDER_ALIASES = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+    "trt": "TensorrtExecutionProvider",
+    "openvino": "OpenVINOExecutionProvider",
+    "coreml": "CoreMLExecutionProvider",
+    "dml": "DmlExecutionProvider",
+}
+
+
+class PredictorError(EdgeTransferError):
+    """A model that cannot be loaded, a provider that is not there, or an input we cannot use."""
+
+
+@dataclass(frozen=True)
+class Prediction:
+    label: str
+    index: int
+    probability: float
+
+
+class Predictor:
+    """Classify images with an exported model, applying the preprocessing it was trained with.
+
+    Thread-safe: many threads may call :meth:`predict` on one Predictor.
+
+    Args:
+        model: path to an ``.onnx`` file, or its bytes.
+        providers: ONNX Runtime providers in order of preference (``"cuda"``, ``"cpu"`` or full
+            names); default CPU.
+        allow_fallback: accept a session that did not get the first provider asked for (it
+            runs on the next one that loaded) instead of raising. :attr:`provider` says which.
+        preprocessing: for a model without edgetransfer metadata (or to override it).
+        labels: class names for a model without edgetransfer metadata.
+        threads: ONNX Runtime intra-op threads (default: ONNX Runtime's choice).
+        spinning: let idle ONNX Runtime threads spin; off by default, since spinning threads
+            slow everything else down on small shared machines.
+        batch_size: how many images one ``session.run`` gets at most.
+
+    Raises:
+        PredictorError: unreadable model, missing metadata, or a provider that is not there.
+    """
+
+    def __init__(
+        self,
+        model: str | os.PathLike | bytes,
+        providers: Sequence[str] | None = None,
+        *,
+        allow_fallback: bool = False,
+        preprocessing: Preprocessing | None = None,
+        labels: Sequence[str] | None = None,
+        threads: int | None = None,
+        spinning: bool = False,
+        batch_size: int = 32,
+    ) -> None:
+        import onnxruntime as ort
+
+        if batch_size < 1:
+            raise PredictorError(f"batch_size must be at least 1, got {batch_size}")
+        self.batch_size = batch_size
+        wanted = [_provider_name(p) for p in (providers or ["cpu"])]
+        self._session = _session(ort, model, wanted, threads, spinning)
+        self.providers = list(self._session.get_providers())
+        self.fallback = _check_providers(wanted, self.providers, allow_fallback)
+        self.info = _model_info(self._session, preprocessing, labels)
+        self._input = self._session.get_inputs()[0]
+        self._output = self._session.get_outputs()[0].name
+        fixed = self._input.shape[0]
+        self._fixed_batch = fixed if isinstance(fixed, int) and fixed > 0 else None
+
+    @property
+    def provider(self) -> str:
+        """The execution provider the session really runs on."""
+        return self.providers[0]
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return self.info.labels
+
+    def predict(self, images: ImageInput | Sequence[ImageInput], top_k: int = 5):
+        """Top-k labels with probabilities.
+
+        Args:
+            images: one image, or a list of them: file paths, encoded bytes, Pillow images, or
+                HxWx3 uint8 RGB arrays (HxW greyscale and HxWx4 RGBA are accepted too).
+            top_k: how many classes per image (capped at the number of classes).
+
+        Returns:
+            For one image a list of :class:`Prediction`, best first; for a list, one such list
+            per image.
+
+        Raises:
+            PredictorError: an unreadable image or an array of the wrong shape or dtype.
+        """
+        single = _is_single(images)
+        batch = [images] if single else list(images)
+        probabilities = _softmax(self.logits(batch))
+        k = max(1, min(top_k, probabilities.shape[1]))
+        results = []
+        for row in probabilities:
+            order = np.argsort(-row, kind="stable")[:k]
+            results.append([Prediction(self.info.labels[i], int(i), float(row[i])) for i in order])
+        return results[0] if single else results
+
+    def logits(self, images: Sequence[ImageInput]) -> np.ndarray:
+        """Raw model outputs, one row per image."""
+        if len(images) == 0:
+            return np.zeros((0, len(self.info.labels)), dtype=np.float32)
+        feed = np.stack([self._prepare(image) for image in images])
+        step = self._fixed_batch or self.batch_size
+        outputs = [self._run(feed[i : i + step]) for i in range(0, len(feed), step)]
+        return np.concatenate(outputs)[: len(feed)]
+
+    def _run(self, chunk: np.ndarray) -> np.ndarray:
+        count = len(chunk)
+        if self._fixed_batch and count < self._fixed_batch:  # a static-batch model: pad, then drop
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], self._fixed_batch - count, axis=0)])
+        return self._session.run([self._output], {self._input.name: chunk})[0][:count]
+
+    def _prepare(self, image: ImageInput) -> np.ndarray:
+        pre = self.info.preprocessing
+        pixels = np.asarray(pre.resize_crop(_to_image(image)), dtype=np.uint8)
+        return pixels if self.info.input_format == UINT8_NHWC else pre.normalize(pixels)
+
+
+def _provider_name(name: str) -> str:
+    return PROVIDER_ALIASES.get(name.lower(), name)
+
+
+def _session(ort, model, wanted: list[str], threads: int | None, spinning: bool):
+    available = ort.get_available_providers()
+    missing = [p for p in wanted if p not in available]
+    if missing:
+        raise PredictorError(
+            f"provider {missing[0]} is not in this onnxruntime build (available: {', '.join(available)});"
+            " install onnxruntime-gpu for CUDA/TensorRT, or ask for 'cpu'"
+        )
+    if any(p in ("CUDAExecutionProvider", "TensorrtExecutionProvider") for p in wanted):
+        _preload_gpu_libraries(ort)
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    source = model if isinstance(model, bytes) else str(model)
+    if not isinstance(model, bytes) and not Path(source).is_file():
+        raise PredictorError(f"model not found: {source}")
+    session_providers = wanted + ([] if "CPUExecutionProvider" in wanted else ["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(source, sess_options=options, providers=session_providers)
+    except Exception as exc:  # InvalidProtobuf, Fail, NoSuchFile: all mean "not a usable model"
+        name = "<bytes>" if isinstance(model, bytes) else source
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise PredictorError(f"cannot load model {name}: {reason[:300]}") from None
+
+
+def _preload_gpu_libraries(ort) -> None:
+    """Let onnxruntime-gpu find CUDA and cuDNN installed as nvidia-* wheels (torch's, say)."""
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is not None:
+        try:
+            preload()
+        except Exception:  # nothing to preload: the session reports what it could not load
+            pass
+
+
+def _check_providers(wanted: list[str], actual: list[str], allow_fallback: bool) -> str | None:
+    """ONNX Runtime silently drops providers it cannot load (CUDA without its libraries);
+    only the session's own list tells the truth."""
+    if wanted[0] in actual:
+        return None
+    message = (
+        f"asked for {wanted[0]} but the session runs on {actual[0]} (its libraries or device are missing:"
+        " check CUDA/cuDNN/TensorRT and the GPU)"
+    )
+    if not allow_fallback:
+        raise PredictorError(message + "; pass allow_fallback=True to accept that")
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
+    return message
+
+
+def _model_info(session, preprocessing: Preprocessing | None, labels: Sequence[str] | None) -> ModelInfo:
+    props = session.get_modelmeta().custom_metadata_map
+    if "labels" in props and "input_size" in props:
+        try:
+            info = ModelInfo.from_props(props)
+        except EdgeTransferError as exc:
+            raise PredictorError(str(exc)) from None
+        if preprocessing is not None:
+            info = ModelInfo(info.labels, preprocessing, info.input_format, info.arch, info.checkpoint_sha256)
+        return info
+    if preprocessing is None:
+        raise PredictorError(
+            "the model has no edgetransfer metadata; pass preprocessing=Preprocessing(input_size=…,"
+            " resize_size=…, mean=…, std=…) and labels=[…]"
+        )
+    outputs = session.get_outputs()[0].shape[-1]
+    count = outputs if isinstance(outputs, int) else len(labels or [])
+    names = tuple(labels) if labels is not None else tuple(str(i) for i in range(count))
+    if isinstance(outputs, int) and len(names) != outputs:
+        raise PredictorError(f"{len(names)} labels given for a model with {outputs} outputs")
+    dtype = session.get_inputs()[0].type
+    return ModelInfo(names, preprocessing, UINT8_NHWC if "uint8" in dtype else FLOAT_NCHW)
+
+
+def _is_single(images: Any) -> bool:
+    """A list, tuple or 4-D array holds many images; anything else is one (or a mistake that
+    :func:`_to_image` reports)."""
+    if isinstance(images, np.ndarray):
+        return images.ndim != 4
+    return not isinstance(images, (list, tuple))
+
+
+def _to_image(image: ImageInput) -> Image.Image:
+    try:
+        if isinstance(image, Image.Image):
+            return to_rgb(image)
+        if isinstance(image, np.ndarray):
+            return _array_image(image)
+        if isinstance(image, (str, os.PathLike, bytes)):
+            return load_rgb(image)
+    except DataError as exc:
+        raise PredictorError(str(exc)) from None
+    raise PredictorError(f"cannot use a {type(image).__name__} as an image: pass a path, bytes, a Pillow image or an array")
+
+
+def _array_image(array: np.ndarray) -> Image.Image:
+    if array.dtype != np.uint8:
+        raise PredictorError(f"image arrays must be uint8 (HxWx3 RGB), got dtype {array.dtype}")
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    if array.ndim == 2:
+        return Image.fromarray(array, mode="L").convert("RGB")
+    if array.ndim == 3 and array.shape[2] in (3, 4) and min(array.shape[:2]) > 0:
+        return Image.fromarray(np.ascontiguousarray(array[:, :, :3]), mode="RGB")
+    raise PredictorError(f"image arrays must be HxWx3 RGB (or HxW grey), got shape {array.shape}")
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    exp = np.exp(shifted.astype(np.float64))
+    return (exp / exp.sum(axis=1, keepdims=True)).astype(np.float32)

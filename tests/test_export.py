@@ -1,0 +1,136 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+
+from edgetransfer._io import sha256_file, write_json
+from edgetransfer.checkpoint import load_checkpoint, save_checkpoint
+from edgetransfer.data import DataSpec
+from edgetransfer.errors import RunError
+from edgetransfer.export import ExportError, ExportOptions, ParityError, _export, export_onnx
+from edgetransfer.finetune import FinetuneConfig, finetune
+from edgetransfer.manifest import Manifest
+from edgetransfer.metadata import ModelInfo
+from edgetransfer.models import BuiltModel, build
+
+from test_models import FAMILY_MEMBERS
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A real fine-tuned run: EfficientNet-Lite0 head on 200 digits."""
+    config = FinetuneConfig(data=DataSpec(limit_per_class=20), epochs=5)
+    return finetune(config, tmp_path_factory.mktemp("export") / "run").run_dir
+
+
+@pytest.fixture(scope="module")
+def exported(run_dir):
+    return export_onnx(run_dir)
+
+
+def test_export_writes_a_checked_model_with_stable_names_and_dynamic_batch(exported):
+    model = onnx.load(exported.path)
+    onnx.checker.check_model(model, full_check=True)
+    assert [i.name for i in model.graph.input] == ["input"]
+    assert [o.name for o in model.graph.output] == ["logits"]
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    assert dims[0].dim_param and [d.dim_value for d in dims[1:]] == [3, 64, 64]
+    assert {o.domain: o.version for o in model.opset_import}[""] == 18
+
+
+def test_parity_on_real_validation_images_is_recorded(run_dir, exported):
+    parity = exported.parity
+    assert parity["images"] == 32 and parity["batch_size"] == 16  # 40 val images, whole batches of 16
+    assert parity["max_abs_diff"] < 1e-3 and parity["top1_agreement"] == 1.0
+    entry = Manifest.load(run_dir).data["artifacts"]["onnx"]
+    assert entry["parent"] == "checkpoint" and entry["sha256"] == sha256_file(exported.path)
+    assert entry["parity"] == parity and entry["settings"]["opset"] == 18
+
+
+def test_metadata_carries_labels_and_preprocessing(run_dir, exported):
+    props = {p.key: p.value for p in onnx.load(exported.path).metadata_props}
+    built, payload = load_checkpoint(run_dir / "model.pt")
+    info = ModelInfo.from_props(props)
+    assert list(info.labels) == payload["classes"]
+    assert info.preprocessing == built.preprocessing
+    assert props["arch"] == "timm:efficientnet_lite0" and props["layout"] == "NCHW" and props["channel_order"] == "RGB"
+    assert props["checkpoint_sha256"] == sha256_file(run_dir / "model.pt")
+    assert props["interpolation"] == "bicubic" and json.loads(props["mean"]) == pytest.approx([127 / 255] * 3)
+
+
+def test_batch_sizes_give_the_same_logits(exported):
+    session = ort.InferenceSession(str(exported.path), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).standard_normal((5, 3, 64, 64)).astype(np.float32)
+    together = session.run(None, {"input": x})[0]
+    alone = np.concatenate([session.run(None, {"input": x[i : i + 1]})[0] for i in range(5)])
+    np.testing.assert_allclose(together, alone, atol=1e-4)
+
+
+def test_static_batch_and_fused_preprocessing(run_dir):
+    result = export_onnx(run_dir, ExportOptions(static_batch=4, fuse_preprocess=True, output=run_dir / "b4.onnx"))
+    model = onnx.load(result.path)
+    tensor = model.graph.input[0].type.tensor_type
+    assert tensor.elem_type == onnx.TensorProto.UINT8
+    assert [d.dim_value for d in tensor.shape.dim] == [4, 64, 64, 3]
+    assert result.parity["max_abs_diff"] < 1e-3 and result.parity["batch_size"] == 4
+    assert Manifest.load(run_dir).data["artifacts"]["onnx-uint8"]["path"] == "b4.onnx"
+
+
+def test_disagreement_beyond_tolerance_fails_and_writes_nothing(run_dir):
+    target = run_dir / "strict.onnx"
+    with pytest.raises(ParityError, match=r"differ by up to .* \(atol 1e-12.*nothing was written"):
+        export_onnx(run_dir, ExportOptions(atol=1e-12, output=target))
+    assert not target.exists() and not list(run_dir.glob(".strict.onnx*"))
+
+
+def test_missing_run_checkpoint_and_unwritable_output(tmp_path, run_dir):
+    with pytest.raises(RunError, match=r"no run at .*run edgetransfer finetune first"):
+        export_onnx(tmp_path / "nothing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RunError, match=r"checkpoint not found"):
+        export_onnx(tmp_path / "empty")
+    with pytest.raises(ExportError, match=r"cannot write .*folder .* does not exist"):
+        export_onnx(run_dir, ExportOptions(output=tmp_path / "no" / "such" / "m.onnx"))
+
+
+def test_checkpoint_whose_classifier_does_not_match_its_classes(tmp_path):
+    built = build("resnet18", 3, weights="none")
+    save_checkpoint(tmp_path / "model.pt", built, ["a", "b"])
+    with pytest.raises(RunError, match=r"2 class names for a 3-class classifier"):
+        export_onnx(tmp_path)
+
+
+def test_an_operator_onnx_cannot_express_is_named(tmp_path):
+    class Eig(nn.Module):
+        def forward(self, x):
+            return torch.linalg.eigvals(x[:, 0, :4, :4]).real
+
+    built = build("resnet18", 4, weights="none", image_size=32)
+    odd = BuiltModel(Eig(), built.arch, "none", 4, built.preprocessing)
+    info = ModelInfo(("a", "b", "c", "d"), built.preprocessing)
+    with pytest.raises(ExportError, match=r"unsupported operator aten.linalg_eig"):
+        _export(odd, ExportOptions(), info, tmp_path / "odd.onnx")
+
+
+def _fake_run(root: Path, name: str, size: int) -> Path:
+    """A run directory holding an untrained checkpoint of ``name`` and 3 demo classes."""
+    torch.manual_seed(0)
+    built = build(name, 3, weights="none", image_size=size)
+    run = root / name.replace(":", "_")
+    save_checkpoint(run / "model.pt", built, ["0", "1", "2"])
+    write_json(run / "config.json", {"data": DataSpec(limit_per_class=4).to_dict()})
+    return run
+
+
+@pytest.mark.parametrize("name", sorted(FAMILY_MEMBERS))
+def test_every_family_exports_with_parity(tmp_path, name):
+    run = _fake_run(tmp_path, name, FAMILY_MEMBERS[name])
+    result = export_onnx(run, ExportOptions(verify_images=8))
+    assert result.parity["max_abs_diff"] < 1e-3, result.parity
