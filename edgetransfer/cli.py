@@ -199,28 +199,93 @@ def info(run_dir: Path | None, include_timm: bool) -> None:
 @click.option("--verify-images", type=int, default=64, show_default=True, help="Validation images the parity check uses.")
 @click.option("--no-verify", is_flag=True, help="Skip the parity check.")
 @click.option("--output", type=click.Path(path_type=Path), default=None, help="Where to write. [default: RUN_DIR/model.onnx]")
+@click.option("--target", "targets", multiple=True, help="Also build variants for: ort-cpu, ort-cuda, ort-trt, tensorrt (repeatable).")
+@click.option("--precision", "precisions", multiple=True, help="fp32, fp16, int8 (repeatable). [default: fp32]")
+@click.option("--calib", type=click.Path(path_type=Path), default=None, help="INT8: calibrate on this image folder (classes optional). [default: the run's training data]")
+@click.option("--calib-size", type=int, default=256, show_default=True, help="INT8: class-balanced images taken from the run's training data.")
+@click.option("--calib-batch", type=int, default=8, show_default=True)
+@click.option("--calib-method", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax", show_default=True)
+@click.option("--max-accuracy-drop", type=float, default=1.0, show_default=True, help="INT8: top-1 points it may lose against float; sensitive layers stay in float to hold it.")
+@click.option("--max-float-layers", type=int, default=32, show_default=True, help="INT8: the most layers the accuracy guard may keep in float.")
+@click.option("--dynamic-int8", is_flag=True, help="INT8 by dynamic quantisation (usually slower for CNNs).")
+@click.option("--trt-batch", nargs=3, type=int, default=(1, 1, 16), show_default=True, help="TensorRT profile: min opt max batch.")
+@click.option("--trt-workspace-mib", type=int, default=2048, show_default=True)
+@click.option("--trt-timing-cache", type=click.Path(path_type=Path), default=None, help="Reuse this timing cache. [default: RUN_DIR/tensorrt.timing-cache]")
 @_friendly
-def export(run_dir: Path, opset, static_batch, fuse_preprocess, atol, verify_images, no_verify, output) -> None:
-    """Export a fine-tuned run to ONNX and check it computes what PyTorch computes.
+def export(run_dir: Path, **options) -> None:
+    """Export a fine-tuned run to ONNX, check it against PyTorch, and build optimised variants.
 
     \b
     Examples:
       edgetransfer export runs/20261128-101500-efficientnet_lite0-head
       edgetransfer export runs/demo --fuse-preprocess      # uint8 NHWC input, for apps
-      edgetransfer export runs/demo --static-batch 1 --output model-b1.onnx
+      edgetransfer export runs/demo --target ort-cpu --precision fp32 --precision int8
+      edgetransfer export runs/demo --target tensorrt --precision fp16 --trt-batch 1 8 32
     """
-    from .export import DEFAULT_OPSET, ExportOptions, export_onnx
     from .progress import console
-    from .report import parity_table
+    from .report import parity_table, variants_table
 
-    options = ExportOptions(
-        opset=opset or DEFAULT_OPSET, static_batch=static_batch, fuse_preprocess=fuse_preprocess,
-        verify=not no_verify, atol=atol, verify_images=verify_images, output=output,
+    targets, precisions = _parse_variants(options.pop("targets"), options.pop("precisions"))
+    if not targets or not (run_dir / "model.onnx").is_file() or _export_options_given():
+        export_options = _export_options(options)
+        with console.status("exporting to ONNX and checking parity"):
+            from .export import export_onnx
+
+            result = export_onnx(run_dir, export_options)
+        console.print(parity_table(result))
+        click.echo(str(result.path))
+    if targets:
+        from .optimize import QuantOptions, TensorRTOptions, build_variants, cpu_features
+
+        console.print(f"CPU: {cpu_features().summary()}")
+        variants = build_variants(run_dir, targets, precisions, _quant_options(options), _tensorrt_options(options))
+        console.print(variants_table(variants))
+        for variant in variants:
+            click.echo(str(variant.path))
+
+
+def _export_options_given() -> bool:
+    ctx = click.get_current_context()
+    names = ("opset", "static_batch", "fuse_preprocess", "atol", "verify_images", "no_verify", "output")
+    return any(ctx.get_parameter_source(n) is not click.core.ParameterSource.DEFAULT for n in names)
+
+
+def _parse_variants(targets, precisions):
+    from .optimize import Precision, Target
+
+    parsed_targets = [Target.parse(t) for t in targets]
+    parsed_precisions = [Precision.parse(p) for p in precisions] or [Precision.FP32]
+    if precisions and not targets:
+        raise EdgeTransferError("--precision goes with --target (ort-cpu, ort-cuda, ort-trt or tensorrt)")
+    return parsed_targets, parsed_precisions
+
+
+def _export_options(options):
+    from .export import DEFAULT_OPSET, ExportOptions
+
+    return ExportOptions(
+        opset=options["opset"] or DEFAULT_OPSET, static_batch=options["static_batch"],
+        fuse_preprocess=options["fuse_preprocess"], verify=not options["no_verify"], atol=options["atol"],
+        verify_images=options["verify_images"], output=options["output"],
     )
-    with console.status("exporting to ONNX and checking parity"):
-        result = export_onnx(run_dir, options)
-    console.print(parity_table(result))
-    click.echo(str(result.path))
+
+
+def _quant_options(options):
+    from .optimize import CalibMethod, QuantOptions
+
+    return QuantOptions(
+        calib=options["calib"], calib_size=options["calib_size"], calib_batch=options["calib_batch"],
+        method=CalibMethod.parse(options["calib_method"]), max_accuracy_drop=options["max_accuracy_drop"],
+        max_float_layers=options["max_float_layers"], dynamic=options["dynamic_int8"],
+    )
+
+
+def _tensorrt_options(options):
+    from .optimize import TensorRTOptions
+
+    low, opt, high = options["trt_batch"]
+    return TensorRTOptions(min_batch=low, opt_batch=opt, max_batch=high, workspace_mib=options["trt_workspace_mib"],
+                           timing_cache=options["trt_timing_cache"])
 
 
 @main.command()

@@ -119,3 +119,22 @@ def predictions_table(images, results, provider: str) -> Table:
 
 def _short(values) -> str:
     return "(" + ", ".join(f"{v:.3f}" for v in values) + ")"
+
+
+def variants_table(variants) -> Table:
+    """Each optimised variant with its accuracy against the float model."""
+    table = Table(title="variants (accuracy on the run's validation data, CPU)", title_justify="left")
+    for column in ("variant", "MB", "top-1", "Δ float", "agree", "float layers", "s"):
+        table.add_column(column, justify="left" if column == "variant" else "right")
+    for v in variants:
+        r = v.report
+        size = v.path.stat().st_size / 2**20 if v.path.exists() else float("nan")
+        table.add_row(
+            v.name, f"{size:.1f}",
+            f"{100 * r['top1']:.2f}%" if "top1" in r else "—",
+            f"{-r['top1_drop_points']:+.2f}" if "top1_drop_points" in r else "—",
+            f"{100 * r['top1_agreement']:.1f}%" if "top1_agreement" in r else "—",
+            str(len(r.get("kept_in_float", []) or [])) if v.precision.value == "int8" else "—",
+            f"{r.get('seconds', 0):.1f}",
+        )
+    return table

@@ -185,6 +185,34 @@ def _preload_gpu_libraries(ort) -> None:
             pass
 
 
+def probe_provider(provider: str) -> str | None:
+    """Whether a session really gets ``provider`` here: ``None`` if it does, else the reason.
+
+    onnxruntime-gpu lists CUDA and TensorRT on machines without a GPU; only a session built with
+    them tells the truth.
+    """
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    name = _provider_name(provider)
+    if name not in ort.get_available_providers():
+        return f"{name} is not in this onnxruntime build"
+    if name in ("CUDAExecutionProvider", "TensorrtExecutionProvider"):
+        _preload_gpu_libraries(ort)
+    tensor = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe", [tensor],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    try:
+        session = ort.InferenceSession(model.SerializeToString(), providers=[name, "CPUExecutionProvider"])
+    except Exception as exc:
+        return f"{name} failed to start: {str(exc).splitlines()[0][:200]}"
+    if session.get_providers()[0] != name:
+        return f"{name} is listed but could not load (CUDA, cuDNN or the GPU are missing)"
+    return None
+
+
 def _check_providers(wanted: list[str], actual: list[str], allow_fallback: bool) -> str | None:
     """ONNX Runtime silently drops providers it cannot load (CUDA without its libraries);
     only the session's own list tells the truth."""
