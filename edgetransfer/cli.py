@@ -49,7 +49,7 @@ _FINETUNE_DEFAULTS_NOTE = "default: chosen from the mode (head 30 epochs at 1e-2
 @click.option("--unfreeze", "unfreeze_blocks", type=int, default=0, show_default=True, help="With --mode head, also train the last K blocks of the backbone.")
 @click.option("--epochs", type=int, default=None, help=_FINETUNE_DEFAULTS_NOTE)
 @click.option("--lr", type=float, default=None, help="Learning rate of the new classifier (the backbone gets lr x --backbone-lr-scale).")
-@click.option("--backbone-lr-scale", type=float, default=0.1, show_default=True)
+@click.option("--backbone-lr-scale", type=float, default=None, help="[default: 0.1; 1 with --weights none]")
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--optimizer", type=click.Choice(["adamw", "sgd"]), default="adamw", show_default=True)
 @click.option("--weight-decay", type=float, default=1e-4, show_default=True)
@@ -57,7 +57,7 @@ _FINETUNE_DEFAULTS_NOTE = "default: chosen from the mode (head 30 epochs at 1e-2
 @click.option("--label-smoothing", type=float, default=0.1, show_default=True)
 @click.option("--augment", type=click.Choice(["none", "crop", "crop-flip"]), default="crop", show_default=True, help="Train-time augmentation when images go through the backbone.")
 @click.option("--probe-epochs", type=int, default=None, help="Before training images end to end, train the new classifier on frozen features for N epochs. [default: 10; 0 in cached head mode]")
-@click.option("--train-bn-stats", is_flag=True, help="Let BatchNorm update its running statistics while training images (default: keep the pretrained ones).")
+@click.option("--train-bn-stats/--freeze-bn-stats", default=None, help="Whether BatchNorm updates its running statistics while training images. [default: frozen for pretrained weights, updated with --weights none]")
 @click.option("--image-size", type=int, default=None, help="Train (and later export and bench) at this size. [default: 64 for the demo, else the weights' size]")
 @click.option("--val-fraction", type=float, default=0.2, show_default=True, help="Validation share per class for a folder without train/ and val/.")
 @click.option("--limit-per-class", type=int, default=None, help="Use at most N images per class (quick runs).")
@@ -159,6 +159,57 @@ def _refuse_options_with_resume(ctx: click.Context) -> None:
 def _default_run_dir(arch: str, mode: str) -> Path:
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     return Path("runs") / f"{stamp}-{arch.removeprefix('timm:')}-{mode}"
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--batch-sizes", default="1,8", show_default=True, help="Comma-separated batch sizes to time.")
+@click.option("--threads", default=None, help="CPU threads for torch and ONNX Runtime, or 'auto' (try 1..cores per variant). [default: the machine's cores]")
+@click.option("--variant", "variants", multiple=True, help="Only these variants from the run's manifest (eager is always measured).")
+@click.option("--model", "models", multiple=True, type=click.Path(path_type=Path), help="Also bench this ONNX file (CPU).")
+@click.option("--data", type=click.Path(path_type=Path), default=None, help="Evaluate on this image folder (same classes as the model). [default: the run's validation split]")
+@click.option("--eval-images", type=int, default=None, help="Evaluate on at most N images.")
+@click.option("--warmup", type=int, default=5, show_default=True)
+@click.option("--iterations", type=int, default=30, show_default=True, help="Timed runs per variant and batch size (at least).")
+@click.option("--min-seconds", type=float, default=0.0, show_default=True, help="Also keep timing until this much time has passed.")
+@click.option("--max-accuracy-drop", type=float, default=1.0, show_default=True, help="Top-1 points a recommended variant may lose against eager.")
+@click.option("--fail-over-budget", is_flag=True, help="Exit with status 2 when no variant is within the budget.")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Where bench.json/.md/.png go. [default: RUN_DIR]")
+@click.option("-q", "--quiet", is_flag=True, help="No progress display.")
+@_friendly
+def bench(run_dir: Path, batch_sizes: str, threads, variants, models, data, eval_images, warmup, iterations,
+          min_seconds, max_accuracy_drop, fail_over_budget, out, quiet) -> None:
+    """Benchmark every variant of a run against eager PyTorch, on the same data, in the same run.
+
+    \b
+    Examples:
+      edgetransfer bench runs/demo
+      edgetransfer bench runs/demo --batch-sizes 1,8,32 --threads auto --min-seconds 2
+      edgetransfer bench runs/demo --max-accuracy-drop 0.5 --fail-over-budget   # gate your CI
+    """
+    from .bench import BenchOptions, bench_run
+    from .progress import console, set_quiet
+    from .report import bench_table, recommendation_line
+
+    set_quiet(quiet)
+    try:
+        sizes = tuple(int(b) for b in batch_sizes.split(",") if b.strip())
+    except ValueError:
+        raise EdgeTransferError(f"--batch-sizes takes comma-separated whole numbers, got {batch_sizes!r}") from None
+    auto = threads == "auto"
+    if threads is not None and not auto and not str(threads).isdigit():
+        raise EdgeTransferError(f"--threads takes a number or 'auto', got {threads!r}")
+    options = BenchOptions(
+        batch_sizes=sizes, threads=None if auto or threads is None else int(threads), auto_threads=auto,
+        warmup=warmup, iterations=iterations, min_seconds=min_seconds, max_accuracy_drop=max_accuracy_drop,
+        variants=tuple(variants), models=tuple(models), data=data, eval_images=eval_images,
+    )
+    report = bench_run(run_dir, options, out)
+    console.print(bench_table(report))
+    console.print(recommendation_line(report))
+    click.echo(str(Path(out or run_dir) / "bench.json"))
+    if fail_over_budget and report["recommendation"] is None:
+        sys.exit(2)
 
 
 @main.command()

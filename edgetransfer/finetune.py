@@ -72,14 +72,14 @@ class FinetuneConfig:
     epochs: int | None = None
     batch_size: int = 64
     lr: float | None = None
-    backbone_lr_scale: float = 0.1
+    backbone_lr_scale: float | None = None
     optimizer: OptimizerName = OptimizerName.ADAMW
     weight_decay: float = 1e-4
     warmup_epochs: float = 1.0
     label_smoothing: float = 0.1
     augment: Augment = Augment.CROP
     probe_epochs: int | None = None
-    train_bn_stats: bool = False
+    train_bn_stats: bool | None = None
     patience: int | None = None
     seed: int = 0
     device: str = "auto"
@@ -100,7 +100,7 @@ class FinetuneConfig:
             (self.probe_epochs is None or self.probe_epochs >= 0, f"probe epochs must be 0 or more, got {self.probe_epochs}"),
             (self.patience is None or self.patience >= 1, f"patience must be at least 1, got {self.patience}"),
             (self.image_size is None or self.image_size >= 16, f"image size must be at least 16, got {self.image_size}"),
-            (0 < self.backbone_lr_scale <= 1, f"backbone lr scale must be in (0, 1], got {self.backbone_lr_scale}"),
+            (self.backbone_lr_scale is None or 0 < self.backbone_lr_scale <= 1, f"backbone lr scale must be in (0, 1], got {self.backbone_lr_scale}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -112,12 +112,16 @@ class FinetuneConfig:
 
     def resolved(self) -> "FinetuneConfig":
         """Fill the defaults that depend on other fields (weights, size, epochs, lr, workers)."""
+        weights = self.weights if self.weights is not None else default_weights(self.arch)
+        scratch = weights.lower() == "none"  # nothing pretrained: no probe, one lr, live BatchNorm
         return replace(
             self,
-            weights=self.weights if self.weights is not None else default_weights(self.arch),
+            weights=weights,
+            backbone_lr_scale=self.backbone_lr_scale or (1.0 if scratch else 0.1),
+            train_bn_stats=self.train_bn_stats if self.train_bn_stats is not None else scratch,
             image_size=self.image_size or (DEMO_IMAGE_SIZE if self.data.source == DEMO else None),
             epochs=self.epochs or (30 if self.caches_features else 10),
-            probe_epochs=self.probe_epochs if self.probe_epochs is not None else (0 if self.caches_features else 10),
+            probe_epochs=self.probe_epochs if self.probe_epochs is not None else (0 if self.caches_features or scratch else 10),
             lr=self.lr or (1e-2 if self.caches_features else 1e-3),
             workers=self.workers if self.workers is not None else default_workers(self.data),
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -17,7 +18,8 @@ from rich.progress import (
 
 __all__ = ["console", "progress", "set_quiet"]
 
-console = Console(stderr=True)
+# Piped output (logs, CI) gets room for the wide tables instead of rich's 80-column default.
+console = Console(stderr=True, width=None if sys.stderr.isatty() else 150)
 _quiet = False
 
 

@@ -82,10 +82,12 @@ def _confusion(ax, matrix: list[list[int]], classes: list[str]) -> None:
         ticks = range(len(classes))
         ax.set_xticks(ticks, classes, rotation=90 if max(map(len, classes)) > 3 else 0)
         ax.set_yticks(ticks, classes)
+        darkest = max(max(row) for row in matrix) or 1
         for i, row in enumerate(matrix):
             for j, count in enumerate(row):
                 if count:
-                    ax.text(j, i, str(count), ha="center", va="center", fontsize=7)
+                    colour = "white" if count > darkest / 2 else "black"
+                    ax.text(j, i, str(count), ha="center", va="center", fontsize=7, color=colour)
 
 
 def parity_table(result) -> Table:
@@ -138,3 +140,96 @@ def variants_table(variants) -> Table:
             f"{r.get('seconds', 0):.1f}",
         )
     return table
+
+
+def _bench_rows(report: dict[str, Any]):
+    """(variant, batch, cells…) rows shared by the terminal table and the Markdown."""
+    for r in report["results"]:
+        if r["status"] != "measured":
+            yield [r["variant"], "—", r["status"], "", "", "", "", "", "", "", ""]
+            continue
+        acc = r["accuracy"]
+        for batch, t in r["latency"].items():
+            yield [
+                r["variant"], batch, r["provider"].replace("ExecutionProvider", ""),
+                f"{t['mean_ms']:.2f}", f"{t['p50_ms']:.2f}", f"{t['p99_ms']:.2f}", f"{t['throughput_ips']:.0f}",
+                f"{r.get('speedup_vs_eager', {}).get(batch, float('nan')):.2f}×",
+                f"{100 * acc['top1']:.2f}%", f"{acc.get('top1_change_points', 0.0):+.2f}",
+                f"{(r['size_bytes'] or 0) / 2**20:.1f}",
+            ]
+
+
+_BENCH_COLUMNS = ["variant", "batch", "provider", "mean ms", "p50 ms", "p99 ms", "img/s", "vs eager", "top-1", "Δ pt", "MB"]
+
+
+def bench_table(report: dict[str, Any]) -> Table:
+    """The bench results in the terminal."""
+    machine = report["machine"]
+    table = Table(title=f"bench: {machine['cpu']['model']}, {machine['threads']} threads, {report['eval_images']} images",
+                  title_justify="left")
+    for column in _BENCH_COLUMNS:
+        table.add_column(column, justify="left" if column in ("variant", "provider") else "right")
+    for row in _bench_rows(report):
+        table.add_row(*row)
+    table.caption = "\n".join(f"{r['variant']} {r['status']}: {r['reason']}" for r in report["results"] if r["status"] != "measured")
+    table.caption_justify = "left"
+    return table
+
+
+def recommendation_line(report: dict[str, Any]) -> str:
+    rec = report.get("recommendation")
+    budget = report["options"]["max_accuracy_drop"]
+    if rec is None:
+        return f"no variant is within {budget} top-1 points of eager"
+    return (f"recommended: {rec['variant']} — {rec['mean_ms']:.2f} ms at batch {rec['batch_size']},"
+            f" {rec['speedup_vs_eager']:.2f}× eager, top-1 {rec['top1_change_points']:+.2f} points (budget {budget})")
+
+
+def bench_markdown(report: dict[str, Any]) -> str:
+    """bench.md: the table, the recommendation and the machine, for a README or a PR."""
+    machine = report["machine"]
+    lines = [f"# edgetransfer bench: {report['run']}", "", recommendation_line(report), "",
+             "| " + " | ".join(_BENCH_COLUMNS) + " |", "|" + "---|" * len(_BENCH_COLUMNS)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in _bench_rows(report)]
+    lines += [f"\n{r['variant']} {r['status']}: {r['reason']}" for r in report["results"] if r["status"] != "measured"]
+    cpu = machine["cpu"]
+    flags = ", ".join(k for k in ("avx2", "avx512", "vnni", "amx") if cpu.get(k))
+    lines += ["", f"Machine: {cpu['model']} ({flags}), {machine['cores']} cores, {machine['memory_gib']} GiB, {machine['os']};"
+              f" {machine['threads']} threads for torch and ONNX Runtime, spinning off; {report['eval_images']} evaluation images;"
+              f" versions: {', '.join(f'{k} {v}' for k, v in machine['versions'].items() if k not in ('platform',))}.", ""]
+    return "\n".join(lines)
+
+
+def plot_bench(report: dict[str, Any], path: Path) -> Path | None:
+    """bench.png: top-1 against latency per variant, and the speed-up against eager."""
+    measured = [r for r in report["results"] if r["status"] == "measured"]
+    if not measured:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    first = str(report["options"]["batch_sizes"][0])
+    fig, (scatter, bars) = plt.subplots(1, 2, figsize=(13, 4.6))
+    for r in measured:
+        x, y = r["latency"][first]["mean_ms"], 100 * r["accuracy"]["top1"]
+        scatter.scatter(x, y, s=60)
+        scatter.annotate(r["variant"], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    scatter.set(title=f"top-1 against latency (batch {first})", xlabel="mean latency (ms)", ylabel="top-1 (%)")
+    scatter.grid(alpha=0.3)
+    names = [r["variant"] for r in measured]
+    width = 0.8 / len(report["options"]["batch_sizes"])
+    for i, batch in enumerate(str(b) for b in report["options"]["batch_sizes"]):
+        values = [r.get("speedup_vs_eager", {}).get(batch, 0) for r in measured]
+        bars.bar([j + i * width for j in range(len(names))], values, width, label=f"batch {batch}")
+    bars.axhline(1.0, color="grey", linestyle=":")
+    bars.set_xticks([j + width * (len(report["options"]["batch_sizes"]) - 1) / 2 for j in range(len(names))], names, rotation=30, ha="right")
+    bars.set(title="speed-up against eager PyTorch", ylabel="×")
+    bars.legend()
+    fig.suptitle(recommendation_line(report), fontsize=9)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    return path

@@ -148,3 +148,10 @@ def test_a_run_directory_holds_one_run(head_run, tmp_path):
 def test_bad_settings_are_refused_up_front(changes, message):
     with pytest.raises(EdgeTransferError, match=message):
         replace(HEAD, **changes)
+
+
+def test_training_from_scratch_resolves_its_own_defaults():
+    scratch = FinetuneConfig(arch="resnet18", weights="none", mode="full").resolved()
+    assert (scratch.probe_epochs, scratch.backbone_lr_scale, scratch.train_bn_stats) == (0, 1.0, True)
+    pretrained = FinetuneConfig(mode="full").resolved()
+    assert (pretrained.probe_epochs, pretrained.backbone_lr_scale, pretrained.train_bn_stats) == (10, 0.1, False)

@@ -214,3 +214,16 @@ def test_tensorrt_engine_build_and_record(run_dir):
     path.write_text(json.dumps({**record, "compute_capability": "1.0"}))
     with pytest.raises(EngineMismatchError, match=r"built for compute_capability 1.0"):
         check_engine(variant.path)
+
+
+def test_committed_demo_calibration_set_is_balanced_training_data():
+    root = Path(__file__).parent.parent / "calibration" / "digits"
+    samples = folder_samples(root)
+    assert len(samples) == 200
+    assert sorted(p.name for p in root.iterdir()) == [str(d) for d in range(10)]
+    assert all(len(list((root / str(d)).glob("*.png"))) == 20 for d in range(10))
+    dataset = load_dataset(DataSpec())
+    val_names = {Path(s.name).name for s in dataset.val}
+    assert not val_names & {Path(s.name).stem for s in samples}  # never validation images
+    expected = {Path(s.name).name for s in balanced_sample(dataset.train, 200)}
+    assert {Path(s.name).stem for s in samples} == expected

@@ -166,13 +166,31 @@ def _session(ort, model, wanted: list[str], threads: int | None, spinning: bool)
     source = model if isinstance(model, bytes) else str(model)
     if not isinstance(model, bytes) and not Path(source).is_file():
         raise PredictorError(f"model not found: {source}")
-    session_providers = wanted + ([] if "CPUExecutionProvider" in wanted else ["CPUExecutionProvider"])
+    session_providers: list = [_with_options(p, source, model) for p in wanted]
+    if "CPUExecutionProvider" not in wanted:
+        session_providers.append("CPUExecutionProvider")
     try:
         return ort.InferenceSession(source, sess_options=options, providers=session_providers)
     except Exception as exc:  # InvalidProtobuf, Fail, NoSuchFile: all mean "not a usable model"
         name = "<bytes>" if isinstance(model, bytes) else source
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise PredictorError(f"cannot load model {name}: {reason[:300]}") from None
+
+
+def _with_options(provider: str, source: str, model) -> str | tuple[str, dict]:
+    """TensorRT through ONNX Runtime builds engines on first use: keep them (and the timing
+    cache) beside the model so the next start takes seconds, not minutes."""
+    if provider != "TensorrtExecutionProvider":
+        return provider
+    folder = (Path.home() / ".cache" / "edgetransfer") if isinstance(model, bytes) else Path(source).parent
+    cache = folder / "ort-trt-cache"
+    cache.mkdir(parents=True, exist_ok=True)
+    return provider, {
+        "trt_engine_cache_enable": True,
+        "trt_engine_cache_path": str(cache),
+        "trt_timing_cache_enable": True,
+        "trt_timing_cache_path": str(cache),
+    }
 
 
 def _preload_gpu_libraries(ort) -> None:

@@ -1,0 +1,39 @@
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+__all__ = ["Runner", "SkipVariant"]
+
+
+class SkipVariant(Exception):
+    """This variant cannot run here (library, provider or GPU missing); the reason is the message."""
+
+
+class Runner:
+    """Load on ``__enter__`` (timed as the cold start), run ``infer``, release on ``__exit__``."""
+
+    provider = "unknown"
+    input_format = "float32-nchw-normalized"
+
+    def __init__(self) -> None:
+        self.cold_start_s = 0.0
+
+    def __enter__(self) -> "Runner":
+        started = time.perf_counter()
+        self.activate()
+        self.cold_start_s = time.perf_counter() - started
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.deactivate()
+
+    def activate(self) -> None:
+        raise NotImplementedError
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def deactivate(self) -> None:
+        pass

@@ -1,0 +1,46 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .base import Runner, SkipVariant
+
+__all__ = ["OrtRunner"]
+
+
+class OrtRunner(Runner):
+    """An ONNX model in ONNX Runtime on one provider, with explicit threads and no spinning."""
+
+    def __init__(self, model: Path, provider: str = "CPUExecutionProvider", threads: int | None = None) -> None:
+        super().__init__()
+        self.model, self.wanted, self.threads = model, provider, threads
+
+    def activate(self) -> None:
+        import onnxruntime as ort
+
+        from ..runtime import probe_provider
+
+        if self.wanted != "CPUExecutionProvider":
+            problem = probe_provider(self.wanted)
+            if problem:
+                raise SkipVariant(problem)
+        options = ort.SessionOptions()
+        if self.threads:
+            options.intra_op_num_threads = self.threads
+            options.inter_op_num_threads = 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        providers = [self.wanted] + ([] if self.wanted == "CPUExecutionProvider" else ["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(str(self.model), options, providers=providers)
+        self.provider = self.session.get_providers()[0]
+        if self.provider != self.wanted:
+            raise SkipVariant(f"asked for {self.wanted}, the session got {self.provider}")
+        first = self.session.get_inputs()[0]
+        self.input_name = first.name
+        self.input_format = "uint8-nhwc" if "uint8" in first.type else "float32-nchw-normalized"
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: batch})[0]
+
+    def deactivate(self) -> None:
+        self.session = None
