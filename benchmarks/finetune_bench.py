@@ -23,9 +23,8 @@ from edgetransfer.data import DataSpec
 from edgetransfer.progress import set_quiet
 
 sys.path.insert(0, str(Path(__file__).parent))
-from fingerprint import fingerprint  # noqa: E402
+from fingerprint import fingerprint, save_results  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results"
 
 
 def cli_default_job(work: Path) -> dict:
@@ -113,10 +112,7 @@ def main() -> None:
             "head_seeds": head_seeds(work, args.seeds),
             "full": full_job(work),
         }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "finetune.json").write_text(json.dumps(report, indent=2) + "\n")
-    (RESULTS / "finetune.md").write_text(markdown(report))
-    print(markdown(report))
+    save_results("finetune", report, markdown(report))
 
 
 if __name__ == "__main__":

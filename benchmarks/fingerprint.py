@@ -35,3 +35,14 @@ def fingerprint(torch_threads: int) -> dict:
         "torch_threads": torch_threads,
         "versions": versions(),
     }
+
+
+def save_results(stem: str, report: dict, markdown: str) -> None:
+    """Write benchmarks/results/<stem>.json and .md and print the Markdown."""
+    import json
+
+    results = Path(__file__).parent / "results"
+    results.mkdir(exist_ok=True)
+    (results / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (results / f"{stem}.md").write_text(markdown)
+    print(markdown)

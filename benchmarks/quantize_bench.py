@@ -14,7 +14,6 @@ Writes benchmarks/results/quantize.json and quantize.md.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -28,6 +27,7 @@ from edgetransfer._io import write_json
 from edgetransfer.checkpoint import load_checkpoint, save_checkpoint
 from edgetransfer.data import DataSpec
 from edgetransfer.export import ExportOptions, export_onnx
+from edgetransfer.manifest import Manifest
 from edgetransfer.finetune import FinetuneConfig, Mode, finetune
 from edgetransfer.models import build
 from edgetransfer.optimize import Precision, QuantOptions, Target, build_variants
@@ -35,9 +35,8 @@ from edgetransfer.optimize.variants import QuantizationError
 from edgetransfer.progress import set_quiet
 
 sys.path.insert(0, str(Path(__file__).parent))
-from fingerprint import fingerprint  # noqa: E402
+from fingerprint import fingerprint, save_results  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results"
 
 
 def accuracy_case(work: Path, name: str, config: FinetuneConfig) -> dict:
@@ -66,6 +65,7 @@ def speed_run(work: Path, arch: str, weights: str) -> Path:
     run_dir = work / f"speed-{arch.replace(':', '_')}"
     save_checkpoint(run_dir / "model.pt", built, [str(d) for d in range(10)])
     write_json(run_dir / "config.json", {"data": DataSpec(limit_per_class=20).to_dict()})
+    Manifest.create(run_dir, run=run_dir.name, status="complete").save()
     export_onnx(run_dir, ExportOptions(verify_images=8))
     build_variants(run_dir, [Target.ORT_CPU], [Precision.FP32, Precision.INT8],
                    QuantOptions(calib_size=64, max_accuracy_drop=100.0))
@@ -165,10 +165,7 @@ def main() -> None:
                 "efficientnet_lite0": speed_case(speed_run(work, "timm:efficientnet_lite0", "embedded"), args.threads, args.rounds, args.iterations),
             },
         }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "quantize.json").write_text(json.dumps(report, indent=2) + "\n")
-    (RESULTS / "quantize.md").write_text(markdown(report))
-    print(markdown(report))
+    save_results("quantize", report, markdown(report))
 
 
 if __name__ == "__main__":

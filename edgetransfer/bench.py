@@ -24,7 +24,7 @@ from .manifest import Manifest, now, versions
 from .metadata import UINT8_NHWC
 from .metrics import topk_accuracy
 from .preprocessing import Preprocessing
-from .progress import console, progress
+from .progress import progress
 
 __all__ = ["BenchOptions", "bench_run", "machine_fingerprint", "SCHEMA"]
 

@@ -286,7 +286,7 @@ def export(run_dir: Path, **options) -> None:
         console.print(parity_table(result))
         click.echo(str(result.path))
     if targets:
-        from .optimize import QuantOptions, TensorRTOptions, build_variants, cpu_features
+        from .optimize import build_variants, cpu_features
 
         console.print(f"CPU: {cpu_features().summary()}")
         variants = build_variants(run_dir, targets, precisions, _quant_options(options), _tensorrt_options(options))

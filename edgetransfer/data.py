@@ -4,7 +4,6 @@ embedded demo (scikit-learn's handwritten digits), checked up front and served t
 
 from __future__ import annotations
 
-import enum
 import os
 import random
 from collections import Counter, defaultdict
@@ -16,7 +15,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .errors import DataError, unknown_name
+from ._enums import Choice
+from .errors import DataError
 from .preprocessing import Preprocessing, load_rgb, to_rgb
 from .progress import console, progress
 
@@ -246,7 +246,7 @@ def _need_two_classes(classes: list[str], train: list[Sample]) -> None:
 # torch side: transforms and a Dataset
 
 
-class Augment(str, enum.Enum):
+class Augment(Choice):
     """Train-time augmentation (only used when the backbone sees the images every epoch)."""
 
     NONE = "none"
@@ -254,11 +254,8 @@ class Augment(str, enum.Enum):
     CROP_FLIP = "crop-flip"  # plus horizontal flips: natural photos
 
     @classmethod
-    def parse(cls, name: str) -> "Augment":
-        try:
-            return cls(name)
-        except ValueError:
-            raise unknown_name("augmentation", name, [m.value for m in cls]) from None
+    def kind(cls) -> str:
+        return "augmentation"
 
 
 def eval_transform(pre: Preprocessing):

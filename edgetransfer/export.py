@@ -22,7 +22,7 @@ from torch import nn
 from . import __version__
 from ._io import atomic_path, read_json, sha256_file
 from .checkpoint import load_checkpoint
-from .data import DataSpec, eval_transform, load_dataset, load_image
+from .data import DataSpec, load_dataset, load_image
 from .errors import EdgeTransferError, RunError
 from .manifest import Manifest
 from .metadata import FLOAT_NCHW, UINT8_NHWC, ModelInfo

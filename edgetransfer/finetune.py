@@ -7,7 +7,6 @@ about as much as a pass of a linear layer. Every file a run writes is written at
 
 from __future__ import annotations
 
-import enum
 import math
 import random
 import time
@@ -23,6 +22,7 @@ from torch import nn
 from ._io import read_json, write_bytes, write_json
 from .checkpoint import save_checkpoint
 from .data import DEMO, Augment, DataSpec, Dataset, TorchImages, default_workers, eval_transform, load_dataset, train_transform
+from ._enums import Choice
 from .errors import EdgeTransferError, RunError, unknown_name
 from .manifest import Manifest, now
 from .metrics import confusion_matrix, per_class_accuracy, topk_accuracy
@@ -37,23 +37,18 @@ DEMO_IMAGE_SIZE = 64
 PROBE_LR = 1e-2
 
 
-class Mode(str, enum.Enum):
+class Mode(Choice):
     HEAD = "head"  # frozen feature extractor (optionally its last K blocks unfrozen), new classifier
     FULL = "full"  # everything trains; the backbone at lr * backbone_lr_scale
 
 
-class OptimizerName(str, enum.Enum):
+class OptimizerName(Choice):
+    @classmethod
+    def kind(cls) -> str:
+        return "optimizer"
+
     ADAMW = "adamw"
     SGD = "sgd"
-
-
-def _parse(enum_cls, value):
-    if isinstance(value, enum_cls):
-        return value
-    try:
-        return enum_cls(value)
-    except ValueError:
-        raise unknown_name(enum_cls.__name__.lower(), str(value), [m.value for m in enum_cls]) from None
 
 
 @dataclass(frozen=True)
@@ -87,9 +82,9 @@ class FinetuneConfig:
     workers: int | None = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "mode", _parse(Mode, self.mode))
-        object.__setattr__(self, "optimizer", _parse(OptimizerName, self.optimizer))
-        object.__setattr__(self, "augment", _parse(Augment, self.augment))
+        object.__setattr__(self, "mode", Mode.parse(self.mode))
+        object.__setattr__(self, "optimizer", OptimizerName.parse(self.optimizer))
+        object.__setattr__(self, "augment", Augment.parse(self.augment))
         checks = [
             (self.epochs is None or self.epochs >= 1, f"epochs must be at least 1, got {self.epochs}"),
             (self.batch_size >= 1, f"batch size must be at least 1, got {self.batch_size}"),

@@ -167,7 +167,7 @@ def test_unknown_targets_and_precisions_get_suggestions():
 
 def test_gpu_targets_are_refused_where_they_cannot_run(run_dir):
     try:
-        import tensorrt  # noqa: F401
+        import tensorrt  # noqa: F401  (only whether it imports)
     except ImportError:
         with pytest.raises(EdgeTransferError, match=r"needs TensorRT, which is not installed: pip install 'edgetransfer\[tensorrt\]'"):
             build_variants(run_dir, [Target.TENSORRT], [Precision.FP16])

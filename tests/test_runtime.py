@@ -7,7 +7,6 @@ import sys
 import textwrap
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import onnx

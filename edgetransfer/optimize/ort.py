@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import enum
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import EdgeTransferError, unknown_name
+from .._enums import Choice
+from ..errors import EdgeTransferError
 from .calibration import BatchStream
 from .cpu import CpuFeatures
 
@@ -32,7 +32,7 @@ FP16_KEEP_FLOAT = ["Exp", "Pow", "Softmax", "LayerNormalization", "ReduceSum", "
 CHUNK_BATCHES = 8  # calibrators hold this many batches of activations at a time
 
 
-class CalibMethod(str, enum.Enum):
+class CalibMethod(Choice):
     """How activation ranges are chosen from the calibration data."""
 
     MINMAX = "minmax"  # the observed range
@@ -40,11 +40,8 @@ class CalibMethod(str, enum.Enum):
     PERCENTILE = "percentile"  # clip at the 99.999th percentile of |x|
 
     @classmethod
-    def parse(cls, name: str) -> "CalibMethod":
-        try:
-            return cls(name)
-        except ValueError:
-            raise unknown_name("calibration method", name, [m.value for m in cls]) from None
+    def kind(cls) -> str:
+        return "calibration method"
 
     def ort(self):
         from onnxruntime.quantization import CalibrationMethod

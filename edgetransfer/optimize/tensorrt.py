@@ -8,12 +8,11 @@ GPU it was built with; :func:`check_engine` refuses an engine built for another 
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
 
-from .._io import atomic_path, read_json, write_bytes, write_json
+from .._io import read_json, write_bytes, write_json
 from ..errors import EdgeTransferError
 from ..metadata import ModelInfo
 from ..progress import console

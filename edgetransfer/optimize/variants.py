@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import enum
 import shutil
 import tempfile
 import time
@@ -14,7 +13,8 @@ import numpy as np
 
 from .._io import atomic_path, read_json, sha256_file
 from ..data import DataSpec, load_dataset
-from ..errors import DataError, EdgeTransferError, RunError, unknown_name
+from .._enums import Choice
+from ..errors import EdgeTransferError, RunError
 from ..manifest import Manifest
 from ..metadata import ModelInfo
 from ..metrics import topk_accuracy
@@ -31,35 +31,21 @@ class QuantizationError(EdgeTransferError):
     """INT8 cannot meet the accuracy budget, or calibration data is unusable."""
 
 
-class Target(str, enum.Enum):
+class Target(Choice):
     ORT_CPU = "ort-cpu"
     ORT_CUDA = "ort-cuda"
     ORT_TRT = "ort-trt"
     TENSORRT = "tensorrt"
-
-    @classmethod
-    def parse(cls, name: str) -> "Target":
-        try:
-            return cls(name)
-        except ValueError:
-            raise unknown_name("target", name, [m.value for m in cls]) from None
 
     @property
     def provider(self) -> str | None:
         return {"ort-cuda": "CUDAExecutionProvider", "ort-trt": "TensorrtExecutionProvider"}.get(self.value)
 
 
-class Precision(str, enum.Enum):
+class Precision(Choice):
     FP32 = "fp32"
     FP16 = "fp16"
     INT8 = "int8"
-
-    @classmethod
-    def parse(cls, name: str) -> "Precision":
-        try:
-            return cls(name)
-        except ValueError:
-            raise unknown_name("precision", name, [m.value for m in cls]) from None
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import io
 import os
 import warnings
 from collections.abc import Sequence
