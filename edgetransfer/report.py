@@ -188,7 +188,7 @@ def recommendation_line(report: dict[str, Any]) -> str:
 def bench_markdown(report: dict[str, Any]) -> str:
     """bench.md: the table, the recommendation and the machine, for a README or a PR."""
     machine = report["machine"]
-    lines = [f"# edgetransfer bench: {report['run']}", "", recommendation_line(report), "",
+    lines = [f"# edgetransfer bench: {Path(report['run']).name}", "", recommendation_line(report), "",
              "| " + " | ".join(_BENCH_COLUMNS) + " |", "|" + "---|" * len(_BENCH_COLUMNS)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in _bench_rows(report)]
     lines += [f"\n{r['variant']} {r['status']}: {r['reason']}" for r in report["results"] if r["status"] != "measured"]
