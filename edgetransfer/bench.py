@@ -159,6 +159,24 @@ def _rss_mb() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _peak_rss_mb() -> float:
+    """The process's peak resident memory so far (it only grows), in MiB."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _gpu_memory_reset():
+    """torch.cuda with its peak counter reset, or None without a GPU. It sees the memory torch
+    allocates (eager, TensorRT I/O), not ONNX Runtime's own CUDA arena."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    torch.cuda.reset_peak_memory_stats()
+    return torch.cuda
+
+
 def _variants(run_dir: Path, options: BenchOptions) -> list[_Variant]:
     manifest = Manifest.load(run_dir)
     found = [_Variant("eager", run_dir / "model.pt", "eager", "torch-cpu")]
@@ -233,6 +251,7 @@ def _measure(variant: _Variant, data: _Data, options: BenchOptions, threads: int
     chosen = _choose_threads(variant, data, options, threads) if options.auto_threads and variant.kind != "tensorrt" else threads
     row["threads"] = chosen
     rss_before = _rss_mb()
+    gpu = _gpu_memory_reset()
     try:
         with variant.runner(chosen) as runner:
             row.update(status="measured", provider=runner.provider, cold_start_s=round(runner.cold_start_s, 4))
@@ -244,6 +263,9 @@ def _measure(variant: _Variant, data: _Data, options: BenchOptions, threads: int
             row["latency"] = {str(b): _time(runner, inputs, b, options) for b in options.batch_sizes}
         row["rss_mb"] = round(_rss_mb(), 1)
         row["rss_increase_mb"] = round(row["rss_mb"] - rss_before, 1)
+        row["process_peak_rss_mb"] = round(_peak_rss_mb(), 1)
+        if gpu:
+            row["gpu_peak_torch_mb"] = round(gpu.max_memory_allocated() / 2**20, 1)
     except SkipVariant as exc:
         row.update(status="skipped", reason=str(exc))
     except Exception as exc:  # one broken variant never stops the rest; its error is reported

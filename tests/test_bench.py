@@ -48,6 +48,7 @@ def test_every_variant_is_measured_against_eager_in_the_same_run(report):
             t = row["latency"][batch]
             assert t["iterations"] == 3 and 0 < t["p50_ms"] <= t["p99_ms"] and t["throughput_ips"] > 0
         assert row["cold_start_s"] > 0 and row["size_bytes"] > 0 and row["rss_mb"] > 0
+        assert row["process_peak_rss_mb"] >= row["rss_mb"] * 0.9
     assert results["onnx"]["provider"] == "CPUExecutionProvider"
 
 
