@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import time
+from abc import ABC, abstractmethod
 
 import numpy as np
 
@@ -11,7 +12,7 @@ class SkipVariant(Exception):
     """This variant cannot run here (library, provider or GPU missing); the reason is the message."""
 
 
-class Runner:
+class Runner(ABC):
     """Load on ``__enter__`` (timed as the cold start), run ``infer``, release on ``__exit__``."""
 
     provider = "unknown"
@@ -29,11 +30,13 @@ class Runner:
     def __exit__(self, *exc) -> None:
         self.deactivate()
 
+    @abstractmethod
     def activate(self) -> None:
-        raise NotImplementedError
+        """Load the model (raise :class:`SkipVariant` when it cannot run here)."""
 
+    @abstractmethod
     def infer(self, batch: np.ndarray) -> np.ndarray:
-        raise NotImplementedError
+        """Logits for a prepared batch, synchronised (GPU work finished) on return."""
 
     def deactivate(self) -> None:
         pass
