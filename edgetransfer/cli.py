@@ -7,6 +7,7 @@ errors (:class:`EdgeTransferError`) become one line on stderr and exit status 1.
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -106,6 +107,8 @@ def finetune(ctx: click.Context, **options) -> None:
     except KeyboardInterrupt:
         console.print(f"\ninterrupted; finished epochs are saved. Continue with: edgetransfer finetune --resume {run_dir}")
         sys.exit(RESUME_EXIT)
+    if os.environ.get("RANK", "0") != "0":
+        return  # under torchrun, rank 0 reports
     console.print(epochs_table(result.metrics["epochs"]))
     console.print(finetune_summary_table(result.metrics, result.run_dir))
     click.echo(str(result.run_dir))

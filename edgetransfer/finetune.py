@@ -27,7 +27,8 @@ from .errors import EdgeTransferError, RunError, unknown_name
 from .manifest import Manifest, now
 from .metrics import confusion_matrix, per_class_accuracy, topk_accuracy
 from .models import DEFAULT_ARCH, BuiltModel, build, default_weights, trunk_blocks
-from .progress import console, progress
+from .distributed import SINGLE, Context, setup
+from .progress import console, progress, set_quiet
 
 __all__ = ["Mode", "OptimizerName", "FinetuneConfig", "FinetuneResult", "finetune"]
 
@@ -165,25 +166,30 @@ def finetune(
         RunError: ``run_dir`` holds another run, or there is nothing to resume.
         DataError, ModelError, WeightsError: bad data, architecture or weights.
     """
-    run_dir = Path(run_dir)
-    config, manifest, state = _open_run(run_dir, config, resume)
+    dist = setup(config.device)
+    if not dist.main:
+        set_quiet(True)  # one progress display per job, from rank 0
+    run_dir = Path(dist.broadcast(str(run_dir)))  # a default name holds the time: take rank 0's
+    config, manifest, state = _open_run_everywhere(dist, run_dir, config, resume)
     started = time.perf_counter()
     dataset = load_dataset(config.data, workers=max(1, config.workers))
     _seed(config.seed)  # before building: the new classifier's initial weights come from it
     built = build(config.arch, len(dataset.classes), config.weights, config.image_size)
     if config.image_size is None:
         config = replace(config, image_size=built.preprocessing.input_size)
-    device = _device(config.device)
+    device = _device(config.device, dist)
     built.module.to(device)
-    probe = _probe_head(config, built, dataset, device, run_dir) if state is None else None
-    loop = _make_loop(config, built, dataset, device, run_dir)
-    trainer = _Trainer(config, built, loop, run_dir, dataset.classes)
+    probe = _probe_head(config, built, dataset, device, run_dir, dist) if state is None else None
+    loop = _make_loop(config, built, dataset, device, run_dir, dist)
+    trainer = _Trainer(config, built, loop, run_dir, dataset.classes, dist)
     if state is not None:
         trainer.restore(state)
     trainer.probe = probe if probe is not None else (state or {}).get("probe")
     trainer.run(on_epoch)
     metrics = trainer.finish(dataset, time.perf_counter() - started)
-    _record(manifest, config, metrics, run_dir)
+    if dist.main:
+        _record(manifest, config, metrics, run_dir)
+    dist.barrier()
     return FinetuneResult(run_dir, metrics, config)
 
 
@@ -213,6 +219,26 @@ def _open_run(run_dir: Path, config: FinetuneConfig, resume: bool):
     manifest = Manifest.create(run_dir, run=run_dir.name, status="training", config=config.to_dict())
     manifest.save()
     return config, manifest, None
+
+
+def _open_run_everywhere(dist: Context, run_dir: Path, config: FinetuneConfig, resume: bool):
+    """Rank 0 opens (or resumes) the run directory; the other ranks read what it wrote."""
+    if not dist.active:
+        return _open_run(run_dir, config, resume)
+    opened, problem = (None, None, None), None
+    if dist.main:
+        try:
+            opened = _open_run(run_dir, config, resume)
+        except EdgeTransferError as exc:
+            problem = str(exc)
+    problem = dist.broadcast(problem)
+    if problem:
+        raise RunError(problem)
+    if dist.main:
+        return opened
+    config = FinetuneConfig.from_dict(read_json(run_dir / CONFIG))
+    state = _load_state(run_dir / LAST) if resume and (run_dir / LAST).is_file() else None
+    return config, None, state
 
 
 def _load_state(path: Path) -> dict[str, Any]:
@@ -251,9 +277,11 @@ def _seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def _device(name: str, dist: Context = SINGLE) -> torch.device:
+    if name == "auto" or (dist.active and name == "cuda"):
+        if torch.cuda.is_available():
+            return torch.device("cuda", dist.local_rank) if dist.active else torch.device("cuda")
+        return torch.device("cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise EdgeTransferError(f"device {name!r} asked for, but torch sees no CUDA GPU; use --device cpu")
     try:
@@ -280,19 +308,19 @@ def _loader(samples, transform, config: FinetuneConfig, shuffle: bool, generator
     )
 
 
-def _make_loop(config, built, dataset, device, run_dir):
+def _make_loop(config, built, dataset, device, run_dir, dist: Context = SINGLE):
     if config.caches_features:
-        return _CachedHeadLoop(config, built, dataset, device, run_dir)
-    return _ImageLoop(config, built, dataset, device)
+        return _CachedHeadLoop(config, built, dataset, device, run_dir, dist)
+    return _ImageLoop(config, built, dataset, device, dist)
 
 
-def _probe_head(config: FinetuneConfig, built: BuiltModel, dataset: Dataset, device, run_dir: Path):
+def _probe_head(config: FinetuneConfig, built: BuiltModel, dataset: Dataset, device, run_dir: Path, dist: Context = SINGLE):
     """Linear probe before fine-tuning: train the new head on cached frozen features first, so
     the backbone is never updated through the gradients of a random classifier."""
     if config.caches_features or not config.probe_epochs:
         return None
     started = time.perf_counter()
-    loop = _CachedHeadLoop(replace(config, batch_size=64), built, dataset, device, run_dir)
+    loop = _CachedHeadLoop(replace(config, batch_size=64), built, dataset, device, run_dir, dist)
     optimizer = torch.optim.AdamW(loop.head.parameters(), lr=PROBE_LR, weight_decay=config.weight_decay)
     schedule = _cosine_with_warmup(optimizer, replace(config, epochs=config.probe_epochs), loop.steps_per_epoch)
     criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
@@ -319,8 +347,8 @@ def _probe_head(config: FinetuneConfig, built: BuiltModel, dataset: Dataset, dev
 class _CachedHeadLoop:
     """Head mode: the frozen backbone runs once per image; epochs train the head on features."""
 
-    def __init__(self, config, built: BuiltModel, dataset: Dataset, device, run_dir: Path) -> None:
-        self.config, self.built, self.device = config, built, device
+    def __init__(self, config, built: BuiltModel, dataset: Dataset, device, run_dir: Path, dist: Context = SINGLE) -> None:
+        self.config, self.built, self.device, self.dist = config, built, device, dist
         self.head = built.head()
         for param in built.module.parameters():
             param.requires_grad_(False)
@@ -345,10 +373,13 @@ class _CachedHeadLoop:
         self.train_pass_s = time.perf_counter() - started
         val_x, val_y = self._extract(dataset.val, transform, "features (val)")
         payload = {"key": key, "train_x": train_x, "train_y": train_y, "val_x": val_x, "val_y": val_y}
-        write_bytes(path, lambda f: torch.save(payload, f))
+        if self.dist.main:
+            write_bytes(path, lambda f: torch.save(payload, f))
         return train_x, train_y, val_x, val_y
 
     def _extract(self, samples, transform, label: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features of ``samples``; under torchrun each rank computes its share and all gather."""
+        total, samples = len(samples), self.dist.shard(samples)
         captured: list[torch.Tensor] = []
         hook = self.built.classifier.register_forward_pre_hook(lambda m, args: captured.append(args[0].float().cpu()))
         labels = []
@@ -363,7 +394,7 @@ class _CachedHeadLoop:
                     bar.advance(task, len(y))
         finally:
             hook.remove()
-        return torch.cat(captured), torch.cat(labels)
+        return self.dist.unshard(torch.cat(captured), total), self.dist.unshard(torch.cat(labels), total)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -395,13 +426,30 @@ class _CachedHeadLoop:
 class _ImageLoop:
     """Full mode, or head mode with unfrozen blocks: images go through the network every epoch."""
 
-    def __init__(self, config, built: BuiltModel, dataset: Dataset, device) -> None:
-        self.config, self.built, self.device = config, built, device
+    def __init__(self, config, built: BuiltModel, dataset: Dataset, device, dist: Context = SINGLE) -> None:
+        self.config, self.built, self.device, self.dist = config, built, device, dist
         self.features_s = 0.0
+        self.epoch = 0
         self.generator = torch.Generator().manual_seed(config.seed)
-        self.train = _loader(dataset.train, train_transform(built.preprocessing, config.augment), config, True, self.generator)
-        self.val = _loader(dataset.val, eval_transform(built.preprocessing), config, False)
+        transform = train_transform(built.preprocessing, config.augment)
+        if dist.active:
+            from torch.utils.data import DataLoader, DistributedSampler
+
+            images = TorchImages(dataset.train, transform)
+            self.sampler = DistributedSampler(images, dist.world, dist.rank, shuffle=True, seed=config.seed)
+            self.train = DataLoader(images, batch_size=config.batch_size, sampler=self.sampler, num_workers=config.workers,
+                                    persistent_workers=config.workers > 0, pin_memory=torch.cuda.is_available())
+        else:
+            self.train = _loader(dataset.train, transform, config, True, self.generator)
+        self.val_total = len(dataset.val)
+        self.val = _loader(dist.shard(dataset.val), eval_transform(built.preprocessing), config, False)
         self.trainable = self._select_trainable()
+        self.model = built.module
+        if dist.active:  # gradients averaged over ranks; parameters start from rank 0's
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [device.index] if device.type == "cuda" else None
+            self.model = DistributedDataParallel(built.module, device_ids=ids)
 
     def _select_trainable(self) -> list[nn.Module]:
         """Modules that train (and so run BatchNorm in train mode); all others stay frozen."""
@@ -441,8 +489,10 @@ class _ImageLoop:
             for layer in self.built.module.modules():
                 if isinstance(layer, nn.modules.batchnorm._BatchNorm):
                     layer.eval()
+        if self.dist.active:
+            self.sampler.set_epoch(self.epoch)
         for x, y in self.train:
-            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True), self.built.module
+            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True), self.model
 
     def val_logits(self) -> tuple[torch.Tensor, torch.Tensor]:
         self.built.module.eval()
@@ -452,7 +502,7 @@ class _ImageLoop:
                 with _autocast(self.device, self.config.amp):
                     logits.append(self.built.module(x.to(self.device)).float().cpu())
                 labels.append(y)
-        return torch.cat(logits), torch.cat(labels)
+        return self.dist.unshard(torch.cat(logits), self.val_total), self.dist.unshard(torch.cat(labels), self.val_total)
 
     def rng_state(self) -> dict[str, Any]:
         return {"generator": self.generator.get_state()}
@@ -466,8 +516,9 @@ class _ImageLoop:
 
 
 class _Trainer:
-    def __init__(self, config: FinetuneConfig, built: BuiltModel, loop, run_dir: Path, classes: list[str]) -> None:
+    def __init__(self, config: FinetuneConfig, built: BuiltModel, loop, run_dir: Path, classes: list[str], dist: Context = SINGLE) -> None:
         self.config, self.built, self.loop, self.run_dir, self.classes = config, built, loop, run_dir, classes
+        self.dist = dist
         self.criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
         self.optimizer = _optimizer(config, loop.param_groups(config.lr))
         self.scheduler = _cosine_with_warmup(self.optimizer, config, loop.steps_per_epoch)
@@ -503,6 +554,7 @@ class _Trainer:
 
     def _epoch(self, epoch: int) -> dict[str, Any]:
         started = time.perf_counter()
+        self.loop.epoch = epoch
         train_loss, train_top1 = self._train_one_epoch()
         logits, labels = self.loop.val_logits()
         val_loss = float(nn.functional.cross_entropy(logits, labels))
@@ -519,10 +571,12 @@ class _Trainer:
         self.history.append(record)
         if val_top1 > self.best_top1:
             self.best_top1, self.best_epoch, self.stale = val_top1, epoch, 0
-            save_checkpoint(self.run_dir / CHECKPOINT, self.built, self.classes, epoch=epoch, val_top1=val_top1)
+            if self.dist.main:
+                save_checkpoint(self.run_dir / CHECKPOINT, self.built, self.classes, epoch=epoch, val_top1=val_top1)
         else:
             self.stale += 1
-        self._save_state()
+        if self.dist.main:
+            self._save_state()
         return record
 
     def _train_one_epoch(self) -> tuple[float, float]:
@@ -539,6 +593,7 @@ class _Trainer:
             total_loss += loss.item() * len(y)
             correct += int((logits.argmax(1) == y).sum())
             seen += len(y)
+        total_loss, correct, seen = self.dist.sum(total_loss, correct, seen)
         return total_loss / seen, correct / seen
 
     def _save_state(self) -> None:
@@ -560,7 +615,8 @@ class _Trainer:
         write_bytes(self.run_dir / LAST, lambda f: torch.save(state, f))
 
     def finish(self, dataset: Dataset, total_s: float) -> dict[str, Any]:
-        """Evaluate the best checkpoint, write metrics.json and curves.png."""
+        """Evaluate the best checkpoint, write metrics.json and curves.png (rank 0)."""
+        self.dist.barrier()  # rank 0 has written the best checkpoint
         best = torch.load(self.run_dir / CHECKPOINT, map_location="cpu", weights_only=True)
         self.built.module.load_state_dict(best["state_dict"])
         logits, labels = self.loop.val_logits()
@@ -592,13 +648,15 @@ class _Trainer:
                 "epochs_s": sum(r["seconds"] for r in self.history),
                 "total_s": total_s,
                 "torch_threads": torch.get_num_threads(),
+                "processes": self.dist.world,
                 "device": str(self.loop.device),
             },
         }
-        write_json(self.run_dir / METRICS, metrics)
-        from .report import plot_training
+        if self.dist.main:
+            from .report import plot_training
 
-        plot_training(metrics, self.run_dir / CURVES)
+            write_json(self.run_dir / METRICS, metrics)
+            plot_training(metrics, self.run_dir / CURVES)
         return metrics
 
 
