@@ -3,27 +3,17 @@
 from __future__ import annotations
 
 import os
-import platform
 from pathlib import Path
 
 from edgetransfer.manifest import versions
+from edgetransfer.optimize.cpu import cpu_features
 
 
 def cpu() -> dict:
-    info = {"model": platform.processor() or "unknown", "flags": []}
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return info
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "model name":
-            info["model"] = value.strip()
-        if key.strip() == "flags":
-            flags = set(value.split())
-            info["flags"] = sorted(f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8") if f in flags)
-            break
-    return info
+    """CPU model and its int8-relevant features, read by edgetransfer itself."""
+    features = cpu_features()
+    flags = [name for name in ("avx2", "avx512", "vnni", "amx", "arm_dotprod") if getattr(features, name)]
+    return {"model": features.model, "flags": flags}
 
 
 def fingerprint(torch_threads: int) -> dict:

@@ -214,12 +214,11 @@ def _verify(built: BuiltModel, path: Path, options: ExportOptions, images: list)
     import onnxruntime as ort
 
     pre = built.preprocessing
-    if options.fuse_preprocess:
-        feed = np.stack([np.asarray(pre.resize_crop(img), dtype=np.uint8) for img in images])
-    else:
-        feed = np.stack([pre(img) for img in images])
+    pixels = [np.asarray(pre.resize_crop(img), dtype=np.uint8) for img in images]  # resized once
+    normalized = np.stack([pre.normalize(p) for p in pixels])
+    feed = np.stack(pixels) if options.fuse_preprocess else normalized
     with torch.no_grad():
-        eager = built.module(torch.from_numpy(np.stack([pre(img) for img in images]))).numpy()
+        eager = built.module(torch.from_numpy(normalized)).numpy()
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     batch = options.static_batch or min(16, len(images))
     chunks = [feed[i : i + batch] for i in range(0, len(feed) - len(feed) % batch or len(feed), batch)]
