@@ -46,9 +46,10 @@ class Predictor:
     Thread-safe: many threads may call :meth:`predict` on one Predictor.
 
     Args:
-        model: path to an ``.onnx`` file, or its bytes.
+        model: path to an ``.onnx`` file or its bytes, or to an OpenVINO IR ``.xml`` (with its
+            ``.bin`` beside it), which runs on OpenVINO instead of ONNX Runtime.
         providers: ONNX Runtime providers in order of preference (``"cuda"``, ``"cpu"`` or full
-            names); default CPU.
+            names); default CPU. Not for an OpenVINO IR (see ``device``).
         allow_fallback: accept a session that did not get the first provider asked for (it
             runs on the next one that loaded) instead of raising. :attr:`provider` says which.
         preprocessing: for a model without edgetransfer metadata (or to override it).
@@ -57,6 +58,7 @@ class Predictor:
         spinning: let idle ONNX Runtime threads spin; off by default, since spinning threads
             slow everything else down on small shared machines.
         batch_size: how many images one ``session.run`` gets at most.
+        device: OpenVINO device for an IR (``"CPU"``, ``"GPU"``, ``"AUTO"``).
 
     Raises:
         PredictorError: unreadable model, missing metadata, or a provider that is not there.
@@ -73,25 +75,24 @@ class Predictor:
         threads: int | None = None,
         spinning: bool = False,
         batch_size: int = 32,
+        device: str = "CPU",
     ) -> None:
-        import onnxruntime as ort
-
         if batch_size < 1:
             raise PredictorError(f"batch_size must be at least 1, got {batch_size}")
         self.batch_size = batch_size
-        wanted = [_provider_name(p) for p in (providers or ["cpu"])]
-        self._session = _session(ort, model, wanted, threads, spinning)
-        self.providers = list(self._session.get_providers())
-        self.fallback = _check_providers(wanted, self.providers, allow_fallback)
+        if not isinstance(model, bytes) and Path(model).suffix.lower() == ".xml":
+            self._session = _openvino_session(Path(model), providers, device, threads)
+            self.fallback = None
+        else:
+            self._session = _OrtSession(model, [_provider_name(p) for p in (providers or ["cpu"])], threads, spinning)
+            self.fallback = _check_providers(self._session.wanted, self._session.providers, allow_fallback)
+        self.providers = self._session.providers
         self.info = _model_info(self._session, preprocessing, labels)
-        self._input = self._session.get_inputs()[0]
-        self._output = self._session.get_outputs()[0].name
-        fixed = self._input.shape[0]
-        self._fixed_batch = fixed if isinstance(fixed, int) and fixed > 0 else None
+        self._fixed_batch = self._session.fixed_batch
 
     @property
     def provider(self) -> str:
-        """The execution provider the session really runs on."""
+        """The execution provider the session really runs on (``OpenVINO:CPU`` for an IR)."""
         return self.providers[0]
 
     @property
@@ -136,7 +137,7 @@ class Predictor:
         count = len(chunk)
         if self._fixed_batch and count < self._fixed_batch:  # a static-batch model: pad, then drop
             chunk = np.concatenate([chunk, np.repeat(chunk[-1:], self._fixed_batch - count, axis=0)])
-        return self._session.run([self._output], {self._input.name: chunk})[0][:count]
+        return self._session.run(chunk)[:count]
 
     def _prepare(self, image: ImageInput) -> np.ndarray:
         pre = self.info.preprocessing
@@ -146,6 +147,43 @@ class Predictor:
 
 def _provider_name(name: str) -> str:
     return PROVIDER_ALIASES.get(name.lower(), name)
+
+
+class _OrtSession:
+    """An ONNX Runtime session behind the small surface Predictor uses (shared with OpenVINO's)."""
+
+    def __init__(self, model, wanted: list[str], threads: int | None, spinning: bool) -> None:
+        import onnxruntime as ort
+
+        self.wanted = wanted
+        self.session = _session(ort, model, wanted, threads, spinning)
+        self.providers = list(self.session.get_providers())
+        self.props = dict(self.session.get_modelmeta().custom_metadata_map)
+        first, output = self.session.get_inputs()[0], self.session.get_outputs()[0]
+        self.input_name, self.output_name = first.name, output.name
+        self.uint8_input = "uint8" in first.type
+        fixed = first.shape[0]
+        self.fixed_batch = fixed if isinstance(fixed, int) and fixed > 0 else None
+        classes = output.shape[-1]
+        self.classes = classes if isinstance(classes, int) else None
+
+    def run(self, chunk: np.ndarray) -> np.ndarray:
+        return self.session.run([self.output_name], {self.input_name: chunk})[0]
+
+
+def _openvino_session(xml: Path, providers: Sequence[str] | None, device: str, threads: int | None):
+    wanted = [_provider_name(p) for p in providers or []]
+    if any(p not in ("OpenVINOExecutionProvider", "CPUExecutionProvider") for p in wanted):
+        raise PredictorError(
+            f"{xml.name} is an OpenVINO model: it runs on OpenVINO devices, not ONNX Runtime providers"
+            f" ({', '.join(wanted)}); pass device='CPU', 'GPU' or 'AUTO' instead"
+        )
+    from ._openvino import OpenVinoSession
+
+    try:
+        return OpenVinoSession(xml, device, threads)
+    except EdgeTransferError as exc:
+        raise PredictorError(str(exc)) from None
 
 
 def _session(ort, model, wanted: list[str], threads: int | None, spinning: bool):
@@ -246,12 +284,17 @@ def _check_providers(wanted: list[str], actual: list[str], allow_fallback: bool)
 
 
 def _model_info(session, preprocessing: Preprocessing | None, labels: Sequence[str] | None) -> ModelInfo:
-    props = session.get_modelmeta().custom_metadata_map
+    props = session.props
     if "labels" in props and "input_size" in props:
         try:
             info = ModelInfo.from_props(props)
         except EdgeTransferError as exc:
             raise PredictorError(str(exc)) from None
+        if session.classes is not None and len(info.labels) != session.classes:
+            raise PredictorError(
+                f"the model's metadata names {len(info.labels)} labels but it outputs {session.classes} classes;"
+                " its metadata belongs to another model: export again"
+            )
         if preprocessing is not None:
             info = ModelInfo(info.labels, preprocessing, info.input_format, info.arch, info.checkpoint_sha256)
         return info
@@ -260,13 +303,12 @@ def _model_info(session, preprocessing: Preprocessing | None, labels: Sequence[s
             "the model has no edgetransfer metadata; pass preprocessing=Preprocessing(input_size=…,"
             " resize_size=…, mean=…, std=…) and labels=[…]"
         )
-    outputs = session.get_outputs()[0].shape[-1]
-    count = outputs if isinstance(outputs, int) else len(labels or [])
+    outputs = session.classes
+    count = outputs if outputs is not None else len(labels or [])
     names = tuple(labels) if labels is not None else tuple(str(i) for i in range(count))
-    if isinstance(outputs, int) and len(names) != outputs:
+    if outputs is not None and len(names) != outputs:
         raise PredictorError(f"{len(names)} labels given for a model with {outputs} outputs")
-    dtype = session.get_inputs()[0].type
-    return ModelInfo(names, preprocessing, UINT8_NHWC if "uint8" in dtype else FLOAT_NCHW)
+    return ModelInfo(names, preprocessing, UINT8_NHWC if session.uint8_input else FLOAT_NCHW)
 
 
 def _is_single(images: Any) -> bool:
