@@ -169,7 +169,7 @@ def _default_run_dir(arch: str, mode: str) -> Path:
 @click.option("--batch-sizes", default="1,8", show_default=True, help="Comma-separated batch sizes to time.")
 @click.option("--threads", default=None, help="CPU threads for torch and ONNX Runtime, or 'auto' (try 1..cores per variant). [default: the machine's cores]")
 @click.option("--variant", "variants", multiple=True, help="Only these variants from the run's manifest (eager is always measured).")
-@click.option("--model", "models", multiple=True, type=click.Path(path_type=Path), help="Also bench this ONNX file (CPU).")
+@click.option("--model", "models", multiple=True, type=click.Path(path_type=Path), help="Also bench this ONNX file or OpenVINO .xml (CPU).")
 @click.option("--data", type=click.Path(path_type=Path), default=None, help="Evaluate on this image folder (same classes as the model). [default: the run's validation split]")
 @click.option("--eval-images", type=int, default=None, help="Evaluate on at most N images.")
 @click.option("--warmup", type=int, default=5, show_default=True)
@@ -253,12 +253,12 @@ def info(run_dir: Path | None, include_timm: bool) -> None:
 @click.option("--verify-images", type=int, default=64, show_default=True, help="Validation images the parity check uses.")
 @click.option("--no-verify", is_flag=True, help="Skip the parity check.")
 @click.option("--output", type=click.Path(path_type=Path), default=None, help="Where to write. [default: RUN_DIR/model.onnx]")
-@click.option("--target", "targets", multiple=True, help="Also build variants for: ort-cpu, ort-cuda, ort-trt, tensorrt (repeatable).")
-@click.option("--precision", "precisions", multiple=True, help="fp32, fp16, int8 (repeatable). [default: fp32]")
-@click.option("--calib", type=click.Path(path_type=Path), default=None, help="INT8: calibrate on this image folder (classes optional). [default: the run's training data]")
+@click.option("--target", "targets", multiple=True, help="Also build variants for: ort-cpu, ort-cuda, ort-trt, tensorrt, openvino (repeatable).")
+@click.option("--precision", "precisions", multiple=True, help="fp32, fp16, int8; bf16 for openvino (repeatable). [default: fp32]")
+@click.option("--calib", type=click.Path(path_type=Path), default=None, help="INT8 (every target): calibrate on this image folder (classes optional). [default: the run's training data]")
 @click.option("--calib-size", type=int, default=256, show_default=True, help="INT8: class-balanced images taken from the run's training data.")
 @click.option("--calib-batch", type=int, default=8, show_default=True)
-@click.option("--calib-method", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax", show_default=True)
+@click.option("--calib-method", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax", show_default=True, help="ONNX Runtime INT8 ranges (NNCF sets OpenVINO's itself).")
 @click.option("--max-accuracy-drop", type=float, default=1.0, show_default=True, help="INT8: top-1 points it may lose against float; sensitive layers stay in float to hold it.")
 @click.option("--max-float-layers", type=int, default=32, show_default=True, help="INT8: the most layers the accuracy guard may keep in float.")
 @click.option("--dynamic-int8", is_flag=True, help="INT8 by dynamic quantisation (usually slower for CNNs).")
@@ -275,11 +275,16 @@ def export(run_dir: Path, **options) -> None:
       edgetransfer export runs/demo --fuse-preprocess      # uint8 NHWC input, for apps
       edgetransfer export runs/demo --target ort-cpu --precision fp32 --precision int8
       edgetransfer export runs/demo --target tensorrt --precision fp16 --trt-batch 1 8 32
+      edgetransfer export runs/demo --target openvino --precision fp32 --precision bf16 --precision int8
     """
     from .progress import console
     from .report import parity_table, variants_table
 
     targets, precisions = _parse_variants(options.pop("targets"), options.pop("precisions"))
+    if targets:
+        from .optimize.variants import check_combinations
+
+        check_combinations(targets, precisions, _quant_options(options))
     if not targets or not (run_dir / "model.onnx").is_file() or _export_options_given():
         export_options = _export_options(options)
         with console.status("exporting to ONNX and checking parity"):
@@ -310,7 +315,7 @@ def _parse_variants(targets, precisions):
     parsed_targets = [Target.parse(t) for t in targets]
     parsed_precisions = [Precision.parse(p) for p in precisions] or [Precision.FP32]
     if precisions and not targets:
-        raise EdgeTransferError("--precision goes with --target (ort-cpu, ort-cuda, ort-trt or tensorrt)")
+        raise EdgeTransferError("--precision goes with --target (ort-cpu, ort-cuda, ort-trt, tensorrt or openvino)")
     return parsed_targets, parsed_precisions
 
 
@@ -348,9 +353,10 @@ def _tensorrt_options(options):
 @click.option("-k", "--top-k", type=int, default=3, show_default=True)
 @click.option("--provider", "providers", multiple=True, help="cpu, cuda, tensorrt or a full provider name; repeat for a fallback order. [default: cpu]")
 @click.option("--allow-fallback", is_flag=True, help="Accept a later provider when the first cannot load.")
+@click.option("--device", default="CPU", show_default=True, help="OpenVINO device, for an .xml model (CPU, GPU, AUTO).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @_friendly
-def predict(model: Path, images: tuple[Path, ...], top_k: int, providers, allow_fallback: bool, as_json: bool) -> None:
+def predict(model: Path, images: tuple[Path, ...], top_k: int, providers, allow_fallback: bool, device: str, as_json: bool) -> None:
     """Classify images with an exported model (torch-free runtime).
 
     \b
@@ -358,12 +364,13 @@ def predict(model: Path, images: tuple[Path, ...], top_k: int, providers, allow_
       edgetransfer predict runs/demo/model.onnx cat.jpg dog.png
       edgetransfer predict model.onnx photos/*.jpg --top-k 1 --json
       edgetransfer predict model.onnx img.png --provider cuda --provider cpu --allow-fallback
+      edgetransfer predict runs/demo/openvino-int8.xml cat.jpg     # OpenVINO IR (edgetransfer[openvino])
     """
     import json
 
     from .runtime import Predictor
 
-    predictor = Predictor(model, providers=list(providers) or None, allow_fallback=allow_fallback)
+    predictor = Predictor(model, providers=list(providers) or None, allow_fallback=allow_fallback, device=device)
     results = predictor.predict([str(p) for p in images], top_k=top_k)
     if as_json:
         rows = [

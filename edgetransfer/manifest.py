@@ -16,7 +16,7 @@ __all__ = ["Manifest", "versions", "now"]
 
 MANIFEST = "manifest.json"
 SCHEMA = 1
-_PACKAGES = ("torch", "torchvision", "timm", "numpy", "pillow", "onnx", "onnxruntime", "onnxruntime-gpu")
+_PACKAGES = ("torch", "torchvision", "timm", "numpy", "pillow", "onnx", "onnxruntime", "onnxruntime-gpu", "openvino", "nncf")
 
 
 def now() -> str:

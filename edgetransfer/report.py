@@ -130,7 +130,7 @@ def variants_table(variants) -> Table:
         table.add_column(column, justify="left" if column == "variant" else "right")
     for v in variants:
         r = v.report
-        size = v.path.stat().st_size / 2**20 if v.path.exists() else float("nan")
+        size = v.size_bytes / 2**20 if v.size_bytes is not None else float("nan")
         table.add_row(
             v.name, f"{size:.1f}",
             f"{100 * r['top1']:.2f}%" if "top1" in r else "—",

@@ -81,15 +81,28 @@ def test_guard_keeps_the_most_sensitive_layers_in_float():
     sensitivity = {"stem": 1.5, "block3": 0.9, "block7": 0.3, "head": 0.0, "block1": 0.05}
     calls = []
 
-    def drop_with(excluded):
+    def score_with(excluded):
         calls.append(tuple(excluded))
-        return 3.0 - sum(sensitivity[name] for name in excluded)
+        return 3.0 - sum(sensitivity[name] for name in excluded), 1.0
 
-    kept, drop, steps = guard(drop_with, list(sensitivity), budget=1.0, max_float=4)
+    kept, drop, steps = guard(score_with, list(sensitivity), budget=1.0, max_float=4)
     assert kept == ["stem", "block3"] and drop == pytest.approx(0.6)
     assert [s["drop_points"] for s in steps] == [3.0, 1.5, 0.6]
-    kept, drop, _ = guard(drop_with, list(sensitivity), budget=0.0, max_float=2)
+    kept, drop, _ = guard(score_with, list(sensitivity), budget=0.0, max_float=2)
     assert len(kept) == 2 and drop > 0.0  # the caller reports the unmet budget
+
+
+def test_guard_ranks_by_logit_error_when_no_single_layer_moves_top1():
+    """INT8 loss spread thin: every layer alone leaves top-1 where it was; the logit error decides."""
+    error = {"a": 0.1, "b": 0.5, "c": 0.2, "d": 0.3}
+
+    def score_with(excluded):
+        drop = 2.0 if len(excluded) < 3 else 0.5  # top-1 recovers only with three layers in float
+        return drop, 1.0 - sum(error[name] for name in excluded)
+
+    kept, drop, steps = guard(score_with, list(error), budget=1.0, max_float=8)
+    assert kept == ["b", "d", "c"] and drop == 0.5
+    assert [s["logit_mse"] for s in steps] == [1.0, 0.5, 0.2, 0.0]
 
 
 def test_calibration_methods_give_different_scales(run_dir, tmp_path):
@@ -161,7 +174,7 @@ def test_bad_calibration_data(run_dir, tmp_path):
 def test_unknown_targets_and_precisions_get_suggestions():
     with pytest.raises(UnknownNameError, match=r"unknown target 'ort-gpu'. Did you mean 'ort-cpu'"):
         Target.parse("ort-gpu")
-    with pytest.raises(UnknownNameError, match=r"unknown precision 'int4'. .*Known: fp16, fp32, int8"):
+    with pytest.raises(UnknownNameError, match=r"unknown precision 'int4'. .*Known: bf16, fp16, fp32, int8"):
         Precision.parse("int4")
 
 

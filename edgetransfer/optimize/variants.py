@@ -22,9 +22,9 @@ from ..progress import console
 from . import ort as ortq
 from .calibration import BatchStream, balanced_sample, describe_samples, folder_samples
 from .cpu import cpu_features
-from .guard import guard, quantized_nodes
+from .guard import Score, guard, quantized_nodes, score
 
-__all__ = ["Target", "Precision", "QuantOptions", "TensorRTOptions", "Variant", "build_variants", "QuantizationError"]
+__all__ = ["Target", "Precision", "QuantOptions", "TensorRTOptions", "Variant", "build_variants", "check_combinations", "QuantizationError"]
 
 
 class QuantizationError(EdgeTransferError):
@@ -36,6 +36,7 @@ class Target(Choice):
     ORT_CUDA = "ort-cuda"
     ORT_TRT = "ort-trt"
     TENSORRT = "tensorrt"
+    OPENVINO = "openvino"
 
     @property
     def provider(self) -> str | None:
@@ -45,7 +46,18 @@ class Target(Choice):
 class Precision(Choice):
     FP32 = "fp32"
     FP16 = "fp16"
+    BF16 = "bf16"
     INT8 = "int8"
+
+
+# What each target can build; anything else is refused before any work starts.
+SUPPORTED = {
+    Target.ORT_CPU: (Precision.FP32, Precision.FP16, Precision.INT8),
+    Target.ORT_CUDA: (Precision.FP32, Precision.FP16, Precision.INT8),
+    Target.ORT_TRT: (Precision.FP32, Precision.FP16, Precision.INT8),
+    Target.TENSORRT: (Precision.FP32, Precision.FP16, Precision.INT8),
+    Target.OPENVINO: (Precision.FP32, Precision.BF16, Precision.INT8),
+}
 
 
 @dataclass(frozen=True)
@@ -104,6 +116,15 @@ class Variant:
     path: Path
     report: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def files(self) -> list[Path]:
+        """Every file of the variant: an OpenVINO IR is its .xml and its .bin."""
+        return [self.path, self.path.with_suffix(".bin")] if self.target is Target.OPENVINO else [self.path]
+
+    @property
+    def size_bytes(self) -> int | None:
+        return sum(f.stat().st_size for f in self.files) if all(f.exists() for f in self.files) else None
+
 
 @dataclass
 class _Context:
@@ -134,8 +155,9 @@ def build_variants(
         QuantizationError: INT8 cannot meet ``quant.max_accuracy_drop``; unusable calibration data.
     """
     run_dir = Path(run_dir)
+    check_combinations(targets, precisions, quant)
     for target in targets:
-        _check_target_available(target)
+        _check_target_available(target, precisions)
     context = _context(run_dir, quant)
     variants = []
     for target in targets:
@@ -148,7 +170,34 @@ def build_variants(
     return variants
 
 
-def _check_target_available(target: Target) -> None:
+def check_combinations(targets: list[Target], precisions: list[Precision], quant: QuantOptions) -> None:
+    """Refuse a (target, precision) pair or option the target does not have, before any work."""
+    for target in targets:
+        for precision in precisions:
+            if precision not in SUPPORTED[target]:
+                hint = {
+                    Precision.BF16: "bf16 is built for --target openvino",
+                    Precision.FP16: "OpenVINO's CPU plugin computes bf16, not fp16: use --precision bf16",
+                }.get(precision, "")
+                supported = ", ".join(p.value for p in SUPPORTED[target])
+                raise EdgeTransferError(
+                    f"target {target.value} has no {precision.value} variant (it has {supported}); {hint or 'pick one of those'}."
+                    " Build other combinations with a second edgetransfer export"
+                )
+    if quant.dynamic and Target.OPENVINO in targets and Precision.INT8 in precisions:
+        raise EdgeTransferError("--dynamic-int8 is an ONNX Runtime option; OpenVINO INT8 is static (NNCF): drop --dynamic-int8")
+
+
+def _check_target_available(target: Target, precisions: list[Precision]) -> None:
+    if target is Target.OPENVINO:
+        from ..runtime._openvino import bf16_problem
+        from .openvino import require
+
+        require(nncf=Precision.INT8 in precisions)
+        problem = bf16_problem() if Precision.BF16 in precisions else None
+        if problem:
+            raise EdgeTransferError(f"cannot build openvino-bf16: {problem}")
+        return
     if target is Target.TENSORRT:
         from . import tensorrt as trt_build
 
@@ -210,6 +259,8 @@ def _build_one(context: _Context, target: Target, precision: Precision, quant: Q
         report = trt_build.build_engine(onnx_for_engine.path, engine, precision, tensorrt, context.info)
         report["onnx"] = onnx_for_engine.report
         return Variant(name, target, precision, engine, report)
+    if target is Target.OPENVINO:
+        return _openvino_variant(context, precision, quant)
     return _onnx_variant(context, target, precision, quant, f"{name}.onnx")
 
 
@@ -232,16 +283,15 @@ def _onnx_variant(context: _Context, target: Target, precision: Precision, quant
             report = {"kept_in_float": ortq.FP16_KEEP_FLOAT}
         else:
             report = _int8(context, target, quant, tmp, work_dir, warnings)
-        report.update(_accuracy(context, tmp, target))
+        report.update(_accuracy(context, ortq.run_logits(tmp, context.val), "CPUExecutionProvider"))
     for message in warnings:
         console.print(f"[yellow]warning:[/] {message}")
     report["warnings"] = warnings + report.get("warnings", [])
     return Variant(name, target, precision, output, report)
 
 
-def _accuracy(context: _Context, model: Path, target: Target) -> dict[str, Any]:
+def _accuracy(context: _Context, logits: np.ndarray, evaluated_on: str) -> dict[str, Any]:
     """Top-1 of the variant and of the float model on the same validation images (CPU)."""
-    logits = ortq.run_logits(model, context.val)
     float_top1 = topk_accuracy(context.float_logits, context.labels, 1)
     top1 = topk_accuracy(logits, context.labels, 1)
     return {
@@ -251,15 +301,23 @@ def _accuracy(context: _Context, model: Path, target: Target) -> dict[str, Any]:
         "top1_drop_points": round(100 * (float_top1 - top1), 4),
         "top1_agreement": float((logits.argmax(1) == context.float_logits.argmax(1)).mean()),
         "max_abs_diff": float(np.abs(logits - context.float_logits).max()),
-        "evaluated_on": "CPUExecutionProvider",
+        "evaluated_on": evaluated_on,
     }
 
 
 def _calibration_samples(context: _Context, quant: QuantOptions) -> tuple[list, str]:
+    """The calibration images every INT8 target uses, and where they came from."""
     if quant.calib is not None:
         samples = folder_samples(Path(quant.calib))
-        return balanced_sample(samples, quant.calib_size) if len(samples) > quant.calib_size else samples, str(quant.calib)
-    return balanced_sample(context.dataset.train, quant.calib_size), "run training data (class-balanced)"
+        samples, source = balanced_sample(samples, quant.calib_size) if len(samples) > quant.calib_size else samples, str(quant.calib)
+    else:
+        samples, source = balanced_sample(context.dataset.train, quant.calib_size), "run training data (class-balanced)"
+    if len(samples) < quant.calib_batch:
+        raise QuantizationError(
+            f"the calibration set has {len(samples)} image(s), fewer than the batch of {quant.calib_batch};"
+            " add images or lower --calib-batch"
+        )
+    return samples, source
 
 
 def _int8(context: _Context, target: Target, quant: QuantOptions, output: Path, work: Path, warnings: list[str]) -> dict[str, Any]:
@@ -270,11 +328,6 @@ def _int8(context: _Context, target: Target, quant: QuantOptions, output: Path, 
     scheme = ortq.quant_scheme(target.value, cpu_features())
     warnings.extend(scheme.warnings)
     samples, source = _calibration_samples(context, quant)
-    if len(samples) < quant.calib_batch:
-        raise QuantizationError(
-            f"the calibration set has {len(samples)} image(s), fewer than the batch of {quant.calib_batch};"
-            " add images or lower --calib-batch"
-        )
     prepared = work / "prepared.onnx"
     ortq.preprocess_for_quantization(context.base, prepared)
     stream = BatchStream(samples, context.info.preprocessing, context.input_name, context.info.input_format, quant.calib_batch)
@@ -294,24 +347,96 @@ def _int8(context: _Context, target: Target, quant: QuantOptions, output: Path, 
 
 def _guarded_quantize(context: _Context, prepared: Path, cache: Path, scheme, quant: QuantOptions, output: Path) -> dict[str, Any]:
     """Quantise; while top-1 drops more than the budget, keep the most sensitive layers in float."""
-    float_top1 = topk_accuracy(context.float_logits, context.labels, 1)
 
-    def drop_with(excluded: list[str]) -> float:
+    def score_with(excluded: list[str]) -> Score:
         ortq.quantize_qdq(prepared, output, cache, quant.method, scheme, excluded)
-        return 100 * (float_top1 - topk_accuracy(ortq.run_logits(output, context.val), context.labels, 1))
+        return score(ortq.run_logits(output, context.val), context.float_logits, context.labels)
 
-    drop = drop_with([])
+    drop = score_with([])[0]
     if drop <= quant.max_accuracy_drop:
         return {"kept_in_float": [], "drop_points": drop, "steps": []}
     console.print(f"INT8 loses {drop:.2f} top-1 points (budget {quant.max_accuracy_drop}): finding the sensitive layers")
-    kept, drop, steps = guard(drop_with, quantized_nodes(output), quant.max_accuracy_drop, quant.max_float_layers, console.print)
+    kept, drop, steps = guard(score_with, quantized_nodes(output), quant.max_accuracy_drop, quant.max_float_layers, console.print)
     if drop > quant.max_accuracy_drop:
         raise QuantizationError(
             f"INT8 loses {drop:.2f} top-1 points even with {len(kept)} layer(s) kept in float (budget"
             f" {quant.max_accuracy_drop}); nothing was written. Raise --max-accuracy-drop, or use fp32/fp16"
         )
-    drop_with(kept)  # leave the accepted model in place
+    score_with(kept)  # leave the accepted model in place
     return {"kept_in_float": kept, "drop_points": drop, "steps": steps}
+
+
+def _openvino_variant(context: _Context, precision: Precision, quant: QuantOptions) -> Variant:
+    """An OpenVINO IR of the run's model: f32, bf16 (the same IR, run in bf16) or NNCF INT8."""
+    from ..runtime._openvino import INFERENCE_PRECISION, save_ir
+    from . import openvino as ovq
+
+    name = f"openvino-{precision.value}"
+    warnings: list[str] = []
+    model = ovq.convert(context.base)
+    hint = "bf16" if precision is Precision.BF16 else "f32"
+    report: dict[str, Any] = {"inference_precision": hint}
+    if precision is Precision.INT8:
+        model, int8 = _openvino_int8(context, model, quant, warnings)
+        report.update(int8)
+    report.update(_accuracy(context, ovq.logits(model, context.val, hint), f"OpenVINO CPU ({hint})"))
+    if precision is Precision.BF16 and report["top1_drop_points"] > quant.max_accuracy_drop:
+        warnings.append(f"bf16 loses {report['top1_drop_points']:.2f} top-1 points, more than the"
+                        f" {quant.max_accuracy_drop}-point budget; bench will not recommend it")
+    props = {**context.info.to_props(), "precision": precision.value, INFERENCE_PRECISION: hint,
+             "source_onnx_sha256": sha256_file(context.base)}
+    output = save_ir(model, context.run_dir / f"{name}.xml", props)
+    for message in warnings:
+        console.print(f"[yellow]warning:[/] {message}")
+    report["warnings"] = warnings
+    return Variant(name, Target.OPENVINO, precision, output, report)
+
+
+def _openvino_int8(context: _Context, model, quant: QuantOptions, warnings: list[str]) -> tuple[Any, dict[str, Any]]:
+    """NNCF INT8 under the accuracy guard (see :mod:`.openvino` for how layers are kept in float)."""
+    from . import openvino as ovq
+
+    samples, source = _calibration_samples(context, quant)
+    stream = BatchStream(samples, context.info.preprocessing, context.input_name, context.info.input_format, quant.calib_batch)
+    batches = [feed[context.input_name] for feed in iter(stream.get_next, None)]
+    if quant.method is not ortq.CalibMethod.MINMAX:
+        warnings.append(f"--calib-method {quant.method.value} applies to ONNX Runtime INT8; NNCF chooses OpenVINO's ranges itself")
+    cpu = cpu_features()
+    overflow = ovq.overflow_fix(cpu)
+    console.print(f"CPU: {cpu.summary()}; NNCF overflow fix: {overflow}")
+    if cpu.x86 and not cpu.int8_fast:
+        warnings.append(f"this CPU has no VNNI or AMX ({cpu.summary()}); OpenVINO INT8 may gain less here than on one that has")
+    with console.status("NNCF: collecting statistics and correcting biases"):
+        quantized = ovq.quantize(model, batches, compress_weights=False, overflow=overflow)
+
+    def score_with(kept: list[str], candidate=None) -> Score:
+        candidate = candidate if candidate is not None else ovq.keep_in_float(quantized, model, kept)
+        return score(ovq.logits(candidate, context.val), context.float_logits, context.labels)
+
+    report: dict[str, Any] = {
+        "mode": "static (NNCF)", "nncf": {"preset": "mixed", "bias_correction": "full", "overflow_fix": overflow}, "cpu": cpu.to_dict(),
+        "calibration": {"source": source, "images": stream.used, "batch": quant.calib_batch, "files": describe_samples(samples)},
+        "max_accuracy_drop_points": quant.max_accuracy_drop, "kept_in_float": [], "guard_steps": [],
+    }
+    drop = score_with([])[0]
+    if drop <= quant.max_accuracy_drop:
+        return ovq.compress_weights(quantized), report
+    console.print(f"INT8 loses {drop:.2f} top-1 points (budget {quant.max_accuracy_drop}): finding the sensitive layers")
+    kept, drop, steps = guard(score_with, ovq.quantized_ops(quantized), quant.max_accuracy_drop, quant.max_float_layers, console.print)
+    if drop > quant.max_accuracy_drop:
+        raise QuantizationError(
+            f"OpenVINO INT8 loses {drop:.2f} top-1 points even with {len(kept)} layer(s) kept in float (budget"
+            f" {quant.max_accuracy_drop}); nothing was written. Raise --max-accuracy-drop, or use fp32/bf16"
+        )
+    with console.status(f"NNCF: quantising again with {len(kept)} layer(s) in its ignored scope"):
+        scoped = ovq.quantize(model, batches, kept, overflow=overflow)
+    scoped_drop = score_with(kept, scoped)[0]
+    report.update(kept_in_float=kept, guard_steps=steps, ignored_scope_drop_points=round(scoped_drop, 4))
+    if scoped_drop <= quant.max_accuracy_drop:
+        return scoped, {**report, "guard_method": "NNCF ignored scope"}
+    console.print(f"with those layers in NNCF's ignored scope INT8 loses {scoped_drop:.2f} points; keeping the"
+                  " measured model, quantised once with them reverted to float, instead")
+    return ovq.compress_weights(ovq.keep_in_float(quantized, model, kept)), {**report, "guard_method": "reverted after quantisation"}
 
 
 def _record(run_dir: Path, variant: Variant, quant: QuantOptions, tensorrt: TensorRTOptions) -> None:
@@ -321,6 +446,10 @@ def _record(run_dir: Path, variant: Variant, quant: QuantOptions, tensorrt: Tens
         settings["quantization"] = {k: (str(v) if isinstance(v, Path) else getattr(v, "value", v)) for k, v in asdict(quant).items()}
     if variant.target is Target.TENSORRT:
         settings["tensorrt"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(tensorrt).items()}
-    entry = manifest.record(variant.name, variant.path.relative_to(run_dir), variant.path.suffix.lstrip("."), parent="onnx", settings=settings)
+    kind = "openvino" if variant.target is Target.OPENVINO else variant.path.suffix.lstrip(".")
+    entry = manifest.record(variant.name, variant.path.relative_to(run_dir), kind, parent="onnx", settings=settings)
+    if kind == "openvino":
+        weights = variant.path.with_suffix(".bin")
+        entry["weights"] = {"path": str(weights.relative_to(run_dir)), "sha256": sha256_file(weights), "bytes": weights.stat().st_size}
     entry["report"] = variant.report
     manifest.save()
