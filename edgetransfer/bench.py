@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from ._io import read_json, write_bytes, write_json
-from .backends import EagerRunner, OrtRunner, Runner, SkipVariant, TensorRTRunner
+from ._io import read_json, sha256_file, write_bytes, write_json
+from .backends import EagerRunner, OpenVinoRunner, OrtRunner, Runner, SkipVariant, TensorRTRunner
 from .data import DataSpec, load_dataset, load_image
 from .errors import DataError, EdgeTransferError, RunError, unknown_name
 from .manifest import Manifest, now, versions
@@ -81,15 +81,22 @@ class BenchOptions:
 class _Variant:
     name: str
     path: Path
-    kind: str  # eager | ort | tensorrt
+    kind: str  # eager | ort | openvino | tensorrt
     provider: str = "CPUExecutionProvider"
+    from_manifest: bool = True  # built from this run's checkpoint (checked), not a --model file
 
     def runner(self, threads: int | None) -> Runner:
         if self.kind == "eager":
             return EagerRunner(self.path)
         if self.kind == "tensorrt":
             return TensorRTRunner(self.path)
+        if self.kind == "openvino":
+            return OpenVinoRunner(self.path, threads)
         return OrtRunner(self.path, self.provider, threads)
+
+    def size_bytes(self) -> int | None:
+        files = [self.path] + ([self.path.with_suffix(".bin")] if self.kind == "openvino" else [])
+        return sum(f.stat().st_size for f in files) if all(f.exists() for f in files) else None
 
 
 @dataclass
@@ -184,6 +191,8 @@ def _variants(run_dir: Path, options: BenchOptions) -> list[_Variant]:
         path = run_dir / entry["path"]
         if entry["kind"] == "engine":
             found.append(_Variant(name, path, "tensorrt", "TensorRT"))
+        elif entry["kind"] == "openvino":
+            found.append(_Variant(name, path, "openvino", "OpenVINO CPU"))
         elif entry["kind"] == "onnx":
             prefix = next((p for p in PROVIDERS if name.startswith(p)), None)
             found.append(_Variant(name, path, "ort", PROVIDERS.get(prefix, "CPUExecutionProvider")))
@@ -193,7 +202,8 @@ def _variants(run_dir: Path, options: BenchOptions) -> list[_Variant]:
             if name not in known:
                 raise unknown_name("variant", name, list(known))
         found = [found[0]] + [known[n] for n in options.variants if n != "eager"]
-    return found + [_Variant(Path(model).name, Path(model), "ort") for model in options.models]
+    extra = [_Variant(Path(m).name, Path(m), "openvino" if Path(m).suffix == ".xml" else "ort", from_manifest=False) for m in options.models]
+    return found + extra
 
 
 def _evaluation_data(run_dir: Path, options: BenchOptions, classes: list[str], pre: Preprocessing) -> _Data:
@@ -232,6 +242,7 @@ def bench_run(run_dir: str | Path, options: BenchOptions = BenchOptions(), out_d
     report: dict[str, Any] = {
         "schema": SCHEMA, "created": now(), "run": str(run_dir), "options": options.to_dict(),
         "machine": machine_fingerprint(threads), "eval_images": int(len(data.labels)), "results": [],
+        "checkpoint_sha256": sha256_file(run_dir / "model.pt"),
     }
     variants = _variants(run_dir, options)
     eager_logits: dict[str, np.ndarray] = {}
@@ -246,15 +257,18 @@ def bench_run(run_dir: str | Path, options: BenchOptions = BenchOptions(), out_d
 
 
 def _measure(variant: _Variant, data: _Data, options: BenchOptions, threads: int, eager: dict, report: dict) -> dict[str, Any]:
-    row: dict[str, Any] = {"variant": variant.name, "path": str(variant.path), "kind": variant.kind,
-                           "size_bytes": variant.path.stat().st_size if variant.path.exists() else None}
+    row: dict[str, Any] = {"variant": variant.name, "path": str(variant.path), "kind": variant.kind, "size_bytes": variant.size_bytes()}
     chosen = _choose_threads(variant, data, options, threads) if options.auto_threads and variant.kind != "tensorrt" else threads
     row["threads"] = chosen
     rss_before = _rss_mb()
     gpu = _gpu_memory_reset()
     try:
         with variant.runner(chosen) as runner:
+            if variant.from_manifest:
+                _check_checkpoint(runner, report)
             row.update(status="measured", provider=runner.provider, cold_start_s=round(runner.cold_start_s, 4))
+            if runner.settings:
+                row["backend_settings"] = runner.settings
             inputs = data.inputs(runner.input_format)
             logits = _logits(runner, inputs, max(options.batch_sizes))
             row["accuracy"] = _accuracy(logits, data.labels, eager.get("logits"))
@@ -272,6 +286,16 @@ def _measure(variant: _Variant, data: _Data, options: BenchOptions, threads: int
         row.update(status="failed", reason=f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}")
     _speedups(row, report)
     return row
+
+
+def _check_checkpoint(runner: Runner, report: dict[str, Any]) -> None:
+    """A variant must come from the checkpoint eager runs (a re-trained run keeps stale files)."""
+    recorded = runner.checkpoint_sha256
+    if recorded and recorded != report["checkpoint_sha256"]:
+        raise RunError(
+            f"{Path(runner.source).name} was built from another checkpoint than this run's model.pt;"
+            " rebuild it with edgetransfer export RUN_DIR --target … --precision …"
+        )
 
 
 def _choose_threads(variant: _Variant, data: _Data, options: BenchOptions, cores: int) -> int:

@@ -5,7 +5,8 @@ Heavy libraries are imported inside the runner that needs them.
 
 from .base import Runner, SkipVariant
 from .eager import EagerRunner
+from .openvino import OpenVinoRunner
 from .ort import OrtRunner
 from .tensorrt import TensorRTRunner
 
-__all__ = ["Runner", "SkipVariant", "EagerRunner", "OrtRunner", "TensorRTRunner"]
+__all__ = ["Runner", "SkipVariant", "EagerRunner", "OrtRunner", "OpenVinoRunner", "TensorRTRunner"]

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
+from pathlib import Path
 
 import numpy as np
 
@@ -18,8 +19,11 @@ class Runner(ABC):
     provider = "unknown"
     input_format = "float32-nchw-normalized"
 
-    def __init__(self) -> None:
+    def __init__(self, source: str | Path = "") -> None:
         self.cold_start_s = 0.0
+        self.source = str(source)  # the file it runs
+        self.checkpoint_sha256 = ""  # of the checkpoint that file was exported from, where it records one
+        self.settings: dict[str, str] = {}  # backend settings worth recording (threads, streams, precision)
 
     def __enter__(self) -> "Runner":
         started = time.perf_counter()

@@ -13,7 +13,7 @@ class EagerRunner(Runner):
     """The fine-tuned PyTorch model itself: the baseline every variant is compared with."""
 
     def __init__(self, checkpoint: Path, device: str = "cpu") -> None:
-        super().__init__()
+        super().__init__(checkpoint)
         self.checkpoint, self.device = checkpoint, device
         self.provider = f"torch-{device}"
 

@@ -13,7 +13,7 @@ class OrtRunner(Runner):
     """An ONNX model in ONNX Runtime on one provider, with explicit threads and no spinning."""
 
     def __init__(self, model: Path, provider: str = "CPUExecutionProvider", threads: int | None = None) -> None:
-        super().__init__()
+        super().__init__(model)
         self.model, self.wanted, self.threads = model, provider, threads
 
     def activate(self) -> None:
@@ -35,6 +35,9 @@ class OrtRunner(Runner):
         self.provider = self.session.get_providers()[0]
         if self.provider != self.wanted:
             raise SkipVariant(f"asked for {self.wanted}, the session got {self.provider}")
+        self.checkpoint_sha256 = self.session.get_modelmeta().custom_metadata_map.get("checkpoint_sha256", "")
+        self.settings = {"intra_op_num_threads": str(self.threads or "default"), "inter_op_num_threads": "1" if self.threads else "default",
+                         "allow_spinning": "0"}
         first = self.session.get_inputs()[0]
         self.input_name = first.name
         self.input_format = "uint8-nhwc" if "uint8" in first.type else "float32-nchw-normalized"

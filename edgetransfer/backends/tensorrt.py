@@ -16,7 +16,7 @@ class TensorRTRunner(Runner):
     provider = "TensorRT"
 
     def __init__(self, engine: Path) -> None:
-        super().__init__()
+        super().__init__(engine)
         self.engine_path = engine
 
     def activate(self) -> None:
