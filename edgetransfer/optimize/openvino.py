@@ -1,9 +1,10 @@
 """OpenVINO variants: the run's ONNX model converted to OpenVINO IR by OpenVINO's own converter,
 run in f32 or bf16, or quantised to INT8 by NNCF post-training quantisation.
 
-NNCF settings, measured on EfficientNet-Lite0 fine-tuned on the digits at 224 px (top-1 of
-the float model 95.8%): the default fast bias correction gave 80.8%, full bias correction 93.0%
-and with the mixed preset (asymmetric activations) 93.9%; both cost about 6 s more per quantisation.
+NNCF settings, measured on a Xeon with AMX on EfficientNet-Lite0 fine-tuned on the digits at
+224 px (top-1 of the float model 95.8%): the default fast bias correction gave 80.8%, full bias
+correction 93.0% and with the mixed preset (asymmetric activations) 93.9%; both cost about 6 s
+more per quantisation.
 
 On x86 CPUs without VNNI or AMX, OpenVINO multiplies u8 activations by s8 weights with AVX2
 instructions that add pairs of products in 16 bits, which saturate; NNCF's overflow fix (weights
