@@ -90,6 +90,9 @@ def test_guard_keeps_the_most_sensitive_layers_in_float():
     assert [s["drop_points"] for s in steps] == [3.0, 1.5, 0.6]
     kept, drop, _ = guard(score_with, list(sensitivity), budget=0.0, max_float=2)
     assert len(kept) == 2 and drop > 0.0  # the caller reports the unmet budget
+    calls.clear()
+    assert guard(score_with, list(sensitivity), budget=0.0, max_float=0)[:2] == ([], 3.0)
+    assert calls == [()]  # no layer may be kept, so none is measured alone
 
 
 def test_guard_ranks_by_logit_error_when_no_single_layer_moves_top1():

@@ -62,6 +62,9 @@ def guard(
         The nodes kept in float, the final drop, and every step taken (for the manifest).
         The caller checks the final drop against the budget.
     """
+    if max_float <= 0:  # nothing may be kept: measuring each layer would change nothing
+        unguarded = score_with([])
+        return [], unguarded[0], [_step([], unguarded)]
     single = sorted(((score_with([name]), name) for name in candidates), key=lambda pair: pair[0])
     if single:
         (drop, error), name = single[0]
