@@ -108,6 +108,26 @@ def test_guard_ranks_by_logit_error_when_no_single_layer_moves_top1():
     assert [s["logit_mse"] for s in steps] == [1.0, 0.5, 0.2, 0.0]
 
 
+def test_guard_measures_the_rest_again_when_a_pass_ends_over_budget():
+    """Sensitivities that do not add up: x hurts on top of a alone, but helps once y is kept too."""
+    drops = {(): 3.0, ("a",): 2.0, ("x",): 2.5, ("y",): 2.8, ("a", "x"): 2.2, ("a", "y"): 1.8, ("a", "x", "y"): 0.5}
+    calls = []
+
+    def score_with(excluded):
+        calls.append(tuple(excluded))
+        drop = drops[tuple(sorted(excluded))]
+        return drop, drop
+
+    kept, drop, steps = guard(score_with, ["a", "x", "y"], budget=1.0, max_float=8)
+    assert kept == ["a", "y", "x"] and drop == 0.5  # a single pass in sensitivity order ends at 1.8
+    assert [s["drop_points"] for s in steps] == [3.0, 2.0, 1.8, 0.5]
+    drops[("a", "x", "y")] = 1.9  # now nothing helps on top of a and y: the guard stops, over budget
+    calls.clear()
+    kept, drop, _ = guard(score_with, ["a", "x", "y"], budget=1.0, max_float=8)
+    assert kept == ["a", "y"] and drop == 1.8
+    assert calls.count(("a", "y", "x")) == 1  # the stalled pass is not repeated
+
+
 def test_calibration_methods_give_different_scales(run_dir, tmp_path):
     prepared = tmp_path / "prepared.onnx"
     ortq.preprocess_for_quantization(run_dir / "model.onnx", prepared)

@@ -52,6 +52,12 @@ def guard(
 ) -> tuple[list[str], float, list[dict]]:
     """Greedy forward selection of nodes to keep in float until the top-1 drop fits ``budget``.
 
+    The first pass tries the nodes in the order of their sensitivity alone and keeps each one
+    that brings the score closer to float. Sensitivities are not additive (bias correction and
+    rounding errors partly cancel), so when a pass ends over budget the nodes left are measured
+    again, each on top of those already kept, and a new pass runs in that order. It stops when
+    the budget holds, ``max_float`` nodes are kept, or a pass keeps nothing.
+
     Args:
         score_with: quantises with the given nodes excluded and returns its :func:`score`.
         candidates: quantised nodes to consider.
@@ -62,24 +68,29 @@ def guard(
         The nodes kept in float, the final drop, and every step taken (for the manifest).
         The caller checks the final drop against the budget.
     """
-    if max_float <= 0:  # nothing may be kept: measuring each layer would change nothing
-        unguarded = score_with([])
-        return [], unguarded[0], [_step([], unguarded)]
-    single = sorted(((score_with([name]), name) for name in candidates), key=lambda pair: pair[0])
-    if single:
-        (drop, error), name = single[0]
-        report(f"INT8 guard: measured {len(single)} layers one by one; best alone: {name} ({drop:.2f} points, logit MSE {error:.3g})")
-    kept: list[str] = []
     best = score_with([])
     steps = [_step([], best)]
-    for _, name in single:
+    if max_float <= 0:  # nothing may be kept: measuring each layer would change nothing
+        return [], best[0], steps
+    kept: list[str] = []
+    for round_ in range(1, len(candidates) + 1):
+        remaining = [name for name in candidates if name not in kept]
+        ranked = sorted(((score_with(kept + [name]), name) for name in remaining), key=lambda pair: pair[0])
+        if not ranked or not ranked[0][0] < best:
+            break  # no node on its own brings the model closer to float: the guard has stalled
+        (drop, error), name = ranked[0]
+        where = "alone" if not kept else f"on top of the {len(kept)} kept"
+        report(f"INT8 guard, pass {round_}: measured {len(ranked)} layers {where}; best: {name} ({drop:.2f} points, logit MSE {error:.3g})")
+        for position, (measured, name) in enumerate(ranked):
+            if best[0] <= budget or len(kept) >= max_float:
+                return kept, best[0], steps
+            candidate = measured if position == 0 else score_with(kept + [name])
+            if candidate < best:  # fewer points lost, or as many with logits closer to float
+                kept, best = kept + [name], candidate
+                steps.append(_step(kept, best))
+                report(f"INT8 guard: {len(kept)} layer(s) in float, top-1 drop {best[0]:.2f} points")
         if best[0] <= budget or len(kept) >= max_float:
             break
-        candidate = score_with(kept + [name])
-        if candidate < best:  # fewer points lost, or as many with logits closer to float
-            kept, best = kept + [name], candidate
-            steps.append(_step(kept, best))
-            report(f"INT8 guard: {len(kept)} layer(s) in float, top-1 drop {best[0]:.2f} points")
     return kept, best[0], steps
 
 
