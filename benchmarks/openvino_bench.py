@@ -1,7 +1,10 @@
 """ONNX Runtime and OpenVINO side by side: `edgetransfer bench` on resnet18 and EfficientNet-Lite0 at 224 px.
 
-    python benchmarks/openvino_bench.py                    # about 30 minutes on a 2-core CPU
+    python benchmarks/openvino_bench.py                    # about 2 hours on a 2-core AVX2 CPU
     python benchmarks/openvino_bench.py --work runs/ovb    # keep the fine-tuned runs (and reuse them)
+
+On a 2-core AVX2-only EPYC, fine-tuning resnet18 at 224 px takes most of an hour and the INT8
+guards on EfficientNet-Lite0 about 45 minutes; with the runs kept, a rerun takes about an hour.
 
 Both models are fine-tuned on the digits at 224x224: resnet18 from scratch (full fine-tune, no
 pretrained resnet18 weights exist offline) and the EfficientNet-Lite0 head on its embedded
