@@ -49,6 +49,7 @@ def guard(
     budget: float,
     max_float: int,
     report: Callable[[str], None] = lambda message: None,
+    unguarded: Score | None = None,
 ) -> tuple[list[str], float, list[dict]]:
     """Greedy forward selection of nodes to keep in float until the top-1 drop fits ``budget``.
 
@@ -63,34 +64,37 @@ def guard(
         candidates: quantised nodes to consider.
         budget: the largest acceptable drop.
         max_float: the most nodes that may be kept in float.
+        unguarded: ``score_with([])`` where the caller has it already.
 
     Returns:
         The nodes kept in float, the final drop, and every step taken (for the manifest).
         The caller checks the final drop against the budget.
     """
-    best = score_with([])
+    best = unguarded if unguarded is not None else score_with([])
     steps = [_step([], best)]
-    if max_float <= 0:  # nothing may be kept: measuring each layer would change nothing
-        return [], best[0], steps
     kept: list[str] = []
-    for round_ in range(1, len(candidates) + 1):
+
+    def done() -> bool:
+        return best[0] <= budget or len(kept) >= max_float
+
+    for pass_number in range(1, len(candidates) + 1):
+        if done():
+            break
         remaining = [name for name in candidates if name not in kept]
         ranked = sorted(((score_with(kept + [name]), name) for name in remaining), key=lambda pair: pair[0])
         if not ranked or not ranked[0][0] < best:
             break  # no node on its own brings the model closer to float: the guard has stalled
         (drop, error), name = ranked[0]
         where = "alone" if not kept else f"on top of the {len(kept)} kept"
-        report(f"INT8 guard, pass {round_}: measured {len(ranked)} layers {where}; best: {name} ({drop:.2f} points, logit MSE {error:.3g})")
+        report(f"INT8 guard, pass {pass_number}: measured {len(ranked)} layers {where}; best: {name} ({drop:.2f} points, logit MSE {error:.3g})")
         for position, (measured, name) in enumerate(ranked):
-            if best[0] <= budget or len(kept) >= max_float:
-                return kept, best[0], steps
+            if done():
+                break
             candidate = measured if position == 0 else score_with(kept + [name])
             if candidate < best:  # fewer points lost, or as many with logits closer to float
                 kept, best = kept + [name], candidate
                 steps.append(_step(kept, best))
                 report(f"INT8 guard: {len(kept)} layer(s) in float, top-1 drop {best[0]:.2f} points")
-        if best[0] <= budget or len(kept) >= max_float:
-            break
     return kept, best[0], steps
 
 

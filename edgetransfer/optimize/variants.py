@@ -352,11 +352,11 @@ def _guarded_quantize(context: _Context, prepared: Path, cache: Path, scheme, qu
         ortq.quantize_qdq(prepared, output, cache, quant.method, scheme, excluded)
         return score(ortq.run_logits(output, context.val), context.float_logits, context.labels)
 
-    drop = score_with([])[0]
-    if drop <= quant.max_accuracy_drop:
-        return {"kept_in_float": [], "drop_points": drop, "steps": []}
-    console.print(f"INT8 loses {drop:.2f} top-1 points (budget {quant.max_accuracy_drop}): finding the sensitive layers")
-    kept, drop, steps = guard(score_with, quantized_nodes(output), quant.max_accuracy_drop, quant.max_float_layers, console.print)
+    unguarded = score_with([])
+    if unguarded[0] <= quant.max_accuracy_drop:
+        return {"kept_in_float": [], "drop_points": unguarded[0], "steps": []}
+    console.print(f"INT8 loses {unguarded[0]:.2f} top-1 points (budget {quant.max_accuracy_drop}): finding the sensitive layers")
+    kept, drop, steps = guard(score_with, quantized_nodes(output), quant.max_accuracy_drop, quant.max_float_layers, console.print, unguarded)
     if drop > quant.max_accuracy_drop:
         raise QuantizationError(
             f"INT8 loses {drop:.2f} top-1 points even with {len(kept)} layer(s) kept in float (budget"
@@ -418,11 +418,12 @@ def _openvino_int8(context: _Context, model, quant: QuantOptions, warnings: list
         "calibration": {"source": source, "images": stream.used, "batch": quant.calib_batch, "files": describe_samples(samples)},
         "max_accuracy_drop_points": quant.max_accuracy_drop, "kept_in_float": [], "guard_steps": [],
     }
-    drop = score_with([])[0]
-    if drop <= quant.max_accuracy_drop:
+    unguarded = score_with([])
+    if unguarded[0] <= quant.max_accuracy_drop:
         return ovq.compress_weights(quantized), report
-    console.print(f"INT8 loses {drop:.2f} top-1 points (budget {quant.max_accuracy_drop}): finding the sensitive layers")
-    kept, drop, steps = guard(score_with, ovq.quantized_ops(quantized), quant.max_accuracy_drop, quant.max_float_layers, console.print)
+    console.print(f"INT8 loses {unguarded[0]:.2f} top-1 points (budget {quant.max_accuracy_drop}): finding the sensitive layers")
+    kept, drop, steps = guard(score_with, ovq.quantized_ops(quantized), quant.max_accuracy_drop, quant.max_float_layers, console.print,
+                              unguarded)
     if drop > quant.max_accuracy_drop:
         raise QuantizationError(
             f"OpenVINO INT8 loses {drop:.2f} top-1 points even with {len(kept)} layer(s) kept in float (budget"
