@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from edgetransfer.manifest import versions
-from edgetransfer.optimize.cpu import cpu_features
+from edgetransfer.rundir import versions
+from edgetransfer.cpu import cpu_features
 
 
 def cpu() -> dict:

@@ -31,10 +31,10 @@ from edgetransfer.errors import EdgeTransferError
 from edgetransfer.export import export_onnx
 from edgetransfer.finetune import FinetuneConfig, Mode, finetune
 from edgetransfer.optimize import Precision, Target, build_variants
-from edgetransfer.optimize.cpu import cpu_features
+from edgetransfer.cpu import cpu_features
 from edgetransfer.progress import set_quiet
 from edgetransfer.report import recommendation_line
-from edgetransfer.runtime._openvino import bf16_problem
+from edgetransfer.runtime.openvino_ir import bf16_problem
 
 sys.path.insert(0, str(Path(__file__).parent))
 from fingerprint import fingerprint, save_results  # noqa: E402
@@ -60,8 +60,8 @@ def prepare(work: Path, name: str, config: FinetuneConfig) -> tuple[Path, dict]:
             key = f"{target.value}-{precision.value}"
             try:
                 (variant,) = build_variants(run_dir, [target], [precision])
-                built[key] = {"seconds": variant.report["seconds"], "top1_drop_points": variant.report["top1_drop_points"],
-                              "kept_in_float": variant.report.get("kept_in_float", [])}
+                built[key] = {"seconds": variant.report.seconds, "top1_drop_points": variant.report.drop_points,
+                              "kept_in_float": variant.report.kept_in_float}
             except EdgeTransferError as exc:
                 built[key] = {"failed": str(exc)}
     return run_dir, built
@@ -133,11 +133,11 @@ def main() -> None:
             report = bench_run(run_dir, options)
             for suffix in ("md", "json", "png"):
                 shutil.copyfile(run_dir / f"bench.{suffix}", RESULTS / f"bench-openvino-{name}.{suffix}")
-            recommendation = report["recommendation"]
-            eager = next(r for r in report["results"] if r["variant"] == "eager")
+            saved = report.to_dict()
+            recommendation = saved["recommendation"]
             met = bool(recommendation and (recommendation["speedup_vs_eager"] or 0) >= required)
-            rows.append({"model": name, "eager_top1": eager["accuracy"]["top1"], "required_speedup": required, "met": met,
-                         "recommendation": recommendation, "built": built, "results": report["results"]})
+            rows.append({"model": name, "eager_top1": report.row("eager").accuracy.top1, "required_speedup": required, "met": met,
+                         "recommendation": recommendation, "built": built, "results": saved["results"]})
             print(name, recommendation_line(report), "| asked for", f"{required}x:", "met" if met else "NOT MET")
     import openvino
 

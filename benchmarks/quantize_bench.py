@@ -27,11 +27,11 @@ from edgetransfer._io import write_json
 from edgetransfer.checkpoint import load_checkpoint, save_checkpoint
 from edgetransfer.data import DataSpec
 from edgetransfer.export import ExportOptions, export_onnx
-from edgetransfer.manifest import Manifest
+from edgetransfer.rundir import RunDir
 from edgetransfer.finetune import FinetuneConfig, Mode, finetune
 from edgetransfer.models import build
 from edgetransfer.optimize import Precision, QuantOptions, Target, build_variants
-from edgetransfer.optimize.variants import QuantizationError
+from edgetransfer.errors import QuantizationError
 from edgetransfer.progress import set_quiet
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -50,11 +50,11 @@ def accuracy_case(work: Path, name: str, config: FinetuneConfig) -> dict:
         return {**row, "int8": f"failed: {exc}"}
     return {
         **row,
-        "ort_fp32_top1": fp32.report["top1"],
-        "int8_top1": int8.report["top1"],
-        "int8_drop_vs_eager_points": round(100 * (row["eager_top1"] - int8.report["top1"]), 2),
-        "kept_in_float": int8.report["kept_in_float"],
-        "int8_build_s": int8.report["seconds"],
+        "ort_fp32_top1": fp32.report.accuracy.top1,
+        "int8_top1": int8.report.accuracy.top1,
+        "int8_drop_vs_eager_points": round(100 * (row["eager_top1"] - int8.report.accuracy.top1), 2),
+        "kept_in_float": int8.report.kept_in_float,
+        "int8_build_s": int8.report.seconds,
     }
 
 
@@ -65,7 +65,7 @@ def speed_run(work: Path, arch: str, weights: str) -> Path:
     run_dir = work / f"speed-{arch.replace(':', '_')}"
     save_checkpoint(run_dir / "model.pt", built, [str(d) for d in range(10)])
     write_json(run_dir / "config.json", {"data": DataSpec(limit_per_class=20).to_dict()})
-    Manifest.create(run_dir, run=run_dir.name, status="complete").save()
+    RunDir(run_dir).new_manifest(run=run_dir.name, status="complete").save()
     export_onnx(run_dir, ExportOptions(verify_images=8))
     build_variants(run_dir, [Target.ORT_CPU], [Precision.FP32, Precision.INT8],
                    QuantOptions(calib_size=64, max_accuracy_drop=100.0))

@@ -10,26 +10,25 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ._io import read_json, sha256_file, write_bytes, write_json
-from .backends import EagerRunner, OpenVinoRunner, OrtRunner, Runner, SkipVariant, TensorRTRunner
+from ._io import write_bytes, write_json
+from .backends import EagerRunner, Runner, SkipVariant
+from .cpu import cpu_features
 from .data import DataSpec, load_dataset, load_image
-from .errors import DataError, EdgeTransferError, RunError, unknown_name
-from .manifest import Manifest, now, versions
+from .errors import DataError, OptionError, RunError, first_line, unknown_name
 from .metadata import UINT8_NHWC
-from .metrics import topk_accuracy
 from .preprocessing import Preprocessing
 from .progress import progress
+from .results import BenchAccuracy, BenchReport, BenchRow, Latency, Machine, Recommendation
+from .rundir import RunDir, now, versions
 
-__all__ = ["BenchOptions", "bench_run", "machine_fingerprint", "SCHEMA"]
-
-SCHEMA = "edgetransfer.bench/1"
-PROVIDERS = {"ort-cuda": "CUDAExecutionProvider", "ort-trt": "TensorrtExecutionProvider"}
+__all__ = ["BenchOptions", "bench_run", "machine_fingerprint", "recommend"]
 
 
 @dataclass(frozen=True)
@@ -64,14 +63,18 @@ class BenchOptions:
 
     def __post_init__(self) -> None:
         if not self.batch_sizes or min(self.batch_sizes) < 1:
-            raise EdgeTransferError(f"batch sizes must be at least 1, got {list(self.batch_sizes)}")
+            raise OptionError(f"batch sizes must be at least 1, got {list(self.batch_sizes)}")
         if self.threads is not None and self.threads < 1:
-            raise EdgeTransferError(f"threads must be at least 1, got {self.threads}")
+            raise OptionError(f"threads must be at least 1, got {self.threads}")
         if self.iterations < 1 or self.warmup < 0:
-            raise EdgeTransferError("iterations must be at least 1 and warm-up 0 or more")
+            raise OptionError("iterations must be at least 1 and warm-up 0 or more")
+        if self.eval_images is not None and self.eval_images < 1:
+            raise OptionError(f"eval images must be at least 1, got {self.eval_images}")
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
+        data["batch_sizes"] = list(self.batch_sizes)
+        data["variants"] = list(self.variants)
         data["models"] = [str(m) for m in self.models]
         data["data"] = str(self.data) if self.data else None
         return data
@@ -79,24 +82,20 @@ class BenchOptions:
 
 @dataclass
 class _Variant:
+    """A model to bench: where it is and how to open a runner for it."""
+
     name: str
     path: Path
-    kind: str  # eager | ort | openvino | tensorrt
-    provider: str = "CPUExecutionProvider"
+    kind: str  # manifest kind: torch-checkpoint | onnx | openvino | engine
+    open_runner: Callable[[Path, int | None], Runner]
+    files: list[Path]
     from_manifest: bool = True  # built from this run's checkpoint (checked), not a --model file
 
     def runner(self, threads: int | None) -> Runner:
-        if self.kind == "eager":
-            return EagerRunner(self.path)
-        if self.kind == "tensorrt":
-            return TensorRTRunner(self.path)
-        if self.kind == "openvino":
-            return OpenVinoRunner(self.path, threads)
-        return OrtRunner(self.path, self.provider, threads)
+        return self.open_runner(self.path, threads)
 
     def size_bytes(self) -> int | None:
-        files = [self.path] + ([self.path.with_suffix(".bin")] if self.kind == "openvino" else [])
-        return sum(f.stat().st_size for f in files) if all(f.exists() for f in files) else None
+        return sum(f.stat().st_size for f in self.files) if all(f.exists() for f in self.files) else None
 
 
 @dataclass
@@ -114,38 +113,26 @@ class _Data:
         return self.cache[input_format]
 
 
-def machine_fingerprint(threads: int) -> dict[str, Any]:
+def machine_fingerprint(threads: int) -> Machine:
     """CPU model and int8 features, cores, memory, OS, library versions, providers, GPU."""
     import platform
 
     import onnxruntime as ort
+    import torch
 
-    from .optimize.cpu import cpu_features
-
-    cpu = cpu_features()
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30 if hasattr(os, "sysconf") else None
-    found = {
-        "cpu": cpu.to_dict(),
-        "cores": os.cpu_count(),
-        "memory_gib": round(memory, 1) if memory else None,
-        "os": platform.platform(),
-        "versions": versions(),
-        "onnxruntime_providers": ort.get_available_providers(),
-        "threads": threads,
-        "ort_spinning": False,
-    }
+    found_versions = versions()
     try:
         import tensorrt
 
-        found["versions"]["tensorrt"] = tensorrt.__version__
+        found_versions["tensorrt"] = tensorrt.__version__
     except ImportError:
         pass
-    import torch
-
+    gpu = None
     if torch.cuda.is_available():
-        found["gpu"] = {"name": torch.cuda.get_device_name(0), "cuda": torch.version.cuda,
-                        "driver": _nvidia_driver()}
-    return found
+        gpu = {"name": torch.cuda.get_device_name(0), "cuda": torch.version.cuda, "driver": _nvidia_driver()}
+    return Machine(cpu_features(), os.cpu_count(), round(memory, 1) if memory else None, platform.platform(), found_versions,
+                   ort.get_available_providers(), threads, False, gpu)
 
 
 def _nvidia_driver() -> str | None:
@@ -184,114 +171,124 @@ def _gpu_memory_reset():
     return torch.cuda
 
 
-def _variants(run_dir: Path, options: BenchOptions) -> list[_Variant]:
-    manifest = Manifest.load(run_dir)
-    found = [_Variant("eager", run_dir / "model.pt", "eager", "torch-cpu")]
-    for name, entry in manifest.data["artifacts"].items():
-        path = run_dir / entry["path"]
-        if entry["kind"] == "engine":
-            found.append(_Variant(name, path, "tensorrt", "TensorRT"))
-        elif entry["kind"] == "openvino":
-            found.append(_Variant(name, path, "openvino", "OpenVINO CPU"))
-        elif entry["kind"] == "onnx":
-            prefix = next((p for p in PROVIDERS if name.startswith(p)), None)
-            found.append(_Variant(name, path, "ort", PROVIDERS.get(prefix, "CPUExecutionProvider")))
+def _variants(run: RunDir, options: BenchOptions) -> list[_Variant]:
+    """Eager, then every model the run's manifest records (its runner chosen by the target the
+    manifest records for it), then the ``--model`` files."""
+    from .optimize import spec
+    from .optimize.targets import spec_for_artifact
+
+    found = [_Variant("eager", run.checkpoint, "torch-checkpoint", lambda path, threads: EagerRunner(path), [run.checkpoint])]
+    for name, entry in run.manifest().artifacts.items():
+        target = spec_for_artifact(entry)
+        if target is not None:
+            path = run / entry["path"]
+            found.append(_Variant(name, path, entry["kind"], target.runner, target.files(path)))
     if options.variants:
         known = {v.name: v for v in found}
         for name in options.variants:
             if name not in known:
                 raise unknown_name("variant", name, list(known))
         found = [found[0]] + [known[n] for n in options.variants if n != "eager"]
-    extra = [_Variant(Path(m).name, Path(m), "openvino" if Path(m).suffix == ".xml" else "ort", from_manifest=False) for m in options.models]
-    return found + extra
+    for model in map(Path, options.models):
+        target = spec("openvino" if model.suffix == ".xml" else "ort-cpu")
+        found.append(_Variant(model.name, model, target.kind, target.runner, target.files(model), from_manifest=False))
+    return found
 
 
-def _evaluation_data(run_dir: Path, options: BenchOptions, classes: list[str], pre: Preprocessing) -> _Data:
+def _evaluation_data(run: RunDir, options: BenchOptions, classes: list[str], pre: Preprocessing) -> _Data:
     if options.data is not None:
         dataset = load_dataset(DataSpec(str(options.data)))
         samples = dataset.train + dataset.val  # an evaluation folder: every image counts
         if dataset.classes != classes:
             raise DataError(f"the classes of {options.data} ({', '.join(dataset.classes[:5])}…) are not the model's ({', '.join(classes[:5])}…)")
+        samples = samples[: options.eval_images] if options.eval_images else samples
     else:
-        samples = load_dataset(DataSpec.from_dict(read_json(run_dir / "config.json")["data"])).val
-    if options.eval_images:
-        samples = samples[: options.eval_images]
+        samples = run.validation(options.eval_images)
     return _Data(pre, [load_image(s) for s in samples], np.array([s.label for s in samples]))
 
 
-def bench_run(run_dir: str | Path, options: BenchOptions = BenchOptions(), out_dir: Path | None = None) -> dict[str, Any]:
+def bench_run(run_dir: str | Path | RunDir, options: BenchOptions = BenchOptions(), out_dir: Path | None = None) -> BenchReport:
     """Measure every variant of the run; write bench.json, bench.md and bench.png as it goes.
+
+    Returns:
+        The report (``bench.json`` is its ``to_dict()``), recorded in the run's manifest when
+        written into the run.
 
     Raises:
         RunError: no run at ``run_dir``.
         DataError: evaluation data whose classes do not match the model.
         UnknownNameError: a variant name the run does not have.
     """
-    run_dir = Path(run_dir)
-    if not Manifest.exists(run_dir) or not (run_dir / "model.pt").is_file():
-        raise RunError(f"no fine-tuned run at {run_dir}; run edgetransfer finetune first")
+    run = RunDir(run_dir)
+    run.require_checkpoint()
+    run.manifest()
     import torch
 
-    from .checkpoint import load_checkpoint
-
-    out_dir = Path(out_dir or run_dir)
-    built, payload = load_checkpoint(run_dir / "model.pt")
-    data = _evaluation_data(run_dir, options, payload["classes"], built.preprocessing)
+    out_dir = Path(out_dir or run.path)
+    built, payload = run.load_checkpoint()
+    data = _evaluation_data(run, options, payload["classes"], built.preprocessing)
     threads = options.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
-    report: dict[str, Any] = {
-        "schema": SCHEMA, "created": now(), "run": str(run_dir), "options": options.to_dict(),
-        "machine": machine_fingerprint(threads), "eval_images": int(len(data.labels)), "results": [],
-        "checkpoint_sha256": sha256_file(run_dir / "model.pt"),
-    }
-    variants = _variants(run_dir, options)
+    report = BenchReport(now(), str(run), options.to_dict(), machine_fingerprint(threads), int(len(data.labels)), run.checkpoint_sha256())
+    variants = _variants(run, options)
     eager_logits: dict[str, np.ndarray] = {}
     with progress() as bar:
         task = bar.add_task("bench", total=len(variants), status="")
         for variant in variants:
             bar.update(task, status=variant.name)
-            report["results"].append(_measure(variant, data, options, threads, eager_logits, report))
+            report.results.append(_measure(variant, data, options, threads, eager_logits, report))
             _finish(report, options, out_dir, final=False)
             bar.advance(task)
-    return _finish(report, options, out_dir, final=True)
+    _finish(report, options, out_dir, final=True)
+    _record(run, out_dir)
+    return report
 
 
-def _measure(variant: _Variant, data: _Data, options: BenchOptions, threads: int, eager: dict, report: dict) -> dict[str, Any]:
-    row: dict[str, Any] = {"variant": variant.name, "path": str(variant.path), "kind": variant.kind, "size_bytes": variant.size_bytes()}
-    chosen = _choose_threads(variant, data, options, threads) if options.auto_threads and variant.kind != "tensorrt" else threads
-    row["threads"] = chosen
+def _record(run: RunDir, out_dir: Path) -> None:
+    """bench.json in the manifest, its parents every model it measured (when written into the run)."""
+    if out_dir.resolve() != run.path.resolve():
+        return
+    manifest = run.manifest()
+    parents = ["checkpoint"] + [name for name, entry in manifest.artifacts.items() if entry["kind"] in ("onnx", "openvino", "engine")]
+    manifest.record("bench", run.BENCH_JSON, "bench-report", parent=parents)
+    manifest.save()
+
+
+def _measure(variant: _Variant, data: _Data, options: BenchOptions, threads: int, eager: dict, report: BenchReport) -> BenchRow:
+    row = BenchRow(variant.name, str(variant.path), variant.kind, variant.size_bytes())
+    timed = variant.kind != "engine" and options.auto_threads
+    row.threads = _choose_threads(variant, data, options, threads) if timed else threads
     rss_before = _rss_mb()
     gpu = _gpu_memory_reset()
     try:
-        with variant.runner(chosen) as runner:
+        with variant.runner(row.threads) as runner:
             if variant.from_manifest:
                 _check_checkpoint(runner, report)
-            row.update(status="measured", provider=runner.provider, cold_start_s=round(runner.cold_start_s, 4))
-            if runner.settings:
-                row["backend_settings"] = runner.settings
+            row.status, row.provider, row.cold_start_s = "measured", runner.provider, round(runner.cold_start_s, 4)
+            row.backend_settings = runner.settings or None
             inputs = data.inputs(runner.input_format)
             logits = _logits(runner, inputs, max(options.batch_sizes))
-            row["accuracy"] = _accuracy(logits, data.labels, eager.get("logits"))
-            if variant.kind == "eager":
+            row.accuracy = BenchAccuracy.measure(logits, data.labels, eager.get("logits"))
+            if variant.name == "eager":
                 eager["logits"] = logits
-            row["latency"] = {str(b): _time(runner, inputs, b, options) for b in options.batch_sizes}
-        row["rss_mb"] = round(_rss_mb(), 1)
-        row["rss_increase_mb"] = round(row["rss_mb"] - rss_before, 1)
-        row["process_peak_rss_mb"] = round(_peak_rss_mb(), 1)
+            row.latency = {str(b): _time(runner, inputs, b, options) for b in options.batch_sizes}
+        row.rss_mb = round(_rss_mb(), 1)
+        row.rss_increase_mb = round(row.rss_mb - rss_before, 1)
+        row.process_peak_rss_mb = round(_peak_rss_mb(), 1)
         if gpu:
-            row["gpu_peak_torch_mb"] = round(gpu.max_memory_allocated() / 2**20, 1)
+            row.gpu_peak_torch_mb = round(gpu.max_memory_allocated() / 2**20, 1)
     except SkipVariant as exc:
-        row.update(status="skipped", reason=str(exc))
+        row.status, row.reason = "skipped", str(exc)
     except Exception as exc:  # one broken variant never stops the rest; its error is reported
-        row.update(status="failed", reason=f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}")
+        row.status, row.reason = "failed", f"{type(exc).__name__}: {first_line(exc)}"
     _speedups(row, report)
     return row
 
 
-def _check_checkpoint(runner: Runner, report: dict[str, Any]) -> None:
+def _check_checkpoint(runner: Runner, report: BenchReport) -> None:
     """A variant must come from the checkpoint eager runs (a re-trained run keeps stale files)."""
     recorded = runner.checkpoint_sha256
-    if recorded and recorded != report["checkpoint_sha256"]:
+    if recorded and recorded != report.checkpoint_sha256:
         raise RunError(
             f"{Path(runner.source).name} was built from another checkpoint than this run's model.pt;"
             " rebuild it with edgetransfer export RUN_DIR --target … --precision …"
@@ -308,8 +305,8 @@ def _choose_threads(variant: _Variant, data: _Data, options: BenchOptions, cores
             with variant.runner(count) as runner:
                 inputs = data.inputs(runner.input_format)
                 quick = _time(runner, inputs, options.batch_sizes[0], BenchOptions(warmup=2, iterations=10))
-            if quick["p50_ms"] < best_ms:
-                best, best_ms = count, quick["p50_ms"]
+            if quick.p50_ms < best_ms:
+                best, best_ms = count, quick.p50_ms
         except SkipVariant:
             return cores
     import torch
@@ -322,16 +319,7 @@ def _logits(runner: Runner, inputs: np.ndarray, batch: int) -> np.ndarray:
     return np.concatenate([runner.infer(inputs[i : i + batch]) for i in range(0, len(inputs), batch)])
 
 
-def _accuracy(logits: np.ndarray, labels: np.ndarray, eager: np.ndarray | None) -> dict[str, Any]:
-    result = {"top1": topk_accuracy(logits, labels, 1), "top5": topk_accuracy(logits, labels, 5)}
-    if eager is not None:
-        result["top1_change_points"] = round(100 * (result["top1"] - topk_accuracy(eager, labels, 1)), 4)
-        result["top1_agreement"] = float((logits.argmax(1) == eager.argmax(1)).mean())
-        result["max_abs_logit_diff"] = float(np.abs(logits - eager).max())
-    return result
-
-
-def _time(runner: Runner, inputs: np.ndarray, batch: int, options: BenchOptions) -> dict[str, float]:
+def _time(runner: Runner, inputs: np.ndarray, batch: int, options: BenchOptions) -> Latency:
     """Latency of ``runner`` on batches cut from ``inputs`` in advance (nothing else is timed)."""
     reps = -(-batch // len(inputs))
     pool = np.concatenate([inputs] * reps) if reps > 1 else inputs
@@ -345,49 +333,37 @@ def _time(runner: Runner, inputs: np.ndarray, batch: int, options: BenchOptions)
         t0 = time.perf_counter()
         runner.infer(chunk)
         times.append(time.perf_counter() - t0)
-    ms = np.array(times) * 1000
-    return {
-        "batch": batch, "iterations": len(times),
-        "mean_ms": round(float(ms.mean()), 4), "p50_ms": round(float(np.percentile(ms, 50)), 4),
-        "p90_ms": round(float(np.percentile(ms, 90)), 4), "p99_ms": round(float(np.percentile(ms, 99)), 4),
-        "throughput_ips": round(float(batch / (ms.mean() / 1000)), 2),
-    }
+    return Latency.from_times(batch, times)
 
 
-def _speedups(row: dict[str, Any], report: dict[str, Any]) -> None:
-    eager = next((r for r in report["results"] if r["variant"] == "eager" and r["status"] == "measured"), None)
-    if row.get("status") != "measured":
+def _speedups(row: BenchRow, report: BenchReport) -> None:
+    baseline = row if row.variant == "eager" else report.row("eager")
+    if not row.measured or baseline is None or not baseline.measured:
         return
-    baseline = row if row["variant"] == "eager" else eager
-    if baseline is None:
-        return
-    row["speedup_vs_eager"] = {b: round(baseline["latency"][b]["mean_ms"] / t["mean_ms"], 3) for b, t in row["latency"].items()}
+    row.speedup_vs_eager = {b: round(baseline.latency[b].mean_ms / t.mean_ms, 3) for b, t in row.latency.items()}
 
 
-def recommend(report: dict[str, Any], budget: float) -> dict[str, Any] | None:
+def recommend(report: BenchReport, budget: float) -> Recommendation | None:
     """The fastest measured variant (mean latency at the first batch size) within ``budget`` of eager."""
-    first = str(report["options"]["batch_sizes"][0])
+    first = str(report.batch_sizes[0])
     candidates = [
-        r for r in report["results"]
-        if r["status"] == "measured" and r["variant"] != "eager"
-        and -r["accuracy"].get("top1_change_points", 0.0) <= budget
+        r for r in report.results
+        if r.measured and r.variant != "eager" and r.accuracy is not None and -(r.accuracy.top1_change_points or 0.0) <= budget
     ]
     if not candidates:
         return None
-    best = min(candidates, key=lambda r: r["latency"][first]["mean_ms"])
-    return {"variant": best["variant"], "batch_size": int(first), "mean_ms": best["latency"][first]["mean_ms"],
-            "speedup_vs_eager": best.get("speedup_vs_eager", {}).get(first), "top1_change_points": best["accuracy"]["top1_change_points"],
-            "max_accuracy_drop": budget}
+    best = min(candidates, key=lambda r: r.latency[first].mean_ms)
+    return Recommendation(best.variant, int(first), best.latency[first].mean_ms, best.speedup_vs_eager.get(first),
+                          best.accuracy.top1_change_points or 0.0, budget)
 
 
-def _finish(report: dict[str, Any], options: BenchOptions, out_dir: Path, final: bool) -> dict[str, Any]:
+def _finish(report: BenchReport, options: BenchOptions, out_dir: Path, final: bool) -> None:
     from .report import bench_markdown, plot_bench
 
-    report["complete"] = final
-    report["recommendation"] = recommend(report, options.max_accuracy_drop)
-    write_json(out_dir / "bench.json", report)
+    report.complete = final
+    report.recommendation = recommend(report, options.max_accuracy_drop)
+    write_json(out_dir / RunDir.BENCH_JSON, report.to_dict())
     if final:
         text = bench_markdown(report)
-        write_bytes(out_dir / "bench.md", lambda f: f.write(text.encode("utf-8")))
-        plot_bench(report, out_dir / "bench.png")
-    return report
+        write_bytes(out_dir / RunDir.BENCH_MD, lambda f: f.write(text.encode("utf-8")))
+        plot_bench(report, out_dir / RunDir.BENCH_PNG)

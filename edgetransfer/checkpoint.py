@@ -53,7 +53,7 @@ def load_checkpoint(path: str | Path) -> tuple[BuiltModel, dict[str, Any]]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise RunError(f"cannot read checkpoint {path}: {str(exc).splitlines()[0]}") from None
+        raise RunError(f"cannot read checkpoint {path}: {str(exc).splitlines()[0]}") from exc
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise RunError(f"{path} is not an edgetransfer checkpoint (format {FORMAT})")
     if len(payload["classes"]) != payload["num_classes"]:
@@ -67,6 +67,6 @@ def load_checkpoint(path: str | Path) -> tuple[BuiltModel, dict[str, Any]]:
     try:
         built.module.load_state_dict(payload["state_dict"], strict=True)
     except RuntimeError as exc:
-        raise RunError(f"{path} does not fit {payload['arch']}: {str(exc).splitlines()[0]}") from None
+        raise RunError(f"{path} does not fit {payload['arch']}: {str(exc).splitlines()[0]}") from exc
     built.module.eval()
     return built, payload

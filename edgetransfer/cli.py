@@ -1,13 +1,15 @@
 """The ``edgetransfer`` command: a thin layer over the library.
 
-Each command parses its options, calls one library function and prints the result. Library
-errors (:class:`EdgeTransferError`) become one line on stderr and exit status 1.
+Each command parses its options (made from the library's option dataclasses, so defaults and
+choices live in one place), calls one library function and prints the result on stdout;
+progress and warnings go to stderr. Library errors (:class:`EdgeTransferError`) become one line
+on stderr and exit status 1; anything else is a bug, reported as one line that says so, with the
+traceback under ``--debug`` or ``EDGETRANSFER_DEBUG=1``.
 """
 
 from __future__ import annotations
 
 import functools
-import os
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -15,60 +17,77 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .errors import EdgeTransferError
+from .bench import BenchOptions
+from .clioptions import field_default, field_option, from_options
+from .config import ExportOptions, FinetuneConfig
+from .data import DataSpec
+from .errors import EdgeTransferError, OptionError, first_line
+from .optimize import Precision, QuantOptions, Target, TensorRTOptions
 
 RESUME_EXIT = 130
+_debug = False
 
 
 def _friendly(command):
-    """Turn library errors into one clean line and Ctrl-C into a hint, never a traceback."""
+    """Library errors become one clean line, library bugs one line that says so, Ctrl-C a hint."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
         except EdgeTransferError as exc:
-            raise click.ClickException(str(exc)) from None
+            if _debug:
+                raise
+            raise click.ClickException(str(exc)) from exc
+        except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort, KeyboardInterrupt):
+            raise
+        except Exception as exc:
+            if _debug:
+                raise
+            raise click.ClickException(
+                f"internal error ({type(exc).__name__}: {first_line(exc, 200)}). This is a bug in edgetransfer, not in"
+                " your input: run again with --debug (or EDGETRANSFER_DEBUG=1) and report the traceback"
+            ) from exc
 
     return wrapper
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="edgetransfer")
-def main() -> None:
+@click.option("--debug", is_flag=True, envvar="EDGETRANSFER_DEBUG", help="Show the full traceback of any error (or set EDGETRANSFER_DEBUG=1).")
+def main(debug: bool) -> None:
     """Fine-tune a pretrained CNN, export it, optimise it and benchmark it for the edge."""
-
-
-_FINETUNE_DEFAULTS_NOTE = "default: chosen from the mode (head 30 epochs at 1e-2, full 10 at 1e-3)"
+    global _debug
+    _debug = debug
 
 
 @main.command()
-@click.option("--data", default="digits", show_default=True, help="Image folder (class subfolders, or train/ and val/), or 'digits' for the embedded demo.")
-@click.option("--arch", default="timm:efficientnet_lite0", show_default=True, help="torchvision builder name (resnet18, …) or timm:NAME.")
-@click.option("--weights", default=None, help="embedded | DEFAULT | a torchvision weights name | PATH | none. [default: embedded for timm:efficientnet_lite0, else DEFAULT]")
-@click.option("--mode", type=click.Choice(["head", "full"]), default="head", show_default=True, help="head: frozen features, new classifier; full: train everything.")
-@click.option("--unfreeze", "unfreeze_blocks", type=int, default=0, show_default=True, help="With --mode head, also train the last K blocks of the backbone.")
-@click.option("--epochs", type=int, default=None, help=_FINETUNE_DEFAULTS_NOTE)
-@click.option("--lr", type=float, default=None, help="Learning rate of the new classifier (the backbone gets lr x --backbone-lr-scale).")
-@click.option("--backbone-lr-scale", type=float, default=None, help="[default: 0.1; 1 with --weights none]")
-@click.option("--batch-size", type=int, default=64, show_default=True)
-@click.option("--optimizer", type=click.Choice(["adamw", "sgd"]), default="adamw", show_default=True)
-@click.option("--weight-decay", type=float, default=1e-4, show_default=True)
-@click.option("--warmup-epochs", type=float, default=1.0, show_default=True)
-@click.option("--label-smoothing", type=float, default=0.1, show_default=True)
-@click.option("--augment", type=click.Choice(["none", "crop", "crop-flip"]), default="crop", show_default=True, help="Train-time augmentation when images go through the backbone.")
-@click.option("--probe-epochs", type=int, default=None, help="Before training images end to end, train the new classifier on frozen features for N epochs. [default: 10; 0 in cached head mode]")
-@click.option("--train-bn-stats/--freeze-bn-stats", default=None, help="Whether BatchNorm updates its running statistics while training images. [default: frozen for pretrained weights, updated with --weights none]")
-@click.option("--image-size", type=int, default=None, help="Train (and later export and bench) at this size. [default: 64 for the demo, else the weights' size]")
-@click.option("--val-fraction", type=float, default=0.2, show_default=True, help="Validation share per class for a folder without train/ and val/.")
-@click.option("--limit-per-class", type=int, default=None, help="Use at most N images per class (quick runs).")
-@click.option("--patience", type=int, default=None, help="Stop after N epochs without a better val top-1.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--no-amp", is_flag=True, help="Disable mixed precision on CUDA.")
-@click.option("--workers", type=int, default=None, help="Data loader processes. [default: 0 for the demo, else up to 4]")
+@field_option(DataSpec, "source", "--data", help="Image folder (class subfolders, or train/ and val/), or 'digits' for the embedded demo.")
+@field_option(FinetuneConfig, "arch", "--arch", help="torchvision builder name (resnet18, …) or timm:NAME.")
+@field_option(FinetuneConfig, "weights", "--weights", help="embedded | DEFAULT | a torchvision weights name | PATH | none. [default: embedded for timm:efficientnet_lite0, else DEFAULT]")
+@field_option(FinetuneConfig, "mode", "--mode", help="head: frozen features, new classifier; full: train everything.")
+@field_option(FinetuneConfig, "unfreeze_blocks", "--unfreeze", help="With --mode head, also train the last K blocks of the backbone.")
+@field_option(FinetuneConfig, "epochs", "--epochs", help="[default: chosen from the mode (head 30 epochs at 1e-2, full 10 at 1e-3)]")
+@field_option(FinetuneConfig, "lr", "--lr", help="Learning rate of the new classifier (the backbone gets lr x --backbone-lr-scale).")
+@field_option(FinetuneConfig, "backbone_lr_scale", "--backbone-lr-scale", help="[default: 0.1; 1 with --weights none]")
+@field_option(FinetuneConfig, "batch_size", "--batch-size", help="Images per training step.")
+@field_option(FinetuneConfig, "optimizer", "--optimizer", help="The optimiser.")
+@field_option(FinetuneConfig, "weight_decay", "--weight-decay", help="Decoupled weight decay.")
+@field_option(FinetuneConfig, "warmup_epochs", "--warmup-epochs", help="Linear learning-rate warm-up before the cosine decay.")
+@field_option(FinetuneConfig, "label_smoothing", "--label-smoothing", help="Label smoothing of the cross-entropy loss.")
+@field_option(FinetuneConfig, "augment", "--augment", help="Train-time augmentation when images go through the backbone.")
+@field_option(FinetuneConfig, "probe_epochs", "--probe-epochs", help="Before training images end to end, train the new classifier on frozen features for N epochs. [default: 10; 0 in cached head mode]")
+@field_option(FinetuneConfig, "train_bn_stats", "--train-bn-stats/--freeze-bn-stats", show_default=False, help="Whether BatchNorm updates its running statistics while training images. [default: frozen for pretrained weights, updated with --weights none]")
+@field_option(FinetuneConfig, "image_size", "--image-size", help="Train (and later export and bench) at this size. [default: 64 for the demo, else the weights' size]")
+@field_option(DataSpec, "val_fraction", "--val-fraction", help="Validation share per class for a folder without train/ and val/.")
+@field_option(DataSpec, "limit_per_class", "--limit-per-class", help="Use at most N images per class (quick runs).")
+@field_option(FinetuneConfig, "patience", "--patience", help="Stop after N epochs without a better val top-1.")
+@field_option(FinetuneConfig, "seed", "--seed", help="Seeds the split, the new classifier and training.")
+@field_option(FinetuneConfig, "device", "--device", help="auto, cpu, cuda or cuda:N.")
+@field_option(FinetuneConfig, "amp", "--amp/--no-amp", help="Mixed precision on CUDA.")
+@field_option(FinetuneConfig, "workers", "--workers", help="Data loader processes. [default: 0 for the demo, else up to 4]")
+@field_option(DataSpec, "strict", "--strict", help="Fail on unreadable images instead of skipping them.")
 @click.option("--threads", type=int, default=None, help="torch CPU threads (torch.set_num_threads).")
-@click.option("--strict", is_flag=True, help="Fail on unreadable images instead of skipping them.")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Run directory. [default: runs/<time>-<arch>-<mode>]")
 @click.option("--resume", "resume_dir", type=click.Path(path_type=Path), default=None, help="Continue the interrupted run in this directory (its own settings are used).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
@@ -84,68 +103,32 @@ def finetune(ctx: click.Context, **options) -> None:
       edgetransfer finetune --data photos/ --arch resnet18 --weights IMAGENET1K_V1
       edgetransfer finetune --resume runs/20261128-101500-efficientnet_lite0-head
     """
-    from .data import DataSpec
-    from .finetune import FinetuneConfig, finetune as run_finetune
-    from .progress import console, set_quiet
+    from .finetune import finetune as run_finetune
+    from .progress import console, out, set_quiet
     from .report import epochs_table, finetune_summary_table
 
-    set_quiet(options.pop("quiet"))
-    resume_dir = options.pop("resume_dir")
-    threads = options.pop("threads")
-    if threads:
+    set_quiet(options["quiet"])
+    if options["threads"]:
         import torch
 
-        torch.set_num_threads(threads)
+        torch.set_num_threads(options["threads"])
+    resume_dir = options["resume_dir"]
     if resume_dir is not None:
         _refuse_options_with_resume(ctx)
         config, run_dir = FinetuneConfig(), resume_dir
     else:
-        config = _config_from_options(options, DataSpec, FinetuneConfig)
+        config = from_options(FinetuneConfig, options, data=from_options(DataSpec, options))
         run_dir = options["out"] or _default_run_dir(config.arch, config.mode.value)
     try:
         result = run_finetune(config, run_dir, resume=resume_dir is not None)
     except KeyboardInterrupt:
         console.print(f"\ninterrupted; finished epochs are saved. Continue with: edgetransfer finetune --resume {run_dir}")
         sys.exit(RESUME_EXIT)
-    if os.environ.get("RANK", "0") != "0":
+    if not result.main:
         return  # under torchrun, rank 0 reports
-    console.print(epochs_table(result.metrics["epochs"]))
-    console.print(finetune_summary_table(result.metrics, result.run_dir))
+    out.print(epochs_table(result.metrics["epochs"]))
+    out.print(finetune_summary_table(result.metrics, result.run_dir))
     click.echo(str(result.run_dir))
-
-
-def _config_from_options(options, DataSpec, FinetuneConfig):
-    data = DataSpec(
-        source=options["data"],
-        val_fraction=options["val_fraction"],
-        seed=options["seed"],
-        limit_per_class=options["limit_per_class"],
-        strict=options["strict"],
-    )
-    return FinetuneConfig(
-        data=data,
-        arch=options["arch"],
-        weights=options["weights"],
-        mode=options["mode"],
-        unfreeze_blocks=options["unfreeze_blocks"],
-        image_size=options["image_size"],
-        epochs=options["epochs"],
-        batch_size=options["batch_size"],
-        lr=options["lr"],
-        backbone_lr_scale=options["backbone_lr_scale"],
-        optimizer=options["optimizer"],
-        weight_decay=options["weight_decay"],
-        warmup_epochs=options["warmup_epochs"],
-        label_smoothing=options["label_smoothing"],
-        augment=options["augment"],
-        probe_epochs=options["probe_epochs"],
-        train_bn_stats=options["train_bn_stats"],
-        patience=options["patience"],
-        seed=options["seed"],
-        device=options["device"],
-        amp=not options["no_amp"],
-        workers=options["workers"],
-    )
 
 
 def _refuse_options_with_resume(ctx: click.Context) -> None:
@@ -155,8 +138,12 @@ def _refuse_options_with_resume(ctx: click.Context) -> None:
         if name not in allowed and ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT
     ]
     if given:
-        flags = ", ".join("--" + n.replace("_", "-") for n in given)
-        raise EdgeTransferError(f"--resume continues with the run's own settings; drop {flags}")
+        flags = ", ".join(_flag(ctx, n) for n in given)
+        raise OptionError(f"--resume continues with the run's own settings; drop {flags}")
+
+
+def _flag(ctx: click.Context, name: str) -> str:
+    return next(p.opts[0] for p in ctx.command.params if p.name == name)
 
 
 def _default_run_dir(arch: str, mode: str) -> Path:
@@ -164,24 +151,36 @@ def _default_run_dir(arch: str, mode: str) -> Path:
     return Path("runs") / f"{stamp}-{arch.removeprefix('timm:')}-{mode}"
 
 
+def _batch_sizes(ctx, param, value: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(b) for b in value.split(",") if b.strip())
+    except ValueError:
+        raise click.BadParameter(f"takes comma-separated whole numbers, got {value!r}") from None
+
+
+def _threads(ctx, param, value: str | None) -> str | None:
+    if value is not None and value != "auto" and not value.isdigit():
+        raise click.BadParameter(f"takes a number or 'auto', got {value!r}")
+    return value
+
+
 @main.command()
 @click.argument("run_dir", type=click.Path(path_type=Path))
-@click.option("--batch-sizes", default="1,8", show_default=True, help="Comma-separated batch sizes to time.")
-@click.option("--threads", default=None, help="CPU threads for torch and ONNX Runtime, or 'auto' (try 1..cores per variant). [default: the machine's cores]")
+@click.option("--batch-sizes", default=",".join(map(str, field_default(BenchOptions, "batch_sizes"))), show_default=True, callback=_batch_sizes, help="Comma-separated batch sizes to time.")
+@click.option("--threads", default=None, callback=_threads, help="CPU threads for torch and ONNX Runtime, or 'auto' (try 1..cores per variant). [default: the machine's cores]")
 @click.option("--variant", "variants", multiple=True, help="Only these variants from the run's manifest (eager is always measured).")
 @click.option("--model", "models", multiple=True, type=click.Path(path_type=Path), help="Also bench this ONNX file or OpenVINO .xml (CPU).")
-@click.option("--data", type=click.Path(path_type=Path), default=None, help="Evaluate on this image folder (same classes as the model). [default: the run's validation split]")
-@click.option("--eval-images", type=int, default=None, help="Evaluate on at most N images.")
-@click.option("--warmup", type=int, default=5, show_default=True)
-@click.option("--iterations", type=int, default=30, show_default=True, help="Timed runs per variant and batch size (at least).")
-@click.option("--min-seconds", type=float, default=0.0, show_default=True, help="Also keep timing until this much time has passed.")
-@click.option("--max-accuracy-drop", type=float, default=1.0, show_default=True, help="Top-1 points a recommended variant may lose against eager.")
+@field_option(BenchOptions, "data", "--data", help="Evaluate on this image folder (same classes as the model). [default: the run's validation split]")
+@field_option(BenchOptions, "eval_images", "--eval-images", help="Evaluate on at most N images (spread over the classes).")
+@field_option(BenchOptions, "warmup", "--warmup", help="Untimed runs before timing.")
+@field_option(BenchOptions, "iterations", "--iterations", help="Timed runs per variant and batch size (at least).")
+@field_option(BenchOptions, "min_seconds", "--min-seconds", help="Also keep timing until this much time has passed.")
+@field_option(BenchOptions, "max_accuracy_drop", "--max-accuracy-drop", help="Top-1 points a recommended variant may lose against eager.")
 @click.option("--fail-over-budget", is_flag=True, help="Exit with status 2 when no variant is within the budget.")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Where bench.json/.md/.png go. [default: RUN_DIR]")
 @click.option("-q", "--quiet", is_flag=True, help="No progress display.")
 @_friendly
-def bench(run_dir: Path, batch_sizes: str, threads, variants, models, data, eval_images, warmup, iterations,
-          min_seconds, max_accuracy_drop, fail_over_budget, out, quiet) -> None:
+def bench(run_dir: Path, threads: str | None, fail_over_budget: bool, out: Path | None, quiet: bool, **options) -> None:
     """Benchmark every variant of a run against eager PyTorch, on the same data, in the same run.
 
     \b
@@ -190,28 +189,19 @@ def bench(run_dir: Path, batch_sizes: str, threads, variants, models, data, eval
       edgetransfer bench runs/demo --batch-sizes 1,8,32 --threads auto --min-seconds 2
       edgetransfer bench runs/demo --max-accuracy-drop 0.5 --fail-over-budget   # gate your CI
     """
-    from .bench import BenchOptions, bench_run
-    from .progress import console, set_quiet
+    from .bench import bench_run
+    from .progress import console, out as stdout, set_quiet
     from .report import bench_table, recommendation_line
+    from .rundir import RunDir
 
     set_quiet(quiet)
-    try:
-        sizes = tuple(int(b) for b in batch_sizes.split(",") if b.strip())
-    except ValueError:
-        raise EdgeTransferError(f"--batch-sizes takes comma-separated whole numbers, got {batch_sizes!r}") from None
     auto = threads == "auto"
-    if threads is not None and not auto and not str(threads).isdigit():
-        raise EdgeTransferError(f"--threads takes a number or 'auto', got {threads!r}")
-    options = BenchOptions(
-        batch_sizes=sizes, threads=None if auto or threads is None else int(threads), auto_threads=auto,
-        warmup=warmup, iterations=iterations, min_seconds=min_seconds, max_accuracy_drop=max_accuracy_drop,
-        variants=tuple(variants), models=tuple(models), data=data, eval_images=eval_images,
-    )
-    report = bench_run(run_dir, options, out)
-    console.print(bench_table(report))
-    console.print(recommendation_line(report))
-    click.echo(str(Path(out or run_dir) / "bench.json"))
-    if fail_over_budget and report["recommendation"] is None:
+    bench_options = from_options(BenchOptions, options, threads=None if auto or threads is None else int(threads), auto_threads=auto)
+    report = bench_run(run_dir, bench_options, out)
+    stdout.print(bench_table(report))
+    stdout.print(recommendation_line(report))
+    console.print(f"written: {Path(out or run_dir) / RunDir.BENCH_JSON}")
+    if fail_over_budget and report.recommendation is None:
         sys.exit(2)
 
 
@@ -234,39 +224,38 @@ def info(run_dir: Path | None, include_timm: bool) -> None:
         click.echo(f"{DEFAULT_ARCH} (default, embedded offline weights)")
         click.echo("\n".join(names if include_timm else names + ["timm:<any timm model> (edgetransfer info --timm)"]))
         return
-    from .manifest import Manifest
-    from .errors import RunError
-
-    if not Manifest.exists(run_dir):
-        raise RunError(f"no run at {run_dir} (no manifest.json)")
     import json
 
-    click.echo(json.dumps(Manifest.load(run_dir).data, indent=2))
+    from .rundir import RunDir
+
+    click.echo(json.dumps(RunDir(run_dir).manifest().data, indent=2))
 
 
 @main.command()
 @click.argument("run_dir", type=click.Path(path_type=Path))
-@click.option("--opset", type=int, default=None, help="ONNX opset. [default: 18]")
-@click.option("--static-batch", type=int, default=None, help="Fix the batch dimension to N (default: dynamic).")
-@click.option("--fuse-preprocess", is_flag=True, help="Input uint8 NHWC images at the model's size; scaling and normalisation run inside the graph.")
-@click.option("--atol", type=float, default=1e-3, show_default=True, help="Largest logit difference ONNX Runtime may show against PyTorch.")
-@click.option("--verify-images", type=int, default=64, show_default=True, help="Validation images the parity check uses.")
-@click.option("--no-verify", is_flag=True, help="Skip the parity check.")
-@click.option("--output", type=click.Path(path_type=Path), default=None, help="Where to write. [default: RUN_DIR/model.onnx]")
-@click.option("--target", "targets", multiple=True, help="Also build variants for: ort-cpu, ort-cuda, ort-trt, tensorrt, openvino (repeatable).")
-@click.option("--precision", "precisions", multiple=True, help="fp32, fp16, int8; bf16 for openvino (repeatable). [default: fp32]")
-@click.option("--calib", type=click.Path(path_type=Path), default=None, help="INT8 (every target): calibrate on this image folder (classes optional). [default: the run's training data]")
-@click.option("--calib-size", type=int, default=256, show_default=True, help="INT8: class-balanced images taken from the run's training data.")
-@click.option("--calib-batch", type=int, default=8, show_default=True)
-@click.option("--calib-method", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax", show_default=True, help="ONNX Runtime INT8 ranges (NNCF sets OpenVINO's itself).")
-@click.option("--max-accuracy-drop", type=float, default=1.0, show_default=True, help="INT8: top-1 points it may lose against float; sensitive layers stay in float to hold it.")
-@click.option("--max-float-layers", type=int, default=32, show_default=True, help="INT8: the most layers the accuracy guard may keep in float.")
-@click.option("--dynamic-int8", is_flag=True, help="INT8 by dynamic quantisation (usually slower for CNNs).")
-@click.option("--trt-batch", nargs=3, type=int, default=(1, 1, 16), show_default=True, help="TensorRT profile: min opt max batch.")
-@click.option("--trt-workspace-mib", type=int, default=2048, show_default=True)
-@click.option("--trt-timing-cache", type=click.Path(path_type=Path), default=None, help="Reuse this timing cache. [default: RUN_DIR/tensorrt.timing-cache]")
+@field_option(ExportOptions, "opset", "--opset", help="ONNX opset.")
+@field_option(ExportOptions, "static_batch", "--static-batch", help="Fix the batch dimension to N (default: dynamic).")
+@field_option(ExportOptions, "fuse_preprocess", "--fuse-preprocess", help="Input uint8 NHWC images at the model's size; scaling and normalisation run inside the graph.")
+@field_option(ExportOptions, "atol", "--atol", help="Largest logit difference ONNX Runtime may show against PyTorch.")
+@field_option(ExportOptions, "verify_images", "--verify-images", help="Validation images the parity check uses.")
+@field_option(ExportOptions, "verify", "--verify/--no-verify", help="Check parity against PyTorch on validation images.")
+@field_option(ExportOptions, "output", "--output", help="Where to write. [default: RUN_DIR/model.onnx]")
+@click.option("--target", "targets", multiple=True, type=click.Choice([t.value for t in Target]), help="Also build variants for this target (repeatable).")
+@click.option("--precision", "precisions", multiple=True, type=click.Choice([p.value for p in Precision]), help="Variant precision (repeatable); bf16 is for openvino. [default: fp32]")
+@field_option(QuantOptions, "calib", "--calib", help="INT8 (every target): calibrate on this image folder (classes optional). [default: the run's training data]")
+@field_option(QuantOptions, "calib_size", "--calib-size", help="INT8: class-balanced images taken from the run's training data.")
+@field_option(QuantOptions, "calib_batch", "--calib-batch", help="INT8: images per calibration batch.")
+@field_option(QuantOptions, "method", "--calib-method", help="ONNX Runtime INT8 ranges (NNCF sets OpenVINO's itself).")
+@field_option(QuantOptions, "max_accuracy_drop", "--max-accuracy-drop", help="INT8: top-1 points it may lose against float; sensitive layers stay in float to hold it.")
+@field_option(QuantOptions, "max_float_layers", "--max-float-layers", help="INT8: the most layers the accuracy guard may keep in float.")
+@field_option(QuantOptions, "dynamic", "--dynamic-int8", help="INT8 by dynamic quantisation (usually slower for CNNs).")
+@click.option("--trt-batch", nargs=3, type=int, show_default=True,
+              default=tuple(field_default(TensorRTOptions, f) for f in ("min_batch", "opt_batch", "max_batch")), help="TensorRT profile: min opt max batch.")
+@field_option(TensorRTOptions, "workspace_mib", "--trt-workspace-mib", help="TensorRT builder workspace.")
+@field_option(TensorRTOptions, "timing_cache", "--trt-timing-cache", help="Reuse this timing cache. [default: RUN_DIR/tensorrt.timing-cache]")
+@click.pass_context
 @_friendly
-def export(run_dir: Path, **options) -> None:
+def export(ctx: click.Context, run_dir: Path, targets, precisions, trt_batch, **options) -> None:
     """Export a fine-tuned run to ONNX, check it against PyTorch, and build optimised variants.
 
     \b
@@ -277,74 +266,38 @@ def export(run_dir: Path, **options) -> None:
       edgetransfer export runs/demo --target tensorrt --precision fp16 --trt-batch 1 8 32
       edgetransfer export runs/demo --target openvino --precision fp32 --precision bf16 --precision int8
     """
-    from .progress import console
+    from .export import export_onnx, needs_export
+    from .optimize import build_variants, check_combinations, cpu_features
+    from .progress import console, out
     from .report import parity_table, variants_table
 
-    targets, precisions = _parse_variants(options.pop("targets"), options.pop("precisions"))
-    if targets:
-        from .optimize.variants import check_combinations
-
-        check_combinations(targets, precisions, _quant_options(options))
-    if not targets or not (run_dir / "model.onnx").is_file() or _export_options_given():
-        export_options = _export_options(options)
+    if precisions and not targets:
+        raise OptionError("--precision goes with --target (ort-cpu, ort-cuda, ort-trt, tensorrt or openvino)")
+    targets = [Target(t) for t in targets]
+    precisions = [Precision(p) for p in precisions] or [Precision.FP32]
+    quant = from_options(QuantOptions, options)
+    tensorrt = from_options(TensorRTOptions, options, min_batch=trt_batch[0], opt_batch=trt_batch[1], max_batch=trt_batch[2])
+    check_combinations(targets, precisions, quant)
+    export_options = from_options(ExportOptions, options)
+    if needs_export(run_dir, bool(targets), _any_given(ctx, ExportOptions)):
         with console.status("exporting to ONNX and checking parity"):
-            from .export import export_onnx
-
             result = export_onnx(run_dir, export_options)
-        console.print(parity_table(result))
+        out.print(parity_table(result))
         click.echo(str(result.path))
     if targets:
-        from .optimize import build_variants, cpu_features
-
         console.print(f"CPU: {cpu_features().summary()}")
-        variants = build_variants(run_dir, targets, precisions, _quant_options(options), _tensorrt_options(options))
-        console.print(variants_table(variants))
+        variants = build_variants(run_dir, targets, precisions, quant, tensorrt)
+        out.print(variants_table(variants))
         for variant in variants:
             click.echo(str(variant.path))
 
 
-def _export_options_given() -> bool:
-    ctx = click.get_current_context()
-    names = ("opset", "static_batch", "fuse_preprocess", "atol", "verify_images", "no_verify", "output")
-    return any(ctx.get_parameter_source(n) is not click.core.ParameterSource.DEFAULT for n in names)
+def _any_given(ctx: click.Context, cls: type) -> bool:
+    """Whether any option made from ``cls``'s fields was given on the command line."""
+    import dataclasses
 
-
-def _parse_variants(targets, precisions):
-    from .optimize import Precision, Target
-
-    parsed_targets = [Target.parse(t) for t in targets]
-    parsed_precisions = [Precision.parse(p) for p in precisions] or [Precision.FP32]
-    if precisions and not targets:
-        raise EdgeTransferError("--precision goes with --target (ort-cpu, ort-cuda, ort-trt, tensorrt or openvino)")
-    return parsed_targets, parsed_precisions
-
-
-def _export_options(options):
-    from .export import DEFAULT_OPSET, ExportOptions
-
-    return ExportOptions(
-        opset=options["opset"] or DEFAULT_OPSET, static_batch=options["static_batch"],
-        fuse_preprocess=options["fuse_preprocess"], verify=not options["no_verify"], atol=options["atol"],
-        verify_images=options["verify_images"], output=options["output"],
-    )
-
-
-def _quant_options(options):
-    from .optimize import CalibMethod, QuantOptions
-
-    return QuantOptions(
-        calib=options["calib"], calib_size=options["calib_size"], calib_batch=options["calib_batch"],
-        method=CalibMethod.parse(options["calib_method"]), max_accuracy_drop=options["max_accuracy_drop"],
-        max_float_layers=options["max_float_layers"], dynamic=options["dynamic_int8"],
-    )
-
-
-def _tensorrt_options(options):
-    from .optimize import TensorRTOptions
-
-    low, opt, high = options["trt_batch"]
-    return TensorRTOptions(min_batch=low, opt_batch=opt, max_batch=high, workspace_mib=options["trt_workspace_mib"],
-                           timing_cache=options["trt_timing_cache"])
+    names = {f.name for f in dataclasses.fields(cls)}
+    return any(ctx.get_parameter_source(n) is not click.core.ParameterSource.DEFAULT for n in ctx.params if n in names)
 
 
 @main.command()
@@ -379,7 +332,7 @@ def predict(model: Path, images: tuple[Path, ...], top_k: int, providers, allow_
         ]
         click.echo(json.dumps({"provider": predictor.provider, "results": rows}, indent=2))
         return
-    from .progress import console
+    from .progress import out
     from .report import predictions_table
 
-    console.print(predictions_table(images, results, predictor.provider), soft_wrap=True)
+    out.print(predictions_table(images, results, predictor.provider), soft_wrap=True)

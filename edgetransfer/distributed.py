@@ -86,5 +86,5 @@ def setup(device: str) -> Context:
         try:
             torch.distributed.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
         except Exception as exc:
-            raise EdgeTransferError(f"cannot join the distributed job (rank {context.rank} of {world}): {str(exc).splitlines()[0]}") from None
+            raise EdgeTransferError(f"cannot join the distributed job (rank {context.rank} of {world}): {str(exc).splitlines()[0]}") from exc
     return context

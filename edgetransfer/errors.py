@@ -1,7 +1,10 @@
-"""The exceptions edgetransfer raises for problems a user can fix.
+"""Every exception edgetransfer raises for a problem a user can fix, in one place.
 
-Every message says what was wrong and what to do about it, in one line; the CLI prints it
-as is and exits non-zero. Anything else escaping the library is a bug.
+Each message says what was wrong and what to do about it, in one line; the CLI prints it as is
+and exits non-zero. Anything else escaping the library is a bug: the CLI says so, and shows the
+traceback with ``--debug`` (or ``EDGETRANSFER_DEBUG=1``).
+
+Pure Python: the torch-free runtime imports it too.
 """
 
 from __future__ import annotations
@@ -11,17 +14,39 @@ from collections.abc import Iterable
 
 __all__ = [
     "EdgeTransferError",
+    "OptionError",
+    "MissingDependencyError",
+    "UnknownNameError",
     "DataError",
+    "ImageError",
     "ModelError",
     "WeightsError",
     "RunError",
-    "UnknownNameError",
+    "ExportError",
+    "ParityError",
+    "QuantizationError",
+    "EngineMismatchError",
+    "PredictorError",
+    "OpenVinoError",
     "unknown_name",
+    "first_line",
 ]
 
 
 class EdgeTransferError(Exception):
     """Base class: a user-facing problem with a one-line, actionable message."""
+
+
+class OptionError(EdgeTransferError):
+    """An option's value is out of range, or two options do not go together."""
+
+
+class MissingDependencyError(EdgeTransferError):
+    """An optional library is not installed; the message names the extra that installs it."""
+
+
+class UnknownNameError(OptionError):
+    """A name (architecture, weights, option value, variant) is not one we know."""
 
 
 class DataError(EdgeTransferError):
@@ -37,11 +62,35 @@ class WeightsError(ModelError):
 
 
 class RunError(EdgeTransferError):
-    """A run directory is missing, belongs to another run, or cannot be resumed."""
+    """A run directory is missing, belongs to another run, holds a stale artifact, or cannot be resumed."""
 
 
-class UnknownNameError(EdgeTransferError):
-    """A name (architecture, weights, option value) is not one we know."""
+class ExportError(EdgeTransferError):
+    """The model cannot be expressed in ONNX or OpenVINO IR (the operator is named), or the file cannot be written."""
+
+
+class ParityError(ExportError):
+    """An exported model and PyTorch disagree beyond the tolerance."""
+
+
+class QuantizationError(EdgeTransferError):
+    """INT8 cannot meet the accuracy budget, calibration data is unusable, or the quantiser fails."""
+
+
+class EngineMismatchError(EdgeTransferError):
+    """A serialized TensorRT engine was built for another TensorRT version or GPU."""
+
+
+class PredictorError(EdgeTransferError):
+    """A model that cannot be loaded, a provider that is not there, or an input we cannot use."""
+
+
+class ImageError(DataError, PredictorError):
+    """An image cannot be read or used: a data problem to the toolkit, an input problem to the runtime."""
+
+
+class OpenVinoError(PredictorError):
+    """An OpenVINO IR is unreadable, incomplete, not what it claims to be, or does not compile on the device."""
 
 
 def unknown_name(kind: str, name: str, known: Iterable[str], *, show: int = 12) -> UnknownNameError:
@@ -61,3 +110,9 @@ def unknown_name(kind: str, name: str, known: Iterable[str], *, show: int = 12) 
     hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
     listed = ", ".join(known[:show]) + (f", … ({len(known)} in all)" if len(known) > show else "")
     return UnknownNameError(f"unknown {kind} {name!r}.{hint} Known: {listed}.")
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """The first non-empty line of a library's exception message (its type when it has none)."""
+    line = next((part.strip() for part in str(exc).splitlines() if part.strip()), type(exc).__name__)
+    return line[:limit]

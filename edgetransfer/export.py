@@ -7,87 +7,38 @@ Runtime (CPU) and eager PyTorch run the same real validation images and must agr
 
 from __future__ import annotations
 
-import itertools
 import os
 import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from . import __version__
-from ._io import atomic_path, read_json, sha256_file
-from .checkpoint import load_checkpoint
-from .data import DataSpec, load_dataset, load_image
-from .errors import EdgeTransferError, RunError
-from .manifest import Manifest
+from ._io import atomic_path
+from .data import load_image
+from .errors import ExportError, ParityError, RunError, first_line
 from .metadata import FLOAT_NCHW, UINT8_NHWC, ModelInfo
 from .models import BuiltModel
 from .preprocessing import Preprocessing
+from .results import Parity, compare
+from .config import DEFAULT_OPSET, ExportOptions
+from .rundir import RunDir
 
-__all__ = ["ExportOptions", "ExportResult", "ExportError", "ParityError", "export_onnx", "DEFAULT_OPSET"]
+__all__ = ["ExportOptions", "ExportResult", "export_onnx", "needs_export", "DEFAULT_OPSET"]
 
-DEFAULT_OPSET = 18  # the dynamo exporter's native opset; ONNX Runtime >= 1.14 and TensorRT 10 run it
 INPUT, OUTPUT = "input", "logits"
-
-
-class ExportError(EdgeTransferError):
-    """The model cannot be expressed in ONNX (the operator is named) or the file cannot be written."""
-
-
-class ParityError(EdgeTransferError):
-    """ONNX Runtime and PyTorch disagree beyond the tolerance."""
-
-
-@dataclass(frozen=True)
-class ExportOptions:
-    """How to export.
-
-    Attributes:
-        opset: ONNX opset of the default domain.
-        static_batch: fix the batch dimension to this size; ``None`` keeps it dynamic.
-        fuse_preprocess: take uint8 NHWC images at the input size; scaling and normalisation
-            happen inside the graph.
-        verify: compare ONNX Runtime with PyTorch on validation images after export.
-        atol: largest absolute logit difference accepted.
-        verify_images: how many validation images the check uses.
-        output: file to write; default ``model.onnx`` (``model-uint8.onnx`` when fused) in the run.
-    """
-
-    opset: int = DEFAULT_OPSET
-    static_batch: int | None = None
-    fuse_preprocess: bool = False
-    verify: bool = True
-    atol: float = 1e-3
-    verify_images: int = 64
-    output: Path | None = None
-
-    def __post_init__(self) -> None:
-        if self.static_batch is not None and self.static_batch < 1:
-            raise EdgeTransferError(f"static batch must be at least 1, got {self.static_batch}")
-        if not 7 <= self.opset <= 23:
-            raise EdgeTransferError(f"opset must be between 7 and 23, got {self.opset}")
-        if self.atol <= 0:
-            raise EdgeTransferError(f"atol must be positive, got {self.atol}")
-
-    @property
-    def artifact(self) -> str:
-        return "onnx-uint8" if self.fuse_preprocess else "onnx"
-
-    def settings(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["output"] = str(self.output) if self.output else None
-        return data
 
 
 @dataclass
 class ExportResult:
+    """Where the model went, how closely it matched PyTorch (``None`` unchecked), what it carries."""
+
     path: Path
-    parity: dict[str, Any] | None
+    parity: Parity | None
     info: ModelInfo
     seconds: float
 
@@ -118,7 +69,7 @@ class _FusedPreprocess(nn.Module):
         return self.model(x * self.scale - self.shift)
 
 
-def export_onnx(run_dir: str | Path, options: ExportOptions = ExportOptions()) -> ExportResult:
+def export_onnx(run_dir: str | Path | RunDir, options: ExportOptions = ExportOptions()) -> ExportResult:
     """Export the run's checkpoint to ONNX, check it, verify parity and record it.
 
     Raises:
@@ -127,26 +78,33 @@ def export_onnx(run_dir: str | Path, options: ExportOptions = ExportOptions()) -
         ParityError: ONNX Runtime disagrees with PyTorch beyond ``options.atol``.
     """
     started = time.perf_counter()
-    run_dir = Path(run_dir)
-    checkpoint = run_dir / "model.pt"
-    if not run_dir.is_dir():
-        raise RunError(f"no run at {run_dir}; run edgetransfer finetune first")
-    output = Path(options.output) if options.output else run_dir / f"model{'-uint8' if options.fuse_preprocess else ''}.onnx"
+    run = RunDir(run_dir)
+    if not run.path.is_dir():
+        raise RunError(f"no run at {run}; run edgetransfer finetune first")
+    output = options.default_output(run)
     _check_writable(output)
-    built, payload = load_checkpoint(checkpoint)
+    built, payload = run.load_checkpoint()
     info = ModelInfo(
         labels=tuple(payload["classes"]),
         preprocessing=built.preprocessing,
         input_format=UINT8_NHWC if options.fuse_preprocess else FLOAT_NCHW,
         arch=built.arch.name,
-        checkpoint_sha256=sha256_file(checkpoint),
+        checkpoint_sha256=run.checkpoint_sha256(),
         edgetransfer_version=__version__,
     )
     with atomic_path(output) as tmp:
         _export(built, options, info, tmp)
-        parity = _verify(built, tmp, options, _validation_images(run_dir, options.verify_images)) if options.verify else None
-    _record(run_dir, output, options, parity)
+        images = [load_image(s) for s in run.validation(options.verify_images)] if options.verify else []
+        parity = _verify(built, tmp, options, images) if options.verify else None
+    _record(run, output, options, parity)
     return ExportResult(output, parity, info, time.perf_counter() - started)
+
+
+def needs_export(run_dir: str | Path | RunDir, building_variants: bool, export_options_given: bool) -> bool:
+    """Whether ``edgetransfer export`` exports the checkpoint again: always when it builds no
+    variant or was given export options; when it builds variants, only if there is no ONNX
+    model yet (a model from another checkpoint is refused by the variant build, not replaced)."""
+    return not building_variants or export_options_given or not RunDir(run_dir).onnx.is_file()
 
 
 def _check_writable(output: Path) -> None:
@@ -174,7 +132,7 @@ def _export(built: BuiltModel, options: ExportOptions, info: ModelInfo, path: Pa
             dynamic_shapes=dynamic, opset_version=options.opset, optimize=True, verbose=False,
         )
     except Exception as exc:
-        raise ExportError(f"cannot export {built.arch.name} to ONNX: {_unsupported(exc)}") from None
+        raise ExportError(f"cannot export {built.arch.name} to ONNX: {_unsupported(exc)}") from exc
     model = program.model_proto
     onnx.helper.set_model_props(model, info.to_props())
     model.doc_string = f"{built.arch.name} fine-tuned with edgetransfer {__version__}"
@@ -182,7 +140,7 @@ def _export(built: BuiltModel, options: ExportOptions, info: ModelInfo, path: Pa
         onnx.checker.check_model(model, full_check=True)
         onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
     except Exception as exc:
-        raise ExportError(f"the exported model of {built.arch.name} fails the ONNX checker: {str(exc).splitlines()[0]}") from None
+        raise ExportError(f"the exported model of {built.arch.name} fails the ONNX checker: {first_line(exc)}") from exc
     onnx.save_model(model, path)
 
 
@@ -193,25 +151,17 @@ def _unsupported(exc: Exception) -> str:
     if match:
         op = match.group(1).removesuffix(".default")
         return f"unsupported operator {op}: the ONNX exporter has no conversion for it; replace that layer or try another --opset"
-    first = next((line.strip() for line in text.splitlines() if line.strip()), type(exc).__name__)
-    return first[:300]
+    return first_line(Exception(text)) if text.strip() else type(exc).__name__
 
 
-def _validation_images(run_dir: Path, limit: int) -> list:
-    """Real validation images of the run, spread over its classes."""
-    config = read_json(run_dir / "config.json")
-    dataset = load_dataset(DataSpec.from_dict(config["data"]))
-    by_class: dict[int, list] = {}
-    for sample in dataset.val:
-        by_class.setdefault(sample.label, []).append(sample)
-    rounds = itertools.zip_longest(*by_class.values())  # round-robin over the classes
-    ordered = [s for group in rounds for s in group if s is not None]
-    return [load_image(s) for s in ordered[:limit]]
+def _verify(built: BuiltModel, path: Path, options: ExportOptions, images: list) -> Parity:
+    """ONNX Runtime (CPU) against eager PyTorch on the same images, in batches (the last one
+    partial, or padded for a static batch), every image counted.
 
-
-def _verify(built: BuiltModel, path: Path, options: ExportOptions, images: list) -> dict[str, Any]:
-    """ONNX Runtime (CPU) against eager PyTorch on the same images, batched and one by one."""
-    import onnxruntime as ort
+    Raises:
+        ParityError: they differ by more than ``options.atol``.
+    """
+    from .runtime.sessions import fixed_batch, open_session, run_batched
 
     pre = built.preprocessing
     pixels = [np.asarray(pre.resize_crop(img), dtype=np.uint8) for img in images]  # resized once
@@ -219,36 +169,25 @@ def _verify(built: BuiltModel, path: Path, options: ExportOptions, images: list)
     feed = np.stack(pixels) if options.fuse_preprocess else normalized
     with torch.no_grad():
         eager = built.module(torch.from_numpy(normalized)).numpy()
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = open_session(path)
     batch = options.static_batch or min(16, len(images))
-    chunks = [feed[i : i + batch] for i in range(0, len(feed) - len(feed) % batch or len(feed), batch)]
-    onnx_logits = np.concatenate([session.run([OUTPUT], {INPUT: c})[0] for c in chunks])
-    reference = eager[: len(onnx_logits)]
-    report = {
-        "images": int(len(onnx_logits)),
-        "batch_size": int(batch),
-        "max_abs_diff": float(np.abs(onnx_logits - reference).max()),
-        "top1_agreement": float((onnx_logits.argmax(1) == reference.argmax(1)).mean()),
-        "atol": options.atol,
-        "provider": session.get_providers()[0],
-    }
-    if report["max_abs_diff"] > options.atol:
+    onnx_logits = run_batched(lambda chunk: session.run([OUTPUT], {INPUT: chunk})[0], feed, batch, fixed_batch(session))
+    agreement = compare(onnx_logits, eager)
+    parity = Parity(agreement.images, int(batch), agreement.max_abs_diff, agreement.top1_agreement, options.atol,
+                    session.get_providers()[0])
+    if parity.max_abs_diff > options.atol:
         raise ParityError(
-            f"ONNX Runtime and PyTorch differ by up to {report['max_abs_diff']:.2e} in the logits (atol"
-            f" {options.atol:g}, top-1 agreement {100 * report['top1_agreement']:.1f}%); nothing was written."
+            f"ONNX Runtime and PyTorch differ by up to {parity.max_abs_diff:.2e} in the logits (atol"
+            f" {options.atol:g}, top-1 agreement {100 * parity.top1_agreement:.1f}%); nothing was written."
             " Raise --atol if this is expected, or --no-verify to skip the check"
         )
-    return report
+    return parity
 
 
-def _record(run_dir: Path, output: Path, options: ExportOptions, parity: dict[str, Any] | None) -> None:
-    if not Manifest.exists(run_dir):
+def _record(run: RunDir, output: Path, options: ExportOptions, parity: Parity | None) -> None:
+    if not run.has_manifest():
         return
-    manifest = Manifest.load(run_dir)
-    try:
-        relative = output.resolve().relative_to(run_dir.resolve())
-    except ValueError:
-        relative = output.resolve()
-    entry = manifest.record(options.artifact, relative, "onnx", parent="checkpoint", settings=options.settings())
-    entry["parity"] = parity
+    manifest = run.manifest()
+    entry = manifest.record(options.artifact, run.relative(output), "onnx", parent="checkpoint", settings=options.settings())
+    entry["parity"] = parity.to_dict() if parity else None
     manifest.save()

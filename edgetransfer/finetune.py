@@ -11,7 +11,7 @@ import math
 import random
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,124 +21,31 @@ from torch import nn
 
 from ._io import read_json, write_bytes, write_json
 from .checkpoint import save_checkpoint
-from .data import DEMO, Augment, DataSpec, Dataset, TorchImages, default_workers, eval_transform, load_dataset, train_transform
-from ._enums import Choice
+from .config import FinetuneConfig, Mode, OptimizerName
+from .data import Dataset, TorchImages, eval_transform, load_dataset, train_transform
 from .errors import EdgeTransferError, RunError, unknown_name
-from .manifest import Manifest, now
+from .rundir import Manifest, RunDir, now
 from .metrics import confusion_matrix, per_class_accuracy, topk_accuracy
-from .models import DEFAULT_ARCH, BuiltModel, build, default_weights, trunk_blocks
+from .models import BuiltModel, build, trunk_blocks
 from .distributed import SINGLE, Context, setup
 from .progress import console, progress, set_quiet
 
 __all__ = ["Mode", "OptimizerName", "FinetuneConfig", "FinetuneResult", "finetune"]
 
-CONFIG, CHECKPOINT, LAST, METRICS, CURVES = "config.json", "model.pt", "last.pt", "metrics.json", "curves.png"
-FEATURES = "cache/features.pt"
-DEMO_IMAGE_SIZE = 64
+CONFIG, CHECKPOINT, LAST, METRICS, CURVES = RunDir.CONFIG, RunDir.CHECKPOINT, RunDir.LAST, RunDir.METRICS, RunDir.CURVES
+FEATURES = RunDir.FEATURES
 PROBE_LR = 1e-2
-
-
-class Mode(Choice):
-    HEAD = "head"  # frozen feature extractor (optionally its last K blocks unfrozen), new classifier
-    FULL = "full"  # everything trains; the backbone at lr * backbone_lr_scale
-
-
-class OptimizerName(Choice):
-    @classmethod
-    def kind(cls) -> str:
-        return "optimizer"
-
-    ADAMW = "adamw"
-    SGD = "sgd"
-
-
-@dataclass(frozen=True)
-class FinetuneConfig:
-    """Everything that decides a fine-tuning run; saved as ``config.json`` in the run directory.
-
-    ``None`` fields get defaults that depend on the others (see :meth:`resolved`).
-    """
-
-    data: DataSpec = field(default_factory=DataSpec)
-    arch: str = DEFAULT_ARCH
-    weights: str | None = None
-    mode: Mode = Mode.HEAD
-    unfreeze_blocks: int = 0
-    image_size: int | None = None
-    epochs: int | None = None
-    batch_size: int = 64
-    lr: float | None = None
-    backbone_lr_scale: float | None = None
-    optimizer: OptimizerName = OptimizerName.ADAMW
-    weight_decay: float = 1e-4
-    warmup_epochs: float = 1.0
-    label_smoothing: float = 0.1
-    augment: Augment = Augment.CROP
-    probe_epochs: int | None = None
-    train_bn_stats: bool | None = None
-    patience: int | None = None
-    seed: int = 0
-    device: str = "auto"
-    amp: bool = True
-    workers: int | None = None
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "mode", Mode.parse(self.mode))
-        object.__setattr__(self, "optimizer", OptimizerName.parse(self.optimizer))
-        object.__setattr__(self, "augment", Augment.parse(self.augment))
-        checks = [
-            (self.epochs is None or self.epochs >= 1, f"epochs must be at least 1, got {self.epochs}"),
-            (self.batch_size >= 1, f"batch size must be at least 1, got {self.batch_size}"),
-            (self.lr is None or self.lr > 0, f"learning rate must be positive, got {self.lr}"),
-            (self.unfreeze_blocks >= 0, f"unfreeze blocks must be 0 or more, got {self.unfreeze_blocks}"),
-            (self.mode is Mode.HEAD or self.unfreeze_blocks == 0, "--unfreeze goes with --mode head (full trains every block)"),
-            (0 <= self.label_smoothing < 1, f"label smoothing must be in [0, 1), got {self.label_smoothing}"),
-            (self.probe_epochs is None or self.probe_epochs >= 0, f"probe epochs must be 0 or more, got {self.probe_epochs}"),
-            (self.patience is None or self.patience >= 1, f"patience must be at least 1, got {self.patience}"),
-            (self.image_size is None or self.image_size >= 16, f"image size must be at least 16, got {self.image_size}"),
-            (self.backbone_lr_scale is None or 0 < self.backbone_lr_scale <= 1, f"backbone lr scale must be in (0, 1], got {self.backbone_lr_scale}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise EdgeTransferError(message)
-
-    @property
-    def caches_features(self) -> bool:
-        return self.mode is Mode.HEAD and self.unfreeze_blocks == 0
-
-    def resolved(self) -> "FinetuneConfig":
-        """Fill the defaults that depend on other fields (weights, size, epochs, lr, workers)."""
-        weights = self.weights if self.weights is not None else default_weights(self.arch)
-        scratch = weights.lower() == "none"  # nothing pretrained: no probe, one lr, live BatchNorm
-        return replace(
-            self,
-            weights=weights,
-            backbone_lr_scale=self.backbone_lr_scale or (1.0 if scratch else 0.1),
-            train_bn_stats=self.train_bn_stats if self.train_bn_stats is not None else scratch,
-            image_size=self.image_size or (DEMO_IMAGE_SIZE if self.data.source == DEMO else None),
-            epochs=self.epochs or (30 if self.caches_features else 10),
-            probe_epochs=self.probe_epochs if self.probe_epochs is not None else (0 if self.caches_features or scratch else 10),
-            lr=self.lr or (1e-2 if self.caches_features else 1e-3),
-            workers=self.workers if self.workers is not None else default_workers(self.data),
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data.update(mode=self.mode.value, optimizer=self.optimizer.value, augment=self.augment.value)
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "FinetuneConfig":
-        data = dict(data)
-        data["data"] = DataSpec.from_dict(data["data"])
-        return cls(**data)
 
 
 @dataclass
 class FinetuneResult:
+    """The run directory, its final metrics and resolved config; ``main`` is false on the other
+    ranks of a distributed job, which leave reporting to rank 0."""
+
     run_dir: Path
     metrics: dict[str, Any]
     config: FinetuneConfig
+    main: bool = True
 
 
 EpochCallback = Callable[[dict[str, Any]], None]
@@ -190,7 +97,7 @@ def finetune(
     if dist.main:
         _record(manifest, config, metrics, run_dir)
     dist.barrier()
-    return FinetuneResult(run_dir, metrics, config)
+    return FinetuneResult(run_dir, metrics, config, dist.main)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,7 +110,8 @@ def _open_run(run_dir: Path, config: FinetuneConfig, resume: bool):
         if not (run_dir / CONFIG).is_file():
             raise RunError(f"nothing to resume in {run_dir}: no {CONFIG} (start it without --resume)")
         config = FinetuneConfig.from_dict(read_json(run_dir / CONFIG))
-        manifest = Manifest.load(run_dir) if Manifest.exists(run_dir) else Manifest.create(run_dir, config=config.to_dict())
+        run = RunDir(run_dir)
+        manifest = run.manifest() if run.has_manifest() else run.new_manifest(config=config.to_dict())
         if manifest.data.get("status") == "complete":
             raise RunError(f"{run_dir} is already complete; nothing to resume")
         state = _load_state(run_dir / LAST) if (run_dir / LAST).is_file() else None
@@ -216,7 +124,7 @@ def _open_run(run_dir: Path, config: FinetuneConfig, resume: bool):
     config = config.resolved()
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json(run_dir / CONFIG, config.to_dict())
-    manifest = Manifest.create(run_dir, run=run_dir.name, status="training", config=config.to_dict())
+    manifest = RunDir(run_dir).new_manifest(run=run_dir.name, status="training", config=config.to_dict())
     manifest.save()
     return config, manifest, None
 
@@ -245,7 +153,7 @@ def _load_state(path: Path) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=False)  # our own file: RNG states need pickle
     except Exception as exc:
-        raise RunError(f"cannot read {path} to resume ({str(exc).splitlines()[0]}); start a new run") from None
+        raise RunError(f"cannot read {path} to resume ({str(exc).splitlines()[0]}); start a new run") from exc
 
 
 def _record(manifest: Manifest, config: FinetuneConfig, metrics: dict[str, Any], run_dir: Path) -> None:

@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import EdgeTransferError
+from .errors import PredictorError
 from .preprocessing import Preprocessing
 
 __all__ = ["ModelInfo", "InputFormat", "FLOAT_NCHW", "UINT8_NHWC"]
@@ -52,10 +52,10 @@ class ModelInfo:
         """Parse ``metadata_props``.
 
         Raises:
-            EdgeTransferError: the model carries no edgetransfer metadata, or it is malformed.
+            PredictorError: the model carries no edgetransfer metadata, or it is malformed.
         """
         if "labels" not in props or "input_size" not in props:
-            raise EdgeTransferError("the model has no edgetransfer metadata (labels, input_size)")
+            raise PredictorError("the model has no edgetransfer metadata (labels, input_size)")
         try:
             pre = Preprocessing.from_dict(
                 {
@@ -70,7 +70,7 @@ class ModelInfo:
             )
             labels = tuple(str(v) for v in json.loads(props["labels"]))
         except (KeyError, ValueError, TypeError) as exc:
-            raise EdgeTransferError(f"malformed edgetransfer metadata in the model: {exc}") from None
+            raise PredictorError(f"malformed edgetransfer metadata in the model: {exc}") from exc
         return cls(
             labels=labels,
             preprocessing=pre,

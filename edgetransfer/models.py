@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .config import DEFAULT_ARCH
 from .errors import ModelError, WeightsError, unknown_name
 from .preprocessing import IMAGENET_MEAN, IMAGENET_STD, Interpolation, Preprocessing
 
@@ -37,7 +38,6 @@ __all__ = [
     "trunk_blocks",
 ]
 
-DEFAULT_ARCH = "timm:efficientnet_lite0"
 TIMM_PREFIX = "timm:"
 
 
@@ -349,7 +349,7 @@ def _fetch(make: Callable[[], nn.Module], arch_name: str, weights: str) -> nn.Mo
         raise WeightsError(
             f"cannot get {weights} weights for {arch_name} ({type(exc).__name__}: {text}). Offline, put the"
             " file in the torch hub cache ($TORCH_HOME/hub/checkpoints) or pass --weights embedded|none|PATH"
-        ) from None
+        ) from exc
 
 
 def _torchvision_preprocessing(tv_weights) -> Preprocessing:
@@ -435,7 +435,7 @@ def _load_file(module: nn.Module, path: Path, arch_name: str) -> None:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle errors, zip errors, refused globals: all "not loadable"
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise WeightsError(f"cannot load weights file {path}: {reason}") from None
+        raise WeightsError(f"cannot load weights file {path}: {reason}") from exc
     state = payload
     if isinstance(payload, dict):
         state = payload.get("state_dict", payload.get("model", payload))

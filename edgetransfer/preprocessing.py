@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import DataError, unknown_name
+from .errors import DataError, ImageError, unknown_name
 
 __all__ = ["Interpolation", "Preprocessing", "to_rgb", "load_rgb", "IMAGENET_MEAN", "IMAGENET_STD"]
 
@@ -150,7 +150,7 @@ def load_rgb(source: str | os.PathLike | bytes) -> Image.Image:
             image.load()
             return to_rgb(image)
     except FileNotFoundError:
-        raise DataError(f"image not found: {name}") from None
+        raise ImageError(f"image not found: {name}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise DataError(f"cannot read image {name}: {reason}") from None
+        raise ImageError(f"cannot read image {name}: {reason}") from exc

@@ -1,4 +1,6 @@
-"""Progress bars (rich) that stay out of the way when output is not a terminal or is silenced."""
+"""Where output goes: results (tables, recommendations) on stdout through :data:`out`; progress,
+warnings and errors on stderr through :data:`console`, as Unix tools do. Progress bars stay out
+of the way when output is not a terminal or is silenced."""
 
 from __future__ import annotations
 
@@ -16,10 +18,11 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-__all__ = ["console", "progress", "set_quiet"]
+__all__ = ["console", "out", "progress", "set_quiet"]
 
 # Piped output (logs, CI) gets room for the wide tables instead of rich's 80-column default.
 console = Console(stderr=True, width=None if sys.stderr.isatty() else 150)
+out = Console(width=None if sys.stdout.isatty() else 150)
 _quiet = False
 
 

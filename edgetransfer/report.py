@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.table import Table
 
 from ._io import atomic_path
 
-__all__ = ["epochs_table", "finetune_summary_table", "plot_training"]
+if TYPE_CHECKING:
+    from .results import BenchReport
+
+__all__ = ["epochs_table", "finetune_summary_table", "plot_training", "parity_table", "predictions_table", "variants_table",
+           "bench_table", "recommendation_line", "bench_markdown", "plot_bench"]
 
 
 def epochs_table(history: list[dict[str, Any]], last: int = 12) -> Table:
@@ -100,8 +104,8 @@ def parity_table(result) -> Table:
     table.add_row("preprocessing", f"resize {pre.resize_size} ({pre.interpolation.value}), crop {pre.input_size}, mean {_short(pre.mean)}, std {_short(pre.std)}")
     if result.parity:
         p = result.parity
-        table.add_row("parity", f"max |logit diff| {p['max_abs_diff']:.2e} (atol {p['atol']:g}), top-1 agreement {100 * p['top1_agreement']:.1f}%")
-        table.add_row("checked on", f"{p['images']} validation images, batches of {p['batch_size']}, {p['provider']}")
+        table.add_row("parity", f"max |logit diff| {p.max_abs_diff:.2e} (atol {p.atol:g}), top-1 agreement {100 * p.top1_agreement:.1f}%")
+        table.add_row("checked on", f"{p.images} validation images, batches of {p.batch_size}, {p.provider}")
     else:
         table.add_row("parity", "not checked (--no-verify)")
     table.add_row("time", f"{result.seconds:.1f} s")
@@ -125,84 +129,89 @@ def _short(values) -> str:
 
 def variants_table(variants) -> Table:
     """Each optimised variant with its accuracy against the float model."""
-    table = Table(title="variants (accuracy on the run's validation data, CPU)", title_justify="left")
+    images = next((v.report.accuracy.images for v in variants if v.report.accuracy), 0)
+    table = Table(title=f"variants (accuracy against the float model on {images} validation images, CPU)", title_justify="left")
     for column in ("variant", "MB", "top-1", "Δ float", "agree", "float layers", "s"):
         table.add_column(column, justify="left" if column == "variant" else "right")
     for v in variants:
-        r = v.report
+        r, a = v.report, v.report.accuracy
         size = v.size_bytes / 2**20 if v.size_bytes is not None else float("nan")
         table.add_row(
             v.name, f"{size:.1f}",
-            f"{100 * r['top1']:.2f}%" if "top1" in r else "—",
-            f"{-r['top1_drop_points']:+.2f}" if "top1_drop_points" in r else "—",
-            f"{100 * r['top1_agreement']:.1f}%" if "top1_agreement" in r else "—",
-            str(len(r.get("kept_in_float", []) or [])) if v.precision.value == "int8" else "—",
-            f"{r.get('seconds', 0):.1f}",
+            f"{100 * a.top1:.2f}%" if a and a.top1 is not None else "—",
+            f"{a.top1_change_points:+.2f}" if a and a.top1_change_points is not None else "—",
+            f"{100 * a.top1_agreement:.1f}%" if a else "—",
+            str(len(r.kept_in_float)) if v.precision.value == "int8" else "—",
+            f"{r.seconds:.1f}",
         )
     return table
 
 
-def _bench_rows(report: dict[str, Any]):
+def _bench_rows(report: BenchReport):
     """(variant, batch, cells…) rows shared by the terminal table and the Markdown."""
-    for r in report["results"]:
-        if r["status"] != "measured":
-            yield [r["variant"], "—", r["status"], "", "", "", "", "", "", "", ""]
+    for r in report.results:
+        if not r.measured:
+            yield [r.variant, "—", r.status, "", "", "", "", "", "", "", ""]
             continue
-        acc = r["accuracy"]
-        for batch, t in r["latency"].items():
+        acc = r.accuracy
+        for batch, t in r.latency.items():
             yield [
-                r["variant"], batch, r["provider"].replace("ExecutionProvider", ""),
-                f"{t['mean_ms']:.2f}", f"{t['p50_ms']:.2f}", f"{t['p99_ms']:.2f}", f"{t['throughput_ips']:.0f}",
-                f"{r.get('speedup_vs_eager', {}).get(batch, float('nan')):.2f}×",
-                f"{100 * acc['top1']:.2f}%", f"{acc.get('top1_change_points', 0.0):+.2f}",
-                f"{(r['size_bytes'] or 0) / 2**20:.1f}",
+                r.variant, batch, (r.provider or "").replace("ExecutionProvider", ""),
+                f"{t.mean_ms:.2f}", f"{t.p50_ms:.2f}", f"{t.p99_ms:.2f}", f"{t.throughput_ips:.0f}",
+                f"{r.speedup_vs_eager.get(batch, float('nan')):.2f}×",
+                f"{100 * acc.top1:.2f}%", f"{acc.top1_change_points or 0.0:+.2f}",
+                f"{(r.size_bytes or 0) / 2**20:.1f}",
             ]
 
 
 _BENCH_COLUMNS = ["variant", "batch", "provider", "mean ms", "p50 ms", "p99 ms", "img/s", "vs eager", "top-1", "Δ pt", "MB"]
 
 
-def bench_table(report: dict[str, Any]) -> Table:
+def _not_measured(report: BenchReport) -> list[str]:
+    return [f"{r.variant} {r.status}: {r.reason}" for r in report.results if not r.measured]
+
+
+def bench_table(report: BenchReport) -> Table:
     """The bench results in the terminal."""
-    machine = report["machine"]
-    table = Table(title=f"bench: {machine['cpu']['model']}, {machine['threads']} threads, {report['eval_images']} images",
+    machine = report.machine
+    table = Table(title=f"bench: {machine.cpu.model}, {machine.threads} threads, {report.eval_images} images",
                   title_justify="left")
     for column in _BENCH_COLUMNS:
         table.add_column(column, justify="left" if column in ("variant", "provider") else "right")
     for row in _bench_rows(report):
         table.add_row(*row)
-    table.caption = "\n".join(f"{r['variant']} {r['status']}: {r['reason']}" for r in report["results"] if r["status"] != "measured")
+    table.caption = "\n".join(_not_measured(report))
     table.caption_justify = "left"
     return table
 
 
-def recommendation_line(report: dict[str, Any]) -> str:
-    rec = report.get("recommendation")
-    budget = report["options"]["max_accuracy_drop"]
+def recommendation_line(report: BenchReport) -> str:
+    rec, budget = report.recommendation, report.budget
     if rec is None:
         return f"no variant is within {budget} top-1 points of eager"
-    return (f"recommended: {rec['variant']} — {rec['mean_ms']:.2f} ms at batch {rec['batch_size']},"
-            f" {rec['speedup_vs_eager']:.2f}× eager, top-1 {rec['top1_change_points']:+.2f} points (budget {budget})")
+    speedup = f"{rec.speedup_vs_eager:.2f}× eager" if rec.speedup_vs_eager is not None else "eager not measured"
+    return (f"recommended: {rec.variant} — {rec.mean_ms:.2f} ms at batch {rec.batch_size},"
+            f" {speedup}, top-1 {rec.top1_change_points:+.2f} points (budget {budget})")
 
 
-def bench_markdown(report: dict[str, Any]) -> str:
+def bench_markdown(report: BenchReport) -> str:
     """bench.md: the table, the recommendation and the machine, for a README or a PR."""
-    machine = report["machine"]
-    lines = [f"# edgetransfer bench: {Path(report['run']).name}", "", recommendation_line(report), "",
+    machine = report.machine
+    lines = [f"# edgetransfer bench: {Path(report.run).name}", "", recommendation_line(report), "",
              "| " + " | ".join(_BENCH_COLUMNS) + " |", "|" + "---|" * len(_BENCH_COLUMNS)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in _bench_rows(report)]
-    lines += [f"\n{r['variant']} {r['status']}: {r['reason']}" for r in report["results"] if r["status"] != "measured"]
-    cpu = machine["cpu"]
-    flags = ", ".join(k for k in ("avx2", "avx512", "vnni", "amx") if cpu.get(k))
-    lines += ["", f"Machine: {cpu['model']} ({flags}), {machine['cores']} cores, {machine['memory_gib']} GiB, {machine['os']};"
-              f" {machine['threads']} threads for torch and ONNX Runtime, spinning off; {report['eval_images']} evaluation images;"
-              f" versions: {', '.join(f'{k} {v}' for k, v in machine['versions'].items() if k not in ('platform',))}.", ""]
+    lines += [f"\n{line}" for line in _not_measured(report)]
+    cpu = machine.cpu
+    flags = ", ".join(k for k in ("avx2", "avx512", "vnni", "amx") if getattr(cpu, k))
+    lines += ["", f"Machine: {cpu.model} ({flags}), {machine.cores} cores, {machine.memory_gib} GiB, {machine.os};"
+              f" {machine.threads} threads for torch and ONNX Runtime, spinning off; {report.eval_images} evaluation images;"
+              f" versions: {', '.join(f'{k} {v}' for k, v in machine.versions.items() if k not in ('platform',))}.", ""]
     return "\n".join(lines)
 
 
-def plot_bench(report: dict[str, Any], path: Path) -> Path | None:
+def plot_bench(report: BenchReport, path: Path) -> Path | None:
     """bench.png: top-1 against latency per variant, and the speed-up against eager."""
-    measured = [r for r in report["results"] if r["status"] == "measured"]
+    measured = [r for r in report.results if r.measured]
     if not measured:
         return None
     import matplotlib
@@ -210,21 +219,21 @@ def plot_bench(report: dict[str, Any], path: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    first = str(report["options"]["batch_sizes"][0])
+    batches = [str(b) for b in report.batch_sizes]
     fig, (scatter, bars) = plt.subplots(1, 2, figsize=(13, 4.6))
     for r in measured:
-        x, y = r["latency"][first]["mean_ms"], 100 * r["accuracy"]["top1"]
+        x, y = r.latency[batches[0]].mean_ms, 100 * r.accuracy.top1
         scatter.scatter(x, y, s=60)
-        scatter.annotate(r["variant"], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
-    scatter.set(title=f"top-1 against latency (batch {first})", xlabel="mean latency (ms)", ylabel="top-1 (%)")
+        scatter.annotate(r.variant, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    scatter.set(title=f"top-1 against latency (batch {batches[0]})", xlabel="mean latency (ms)", ylabel="top-1 (%)")
     scatter.grid(alpha=0.3)
-    names = [r["variant"] for r in measured]
-    width = 0.8 / len(report["options"]["batch_sizes"])
-    for i, batch in enumerate(str(b) for b in report["options"]["batch_sizes"]):
-        values = [r.get("speedup_vs_eager", {}).get(batch, 0) for r in measured]
+    names = [r.variant for r in measured]
+    width = 0.8 / len(batches)
+    for i, batch in enumerate(batches):
+        values = [r.speedup_vs_eager.get(batch, 0) for r in measured]
         bars.bar([j + i * width for j in range(len(names))], values, width, label=f"batch {batch}")
     bars.axhline(1.0, color="grey", linestyle=":")
-    bars.set_xticks([j + width * (len(report["options"]["batch_sizes"]) - 1) / 2 for j in range(len(names))], names, rotation=30, ha="right")
+    bars.set_xticks([j + width * (len(batches) - 1) / 2 for j in range(len(names))], names, rotation=30, ha="right")
     bars.set(title="speed-up against eager PyTorch", ylabel="×")
     bars.legend()
     fig.suptitle(recommendation_line(report), fontsize=9)

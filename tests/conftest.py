@@ -42,3 +42,23 @@ def write_folder(root: Path, per_class: int, classes: int = 3, size: int = 24) -
 def digit_folder(tmp_path: Path) -> Path:
     """3 classes x 12 real digit images."""
     return write_folder(tmp_path / "images", per_class=12)
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> Path:
+    """One real fine-tuned run for the whole test session: EfficientNet-Lite0 (embedded ImageNet
+    weights) with a new head on 200 real digits at 64 px, 5 epochs. Never modified: tests that
+    add artifacts take a copy (:func:`copy_run`)."""
+    from edgetransfer.data import DataSpec
+    from edgetransfer.finetune import FinetuneConfig, finetune
+
+    return finetune(FinetuneConfig(data=DataSpec(limit_per_class=20), epochs=5), tmp_path_factory.mktemp("trained") / "run").run_dir
+
+
+def copy_run(trained: Path, tmp_path_factory, name: str) -> Path:
+    """A private copy of the shared run, for a test module to add its own artifacts to."""
+    import shutil
+
+    target = tmp_path_factory.mktemp(name) / "run"
+    shutil.copytree(trained, target)
+    return target

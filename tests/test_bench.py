@@ -6,22 +6,26 @@ import os
 import pytest
 from click.testing import CliRunner
 
-from edgetransfer.bench import SCHEMA, BenchOptions, bench_run
+import torch
+
+from edgetransfer._io import sha256_file
+from edgetransfer.bench import BenchOptions, bench_run
+from edgetransfer.cpu import cpu_features
+from edgetransfer.results import BENCH_SCHEMA, BenchReport, Latency
+from edgetransfer.rundir import Manifest
 from edgetransfer.cli import main
-from edgetransfer.data import DataSpec
 from edgetransfer.errors import DataError, EdgeTransferError, RunError, UnknownNameError
 from edgetransfer.export import ExportOptions, export_onnx
-from edgetransfer.finetune import FinetuneConfig, finetune
 from edgetransfer.optimize import Precision, QuantOptions, Target, build_variants
 
-from conftest import write_folder
+from conftest import copy_run, write_folder
 
 QUICK = BenchOptions(batch_sizes=(1, 4), warmup=1, iterations=3, eval_images=40)
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    run = finetune(FinetuneConfig(data=DataSpec(limit_per_class=20), epochs=5), tmp_path_factory.mktemp("bench") / "run").run_dir
+def run_dir(trained_run, tmp_path_factory):
+    run = copy_run(trained_run, tmp_path_factory, "bench")
     export_onnx(run)
     export_onnx(run, ExportOptions(fuse_preprocess=True))
     build_variants(run, [Target.ORT_CPU], [Precision.FP32, Precision.INT8], QuantOptions(calib_size=32, max_accuracy_drop=100))
@@ -34,48 +38,60 @@ def report(run_dir):
 
 
 def rows(report):
-    return {r["variant"]: r for r in report["results"]}
+    return {r.variant: r for r in report.results}
 
 
-def test_every_variant_is_measured_against_eager_in_the_same_run(report):
+def test_every_variant_is_measured_against_eager_in_the_same_run(run_dir, report):
     results = rows(report)
-    assert set(results) >= {"eager", "onnx", "onnx-uint8", "ort-cpu-fp32", "ort-cpu-int8"}
-    assert results["eager"]["speedup_vs_eager"] == {"1": 1.0, "4": 1.0}
-    for name in ("eager", "onnx", "onnx-uint8", "ort-cpu-fp32", "ort-cpu-int8"):
-        row = results[name]
-        assert row["status"] == "measured", row
+    assert list(results) == ["eager", "onnx", "onnx-uint8", "ort-cpu-fp32", "ort-cpu-int8"]
+    eager = results["eager"]
+    for name, row in results.items():
+        assert row.status == "measured", row
+        assert row.threads == os.cpu_count()
         for batch in ("1", "4"):
-            t = row["latency"][batch]
-            assert t["iterations"] == 3 and 0 < t["p50_ms"] <= t["p99_ms"] and t["throughput_ips"] > 0
-        assert row["cold_start_s"] > 0 and row["size_bytes"] > 0 and row["rss_mb"] > 0
-        assert row["process_peak_rss_mb"] >= row["rss_mb"] * 0.9
-    assert results["onnx"]["provider"] == "CPUExecutionProvider"
+            t = row.latency[batch]
+            assert t.batch == int(batch) and t.iterations == 3
+            assert t.throughput_ips == pytest.approx(int(batch) * 1000 / t.mean_ms, rel=0.01)
+            # the speed-up is eager's mean latency over this row's, measured in this run
+            assert row.speedup_vs_eager[batch] == pytest.approx(eager.latency[batch].mean_ms / t.mean_ms, rel=0.01)
+        assert row.cold_start_s > 0 and row.rss_mb > 0
+    for name in ("onnx", "onnx-uint8", "ort-cpu-fp32", "ort-cpu-int8"):
+        assert results[name].size_bytes == (run_dir / f"{'model' if name == 'onnx' else 'model-uint8' if name == 'onnx-uint8' else name}.onnx").stat().st_size
+        assert results[name].provider == "CPUExecutionProvider" and results[name].kind == "onnx"
+    assert eager.kind == "torch-checkpoint" and eager.provider == "torch-cpu"
+    assert results["onnx-uint8"].backend_settings["intra_op_num_threads"] == str(os.cpu_count())
 
 
 def test_accuracy_and_agreement_with_eager(report):
     results = rows(report)
-    eager = results["eager"]["accuracy"]
-    assert report["eval_images"] == 40 and 0.5 < eager["top1"] <= eager["top5"]
+    eager = results["eager"].accuracy
+    assert report.eval_images == 40 and 0.5 < eager.top1 <= eager.top5
     for name in ("onnx", "onnx-uint8", "ort-cpu-fp32"):
-        accuracy = results[name]["accuracy"]
-        assert accuracy["top1_agreement"] == 1.0 and accuracy["max_abs_logit_diff"] < 1e-3
-        assert accuracy["top1_change_points"] == 0.0
-    int8 = results["ort-cpu-int8"]["accuracy"]
-    assert int8["top1_agreement"] >= 0.8 and int8["max_abs_logit_diff"] > 1e-3  # really quantised
+        accuracy = results[name].accuracy
+        assert accuracy.top1_agreement == 1.0 and accuracy.max_abs_logit_diff < 1e-3
+        assert accuracy.top1_change_points == 0.0
+    int8 = results["ort-cpu-int8"].accuracy
+    assert int8.top1_agreement >= 0.8 and int8.max_abs_logit_diff > 1e-3  # really quantised
+    assert int8.top1_change_points == pytest.approx(100 * (int8.top1 - eager.top1), abs=1e-3)
 
 
 def test_report_files_and_recommendation(run_dir, report):
     saved = json.loads((run_dir / "bench.json").read_text())
-    assert saved["schema"] == SCHEMA and saved["complete"] is True
+    assert saved["schema"] == BENCH_SCHEMA and saved["complete"] is True
+    assert BenchReport.from_dict(saved) == report  # bench.json round-trips through the typed report
+    assert BenchReport.from_dict(saved).to_dict() == saved
     machine = saved["machine"]
     assert machine["threads"] == os.cpu_count() and machine["ort_spinning"] is False
-    assert {"avx2", "vnni", "amx"} <= set(machine["cpu"]) and "torch" in machine["versions"]
+    assert machine["cpu"] == cpu_features().to_dict() and "torch" in machine["versions"]
     recommendation = saved["recommendation"]
     measured = [r for r in saved["results"] if r["status"] == "measured" and r["variant"] != "eager"]
     within = [r for r in measured if r["accuracy"]["top1_change_points"] >= -1.0]
     assert recommendation["variant"] == min(within, key=lambda r: r["latency"]["1"]["mean_ms"])["variant"]
     assert "| variant | batch |" in (run_dir / "bench.md").read_text()
     assert (run_dir / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    entry = Manifest.load(run_dir).artifacts["bench"]
+    assert entry["sha256"] == sha256_file(run_dir / "bench.json") and entry["kind"] == "bench-report"
+    assert entry["parent"] == ["checkpoint", "onnx", "onnx-uint8", "ort-cpu-fp32", "ort-cpu-int8"]
 
 
 def test_a_corrupt_artifact_fails_alone(run_dir, tmp_path):
@@ -84,14 +100,26 @@ def test_a_corrupt_artifact_fails_alone(run_dir, tmp_path):
     report = bench_run(run_dir, BenchOptions(batch_sizes=(1,), warmup=0, iterations=2, eval_images=16,
                                              variants=("onnx",), models=(broken,)), out_dir=tmp_path)
     results = rows(report)
-    assert results["broken.onnx"]["status"] == "failed" and "broken.onnx" in results["broken.onnx"]["reason"]
-    assert results["onnx"]["status"] == "measured" and results["eager"]["status"] == "measured"
+    assert results["broken.onnx"].status == "failed" and "broken.onnx" in results["broken.onnx"].reason
+    assert results["broken.onnx"].latency == {} and "latency" not in results["broken.onnx"].to_dict()
+    assert results["onnx"].status == "measured" and results["eager"].status == "measured"
 
 
-def test_auto_threads_picks_and_records_a_count(run_dir, tmp_path):
-    report = bench_run(run_dir, BenchOptions(batch_sizes=(1,), warmup=0, iterations=2, eval_images=8,
+def test_auto_threads_times_each_count_and_keeps_the_fastest(run_dir, tmp_path, monkeypatch):
+    import edgetransfer.bench as bench_module
+
+    tried = []
+
+    def fake_time(runner, inputs, batch, options):  # 1 thread is "fastest" here, whatever the machine
+        count = int(runner.settings.get("intra_op_num_threads", "0")) if runner.settings else torch.get_num_threads()
+        tried.append(count)
+        return Latency(batch, 1, float(count), float(count), float(count), float(count), 1.0)
+
+    monkeypatch.setattr(bench_module, "_time", fake_time)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    report = bench_run(run_dir, BenchOptions(batch_sizes=(1,), warmup=0, iterations=2, eval_images=8, threads=2,
                                              variants=("ort-cpu-int8",), auto_threads=True), out_dir=tmp_path)
-    assert all(1 <= r["threads"] <= os.cpu_count() for r in report["results"])
+    assert [r.threads for r in report.results] == [1, 1] and tried.count(1) >= 2 and 2 in tried
 
 
 def test_bad_input(run_dir, tmp_path):
@@ -115,4 +143,4 @@ def test_cli_gate_fails_when_nothing_is_within_budget(run_dir, tmp_path):
     result = CliRunner().invoke(main, args + ["--variant", "eager", "--fail-over-budget"])
     assert result.exit_code == 2 and "no variant is within 1.0 top-1 points" in result.output
     result = CliRunner().invoke(main, ["bench", str(run_dir), "--batch-sizes", "1,x"])
-    assert result.exit_code == 1 and "--batch-sizes takes comma-separated whole numbers" in result.output
+    assert result.exit_code == 2 and "Invalid value for '--batch-sizes': takes comma-separated whole numbers" in result.output

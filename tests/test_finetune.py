@@ -12,7 +12,7 @@ from edgetransfer.checkpoint import load_checkpoint
 from edgetransfer.data import DataSpec, eval_transform, load_dataset, load_image
 from edgetransfer.errors import EdgeTransferError, RunError
 from edgetransfer.finetune import FinetuneConfig, finetune
-from edgetransfer.manifest import Manifest
+from edgetransfer.rundir import Manifest
 from edgetransfer.models import build, trunk_blocks
 
 SMALL = DataSpec(limit_per_class=40)  # 320 train / 80 val real digits
@@ -89,6 +89,7 @@ def test_interrupted_head_run_resumes_to_the_same_result(head_run, tmp_path):
     assert strip_times(resumed.metrics["epochs"]) == strip_times(head_run.metrics["epochs"])
 
 
+@pytest.mark.slow
 def test_full_mode_trains_the_backbone_and_resumes_exactly(tmp_path):
     config = FinetuneConfig(
         data=DataSpec(limit_per_class=6), mode="full", epochs=3, probe_epochs=10, image_size=32, batch_size=16
@@ -107,6 +108,7 @@ def test_full_mode_trains_the_backbone_and_resumes_exactly(tmp_path):
     assert torch.equal(trained["bn1.running_mean"], pretrained["bn1.running_mean"])  # its statistics stay
 
 
+@pytest.mark.slow
 def test_unfreezing_the_last_block_leaves_the_rest_and_its_batchnorm_alone(tmp_path):
     config = FinetuneConfig(
         data=DataSpec(limit_per_class=6), unfreeze_blocks=1, epochs=1, probe_epochs=0, image_size=32, batch_size=16

@@ -24,21 +24,21 @@ from edgetransfer.cli import main  # noqa: E402
 from edgetransfer.data import DataSpec, load_dataset, load_image  # noqa: E402
 from edgetransfer.errors import EdgeTransferError  # noqa: E402
 from edgetransfer.export import export_onnx  # noqa: E402
-from edgetransfer.finetune import FinetuneConfig, finetune  # noqa: E402
+from conftest import copy_run  # noqa: E402
 from edgetransfer.optimize import Precision, QuantOptions, Target, build_variants, cpu_features  # noqa: E402
 from edgetransfer.optimize import openvino as ovq  # noqa: E402
-from edgetransfer.optimize.variants import QuantizationError  # noqa: E402
+from edgetransfer.errors import ExportError, QuantizationError  # noqa: E402
 from edgetransfer.runtime import Predictor, PredictorError  # noqa: E402
-from edgetransfer.runtime._openvino import OpenVinoError, bf16_problem, read_ir, save_ir  # noqa: E402
+from edgetransfer.runtime.openvino_ir import bf16_problem, read_ir, save_ir  # noqa: E402
 
 HAS_BF16 = bf16_problem() is None
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
+def run_dir(trained_run, tmp_path_factory):
     """EfficientNet-Lite0 head on 200 digits (64 px) with its OpenVINO f32 IR and an INT8 IR
     built with no accuracy budget (the guard has its own test)."""
-    run = finetune(FinetuneConfig(data=DataSpec(limit_per_class=20), epochs=5), tmp_path_factory.mktemp("ov") / "run").run_dir
+    run = copy_run(trained_run, tmp_path_factory, "ov")
     export_onnx(run)
     build_variants(run, [Target.OPENVINO], [Precision.FP32, Precision.INT8], QuantOptions(calib_size=32, max_accuracy_drop=100))
     return run
@@ -135,11 +135,12 @@ def test_int8_guard_keeps_layers_in_float_until_the_budget_holds(run_dir, tmp_pa
     shutil.copytree(run_dir, run)
     (variant,) = build_variants(run, [Target.OPENVINO], [Precision.INT8], QuantOptions(calib_size=32, max_accuracy_drop=0.0))
     report = variant.report
-    assert report["top1_drop_points"] <= 0.0
-    assert report["guard_steps"][0]["drop_points"] > 0.0  # unguarded INT8 lost accuracy here
-    assert report["kept_in_float"] and report["guard_method"] in ("NNCF ignored scope", "reverted after quantisation")
+    assert report.drop_points <= 0.0
+    assert report.guard_steps[0].drop_points > 0.0  # unguarded INT8 lost accuracy here
+    assert report.kept_in_float and report.details["guard_method"] in ("NNCF ignored scope", "reverted after quantisation")
+    assert list(report.guard_steps[-1].kept_in_float) == report.kept_in_float
     model, _ = read_ir(variant.path)
-    float_ops = set(report["kept_in_float"])
+    float_ops = set(report.kept_in_float)
     quantized = set(ovq.quantized_ops(model))
     assert float_ops.isdisjoint(quantized) and len(quantized) > 40
     with pytest.raises(QuantizationError, match=r"OpenVINO INT8 loses .* even with 0 layer\(s\) kept in float .* nothing was written"):
@@ -152,8 +153,8 @@ def test_bf16_is_the_f32_ir_run_in_bf16(run_dir, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(run_dir, run)
     (variant,) = build_variants(run, [Target.OPENVINO], [Precision.BF16])
-    assert variant.report["inference_precision"] == "bf16" and variant.report["top1_agreement"] >= 0.9
-    assert 1e-4 < variant.report["max_abs_diff"] < 1.0  # really bf16: not bit-equal to float, but close
+    assert variant.report.details["inference_precision"] == "bf16" and variant.report.accuracy.top1_agreement >= 0.9
+    assert 1e-4 < variant.report.accuracy.max_abs_diff < 1.0  # really bf16: not bit-equal to float, but close
     assert (run / "openvino-bf16.bin").stat().st_size == (run / "openvino-fp32.bin").stat().st_size
 
 
@@ -164,7 +165,7 @@ def test_bf16_is_refused_on_a_cpu_without_it(run_dir, monkeypatch):
 
     message = bf16_problem(NoBf16Core())
     assert message == "this CPU has no native bf16 (it needs AMX or AVX-512 BF16; OpenVINO reports FP32, INT8, BIN); use --precision fp32 or int8"
-    import edgetransfer.runtime._openvino as runtime_ov
+    import edgetransfer.runtime.openvino_ir as runtime_ov
 
     monkeypatch.setattr(runtime_ov, "bf16_problem", lambda core=None: message)
     before = sorted(p.name for p in run_dir.iterdir())
@@ -194,7 +195,7 @@ def test_a_model_openvino_cannot_convert_gets_its_reason_on_one_line(tmp_path):
     graph = helper.make_graph([helper.make_node("Frobnicate", ["x"], ["y"], domain="com.example")], "g", [x], [y])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.example", 1)])
     onnx.save(model, tmp_path / "odd.onnx")
-    with pytest.raises(OpenVinoError) as caught:
+    with pytest.raises(ExportError) as caught:
         ovq.convert(tmp_path / "odd.onnx")
     message = str(caught.value)
     assert "\n" not in message
@@ -214,15 +215,16 @@ def test_missing_openvino_names_the_extra(run_dir, monkeypatch):
 
 def test_bench_lists_openvino_beside_onnx_runtime(run_dir, tmp_path):
     report = bench_run(run_dir, BenchOptions(batch_sizes=(1,), warmup=1, iterations=3, threads=1), tmp_path)
-    rows = {r["variant"]: r for r in report["results"]}
-    assert {"eager", "onnx", "openvino-fp32", "openvino-int8"} <= set(rows)
+    rows = {r.variant: r for r in report.results}
+    assert list(rows) == ["eager", "onnx", "openvino-fp32", "openvino-int8"]
     fp32 = rows["openvino-fp32"]
-    assert fp32["status"] == "measured" and fp32["provider"] == "OpenVINO CPU (f32)"
-    assert fp32["backend_settings"] == {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1", "INFERENCE_NUM_THREADS": "1",
-                                        "INFERENCE_PRECISION_HINT": "f32", "ENABLE_CPU_PINNING": fp32["backend_settings"]["ENABLE_CPU_PINNING"]}
-    assert fp32["accuracy"]["top1_agreement"] == 1.0 and fp32["accuracy"]["max_abs_logit_diff"] < 1e-3
-    assert fp32["size_bytes"] == sum((run_dir / f"openvino-fp32.{s}").stat().st_size for s in ("xml", "bin"))
-    assert rows["onnx"]["backend_settings"]["intra_op_num_threads"] == "1"
+    assert fp32.status == "measured" and fp32.provider == "OpenVINO CPU (f32)" and fp32.kind == "openvino"
+    pinning = str(ov.Core().get_property("CPU", "ENABLE_CPU_PINNING"))  # left at the plugin's default, and recorded
+    assert fp32.backend_settings == {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1", "INFERENCE_NUM_THREADS": "1",
+                                     "INFERENCE_PRECISION_HINT": "f32", "ENABLE_CPU_PINNING": pinning}
+    assert fp32.accuracy.top1_agreement == 1.0 and fp32.accuracy.max_abs_logit_diff < 1e-3
+    assert fp32.size_bytes == sum((run_dir / f"openvino-fp32.{s}").stat().st_size for s in ("xml", "bin"))
+    assert rows["onnx"].backend_settings["intra_op_num_threads"] == "1"
     assert "OpenVINO CPU" in (tmp_path / "bench.md").read_text()
 
 
@@ -232,9 +234,9 @@ def test_bench_refuses_an_ir_from_another_checkpoint(run_dir, tmp_path):
     model, props = read_ir(run / "openvino-fp32.xml")
     save_ir(model, run / "openvino-fp32.xml", {**props, "checkpoint_sha256": "0" * 64})
     report = bench_run(run, BenchOptions(batch_sizes=(1,), warmup=0, iterations=1, variants=("openvino-fp32",)), tmp_path)
-    row = report["results"][1]
-    assert row["status"] == "failed"
-    assert "openvino-fp32.xml was built from another checkpoint than this run's model.pt; rebuild it" in row["reason"]
+    row = report.results[1]
+    assert row.status == "failed"
+    assert "openvino-fp32.xml was built from another checkpoint than this run's model.pt; rebuild it" in row.reason
 
 
 def test_predictor_runs_an_ir_like_the_onnx_model(run_dir, val_images):

@@ -12,24 +12,24 @@ from edgetransfer.cli import main
 from edgetransfer.data import DataSpec, Sample, load_dataset
 from edgetransfer.errors import DataError, EdgeTransferError, RunError, UnknownNameError
 from edgetransfer.export import export_onnx
-from edgetransfer.finetune import FinetuneConfig, finetune
-from edgetransfer.manifest import Manifest
+from edgetransfer.rundir import Manifest
 from edgetransfer.optimize import CalibMethod, Precision, QuantOptions, Target, build_variants, cpu_features
 from edgetransfer.optimize import ort as ortq
 from edgetransfer.optimize.calibration import BatchStream, balanced_sample, folder_samples
 from edgetransfer.optimize.guard import guard
-from edgetransfer.optimize.variants import QuantizationError
+from edgetransfer.errors import QuantizationError
+from edgetransfer.results import VariantReport
 from edgetransfer.runtime import Predictor, probe_provider
 
-from conftest import write_folder
+from conftest import copy_run, write_folder
 
 VNNI = "model name : Intel Xeon\nflags : fpu sse avx2 avx512f avx512_vnni amx_tile amx_int8\n"
 AVX2 = "model name : Old Xeon\nflags : fpu sse avx2\n"
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    run = finetune(FinetuneConfig(data=DataSpec(limit_per_class=20), epochs=5), tmp_path_factory.mktemp("opt") / "run").run_dir
+def run_dir(trained_run, tmp_path_factory):
+    run = copy_run(trained_run, tmp_path_factory, "opt")
     export_onnx(run)
     return run
 
@@ -51,13 +51,14 @@ def test_cpu_features_choose_the_int8_scheme(monkeypatch):
 
 def test_fp32_and_fp16_variants_are_recorded_with_their_accuracy(run_dir):
     fp32, fp16 = build_variants(run_dir, [Target.ORT_CPU], [Precision.FP32, Precision.FP16])
-    assert fp32.path.name == "ort-cpu-fp32.onnx" and fp32.report["top1_agreement"] == 1.0
-    assert fp32.report["max_abs_diff"] < 1e-4
-    assert fp16.report["top1_agreement"] >= 0.97 and fp16.report["max_abs_diff"] < 0.2
+    assert fp32.path.name == "ort-cpu-fp32.onnx" and fp32.report.accuracy.top1_agreement == 1.0
+    assert fp32.report.accuracy.max_abs_diff < 1e-4 and fp32.report.accuracy.images == 40
+    assert fp16.report.accuracy.top1_agreement >= 0.97 and 1e-4 < fp16.report.accuracy.max_abs_diff < 0.2  # really fp16
     assert fp16.path.stat().st_size < 0.6 * fp32.path.stat().st_size
-    assert "FP16 will not be faster on a CPU" in fp16.report["warnings"][0]
-    artifacts = Manifest.load(run_dir).data["artifacts"]
+    assert "FP16 will not be faster on a CPU" in fp16.report.warnings[0]
+    artifacts = Manifest.load(run_dir).artifacts
     assert artifacts["ort-cpu-fp16"]["parent"] == "onnx" and artifacts["ort-cpu-fp16"]["report"]["val_images"] == 40
+    assert VariantReport.from_dict(artifacts["ort-cpu-fp16"]["report"]) == fp16.report  # the manifest round-trips
 
 
 def test_int8_variant_is_static_qdq_with_recorded_calibration(run_dir):
@@ -69,10 +70,10 @@ def test_int8_variant_is_static_qdq_with_recorded_calibration(run_dir):
     zero_points = [initializers[n.input[2]] for n in model.graph.node if n.op_type == "QuantizeLinear"]
     assert zero_points and all(z.data_type == onnx.TensorProto.UINT8 for z in zero_points)  # u8 activations
     report = variant.report
-    assert report["mode"] == "static QDQ" and report["kept_in_float"] == []
-    assert report["calibration"]["images"] == 40 and len(report["calibration"]["files"]) == 40
-    assert len({f["sha256"] for f in report["calibration"]["files"]}) == 40
-    assert report["top1_agreement"] >= 0.8
+    assert report.details["mode"] == "static QDQ" and report.kept_in_float == []
+    assert report.details["calibration"]["images"] == 40 and len(report.details["calibration"]["files"]) == 40
+    assert len({f["sha256"] for f in report.details["calibration"]["files"]}) == 40
+    assert report.accuracy.top1_agreement >= 0.8
     predictor = Predictor(variant.path)  # metadata travels into the INT8 model too
     assert len(predictor.labels) == 10 and len(predictor.predict(np.zeros((8, 8, 3), np.uint8))) == 5
 
@@ -87,7 +88,7 @@ def test_guard_keeps_the_most_sensitive_layers_in_float():
 
     kept, drop, steps = guard(score_with, list(sensitivity), budget=1.0, max_float=4)
     assert kept == ["stem", "block3"] and drop == pytest.approx(0.6)
-    assert [s["drop_points"] for s in steps] == [3.0, 1.5, 0.6]
+    assert [s.drop_points for s in steps] == pytest.approx([3.0, 1.5, 0.6])
     kept, drop, _ = guard(score_with, list(sensitivity), budget=0.0, max_float=2)
     assert len(kept) == 2 and drop > 0.0  # the caller reports the unmet budget
     calls.clear()
@@ -105,7 +106,7 @@ def test_guard_ranks_by_logit_error_when_no_single_layer_moves_top1():
 
     kept, drop, steps = guard(score_with, list(error), budget=1.0, max_float=8)
     assert kept == ["b", "d", "c"] and drop == 0.5
-    assert [s["logit_mse"] for s in steps] == [1.0, 0.5, 0.2, 0.0]
+    assert [s.logit_mse for s in steps] == pytest.approx([1.0, 0.5, 0.2, 0.0])
 
 
 def test_guard_measures_the_rest_again_when_a_pass_ends_over_budget():
@@ -120,7 +121,7 @@ def test_guard_measures_the_rest_again_when_a_pass_ends_over_budget():
 
     kept, drop, steps = guard(score_with, ["a", "x", "y"], budget=1.0, max_float=8)
     assert kept == ["a", "y", "x"] and drop == 0.5  # a single pass in sensitivity order ends at 1.8
-    assert [s["drop_points"] for s in steps] == [3.0, 2.0, 1.8, 0.5]
+    assert [s.drop_points for s in steps] == [3.0, 2.0, 1.8, 0.5]
     drops[("a", "x", "y")] = 1.9  # now nothing helps on top of a and y: the guard stops, over budget
     calls.clear()
     kept, drop, _ = guard(score_with, ["a", "x", "y"], budget=1.0, max_float=8)
@@ -183,6 +184,7 @@ def test_balanced_sample_takes_every_class_evenly():
 
 
 def test_bad_calibration_data(run_dir, tmp_path):
+    before = sorted(p.name for p in run_dir.iterdir())
     empty = tmp_path / "empty"
     (empty / "a").mkdir(parents=True)
     (empty / "a" / "notes.txt").write_text("no images here")
@@ -191,7 +193,7 @@ def test_bad_calibration_data(run_dir, tmp_path):
     small = write_folder(tmp_path / "small", per_class=1, classes=3)
     with pytest.raises(QuantizationError, match=r"calibration set has 3 image\(s\), fewer than the batch of 8"):
         build_variants(run_dir, [Target.ORT_CPU], [Precision.INT8], QuantOptions(calib=small))
-    assert not (run_dir / "ort-cpu-int8.onnx.tmp").exists()
+    assert sorted(p.name for p in run_dir.iterdir()) == before  # no artifact and no temporary file left behind
 
 
 def test_unknown_targets_and_precisions_get_suggestions():
@@ -241,7 +243,8 @@ def test_tensorrt_engine_build_and_record(run_dir):
 
     if not torch.cuda.is_available():
         pytest.skip("no CUDA GPU")
-    from edgetransfer.optimize.tensorrt import EngineMismatchError, check_engine
+    from edgetransfer.errors import EngineMismatchError
+    from edgetransfer.optimize.tensorrt import check_engine
 
     (variant,) = build_variants(run_dir, [Target.TENSORRT], [Precision.FP16])
     record = check_engine(variant.path)

@@ -22,7 +22,7 @@ class OpenVinoRunner(Runner):
         self.props: dict[str, str] = {}
 
     def activate(self) -> None:
-        from ..runtime._openvino import EXTRA, compile_ir, read_ir
+        from ..runtime.openvino_ir import EXTRA, compile_ir, read_ir
 
         try:
             import openvino as ov

@@ -17,21 +17,15 @@ class OrtRunner(Runner):
         self.model, self.wanted, self.threads = model, provider, threads
 
     def activate(self) -> None:
-        import onnxruntime as ort
-
         from ..runtime import probe_provider
+        from ..runtime.sessions import open_session
 
         if self.wanted != "CPUExecutionProvider":
             problem = probe_provider(self.wanted)
             if problem:
                 raise SkipVariant(problem)
-        options = ort.SessionOptions()
-        if self.threads:
-            options.intra_op_num_threads = self.threads
-            options.inter_op_num_threads = 1
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers = [self.wanted] + ([] if self.wanted == "CPUExecutionProvider" else ["CPUExecutionProvider"])
-        self.session = ort.InferenceSession(str(self.model), options, providers=providers)
+        self.session = open_session(self.model, providers, self.threads)
         self.provider = self.session.get_providers()[0]
         if self.provider != self.wanted:
             raise SkipVariant(f"asked for {self.wanted}, the session got {self.provider}")

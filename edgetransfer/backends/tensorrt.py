@@ -32,7 +32,7 @@ class TensorRTRunner(Runner):
         try:
             check_engine(self.engine_path)
         except EdgeTransferError as exc:
-            raise SkipVariant(str(exc)) from None
+            raise SkipVariant(str(exc)) from exc
         self.torch = torch
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self.engine = runtime.deserialize_cuda_engine(Path(self.engine_path).read_bytes())

@@ -1,8 +1,10 @@
-"""Optimised and quantised variants of a run's ONNX model, for ONNX Runtime and TensorRT."""
+"""Optimised and quantised variants of a run's ONNX model, for ONNX Runtime, OpenVINO and TensorRT."""
 
-from .cpu import CpuFeatures, cpu_features
+from ..cpu import CpuFeatures, cpu_features
+from .context import QuantOptions, TensorRTOptions
 from .ort import CalibMethod
-from .variants import Precision, QuantOptions, Target, TensorRTOptions, Variant, build_variants
+from .targets import Precision, Target, TargetSpec, Variant, registered, spec
+from .variants import build_variants, check_combinations
 
 __all__ = [
     "CpuFeatures",
@@ -11,7 +13,11 @@ __all__ = [
     "Precision",
     "QuantOptions",
     "Target",
+    "TargetSpec",
     "TensorRTOptions",
     "Variant",
     "build_variants",
+    "check_combinations",
+    "registered",
+    "spec",
 ]

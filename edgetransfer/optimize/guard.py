@@ -9,12 +9,64 @@ many layers.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
-__all__ = ["Score", "score", "quantized_nodes", "guard"]
+from ..errors import QuantizationError
+from ..results import GuardStep
+
+__all__ = ["Score", "score", "quantized_nodes", "guard", "GuardSubject", "GuardResult", "hold_budget"]
 
 Score = tuple[float, float]  # (top-1 points lost against float, mean squared logit error against float)
+
+
+class GuardSubject(Protocol):
+    """What the guard needs of a quantiser (ONNX Runtime's, NNCF's, or the next one).
+
+    Attributes:
+        name: what the messages call the quantised model (``"INT8"``, ``"OpenVINO INT8"``).
+        fallback: the precisions to suggest when the budget cannot be held.
+    """
+
+    name: str
+    fallback: str
+
+    def layers(self) -> list[str]:
+        """The quantised layers that could be kept in float, in graph order."""
+
+    def score(self, kept: Sequence[str]) -> Score:
+        """The quantised model's :func:`score` with the ``kept`` layers in float."""
+
+
+@dataclass(frozen=True)
+class GuardResult:
+    """The layers kept in float, the top-1 drop with them, and every step the guard took."""
+
+    kept: list[str]
+    drop_points: float
+    steps: list[GuardStep]
+
+
+def hold_budget(subject: GuardSubject, budget: float, max_float: int, report: Callable[[str], None]) -> GuardResult:
+    """Score ``subject`` fully quantised; when it loses more than ``budget`` top-1 points, keep
+    its most sensitive layers in float (:func:`guard`) until it does not.
+
+    Raises:
+        QuantizationError: the budget cannot be held with at most ``max_float`` layers in float.
+    """
+    unguarded = subject.score([])
+    if unguarded[0] <= budget:
+        return GuardResult([], unguarded[0], [])
+    report(f"{subject.name} loses {unguarded[0]:.2f} top-1 points (budget {budget}): finding the sensitive layers")
+    kept, drop, steps = guard(subject.score, subject.layers(), budget, max_float, report, unguarded)
+    if drop > budget:
+        raise QuantizationError(
+            f"{subject.name} loses {drop:.2f} top-1 points even with {len(kept)} layer(s) kept in float (budget"
+            f" {budget}); nothing was written. Raise --max-accuracy-drop, or use {subject.fallback}"
+        )
+    return GuardResult(kept, drop, steps)
 
 
 def quantized_nodes(qdq_model: Path) -> list[str]:
@@ -50,7 +102,7 @@ def guard(
     max_float: int,
     report: Callable[[str], None] = lambda message: None,
     unguarded: Score | None = None,
-) -> tuple[list[str], float, list[dict]]:
+) -> tuple[list[str], float, list[GuardStep]]:
     """Greedy forward selection of nodes to keep in float until the top-1 drop fits ``budget``.
 
     The first pass tries the nodes in the order of their sensitivity alone and keeps each one
@@ -71,8 +123,7 @@ def guard(
         The caller checks the final drop against the budget.
     """
     best = unguarded if unguarded is not None else score_with([])
-    steps = [_step([], best)]
-    kept: list[str] = []
+    steps, kept = [_step([], best)], []
 
     def done() -> bool:
         return best[0] <= budget or len(kept) >= max_float
@@ -80,8 +131,7 @@ def guard(
     for pass_number in range(1, len(candidates) + 1):
         if done():
             break
-        remaining = [name for name in candidates if name not in kept]
-        ranked = sorted(((score_with(kept + [name]), name) for name in remaining), key=lambda pair: pair[0])
+        ranked = _rank(score_with, kept, [name for name in candidates if name not in kept])
         if not ranked or not ranked[0][0] < best:
             break  # no node on its own brings the model closer to float: the guard has stalled
         (drop, error), name = ranked[0]
@@ -98,5 +148,10 @@ def guard(
     return kept, best[0], steps
 
 
-def _step(kept: list[str], result: Score) -> dict:
-    return {"kept_in_float": list(kept), "drop_points": round(result[0], 3), "logit_mse": round(result[1], 6)}
+def _rank(score_with: Callable[[list[str]], Score], kept: list[str], remaining: list[str]) -> list[tuple[Score, str]]:
+    """Each remaining node scored on top of those kept, best (closest to float) first."""
+    return sorted(((score_with(kept + [name]), name) for name in remaining), key=lambda pair: pair[0])
+
+
+def _step(kept: list[str], result: Score) -> GuardStep:
+    return GuardStep(tuple(kept), result[0], result[1])

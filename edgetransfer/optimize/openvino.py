@@ -27,37 +27,48 @@ import io
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import EdgeTransferError
-from ..runtime._openvino import EXTRA, OpenVinoError, compile_config, import_openvino, one_line
-from .cpu import CpuFeatures
+from .._io import sha256_file
+from ..cpu import CpuFeatures, cpu_features
+from ..errors import EdgeTransferError, ExportError, MissingDependencyError, OptionError, QuantizationError
+from ..progress import console
+from ..results import VariantReport
+from ..runtime import openvino_ir
+from ..runtime.openvino_ir import EXTRA, INFERENCE_PRECISION, compile_config, import_openvino, one_line, save_ir
+from .calibration import describe_samples
+from .guard import Score, hold_budget, score
+from .targets import Precision, Target, TargetSpec, Variant, register
 
-__all__ = ["require", "convert", "logits", "overflow_fix", "quantize", "quantized_ops", "keep_in_float", "compress_weights"]
+if TYPE_CHECKING:
+    from .context import BuildContext
+
+__all__ = ["require", "build_variant", "convert", "logits", "overflow_fix", "quantize", "quantized_ops", "keep_in_float", "compress_weights"]
 
 
 def require(nncf: bool = False) -> None:
-    """Raise :class:`OpenVinoError` naming the extra when OpenVINO (or NNCF) is missing."""
+    """Raise :class:`MissingDependencyError` naming the extra when OpenVINO (or NNCF) is missing."""
     import_openvino()
     if nncf:
         try:
             import nncf  # noqa: F401
         except ImportError:
-            raise OpenVinoError(f"INT8 for OpenVINO needs NNCF, which is not installed: {EXTRA}") from None
+            raise MissingDependencyError(f"INT8 for OpenVINO needs NNCF, which is not installed: {EXTRA}") from None
 
 
 def convert(onnx_model: Path):
     """The ONNX model as an ``openvino.Model`` (OpenVINO's converter).
 
     Raises:
-        OpenVinoError: OpenVINO cannot convert it; its own reason, on one line.
+        ExportError: OpenVINO cannot convert it; its own reason, on one line.
     """
     ov = import_openvino()
     try:
         return ov.convert_model(str(onnx_model))
     except Exception as exc:  # OpConversionFailure, GeneralFailure, ovc's Error: all "cannot convert"
-        raise OpenVinoError(f"OpenVINO cannot convert {Path(onnx_model).name}: {one_line(exc)}") from None
+        raise ExportError(f"OpenVINO cannot convert {Path(onnx_model).name}: {one_line(exc)}") from exc
 
 
 def logits(model, arrays: np.ndarray, precision: str = "f32", threads: int | None = None, batch: int = 64) -> np.ndarray:
@@ -87,7 +98,7 @@ def quantize(model, batches: Sequence[np.ndarray], ignored: Sequence[str] = (), 
             (see :func:`overflow_fix`).
 
     Raises:
-        OpenVinoError: NNCF fails on the model (its reason, on one line).
+        QuantizationError: NNCF fails on the model (its reason, on one line).
     """
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # NNCF imports it; no CUDA is fine
     import nncf
@@ -110,7 +121,7 @@ def quantize(model, batches: Sequence[np.ndarray], ignored: Sequence[str] = (), 
     except EdgeTransferError:
         raise
     except Exception as exc:
-        raise OpenVinoError(f"NNCF could not quantise the model: {one_line(exc)}") from None
+        raise QuantizationError(f"NNCF could not quantise the model: {one_line(exc)}") from exc
 
 
 def quantized_ops(model) -> list[str]:
@@ -166,3 +177,100 @@ def compress_weights(model):
 
     compress_quantize_weights_transformation(model)
     return model
+
+
+def build_variant(context: BuildContext, target: Target, precision: Precision) -> Variant:
+    """An OpenVINO IR of the run's model: f32, bf16 (the same IR, run in bf16) or NNCF INT8."""
+    name = f"openvino-{precision.value}"
+    model = convert(context.base)
+    hint = "bf16" if precision is Precision.BF16 else "f32"
+    report = VariantReport(evaluated_on=f"OpenVINO CPU ({hint})", details={"inference_precision": hint})
+    if precision is Precision.INT8:
+        model = _int8(context, model, report)
+    report.accuracy = context.compare(logits(model, context.val, hint))
+    budget = context.quant.max_accuracy_drop
+    if precision is Precision.BF16 and report.drop_points > budget:
+        report.warnings.append(f"bf16 loses {report.drop_points:.2f} top-1 points, more than the"
+                               f" {budget}-point budget; bench will not recommend it")
+    props = {**context.info.to_props(), "precision": precision.value, INFERENCE_PRECISION: hint,
+             "source_onnx_sha256": sha256_file(context.base)}
+    output = save_ir(model, context.run / f"{name}.xml", props)
+    return Variant(name, Target.OPENVINO, precision, output, report)
+
+
+def _int8(context: BuildContext, model, report: VariantReport) -> Any:
+    """NNCF INT8 under the accuracy guard; the layers it keeps go to NNCF's ignored scope, and the
+    measured reverted model ships where that scope misses the budget."""
+    from .ort import CalibMethod
+
+    quant = context.quant
+    samples, source = context.calibration_samples()
+    stream = context.stream(samples, quant.calib_batch)
+    batches = [feed[context.input_name] for feed in iter(stream.get_next, None)]
+    if quant.method is not CalibMethod.MINMAX:
+        report.warnings.append(f"--calib-method {quant.method.value} applies to ONNX Runtime INT8; NNCF chooses OpenVINO's ranges itself")
+    cpu = cpu_features()
+    overflow = overflow_fix(cpu)
+    console.print(f"CPU: {cpu.summary()}; NNCF overflow fix: {overflow}")
+    if cpu.x86 and not cpu.int8_fast:
+        report.warnings.append(f"this CPU has no VNNI or AMX ({cpu.summary()}); OpenVINO INT8 may gain less here than on one that has")
+    with console.status("NNCF: collecting statistics and correcting biases"):
+        quantized = quantize(model, batches, compress_weights=False, overflow=overflow)
+    report.details.update(
+        mode="static (NNCF)", nncf={"preset": "mixed", "bias_correction": "full", "overflow_fix": overflow}, cpu=cpu.to_dict(),
+        calibration={"source": source, "images": stream.used, "batch": quant.calib_batch, "files": describe_samples(samples)},
+        max_accuracy_drop_points=quant.max_accuracy_drop,
+    )
+    subject = _NncfQuantized(context, model, quantized)
+    held = hold_budget(subject, quant.max_accuracy_drop, quant.max_float_layers, console.print)
+    report.kept_in_float, report.guard_steps = held.kept, held.steps
+    if not held.kept:
+        return compress_weights(quantized)
+    with console.status(f"NNCF: quantising again with {len(held.kept)} layer(s) in its ignored scope"):
+        scoped = quantize(model, batches, held.kept, overflow=overflow)
+    scoped_drop = score(logits(scoped, context.val), context.float_logits, context.labels)[0]
+    report.details["ignored_scope_drop_points"] = round(scoped_drop, 4)
+    if scoped_drop <= quant.max_accuracy_drop:
+        report.details["guard_method"] = "NNCF ignored scope"
+        return scoped
+    console.print(f"with those layers in NNCF's ignored scope INT8 loses {scoped_drop:.2f} points; keeping the"
+                  " measured model, quantised once with them reverted to float, instead")
+    report.details["guard_method"] = "reverted after quantisation"
+    return compress_weights(keep_in_float(quantized, model, held.kept))
+
+
+class _NncfQuantized:
+    """NNCF's quantisation under the guard: a layer is kept in float by wiring it past its
+    FakeQuantize nodes (:func:`keep_in_float`), with no new calibration."""
+
+    name = "OpenVINO INT8"
+    fallback = "fp32/bf16"
+
+    def __init__(self, context: BuildContext, original, quantized) -> None:
+        self.context, self.original, self.quantized = context, original, quantized
+
+    def layers(self) -> list[str]:
+        return quantized_ops(self.quantized)
+
+    def score(self, kept: Sequence[str]) -> Score:
+        candidate = keep_in_float(self.quantized, self.original, kept) if kept else self.quantized
+        return score(logits(candidate, self.context.val), self.context.float_logits, self.context.labels)
+
+
+def _check_available(precisions: list[Precision]) -> None:
+    require(nncf=Precision.INT8 in precisions)
+    problem = openvino_ir.bf16_problem() if Precision.BF16 in precisions else None  # looked up when called: tests replace it
+    if problem:
+        raise OptionError(f"cannot build openvino-bf16: {problem}")
+
+
+def _runner(path: Path, threads: int | None):
+    from ..backends import OpenVinoRunner
+
+    return OpenVinoRunner(path, threads)
+
+
+register(TargetSpec(
+    Target.OPENVINO, (Precision.FP32, Precision.BF16, Precision.INT8), "openvino", (".xml", ".bin"), build_variant, _runner,
+    _check_available, missing_hints={Precision.FP16: "OpenVINO's CPU plugin computes bf16, not fp16: use --precision bf16"},
+))

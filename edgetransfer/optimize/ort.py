@@ -2,16 +2,27 @@
 
 from __future__ import annotations
 
+import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .._enums import Choice
-from ..errors import EdgeTransferError
-from .calibration import BatchStream
-from .cpu import CpuFeatures
+from .._io import atomic_path
+from ..cpu import CpuFeatures, cpu_features
+from ..errors import MissingDependencyError, QuantizationError
+from ..progress import console
+from ..results import VariantReport
+from .calibration import BatchStream, describe_samples
+from .guard import Score, hold_budget, quantized_nodes, score
+from .targets import Precision, Target, TargetSpec, Variant, register
+
+if TYPE_CHECKING:
+    from .context import BuildContext
 
 __all__ = [
     "CalibMethod",
@@ -25,6 +36,8 @@ __all__ = [
     "quantize_dynamic",
     "run_logits",
     "copy_metadata",
+    "build_variant",
+    "build_onnx",
 ]
 
 # Ops kept in float32 in FP16 models: they overflow (65504) or lose too much in half precision.
@@ -142,7 +155,7 @@ def calibrate(model: Path, stream: BatchStream, method: CalibMethod, symmetric: 
         for chunk in stream.chunks(CHUNK_BATCHES):
             calibrator.collect_data(chunk)
         if stream.used == 0:
-            raise EdgeTransferError("no calibration image could be read; check --calib")
+            raise QuantizationError("no calibration image could be read; check --calib")
         ranges = calibrator.compute_data()
         del calibrator
     save_tensors_data(ranges, cache)
@@ -178,21 +191,111 @@ def quantize_dynamic(model: Path, dst: Path) -> None:
 
 def run_logits(model: Path, arrays: np.ndarray, batch: int = 64, threads: int | None = None) -> np.ndarray:
     """Logits of an ONNX model on CPU for prepared inputs, in batches."""
-    import onnxruntime as ort
+    from ..runtime.sessions import fixed_batch, open_session, run_batched
 
-    options = ort.SessionOptions()
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if threads:
-        options.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+    session = open_session(model, threads=threads)
     name = session.get_inputs()[0].name
-    fixed = session.get_inputs()[0].shape[0]
-    step = fixed if isinstance(fixed, int) else batch
-    outputs = []
-    for start in range(0, len(arrays), step):
-        chunk = arrays[start : start + step]
-        count = len(chunk)
-        if isinstance(fixed, int) and count < fixed:
-            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], fixed - count, axis=0)])
-        outputs.append(session.run(None, {name: chunk})[0][:count])
-    return np.concatenate(outputs)
+    return run_batched(lambda chunk: session.run(None, {name: chunk})[0], arrays, batch, fixed_batch(session))
+
+
+def build_variant(context: BuildContext, target: Target, precision: Precision) -> Variant:
+    """An ONNX Runtime variant of the run's model: ``<target>-<precision>.onnx`` in the run."""
+    return build_onnx(context, target, precision, context.run / f"{target.value}-{precision.value}.onnx")
+
+
+def build_onnx(context: BuildContext, target: Target, precision: Precision, output: Path) -> Variant:
+    """Optimise (fp32), convert (fp16) or quantise (int8) the run's ONNX model into ``output``,
+    checked against the float model on the validation images (CPU)."""
+    report = VariantReport(evaluated_on="CPUExecutionProvider")
+    with atomic_path(output) as tmp, tempfile.TemporaryDirectory(prefix="edgetransfer-opt-") as work:
+        if precision is Precision.FP32:
+            if target is Target.ORT_CPU:
+                optimize_graph(context.base, tmp)
+            else:
+                shutil.copyfile(context.base, tmp)
+        elif precision is Precision.FP16:
+            if target is Target.ORT_CPU:
+                report.warnings.append("FP16 will not be faster on a CPU: ONNX Runtime's CPU kernels compute most ops in FP32")
+            to_fp16(context.base, tmp)
+            report.kept_in_float = list(FP16_KEEP_FLOAT)
+        else:
+            _int8(context, target, tmp, Path(work), report)
+        report.accuracy = context.compare(run_logits(tmp, context.val))
+    return Variant(output.name.removesuffix(".onnx"), target, precision, output, report)
+
+
+def _int8(context: BuildContext, target: Target, output: Path, work: Path, report: VariantReport) -> None:
+    quant = context.quant
+    if quant.dynamic:
+        report.warnings.append("dynamic quantisation of a CNN is usually slower than FP32; static INT8 is the default for a reason")
+        quantize_dynamic(context.base, output)
+        report.details["mode"] = "dynamic"
+        return
+    scheme = quant_scheme(target.value, cpu_features())
+    report.warnings.extend(scheme.warnings)
+    samples, source = context.calibration_samples()
+    prepared = work / "prepared.onnx"
+    preprocess_for_quantization(context.base, prepared)
+    stream = context.stream(samples, quant.calib_batch)
+    cache = calibrate(prepared, stream, quant.method, scheme.symmetric_activations, work / "calibration.json")
+    subject = _OrtQuantized(context, prepared, cache, scheme, output)
+    held = hold_budget(subject, quant.max_accuracy_drop, quant.max_float_layers, console.print)
+    quantize_qdq(prepared, output, cache, quant.method, scheme, held.kept)  # the accepted model, in place
+    copy_metadata(context.base, output)
+    report.kept_in_float, report.guard_steps = held.kept, held.steps
+    report.details.update(
+        mode="static QDQ", scheme=scheme.to_dict(), max_accuracy_drop_points=quant.max_accuracy_drop,
+        calibration={"source": source, "method": quant.method.value, "images": stream.used, "batch": quant.calib_batch,
+                     "files": describe_samples(samples)},
+    )
+
+
+class _OrtQuantized:
+    """ONNX Runtime's static QDQ quantisation under the guard: a layer is kept in float by
+    quantising again (from the cached ranges) with it excluded."""
+
+    name = "INT8"
+    fallback = "fp32/fp16"
+
+    def __init__(self, context: BuildContext, prepared: Path, cache: Path, scheme: QuantScheme, output: Path) -> None:
+        self.context, self.prepared, self.cache, self.scheme, self.output = context, prepared, cache, scheme, output
+
+    def layers(self) -> list[str]:
+        return quantized_nodes(self.output)
+
+    def score(self, kept: Sequence[str]) -> Score:
+        quantize_qdq(self.prepared, self.output, self.cache, self.context.quant.method, self.scheme, list(kept))
+        return score(run_logits(self.output, self.context.val), self.context.float_logits, self.context.labels)
+
+
+def _check_provider(target: Target, provider: str | None):
+    def check(precisions: list[Precision]) -> None:
+        if provider is None:
+            return
+        from ..runtime import probe_provider
+
+        problem = probe_provider(provider)
+        if problem:
+            raise MissingDependencyError(
+                f"target {target.value} needs ONNX Runtime's {provider}, but {problem};"
+                " build it on the machine with the NVIDIA GPU it will run on (onnxruntime-gpu)"
+            )
+
+    return check
+
+
+def _runner(provider: str):
+    def open_runner(path: Path, threads: int | None):
+        from ..backends import OrtRunner
+
+        return OrtRunner(path, provider, threads)
+
+    return open_runner
+
+
+_HINTS = {Precision.BF16: "bf16 is built for --target openvino"}
+for _target, _provider in ((Target.ORT_CPU, None), (Target.ORT_CUDA, "CUDAExecutionProvider"), (Target.ORT_TRT, "TensorrtExecutionProvider")):
+    register(TargetSpec(
+        _target, (Precision.FP32, Precision.FP16, Precision.INT8), "onnx", (".onnx",), build_variant,
+        _runner(_provider or "CPUExecutionProvider"), _check_provider(_target, _provider), _provider or "CPUExecutionProvider", _HINTS,
+    ))

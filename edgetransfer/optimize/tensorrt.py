@@ -10,20 +10,21 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .._io import read_json, write_bytes, write_json
-from ..errors import EdgeTransferError
+from ..errors import EdgeTransferError, EngineMismatchError, MissingDependencyError
 from ..metadata import ModelInfo
 from ..progress import console
+from ..rundir import RunDir
+from .targets import Precision, Target, TargetSpec, Variant, register
 
-__all__ = ["require", "build_engine", "check_engine", "environment", "EngineMismatchError"]
+if TYPE_CHECKING:
+    from .context import BuildContext
+
+__all__ = ["require", "build_engine", "build_variant", "check_engine", "environment"]
 
 EXTRA = "pip install 'edgetransfer[tensorrt]' on a machine with an NVIDIA GPU and driver"
-
-
-class EngineMismatchError(EdgeTransferError):
-    """A serialized engine was built for another TensorRT version or GPU."""
 
 
 def require():
@@ -31,7 +32,7 @@ def require():
     try:
         import tensorrt as trt
     except ImportError:
-        raise EdgeTransferError(f"target tensorrt needs TensorRT, which is not installed: {EXTRA}") from None
+        raise MissingDependencyError(f"target tensorrt needs TensorRT, which is not installed: {EXTRA}") from None
     return trt
 
 
@@ -102,7 +103,7 @@ def build_engine(onnx_path: Path, engine_path: Path, precision, options, info: M
     if monitor is not None:
         config.progress_monitor = monitor
     _add_profile(builder, config, network, info, options)
-    cache_path = Path(options.timing_cache) if options.timing_cache else engine_path.with_name("tensorrt.timing-cache")
+    cache_path = Path(options.timing_cache) if options.timing_cache else engine_path.with_name(RunDir.TIMING_CACHE)
     cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
     config.set_timing_cache(cache, ignore_mismatch=False)
     console.print(f"building TensorRT {precision.value} engine for {env['gpu']} (first builds take minutes)")
@@ -151,3 +152,30 @@ def check_engine(engine_path: Path) -> dict[str, Any]:
                 " rebuild it here with: edgetransfer export RUN --target tensorrt"
             )
     return record
+
+
+def build_variant(context: BuildContext, target: Target, precision: Precision) -> Variant:
+    """A TensorRT engine built from an ONNX model in ``precision`` (TensorRT 11 is strongly typed:
+    an FP16 model for FP16, a symmetric QDQ model for INT8), the ONNX model checked on the CPU first."""
+    from .ort import build_onnx
+
+    name = f"{target.value}-{precision.value}"
+    source = build_onnx(context, target, precision, context.run / f"{name}.onnx")
+    engine = context.run / f"{name}.engine"
+    record = build_engine(source.path, engine, precision, context.tensorrt, context.info)
+    report = source.report
+    report.evaluated_on = f"CPUExecutionProvider ({source.path.name}, the ONNX model the engine was built from)"
+    report.details.update(record)
+    return Variant(name, target, precision, engine, report)
+
+
+def _runner(path: Path, threads: int | None):
+    from ..backends import TensorRTRunner
+
+    return TensorRTRunner(path)
+
+
+register(TargetSpec(
+    Target.TENSORRT, (Precision.FP32, Precision.FP16, Precision.INT8), "engine", (".engine", ".json"), build_variant, _runner,
+    lambda precisions: require() and None, missing_hints={Precision.BF16: "bf16 is built for --target openvino"},
+))

@@ -10,9 +10,10 @@ from typing import Any, Union
 import numpy as np
 from PIL import Image
 
-from ..errors import DataError, EdgeTransferError
+from ..errors import ImageError, PredictorError, first_line
 from ..metadata import FLOAT_NCHW, UINT8_NHWC, ModelInfo
 from ..preprocessing import Preprocessing, load_rgb, to_rgb
+from .sessions import fixed_batch, open_session, run_batched
 
 __all__ = ["Predictor", "Prediction", "PredictorError", "ImageInput"]
 
@@ -27,10 +28,6 @@ PROVIDER_ALIASES = {
     "coreml": "CoreMLExecutionProvider",
     "dml": "DmlExecutionProvider",
 }
-
-
-class PredictorError(EdgeTransferError):
-    """A model that cannot be loaded, a provider that is not there, or an input we cannot use."""
 
 
 @dataclass(frozen=True)
@@ -129,15 +126,7 @@ class Predictor:
         if len(images) == 0:
             return np.zeros((0, len(self.info.labels)), dtype=np.float32)
         feed = np.stack([self._prepare(image) for image in images])
-        step = self._fixed_batch or self.batch_size
-        outputs = [self._run(feed[i : i + step]) for i in range(0, len(feed), step)]
-        return np.concatenate(outputs)[: len(feed)]
-
-    def _run(self, chunk: np.ndarray) -> np.ndarray:
-        count = len(chunk)
-        if self._fixed_batch and count < self._fixed_batch:  # a static-batch model: pad, then drop
-            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], self._fixed_batch - count, axis=0)])
-        return self._session.run(chunk)[:count]
+        return run_batched(self._session.run, feed, self.batch_size, self._fixed_batch)
 
     def _prepare(self, image: ImageInput) -> np.ndarray:
         pre = self.info.preprocessing
@@ -162,8 +151,7 @@ class _OrtSession:
         first, output = self.session.get_inputs()[0], self.session.get_outputs()[0]
         self.input_name, self.output_name = first.name, output.name
         self.uint8_input = "uint8" in first.type
-        fixed = first.shape[0]
-        self.fixed_batch = fixed if isinstance(fixed, int) and fixed > 0 else None
+        self.fixed_batch = fixed_batch(self.session)
         classes = output.shape[-1]
         self.classes = classes if isinstance(classes, int) else None
 
@@ -178,12 +166,9 @@ def _openvino_session(xml: Path, providers: Sequence[str] | None, device: str, t
             f"{xml.name} is an OpenVINO model: it runs on OpenVINO devices, not ONNX Runtime providers"
             f" ({', '.join(wanted)}); pass device='CPU', 'GPU' or 'AUTO' instead"
         )
-    from ._openvino import OpenVinoSession
+    from .openvino_ir import OpenVinoSession
 
-    try:
-        return OpenVinoSession(xml, device, threads)
-    except EdgeTransferError as exc:
-        raise PredictorError(str(exc)) from None
+    return OpenVinoSession(xml, device, threads)
 
 
 def _session(ort, model, wanted: list[str], threads: int | None, spinning: bool):
@@ -196,22 +181,11 @@ def _session(ort, model, wanted: list[str], threads: int | None, spinning: bool)
         )
     if any(p in ("CUDAExecutionProvider", "TensorrtExecutionProvider") for p in wanted):
         _preload_gpu_libraries(ort)
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     source = model if isinstance(model, bytes) else str(model)
-    if not isinstance(model, bytes) and not Path(source).is_file():
-        raise PredictorError(f"model not found: {source}")
     session_providers: list = [_with_options(p, source, model) for p in wanted]
     if "CPUExecutionProvider" not in wanted:
         session_providers.append("CPUExecutionProvider")
-    try:
-        return ort.InferenceSession(source, sess_options=options, providers=session_providers)
-    except Exception as exc:  # InvalidProtobuf, Fail, NoSuchFile: all mean "not a usable model"
-        name = "<bytes>" if isinstance(model, bytes) else source
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise PredictorError(f"cannot load model {name}: {reason[:300]}") from None
+    return open_session(model, session_providers, threads, spinning)
 
 
 def _with_options(provider: str, source: str, model) -> str | tuple[str, dict]:
@@ -262,7 +236,7 @@ def probe_provider(provider: str) -> str | None:
     try:
         session = ort.InferenceSession(model.SerializeToString(), providers=[name, "CPUExecutionProvider"])
     except Exception as exc:
-        return f"{name} failed to start: {str(exc).splitlines()[0][:200]}"
+        return f"{name} failed to start: {first_line(exc, 200)}"
     if session.get_providers()[0] != name:
         return f"{name} is listed but could not load (CUDA, cuDNN or the GPU are missing)"
     return None
@@ -286,10 +260,7 @@ def _check_providers(wanted: list[str], actual: list[str], allow_fallback: bool)
 def _model_info(session, preprocessing: Preprocessing | None, labels: Sequence[str] | None) -> ModelInfo:
     props = session.props
     if "labels" in props and "input_size" in props:
-        try:
-            info = ModelInfo.from_props(props)
-        except EdgeTransferError as exc:
-            raise PredictorError(str(exc)) from None
+        info = ModelInfo.from_props(props)
         if session.classes is not None and len(info.labels) != session.classes:
             raise PredictorError(
                 f"the model's metadata names {len(info.labels)} labels but it outputs {session.classes} classes;"
@@ -320,28 +291,25 @@ def _is_single(images: Any) -> bool:
 
 
 def _to_image(image: ImageInput) -> Image.Image:
-    try:
-        if isinstance(image, Image.Image):
-            return to_rgb(image)
-        if isinstance(image, np.ndarray):
-            return _array_image(image)
-        if isinstance(image, (str, os.PathLike, bytes)):
-            return load_rgb(image)
-    except DataError as exc:
-        raise PredictorError(str(exc)) from None
-    raise PredictorError(f"cannot use a {type(image).__name__} as an image: pass a path, bytes, a Pillow image or an array")
+    if isinstance(image, Image.Image):
+        return to_rgb(image)
+    if isinstance(image, np.ndarray):
+        return _array_image(image)
+    if isinstance(image, (str, os.PathLike, bytes)):
+        return load_rgb(image)
+    raise ImageError(f"cannot use a {type(image).__name__} as an image: pass a path, bytes, a Pillow image or an array")
 
 
 def _array_image(array: np.ndarray) -> Image.Image:
     if array.dtype != np.uint8:
-        raise PredictorError(f"image arrays must be uint8 (HxWx3 RGB), got dtype {array.dtype}")
+        raise ImageError(f"image arrays must be uint8 (HxWx3 RGB), got dtype {array.dtype}")
     if array.ndim == 3 and array.shape[2] == 1:
         array = array[:, :, 0]
     if array.ndim == 2:
         return Image.fromarray(array, mode="L").convert("RGB")
     if array.ndim == 3 and array.shape[2] in (3, 4) and min(array.shape[:2]) > 0:
         return Image.fromarray(np.ascontiguousarray(array[:, :, :3]), mode="RGB")
-    raise PredictorError(f"image arrays must be HxWx3 RGB (or HxW grey), got shape {array.shape}")
+    raise ImageError(f"image arrays must be HxWx3 RGB (or HxW grey), got shape {array.shape}")
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:

@@ -15,11 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from .._io import sha256_file
-from ..errors import EdgeTransferError
+from ..errors import MissingDependencyError, OpenVinoError
 
 __all__ = [
     "EXTRA",
-    "OpenVinoError",
     "import_openvino",
     "ir_props",
     "save_ir",
@@ -37,16 +36,12 @@ INFERENCE_PRECISION = "inference_precision"  # "f32" or "bf16": what the variant
 WEIGHTS_SHA256 = "weights_sha256"
 
 
-class OpenVinoError(EdgeTransferError):
-    """OpenVINO is missing, or an IR is unreadable, incomplete or not what it claims to be."""
-
-
 def import_openvino():
     """The ``openvino`` module, or an error naming the extra to install."""
     try:
         import openvino
     except ImportError:
-        raise OpenVinoError(f"OpenVINO is not installed: {EXTRA}") from None
+        raise MissingDependencyError(f"OpenVINO is not installed: {EXTRA}") from None
     return openvino
 
 
@@ -107,7 +102,7 @@ def read_ir(xml: str | os.PathLike, core=None):
     try:
         model = (core or ov.Core()).read_model(str(xml))
     except Exception as exc:  # OpenVINO raises RuntimeError for every kind of unreadable IR
-        raise OpenVinoError(f"cannot read OpenVINO model {xml}: {one_line(exc)}") from None
+        raise OpenVinoError(f"cannot read OpenVINO model {xml}: {one_line(exc)}") from exc
     return model, ir_props(model)
 
 
@@ -152,7 +147,7 @@ def compile_ir(model, props: dict[str, str], device: str = "CPU", threads: int |
     try:
         return core.compile_model(model, device, compile_config(threads, precision, hint))
     except Exception as exc:
-        raise OpenVinoError(f"OpenVINO cannot compile the model for {device}: {one_line(exc)}") from None
+        raise OpenVinoError(f"OpenVINO cannot compile the model for {device}: {one_line(exc)}") from exc
 
 
 class OpenVinoSession:

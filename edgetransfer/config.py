@@ -1,0 +1,166 @@
+"""The options of fine-tuning and export as frozen dataclasses: shared by the Python API, the
+CLI (whose options are made from these fields) and the JSON a run records. torch-free."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ._enums import Choice
+from .data import DEMO, Augment, DataSpec
+from .errors import OptionError
+
+if TYPE_CHECKING:
+    from .rundir import RunDir
+
+__all__ = ["Mode", "OptimizerName", "FinetuneConfig", "ExportOptions", "DEFAULT_ARCH", "DEFAULT_OPSET", "DEMO_IMAGE_SIZE"]
+
+DEFAULT_ARCH = "timm:efficientnet_lite0"
+DEFAULT_OPSET = 18  # the dynamo exporter's native opset; ONNX Runtime >= 1.14 and TensorRT 10 run it
+DEMO_IMAGE_SIZE = 64
+
+
+class Mode(Choice):
+    HEAD = "head"  # frozen feature extractor (optionally its last K blocks unfrozen), new classifier
+    FULL = "full"  # everything trains; the backbone at lr * backbone_lr_scale
+
+
+class OptimizerName(Choice):
+    @classmethod
+    def kind(cls) -> str:
+        return "optimizer"
+
+    ADAMW = "adamw"
+    SGD = "sgd"
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Everything that decides a fine-tuning run; saved as ``config.json`` in the run directory.
+
+    ``None`` fields get defaults that depend on the others (see :meth:`resolved`).
+    """
+
+    data: DataSpec = field(default_factory=DataSpec)
+    arch: str = DEFAULT_ARCH
+    weights: str | None = None
+    mode: Mode = Mode.HEAD
+    unfreeze_blocks: int = 0
+    image_size: int | None = None
+    epochs: int | None = None
+    batch_size: int = 64
+    lr: float | None = None
+    backbone_lr_scale: float | None = None
+    optimizer: OptimizerName = OptimizerName.ADAMW
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.1
+    augment: Augment = Augment.CROP
+    probe_epochs: int | None = None
+    train_bn_stats: bool | None = None
+    patience: int | None = None
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True
+    workers: int | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "mode", Mode.parse(self.mode))
+        object.__setattr__(self, "optimizer", OptimizerName.parse(self.optimizer))
+        object.__setattr__(self, "augment", Augment.parse(self.augment))
+        checks = [
+            (self.epochs is None or self.epochs >= 1, f"epochs must be at least 1, got {self.epochs}"),
+            (self.batch_size >= 1, f"batch size must be at least 1, got {self.batch_size}"),
+            (self.lr is None or self.lr > 0, f"learning rate must be positive, got {self.lr}"),
+            (self.unfreeze_blocks >= 0, f"unfreeze blocks must be 0 or more, got {self.unfreeze_blocks}"),
+            (self.mode is Mode.HEAD or self.unfreeze_blocks == 0, "--unfreeze goes with --mode head (full trains every block)"),
+            (0 <= self.label_smoothing < 1, f"label smoothing must be in [0, 1), got {self.label_smoothing}"),
+            (self.probe_epochs is None or self.probe_epochs >= 0, f"probe epochs must be 0 or more, got {self.probe_epochs}"),
+            (self.patience is None or self.patience >= 1, f"patience must be at least 1, got {self.patience}"),
+            (self.image_size is None or self.image_size >= 16, f"image size must be at least 16, got {self.image_size}"),
+            (self.backbone_lr_scale is None or 0 < self.backbone_lr_scale <= 1, f"backbone lr scale must be in (0, 1], got {self.backbone_lr_scale}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise OptionError(message)
+
+    @property
+    def caches_features(self) -> bool:
+        return self.mode is Mode.HEAD and self.unfreeze_blocks == 0
+
+    def resolved(self) -> "FinetuneConfig":
+        """Fill the defaults that depend on other fields (weights, size, epochs, lr, workers)."""
+        from .data import default_workers
+        from .models import default_weights
+
+        weights = self.weights if self.weights is not None else default_weights(self.arch)
+        scratch = weights.lower() == "none"  # nothing pretrained: no probe, one lr, live BatchNorm
+        return replace(
+            self,
+            weights=weights,
+            backbone_lr_scale=self.backbone_lr_scale or (1.0 if scratch else 0.1),
+            train_bn_stats=self.train_bn_stats if self.train_bn_stats is not None else scratch,
+            image_size=self.image_size or (DEMO_IMAGE_SIZE if self.data.source == DEMO else None),
+            epochs=self.epochs or (30 if self.caches_features else 10),
+            probe_epochs=self.probe_epochs if self.probe_epochs is not None else (0 if self.caches_features or scratch else 10),
+            lr=self.lr or (1e-2 if self.caches_features else 1e-3),
+            workers=self.workers if self.workers is not None else default_workers(self.data),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.update(mode=self.mode.value, optimizer=self.optimizer.value, augment=self.augment.value)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "FinetuneConfig":
+        data = dict(data)
+        data["data"] = DataSpec.from_dict(data["data"])
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """How to export.
+
+    Attributes:
+        opset: ONNX opset of the default domain.
+        static_batch: fix the batch dimension to this size; ``None`` keeps it dynamic.
+        fuse_preprocess: take uint8 NHWC images at the input size; scaling and normalisation
+            happen inside the graph.
+        verify: compare ONNX Runtime with PyTorch on validation images after export.
+        atol: largest absolute logit difference accepted.
+        verify_images: how many validation images the check uses.
+        output: file to write; default ``model.onnx`` (``model-uint8.onnx`` when fused) in the run.
+    """
+
+    opset: int = DEFAULT_OPSET
+    static_batch: int | None = None
+    fuse_preprocess: bool = False
+    verify: bool = True
+    atol: float = 1e-3
+    verify_images: int = 64
+    output: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.static_batch is not None and self.static_batch < 1:
+            raise OptionError(f"static batch must be at least 1, got {self.static_batch}")
+        if not 7 <= self.opset <= 23:
+            raise OptionError(f"opset must be between 7 and 23, got {self.opset}")
+        if self.atol <= 0:
+            raise OptionError(f"atol must be positive, got {self.atol}")
+        if self.verify_images < 1:
+            raise OptionError(f"verify images must be at least 1, got {self.verify_images}")
+
+    @property
+    def artifact(self) -> str:
+        return "onnx-uint8" if self.fuse_preprocess else "onnx"
+
+    def default_output(self, run: RunDir) -> Path:
+        return Path(self.output) if self.output else run / (run.ONNX_UINT8 if self.fuse_preprocess else run.ONNX)
+
+    def settings(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["output"] = str(self.output) if self.output else None
+        return data

@@ -1,0 +1,167 @@
+"""What every variant build starts from: the run's verified ONNX model, its metadata, the
+validation images prepared for it and the float model's logits on them, and the options."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..data import Sample
+from ..errors import OptionError, QuantizationError, RunError
+from ..metadata import ModelInfo
+from ..progress import console
+from ..results import Comparison, compare
+from ..rundir import RunDir
+from .calibration import BatchStream, balanced_sample, folder_samples
+from .ort import CalibMethod
+
+__all__ = ["QuantOptions", "TensorRTOptions", "BuildContext", "open_context", "run_onnx"]
+
+
+@dataclass(frozen=True)
+class QuantOptions:
+    """INT8 settings.
+
+    Attributes:
+        calib: an image folder to calibrate on (classes optional); default: the run's training data.
+        calib_size: how many images (class-balanced) to take from the run's training data.
+        calib_batch: images per calibration batch.
+        method: how activation ranges are chosen (ONNX Runtime; NNCF chooses OpenVINO's itself).
+        max_accuracy_drop: top-1 points INT8 may lose against the float model on validation data.
+        max_float_layers: the most layers the guard may keep in float before giving up.
+        dynamic: dynamic (weights-only) quantisation instead of static; slower for CNNs.
+        eval_images: cap on validation images for the accuracy check (all by default).
+    """
+
+    calib: Path | None = None
+    calib_size: int = 256
+    calib_batch: int = 8
+    method: CalibMethod = CalibMethod.MINMAX
+    max_accuracy_drop: float = 1.0
+    max_float_layers: int = 32
+    dynamic: bool = False
+    eval_images: int | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "method", CalibMethod.parse(self.method))
+        if self.calib_size < 1 or self.calib_batch < 1:
+            raise OptionError(f"calibration size and batch must be at least 1 (got {self.calib_size}, {self.calib_batch})")
+        if self.max_accuracy_drop < 0:
+            raise OptionError(f"max accuracy drop must be 0 or more points, got {self.max_accuracy_drop}")
+        if self.max_float_layers < 0:
+            raise OptionError(f"max float layers must be 0 or more, got {self.max_float_layers}")
+
+    def settings(self) -> dict:
+        """The options as the manifest records them."""
+        return {"calib": str(self.calib) if self.calib else None, "calib_size": self.calib_size, "calib_batch": self.calib_batch,
+                "method": self.method.value, "max_accuracy_drop": self.max_accuracy_drop,
+                "max_float_layers": self.max_float_layers, "dynamic": self.dynamic, "eval_images": self.eval_images}
+
+
+@dataclass(frozen=True)
+class TensorRTOptions:
+    """Engine build settings: the optimisation profile of the dynamic batch, workspace, timing cache."""
+
+    min_batch: int = 1
+    opt_batch: int = 1
+    max_batch: int = 16
+    workspace_mib: int = 2048
+    timing_cache: Path | None = None
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min_batch <= self.opt_batch <= self.max_batch:
+            raise OptionError(
+                f"TensorRT batch profile needs 1 <= min <= opt <= max, got {self.min_batch}/{self.opt_batch}/{self.max_batch}"
+            )
+        if self.workspace_mib < 1:
+            raise OptionError(f"TensorRT workspace must be at least 1 MiB, got {self.workspace_mib}")
+
+    def settings(self) -> dict:
+        return {"min_batch": self.min_batch, "opt_batch": self.opt_batch, "max_batch": self.max_batch,
+                "workspace_mib": self.workspace_mib, "timing_cache": str(self.timing_cache) if self.timing_cache else None}
+
+
+@dataclass
+class BuildContext:
+    """The run's float ONNX model and the validation images every variant is checked on."""
+
+    run: RunDir
+    base: Path
+    info: ModelInfo
+    input_name: str
+    val: np.ndarray
+    labels: np.ndarray
+    float_logits: np.ndarray
+    quant: QuantOptions = field(default_factory=QuantOptions)
+    tensorrt: TensorRTOptions = field(default_factory=TensorRTOptions)
+
+    def compare(self, logits: np.ndarray) -> Comparison:
+        """A variant's logits against the float model's, on the validation images."""
+        return compare(logits, self.float_logits, self.labels)
+
+    def stream(self, samples: list[Sample], batch: int) -> BatchStream:
+        """Images prepared for this model's input, streamed in batches."""
+        return BatchStream(samples, self.info.preprocessing, self.input_name, self.info.input_format, batch)
+
+    def calibration_samples(self) -> tuple[list[Sample], str]:
+        """The calibration images every INT8 target uses, and where they came from.
+
+        Raises:
+            QuantizationError: fewer images than one calibration batch.
+        """
+        quant = self.quant
+        if quant.calib is not None:
+            samples = folder_samples(Path(quant.calib))
+            samples, source = (balanced_sample(samples, quant.calib_size) if len(samples) > quant.calib_size else samples), str(quant.calib)
+        else:
+            samples, source = balanced_sample(self.run.dataset.train, quant.calib_size), "run training data (class-balanced)"
+        if len(samples) < quant.calib_batch:
+            raise QuantizationError(
+                f"the calibration set has {len(samples)} image(s), fewer than the batch of {quant.calib_batch};"
+                " add images or lower --calib-batch"
+            )
+        return samples, source
+
+
+def open_context(run: RunDir, quant: QuantOptions, tensorrt: TensorRTOptions) -> BuildContext:
+    """Read the run's ONNX model and prepare its validation images and float logits.
+
+    Raises:
+        RunError: no fine-tuned run, or its ONNX model is not from its checkpoint.
+    """
+    import onnx
+
+    from .ort import run_logits
+
+    base = run_onnx(run)
+    model = onnx.load(str(base), load_external_data=False)
+    info = ModelInfo.from_props({p.key: p.value for p in model.metadata_props})
+    input_name = model.graph.input[0].name
+    samples = run.validation(quant.eval_images)
+    stream = BatchStream(samples, info.preprocessing, input_name, info.input_format, max(1, len(samples)))
+    val = stream.get_next()[input_name]
+    labels = np.array([s.label for s in samples])
+    return BuildContext(run, base, info, input_name, val, labels, run_logits(base, val), quant, tensorrt)
+
+
+def run_onnx(run: RunDir) -> Path:
+    """The run's exported model (exported first when there is none), checked to come from the
+    run's checkpoint.
+
+    Raises:
+        RunError: no fine-tuned run, or a ``model.onnx`` exported from another checkpoint.
+    """
+    import onnx
+
+    checkpoint_sha256 = run.checkpoint_sha256()
+    if not run.onnx.is_file():
+        from ..export import export_onnx
+
+        console.print(f"no {run.ONNX} yet: exporting it first")
+        export_onnx(run)
+    props = {p.key: p.value for p in onnx.load(str(run.onnx), load_external_data=False).metadata_props}
+    if props.get("checkpoint_sha256") != checkpoint_sha256:
+        raise RunError(f"{run.onnx} was not exported from this run's checkpoint; re-export it with: edgetransfer export {run}")
+    return run.onnx
