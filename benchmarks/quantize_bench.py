@@ -65,7 +65,9 @@ def speed_run(work: Path, arch: str, weights: str) -> Path:
     run_dir = work / f"speed-{arch.replace(':', '_')}"
     save_checkpoint(run_dir / "model.pt", built, [str(d) for d in range(10)])
     write_json(run_dir / "config.json", {"data": DataSpec(limit_per_class=20).to_dict()})
-    RunDir(run_dir).new_manifest(run=run_dir.name, status="complete").save()
+    manifest = RunDir(run_dir).new_manifest(run=run_dir.name, status="complete")
+    manifest.record("checkpoint", RunDir.CHECKPOINT, "torch-checkpoint")
+    manifest.save()
     export_onnx(run_dir, ExportOptions(verify_images=8))
     build_variants(run_dir, [Target.ORT_CPU], [Precision.FP32, Precision.INT8],
                    QuantOptions(calib_size=64, max_accuracy_drop=100.0))

@@ -8,6 +8,7 @@ difference, and the speed-up against eager measured here with the same threads.
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from collections.abc import Callable
@@ -90,6 +91,7 @@ class _Variant:
     open_runner: Callable[[Path, int | None], Runner]
     files: list[Path]
     from_manifest: bool = True  # built from this run's checkpoint (checked), not a --model file
+    verify: Callable[[], object] | None = None  # checks its files against the manifest's sha256
 
     def runner(self, threads: int | None) -> Runner:
         return self.open_runner(self.path, threads)
@@ -182,7 +184,8 @@ def _variants(run: RunDir, options: BenchOptions) -> list[_Variant]:
         target = spec_for_artifact(entry)
         if target is not None:
             path = run / entry["path"]
-            found.append(_Variant(name, path, entry["kind"], target.runner, target.files(path)))
+            check = functools.partial(run.verify, name, run.rebuild_hint(name))
+            found.append(_Variant(name, path, entry["kind"], target.runner, target.files(path), verify=check))
     if options.variants:
         known = {v.name: v for v in found}
         for name in options.variants:
@@ -221,7 +224,12 @@ def bench_run(run_dir: str | Path | RunDir, options: BenchOptions = BenchOptions
     """
     run = RunDir(run_dir)
     run.require_checkpoint()
-    run.manifest()
+    with run.lock():
+        return _bench(run, options, out_dir)
+
+
+def _bench(run: RunDir, options: BenchOptions, out_dir: Path | None) -> BenchReport:
+    run.require_complete()
     import torch
 
     out_dir = Path(out_dir or run.path)
@@ -261,6 +269,8 @@ def _measure(variant: _Variant, data: _Data, options: BenchOptions, threads: int
     rss_before = _rss_mb()
     gpu = _gpu_memory_reset()
     try:
+        if variant.verify is not None:
+            variant.verify()
         with variant.runner(row.threads) as runner:
             if variant.from_manifest:
                 _check_checkpoint(runner, report)

@@ -8,11 +8,11 @@ from typing import Any
 import torch
 
 from ._io import write_bytes
-from .errors import RunError
+from .errors import EdgeTransferError, RunError, first_line
 from .models import BuiltModel, build
 from .preprocessing import Preprocessing
 
-__all__ = ["save_checkpoint", "load_checkpoint", "FORMAT"]
+__all__ = ["save_checkpoint", "load_checkpoint", "safe_load", "FORMAT"]
 
 FORMAT = "edgetransfer.checkpoint/1"
 
@@ -41,6 +41,31 @@ def _cpu_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return cpu
 
 
+def safe_load(path: str | Path, error: type[EdgeTransferError] = RunError) -> Any:
+    """``torch.load`` that never runs code: tensors, numbers, strings and containers only.
+
+    Every file edgetransfer reads goes through here. A pickle that asks for anything else (a
+    planted ``__reduce__`` included) is refused without being run, and the message does not
+    repeat torch's advice to load it with ``weights_only=False``.
+
+    Raises:
+        error: the file is missing, truncated or corrupt, or holds more than tensors and plain values.
+    """
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError as exc:
+        raise error(f"file not found: {path}") from exc
+    except pickle.UnpicklingError as exc:
+        if "GLOBAL" not in str(exc):  # torch names the global it refused; anything else is not a torch file
+            raise error(f"cannot read {path}: it is not a file torch saved ({first_line(exc)})") from exc
+        raise error(f"{path} holds Python objects besides tensors and plain values; edgetransfer loads neither"
+                    " those nor files that need them. Use a file of tensors (a state_dict), or rebuild it") from exc
+    except Exception as exc:  # zip and storage errors of a truncated or corrupt file
+        raise error(f"cannot read {path}: {first_line(exc)}") from exc
+
+
 def load_checkpoint(path: str | Path) -> tuple[BuiltModel, dict[str, Any]]:
     """Rebuild the model saved at ``path`` (CPU, eval mode) and return it with the payload.
 
@@ -50,10 +75,7 @@ def load_checkpoint(path: str | Path) -> tuple[BuiltModel, dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         raise RunError(f"checkpoint not found: {path} (run edgetransfer finetune first)")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise RunError(f"cannot read checkpoint {path}: {str(exc).splitlines()[0]}") from exc
+    payload = safe_load(path)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise RunError(f"{path} is not an edgetransfer checkpoint (format {FORMAT})")
     if len(payload["classes"]) != payload["num_classes"]:

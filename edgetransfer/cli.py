@@ -122,7 +122,7 @@ def finetune(ctx: click.Context, **options) -> None:
     try:
         result = run_finetune(config, run_dir, resume=resume_dir is not None)
     except KeyboardInterrupt:
-        console.print(f"\ninterrupted; finished epochs are saved. Continue with: edgetransfer finetune --resume {run_dir}")
+        console.print(f"\ninterrupted; finished epochs are saved. Continue with: edgetransfer finetune --resume {run_dir}", markup=False)
         sys.exit(RESUME_EXIT)
     if not result.main:
         return  # under torchrun, rank 0 reports
@@ -199,8 +199,8 @@ def bench(run_dir: Path, threads: str | None, fail_over_budget: bool, out: Path 
     bench_options = from_options(BenchOptions, options, threads=None if auto or threads is None else int(threads), auto_threads=auto)
     report = bench_run(run_dir, bench_options, out)
     stdout.print(bench_table(report))
-    stdout.print(recommendation_line(report))
-    console.print(f"written: {Path(out or run_dir) / RunDir.BENCH_JSON}")
+    stdout.print(recommendation_line(report), markup=False)
+    console.print(f"written: {Path(out or run_dir) / RunDir.BENCH_JSON}", markup=False)
     if fail_over_budget and report.recommendation is None:
         sys.exit(2)
 
@@ -236,7 +236,8 @@ def info(run_dir: Path | None, include_timm: bool) -> None:
 @field_option(ExportOptions, "opset", "--opset", help="ONNX opset.")
 @field_option(ExportOptions, "static_batch", "--static-batch", help="Fix the batch dimension to N (default: dynamic).")
 @field_option(ExportOptions, "fuse_preprocess", "--fuse-preprocess", help="Input uint8 NHWC images at the model's size; scaling and normalisation run inside the graph.")
-@field_option(ExportOptions, "atol", "--atol", help="Largest logit difference ONNX Runtime may show against PyTorch.")
+@field_option(ExportOptions, "atol", "--atol", help="Parity check: absolute logit difference ONNX Runtime may show against PyTorch.")
+@field_option(ExportOptions, "rtol", "--rtol", help="Parity check: relative difference on top (|onnx - torch| <= atol + rtol * |torch|).")
 @field_option(ExportOptions, "verify_images", "--verify-images", help="Validation images the parity check uses.")
 @field_option(ExportOptions, "verify", "--verify/--no-verify", help="Check parity against PyTorch on validation images.")
 @field_option(ExportOptions, "output", "--output", help="Where to write. [default: RUN_DIR/model.onnx]")

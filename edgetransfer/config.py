@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 from ._enums import Choice
 from .data import DEMO, Augment, DataSpec
 from .errors import OptionError
+from .preprocessing import MAX_INPUT_SIZE
 
 if TYPE_CHECKING:
     from .rundir import RunDir
@@ -78,7 +79,8 @@ class FinetuneConfig:
             (0 <= self.label_smoothing < 1, f"label smoothing must be in [0, 1), got {self.label_smoothing}"),
             (self.probe_epochs is None or self.probe_epochs >= 0, f"probe epochs must be 0 or more, got {self.probe_epochs}"),
             (self.patience is None or self.patience >= 1, f"patience must be at least 1, got {self.patience}"),
-            (self.image_size is None or self.image_size >= 16, f"image size must be at least 16, got {self.image_size}"),
+            (self.image_size is None or 16 <= self.image_size <= MAX_INPUT_SIZE,
+             f"image size must be between 16 and {MAX_INPUT_SIZE}, got {self.image_size}"),
             (self.backbone_lr_scale is None or 0 < self.backbone_lr_scale <= 1, f"backbone lr scale must be in (0, 1], got {self.backbone_lr_scale}"),
         ]
         for ok, message in checks:
@@ -130,7 +132,9 @@ class ExportOptions:
         fuse_preprocess: take uint8 NHWC images at the input size; scaling and normalisation
             happen inside the graph.
         verify: compare ONNX Runtime with PyTorch on validation images after export.
-        atol: largest absolute logit difference accepted.
+        atol: absolute part of the accepted logit difference.
+        rtol: relative part: an output passes when ``|onnx - torch| <= atol + rtol * |torch|``,
+            as numpy's ``allclose`` and Polygraphy compare (large logits differ more in absolute terms).
         verify_images: how many validation images the check uses.
         output: file to write; default ``model.onnx`` (``model-uint8.onnx`` when fused) in the run.
     """
@@ -140,6 +144,7 @@ class ExportOptions:
     fuse_preprocess: bool = False
     verify: bool = True
     atol: float = 1e-3
+    rtol: float = 1e-4
     verify_images: int = 64
     output: Path | None = None
 
@@ -148,8 +153,8 @@ class ExportOptions:
             raise OptionError(f"static batch must be at least 1, got {self.static_batch}")
         if not 7 <= self.opset <= 23:
             raise OptionError(f"opset must be between 7 and 23, got {self.opset}")
-        if self.atol <= 0:
-            raise OptionError(f"atol must be positive, got {self.atol}")
+        if self.atol <= 0 or self.rtol < 0:
+            raise OptionError(f"atol must be positive and rtol 0 or more, got atol {self.atol}, rtol {self.rtol}")
         if self.verify_images < 1:
             raise OptionError(f"verify images must be at least 1, got {self.verify_images}")
 

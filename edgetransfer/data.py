@@ -14,10 +14,11 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+from rich.markup import escape
 
 from ._enums import Choice
 from .errors import DataError
-from .preprocessing import Preprocessing, load_rgb, to_rgb
+from .preprocessing import Preprocessing, check_shape, load_rgb, to_rgb
 from .progress import console, progress
 
 __all__ = [
@@ -178,7 +179,7 @@ def _check(samples: list[Sample], strict: bool, workers: int) -> tuple[list[Samp
 
     def reason(sample: Sample) -> str | None:
         try:
-            load_image(sample)
+            check_shape(load_image(sample).size, sample.name)  # the transforms would resize it
             return None
         except DataError as exc:
             return str(exc)
@@ -192,7 +193,7 @@ def _check(samples: list[Sample], strict: bool, workers: int) -> tuple[list[Samp
     if bad and strict:
         raise DataError(f"{len(bad)} unreadable image(s), first: {bad[0][1]} (drop --strict to skip them)")
     if bad:
-        console.print(f"[yellow]warning:[/] skipped {len(bad)} unreadable image(s); first: {bad[0][1]}")
+        console.print("[yellow]warning:[/]", escape(f"skipped {len(bad)} unreadable image(s); first: {bad[0][1]}"))
     return [s for s, _ in good], [(s.name, p) for s, p in bad]
 
 

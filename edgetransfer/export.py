@@ -75,7 +75,7 @@ def export_onnx(run_dir: str | Path | RunDir, options: ExportOptions = ExportOpt
     Raises:
         RunError: no run or checkpoint at ``run_dir``, or an inconsistent checkpoint.
         ExportError: an operator ONNX cannot express, an unwritable output path.
-        ParityError: ONNX Runtime disagrees with PyTorch beyond ``options.atol``.
+        ParityError: ONNX Runtime disagrees with PyTorch beyond ``options.atol`` and ``options.rtol``.
     """
     started = time.perf_counter()
     run = RunDir(run_dir)
@@ -83,6 +83,16 @@ def export_onnx(run_dir: str | Path | RunDir, options: ExportOptions = ExportOpt
         raise RunError(f"no run at {run}; run edgetransfer finetune first")
     output = options.default_output(run)
     _check_writable(output)
+    with run.lock():
+        return _export_run(run, options, output, started)
+
+
+def _export_run(run: RunDir, options: ExportOptions, output: Path, started: float) -> ExportResult:
+    if run.has_manifest():  # a finished run, and the checkpoint it recorded
+        run.require_complete()
+    run.require_checkpoint()
+    if options.verify:
+        run.read_config()  # before loading the checkpoint: the parity check needs the run's data
     built, payload = run.load_checkpoint()
     info = ModelInfo(
         labels=tuple(payload["classes"]),
@@ -159,7 +169,7 @@ def _verify(built: BuiltModel, path: Path, options: ExportOptions, images: list)
     partial, or padded for a static batch), every image counted.
 
     Raises:
-        ParityError: they differ by more than ``options.atol``.
+        ParityError: some output differs by more than ``atol + rtol * |torch|``.
     """
     from .runtime.sessions import fixed_batch, open_session, run_batched
 
@@ -173,13 +183,15 @@ def _verify(built: BuiltModel, path: Path, options: ExportOptions, images: list)
     batch = options.static_batch or min(16, len(images))
     onnx_logits = run_batched(lambda chunk: session.run([OUTPUT], {INPUT: chunk})[0], feed, batch, fixed_batch(session))
     agreement = compare(onnx_logits, eager)
+    difference, scale = np.abs(onnx_logits - eager), np.abs(eager)
     parity = Parity(agreement.images, int(batch), agreement.max_abs_diff, agreement.top1_agreement, options.atol,
-                    session.get_providers()[0])
-    if parity.max_abs_diff > options.atol:
+                    session.get_providers()[0], options.rtol, float((difference / np.maximum(scale, 1e-30)).max()),
+                    bool((difference <= options.atol + options.rtol * scale).all()))
+    if not parity.within_tolerance:
         raise ParityError(
-            f"ONNX Runtime and PyTorch differ by up to {parity.max_abs_diff:.2e} in the logits (atol"
-            f" {options.atol:g}, top-1 agreement {100 * parity.top1_agreement:.1f}%); nothing was written."
-            " Raise --atol if this is expected, or --no-verify to skip the check"
+            f"ONNX Runtime and PyTorch differ by up to {parity.max_abs_diff:.2e} in the logits ({parity.max_rel_diff:.2e}"
+            f" relative; atol {options.atol:g}, rtol {options.rtol:g}, top-1 agreement {100 * parity.top1_agreement:.1f}%);"
+            " nothing was written. Raise --atol or --rtol if this is expected, or --no-verify to skip the check"
         )
     return parity
 

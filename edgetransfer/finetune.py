@@ -7,6 +7,7 @@ about as much as a pass of a linear layer. Every file a run writes is written at
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
@@ -17,10 +18,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from rich.markup import escape
 from torch import nn
 
-from ._io import read_json, write_bytes, write_json
-from .checkpoint import save_checkpoint
+from ._io import write_bytes, write_json
+from .checkpoint import safe_load, save_checkpoint
 from .config import FinetuneConfig, Mode, OptimizerName
 from .data import Dataset, TorchImages, eval_transform, load_dataset, train_transform
 from .errors import EdgeTransferError, RunError, unknown_name
@@ -77,17 +79,28 @@ def finetune(
     if not dist.main:
         set_quiet(True)  # one progress display per job, from rank 0
     run_dir = Path(dist.broadcast(str(run_dir)))  # a default name holds the time: take rank 0's
+    with RunDir(run_dir).lock() if dist.main else contextlib.nullcontext():
+        return _finetune(config, run_dir, resume, on_epoch, dist)
+
+
+def _finetune(config: FinetuneConfig, run_dir: Path, resume: bool, on_epoch: EpochCallback | None, dist: Context) -> FinetuneResult:
+    existed = run_dir.exists()
     config, manifest, state = _open_run_everywhere(dist, run_dir, config, resume)
     started = time.perf_counter()
-    dataset = load_dataset(config.data, workers=max(1, config.workers))
-    _seed(config.seed)  # before building: the new classifier's initial weights come from it
-    built = build(config.arch, len(dataset.classes), config.weights, config.image_size)
-    if config.image_size is None:
-        config = replace(config, image_size=built.preprocessing.input_size)
-    device = _device(config.device, dist)
-    built.module.to(device)
-    probe = _probe_head(config, built, dataset, device, run_dir, dist) if state is None else None
-    loop = _make_loop(config, built, dataset, device, run_dir, dist)
+    try:
+        dataset = load_dataset(config.data, workers=max(1, config.workers))
+        _seed(config.seed)  # before building: the new classifier's initial weights come from it
+        built = build(config.arch, len(dataset.classes), config.weights, config.image_size)
+        if config.image_size is None:
+            config = replace(config, image_size=built.preprocessing.input_size)
+        device = _device(config.device, dist)
+        built.module.to(device)
+        probe = _probe_head(config, built, dataset, device, run_dir, dist) if state is None else None
+        loop = _make_loop(config, built, dataset, device, run_dir, dist)
+    except EdgeTransferError:
+        if dist.main and not resume:
+            _discard(run_dir, existed)  # bad data, architecture or weights: leave no half-made run behind
+        raise
     trainer = _Trainer(config, built, loop, run_dir, dataset.classes, dist)
     if state is not None:
         trainer.restore(state)
@@ -109,24 +122,35 @@ def _open_run(run_dir: Path, config: FinetuneConfig, resume: bool):
     if resume:
         if not (run_dir / CONFIG).is_file():
             raise RunError(f"nothing to resume in {run_dir}: no {CONFIG} (start it without --resume)")
-        config = FinetuneConfig.from_dict(read_json(run_dir / CONFIG))
+        config = _saved_config(run_dir)
         run = RunDir(run_dir)
         manifest = run.manifest() if run.has_manifest() else run.new_manifest(config=config.to_dict())
         if manifest.data.get("status") == "complete":
             raise RunError(f"{run_dir} is already complete; nothing to resume")
         state = _load_state(run_dir / LAST) if (run_dir / LAST).is_file() else None
         return config, manifest, state
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunError(f"{run_dir} is a file, not a folder; pick another --out")
     if run_dir.exists() and any(run_dir.iterdir()):
         held = "a run" if (run_dir / CONFIG).is_file() else "other files"
-        raise RunError(
-            f"{run_dir} already holds {held}; pick another --out/--name, or --resume {run_dir} to continue it"
-        )
+        raise RunError(f"{run_dir} already holds {held}; pick another --out, or --resume {run_dir} to continue it")
     config = config.resolved()
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json(run_dir / CONFIG, config.to_dict())
     manifest = RunDir(run_dir).new_manifest(run=run_dir.name, status="training", config=config.to_dict())
     manifest.save()
     return config, manifest, None
+
+
+def _discard(run_dir: Path, existed: bool) -> None:
+    """Remove what opening a new run wrote, so that the same ``--out`` can be used again."""
+    import shutil
+
+    for name in (CONFIG, RunDir.MANIFEST):
+        (run_dir / name).unlink(missing_ok=True)
+    shutil.rmtree(run_dir / Path(FEATURES).parent, ignore_errors=True)
+    if not existed and run_dir.is_dir() and not any(run_dir.iterdir()):
+        run_dir.rmdir()
 
 
 def _open_run_everywhere(dist: Context, run_dir: Path, config: FinetuneConfig, resume: bool):
@@ -144,16 +168,44 @@ def _open_run_everywhere(dist: Context, run_dir: Path, config: FinetuneConfig, r
         raise RunError(problem)
     if dist.main:
         return opened
-    config = FinetuneConfig.from_dict(read_json(run_dir / CONFIG))
+    config = _saved_config(run_dir)
     state = _load_state(run_dir / LAST) if resume and (run_dir / LAST).is_file() else None
     return config, None, state
 
 
-def _load_state(path: Path) -> dict[str, Any]:
+def _saved_config(run_dir: Path) -> FinetuneConfig:
+    """The config a run was started with.
+
+    Raises:
+        RunError: unreadable, or with settings this version does not know.
+    """
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)  # our own file: RNG states need pickle
-    except Exception as exc:
-        raise RunError(f"cannot read {path} to resume ({str(exc).splitlines()[0]}); start a new run") from exc
+        return FinetuneConfig.from_dict(RunDir(run_dir).read_config())
+    except (TypeError, ValueError) as exc:
+        raise RunError(f"{run_dir / CONFIG} holds settings this version cannot use ({exc}); start a new run") from exc
+
+
+def _load_state(path: Path) -> dict[str, Any]:
+    """The resume state, loaded like every other file: tensors and plain values only."""
+    try:
+        state = safe_load(path)
+    except RunError as exc:
+        raise RunError(f"cannot resume from {path.name}: {exc}; start a new run") from exc
+    if not isinstance(state, dict) or "numpy_rng" not in state:
+        raise RunError(f"{path} is not an edgetransfer resume state; start a new run")
+    return state
+
+
+def _numpy_rng_state() -> dict[str, Any]:
+    """numpy's global generator state as tensors and plain values (a weights-only file holds no arrays)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached)}
+
+
+def _set_numpy_rng_state(state: dict[str, Any]) -> None:
+    keys = state["keys"].numpy().astype(np.uint32)
+    np.random.set_state((state["name"], keys, state["pos"], state["has_gauss"], state["cached_gaussian"]))
 
 
 def _record(manifest: Manifest, config: FinetuneConfig, metrics: dict[str, Any], run_dir: Path) -> None:
@@ -272,8 +324,12 @@ class _CachedHeadLoop:
         path = run_dir / FEATURES
         key = {"train": [s.name for s in dataset.train], "val": [s.name for s in dataset.val]}
         if path.is_file():
-            cached = torch.load(path, map_location="cpu", weights_only=True)
-            if cached.get("key") == key:
+            try:
+                cached = safe_load(path)
+            except RunError as exc:  # a cache is only a cache: a corrupt one is computed again
+                console.print("[yellow]warning:[/]", escape(f"{exc}; computing the features again"))
+                cached = {}
+            if isinstance(cached, dict) and cached.get("key") == key:
                 return cached["train_x"], cached["train_y"], cached["val_x"], cached["val_y"]
         transform = eval_transform(self.built.preprocessing)
         started = time.perf_counter()
@@ -442,11 +498,11 @@ class _Trainer:
         self.scaler.load_state_dict(state["scaler"])
         self.loop.set_rng_state(state["loop_rng"])
         torch.set_rng_state(state["torch_rng"])
-        np.random.set_state(state["numpy_rng"])
+        _set_numpy_rng_state(state["numpy_rng"])
         random.setstate(state["python_rng"])
         self.history = state["history"]
         self.best_top1, self.best_epoch, self.stale = state["best_top1"], state["best_epoch"], state["stale"]
-        console.print(f"resuming {self.run_dir} after epoch {len(self.history)} of {self.config.epochs}")
+        console.print(f"resuming {self.run_dir} after epoch {len(self.history)} of {self.config.epochs}", markup=False)
 
     def run(self, on_epoch: EpochCallback | None) -> None:
         with progress() as bar:
@@ -512,7 +568,7 @@ class _Trainer:
             "scaler": self.scaler.state_dict(),
             "loop_rng": self.loop.rng_state(),
             "torch_rng": torch.get_rng_state(),
-            "numpy_rng": np.random.get_state(),
+            "numpy_rng": _numpy_rng_state(),
             "python_rng": random.getstate(),
             "history": self.history,
             "best_top1": self.best_top1,
@@ -525,7 +581,7 @@ class _Trainer:
     def finish(self, dataset: Dataset, total_s: float) -> dict[str, Any]:
         """Evaluate the best checkpoint, write metrics.json and curves.png (rank 0)."""
         self.dist.barrier()  # rank 0 has written the best checkpoint
-        best = torch.load(self.run_dir / CHECKPOINT, map_location="cpu", weights_only=True)
+        best = safe_load(self.run_dir / CHECKPOINT)
         self.built.module.load_state_dict(best["state_dict"])
         logits, labels = self.loop.val_logits()
         logits_np, labels_np = logits.numpy(), labels.numpy()

@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import PredictorError
+from .errors import DataError, PredictorError, UnknownNameError
 from .preprocessing import Preprocessing
 
 __all__ = ["ModelInfo", "InputFormat", "FLOAT_NCHW", "UINT8_NHWC"]
@@ -49,32 +49,36 @@ class ModelInfo:
 
     @classmethod
     def from_props(cls, props: dict[str, str]) -> "ModelInfo":
-        """Parse ``metadata_props``.
+        """Parse and check ``metadata_props``: a model file can come from anywhere.
 
         Raises:
-            PredictorError: the model carries no edgetransfer metadata, or it is malformed.
+            PredictorError: the model carries no edgetransfer metadata, or a field is malformed
+                (named in the message).
         """
         if "labels" not in props or "input_size" not in props:
             raise PredictorError("the model has no edgetransfer metadata (labels, input_size)")
         try:
             pre = Preprocessing.from_dict(
                 {
-                    "input_size": props["input_size"],
-                    "resize_size": props["resize_size"],
+                    "input_size": _integer(props, "input_size"),
+                    "resize_size": _integer(props, "resize_size"),
                     "interpolation": props.get("interpolation", "bilinear"),
-                    "mean": json.loads(props["mean"]),
-                    "std": json.loads(props["std"]),
+                    "mean": _numbers(props, "mean"),
+                    "std": _numbers(props, "std"),
                     "channel_order": props.get("channel_order", "RGB"),
                     "layout": "NCHW",
                 }
             )
-            labels = tuple(str(v) for v in json.loads(props["labels"]))
-        except (KeyError, ValueError, TypeError) as exc:
-            raise PredictorError(f"malformed edgetransfer metadata in the model: {exc}") from exc
+        except (DataError, UnknownNameError) as exc:
+            raise PredictorError(f"invalid edgetransfer metadata in the model: {exc}") from exc
+        input_format = props.get("input_format", FLOAT_NCHW)
+        if input_format not in (FLOAT_NCHW, UINT8_NHWC):
+            raise PredictorError(f"invalid edgetransfer metadata in the model: input_format {input_format!r} is not"
+                                 f" {FLOAT_NCHW!r} or {UINT8_NHWC!r}")
         return cls(
-            labels=labels,
+            labels=_labels(props),
             preprocessing=pre,
-            input_format=props.get("input_format", FLOAT_NCHW),
+            input_format=input_format,
             arch=props.get("arch", "unknown"),
             checkpoint_sha256=props.get("checkpoint_sha256", ""),
             edgetransfer_version=props.get("edgetransfer.version", ""),
@@ -82,3 +86,33 @@ class ModelInfo:
 
     def describe(self) -> dict[str, Any]:
         return {**self.to_props(), "labels": list(self.labels)}
+
+
+def _field(props: dict[str, str], name: str):
+    try:
+        return json.loads(props[name])
+    except KeyError as exc:
+        raise PredictorError(f"invalid edgetransfer metadata in the model: {name} is missing") from exc
+    except ValueError as exc:
+        raise PredictorError(f"invalid edgetransfer metadata in the model: {name} is not JSON ({exc})") from exc
+
+
+def _integer(props: dict[str, str], name: str) -> int:
+    value = _field(props, name)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise PredictorError(f"invalid edgetransfer metadata in the model: {name} must be a whole number, got {value!r}")
+    return value
+
+
+def _numbers(props: dict[str, str], name: str) -> list[float]:
+    value = _field(props, name)
+    if not isinstance(value, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        raise PredictorError(f"invalid edgetransfer metadata in the model: {name} must be a list of numbers, got {value!r}"[:300])
+    return [float(v) for v in value]
+
+
+def _labels(props: dict[str, str]) -> tuple[str, ...]:
+    value = _field(props, "labels")
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+        raise PredictorError(f"invalid edgetransfer metadata in the model: labels must be a non-empty list of strings, got {value!r}"[:300])
+    return tuple(value)

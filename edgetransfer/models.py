@@ -431,11 +431,9 @@ def _timm_preprocessing(module: nn.Module) -> Preprocessing:
 def _load_file(module: nn.Module, path: Path, arch_name: str) -> None:
     if not path.is_file():
         raise WeightsError(f"weights file not found: {path}")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle errors, zip errors, refused globals: all "not loadable"
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise WeightsError(f"cannot load weights file {path}: {reason}") from exc
+    from .checkpoint import safe_load
+
+    payload = safe_load(path, WeightsError)
     state = payload
     if isinstance(payload, dict):
         state = payload.get("state_dict", payload.get("model", payload))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import enum
 import io
+import math
 import os
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -17,10 +18,13 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import DataError, ImageError, unknown_name
 
-__all__ = ["Interpolation", "Preprocessing", "to_rgb", "load_rgb", "IMAGENET_MEAN", "IMAGENET_STD"]
+__all__ = ["Interpolation", "Preprocessing", "to_rgb", "load_rgb", "check_shape", "IMAGENET_MEAN", "IMAGENET_STD"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+MAX_INPUT_SIZE = 4096  # a model input side; larger ones are mistakes that exhaust memory
+MAX_ASPECT_RATIO = 64  # resizing the short side of a thinner image would make an enormous one
+MAX_PIXELS = 64 * 10**6  # decoded RGB at most 192 MB, whatever the file's size
 
 
 class Interpolation(str, enum.Enum):
@@ -64,11 +68,19 @@ class Preprocessing:
     layout: str = "NCHW"
 
     def __post_init__(self) -> None:
-        if self.input_size < 1 or self.resize_size < self.input_size:
+        if not 1 <= self.input_size <= MAX_INPUT_SIZE or not self.input_size <= self.resize_size <= 2 * MAX_INPUT_SIZE:
             raise DataError(
-                f"preprocessing needs 1 <= input_size <= resize_size, got input_size="
-                f"{self.input_size}, resize_size={self.resize_size}"
+                f"preprocessing needs 1 <= input_size <= resize_size, input_size <= {MAX_INPUT_SIZE} and resize_size <="
+                f" {2 * MAX_INPUT_SIZE}; got input_size={self.input_size}, resize_size={self.resize_size}"
             )
+        for name in ("mean", "std"):
+            values = getattr(self, name)
+            if len(values) != 3 or not all(math.isfinite(v) for v in values):
+                raise DataError(f"preprocessing {name} needs 3 finite numbers (one per RGB channel), got {list(values)}")
+        if min(self.std) <= 0:
+            raise DataError(f"preprocessing std must be positive in every channel, got {list(self.std)}")
+        if self.channel_order != "RGB" or self.layout != "NCHW":
+            raise DataError(f"preprocessing supports RGB channels in NCHW layout, got {self.channel_order} {self.layout}")
 
     @property
     def crop_pct(self) -> float:
@@ -81,6 +93,7 @@ class Preprocessing:
 
     def resize_crop(self, image: Image.Image) -> Image.Image:
         """Resize the shorter side and centre-crop, exactly as torchvision's Resize+CenterCrop."""
+        check_shape(image.size)
         width, height = image.size
         short, long = (width, height) if width <= height else (height, width)
         if short != self.resize_size:
@@ -122,11 +135,19 @@ class Preprocessing:
         )
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Any Pillow image as 8-bit RGB: EXIF rotation applied, 16/32-bit scaled, alpha dropped."""
-    image = ImageOps.exif_transpose(image)
+def to_rgb(image: Image.Image, owned: bool = False) -> Image.Image:
+    """Any Pillow image as 8-bit RGB: EXIF rotation applied, 16/32-bit scaled, alpha dropped.
+
+    Args:
+        owned: the caller made ``image`` and will not use it again: rotate it in place
+            instead of copying it (a large image's memory counts twice otherwise).
+    """
+    if owned:
+        ImageOps.exif_transpose(image, in_place=True)
+    else:
+        image = ImageOps.exif_transpose(image)
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-        array = np.asarray(image, dtype=np.float64)
+        array = np.asarray(image, dtype=np.float32)
         top = 65535.0 if image.mode.startswith("I;16") else max(float(array.max()), 255.0)
         if image.mode == "F" and array.max() <= 1.0:
             top = 1.0
@@ -135,6 +156,21 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if image.mode != "RGB":
         image = image.convert("RGB")
     return image
+
+
+def check_shape(size: tuple[int, int], name: str = "the image") -> None:
+    """Refuse an image whose shorter side, resized to a model's size, would make an enormous one.
+
+    Raises:
+        ImageError: no pixels, or more than ``MAX_ASPECT_RATIO`` times longer than wide.
+    """
+    width, height = size
+    short, long = min(width, height), max(width, height)
+    if short == 0:
+        raise ImageError(f"{name} is {width}x{height} pixels: it has none to classify")
+    if long > MAX_ASPECT_RATIO * short:
+        raise ImageError(f"{name} is {width}x{height} pixels, more than {MAX_ASPECT_RATIO} times longer than it is wide;"
+                         " crop it to the part to classify first")
 
 
 def load_rgb(source: str | os.PathLike | bytes) -> Image.Image:
@@ -147,8 +183,12 @@ def load_rgb(source: str | os.PathLike | bytes) -> Image.Image:
     try:
         handle = io.BytesIO(source) if isinstance(source, bytes) else Path(source)
         with Image.open(handle) as image:
+            width, height = image.size  # from the header: refuse before decoding
+            if width * height > MAX_PIXELS:
+                raise ImageError(f"image {name} is {width}x{height} pixels, more than the {MAX_PIXELS // 10**6} million"
+                                 " edgetransfer decodes; scale it down first")
             image.load()
-            return to_rgb(image)
+            return to_rgb(image, owned=True)
     except FileNotFoundError:
         raise ImageError(f"image not found: {name}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:

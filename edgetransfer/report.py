@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rich.table import Table
+from rich.text import Text
 
 from ._io import atomic_path
 
@@ -38,10 +39,10 @@ def epochs_table(history: list[dict[str, Any]], last: int = 12) -> Table:
 def finetune_summary_table(metrics: dict[str, Any], run_dir: Path) -> Table:
     """The outcome of a fine-tuning run in a few rows."""
     final, timing = metrics["final"], metrics["timing"]
-    table = Table(title=f"result: {run_dir}", title_justify="left", show_header=False)
+    table = Table(title=Text(f"result: {run_dir}"), title_justify="left", show_header=False)
     table.add_column(style="bold")
     table.add_column()
-    table.add_row("model", f"{metrics['arch']} ({metrics['mode']}), {metrics['image_size']} px")
+    table.add_row("model", Text(f"{metrics['arch']} ({metrics['mode']}), {metrics['image_size']} px"))
     table.add_row("data", f"{metrics['train_images']} train / {metrics['val_images']} val, {len(metrics['classes'])} classes")
     table.add_row("best epoch", f"{metrics['best_epoch']} of {len(metrics['epochs'])}")
     table.add_row("val top-1", f"{100 * final['top1']:.2f}%")
@@ -96,15 +97,16 @@ def _confusion(ax, matrix: list[list[int]], classes: list[str]) -> None:
 
 def parity_table(result) -> Table:
     """Where an export went and how closely ONNX Runtime matched PyTorch."""
-    table = Table(title=f"exported: {result.path}", title_justify="left", show_header=False)
+    table = Table(title=Text(f"exported: {result.path}"), title_justify="left", show_header=False)
     table.add_column(style="bold")
     table.add_column()
-    table.add_row("model", f"{result.info.arch}, {len(result.info.labels)} classes, input {result.info.input_format}")
+    table.add_row("model", Text(f"{result.info.arch}, {len(result.info.labels)} classes, input {result.info.input_format}"))
     pre = result.info.preprocessing
     table.add_row("preprocessing", f"resize {pre.resize_size} ({pre.interpolation.value}), crop {pre.input_size}, mean {_short(pre.mean)}, std {_short(pre.std)}")
     if result.parity:
         p = result.parity
-        table.add_row("parity", f"max |logit diff| {p.max_abs_diff:.2e} (atol {p.atol:g}), top-1 agreement {100 * p.top1_agreement:.1f}%")
+        table.add_row("parity", f"max |logit diff| {p.max_abs_diff:.2e}, relative {p.max_rel_diff:.2e} (atol {p.atol:g},"
+                      f" rtol {p.rtol:g}), top-1 agreement {100 * p.top1_agreement:.1f}%")
         table.add_row("checked on", f"{p.images} validation images, batches of {p.batch_size}, {p.provider}")
     else:
         table.add_row("parity", "not checked (--no-verify)")
@@ -114,12 +116,13 @@ def parity_table(result) -> Table:
 
 def predictions_table(images, results, provider: str) -> Table:
     """Top-k labels per image."""
-    table = Table(title=f"predictions ({provider})", title_justify="left")
+    table = Table(title=Text(f"predictions ({provider})"), title_justify="left")
     for column in ("image", "rank", "label", "probability"):
         table.add_column(column, justify="right" if column in ("rank", "probability") else "left")
     for image, predictions in zip(images, results):
         for rank, prediction in enumerate(predictions, 1):
-            table.add_row(str(image) if rank == 1 else "", str(rank), prediction.label, f"{prediction.probability:.4f}")
+            # paths and labels are shown as they are, never read as markup
+            table.add_row(Text(str(image)) if rank == 1 else "", str(rank), Text(prediction.label), f"{prediction.probability:.4f}")
     return table
 
 
@@ -137,7 +140,7 @@ def variants_table(variants) -> Table:
         r, a = v.report, v.report.accuracy
         size = v.size_bytes / 2**20 if v.size_bytes is not None else float("nan")
         table.add_row(
-            v.name, f"{size:.1f}",
+            Text(v.name), f"{size:.1f}",
             f"{100 * a.top1:.2f}%" if a and a.top1 is not None else "—",
             f"{a.top1_change_points:+.2f}" if a and a.top1_change_points is not None else "—",
             f"{100 * a.top1_agreement:.1f}%" if a else "—",
@@ -174,13 +177,13 @@ def _not_measured(report: BenchReport) -> list[str]:
 def bench_table(report: BenchReport) -> Table:
     """The bench results in the terminal."""
     machine = report.machine
-    table = Table(title=f"bench: {machine.cpu.model}, {machine.threads} threads, {report.eval_images} images",
+    table = Table(title=Text(f"bench: {machine.cpu.model}, {machine.threads} threads, {report.eval_images} images"),
                   title_justify="left")
     for column in _BENCH_COLUMNS:
         table.add_column(column, justify="left" if column in ("variant", "provider") else "right")
     for row in _bench_rows(report):
-        table.add_row(*row)
-    table.caption = "\n".join(_not_measured(report))
+        table.add_row(*(Text(cell) for cell in row))
+    table.caption = Text("\n".join(_not_measured(report)))
     table.caption_justify = "left"
     return table
 

@@ -100,6 +100,9 @@ class Parity:
     top1_agreement: float
     atol: float
     provider: str
+    rtol: float = 0.0
+    max_rel_diff: float = 0.0
+    within_tolerance: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

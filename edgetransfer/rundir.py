@@ -9,8 +9,11 @@ is defined here and nowhere else.
 from __future__ import annotations
 
 import itertools
+import os
 import platform
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from functools import cached_property
 from importlib import metadata
@@ -94,6 +97,38 @@ class RunDir:
     def has_manifest(self) -> bool:
         return (self.path / self.MANIFEST).is_file()
 
+    @contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the run directory for writing: a second writer (another process) is refused, and
+        temporary files a killed writer left behind are removed.
+
+        The lock is a file beside the run directory (``.<name>.lock``), held with ``flock``; it
+        is re-entrant within a process and released when the process ends, however it ends.
+
+        Raises:
+            RunError: another process holds it (its pid is named).
+        """
+        key = str(self.path.resolve())
+        if key in _HELD:
+            yield
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.parent / f".{self.path.name}.lock", "a+") as handle:
+            _acquire(handle, self.path)
+            _HELD.add(key)
+            try:
+                self._remove_stale_temporaries()
+                yield
+            finally:
+                _HELD.discard(key)
+
+    def _remove_stale_temporaries(self) -> None:
+        """Temporary files of an interrupted write (``.NAME.<random>.tmp``): with the lock held no
+        writer can still be using them."""
+        if self.path.is_dir():
+            for stale in self.path.rglob(".*.tmp"):
+                stale.unlink(missing_ok=True)
+
     def require_checkpoint(self) -> Path:
         """The fine-tuned checkpoint's path.
 
@@ -122,12 +157,23 @@ class RunDir:
         path = self.path / self.CONFIG
         if not path.is_file():
             raise RunError(f"{self.path} has no {self.CONFIG}; it is not an edgetransfer run (run edgetransfer finetune first)")
-        return read_json(path)
+        config = self._read(self.CONFIG)
+        if not isinstance(config, dict) or not isinstance(config.get("data"), dict):
+            raise RunError(f"{path} is not an edgetransfer run config; restore it, or fine-tune again")
+        return config
 
     def data_spec(self) -> DataSpec:
+        """The data the run was trained on, as its config records it.
+
+        Raises:
+            RunError: the config's data section is not one this version reads.
+        """
         from .data import DataSpec
 
-        return DataSpec.from_dict(self.read_config()["data"])
+        try:
+            return DataSpec.from_dict(self.read_config()["data"])
+        except TypeError as exc:
+            raise RunError(f"{self.path / self.CONFIG} has data settings this version does not know ({exc})") from exc
 
     @cached_property
     def dataset(self) -> Dataset:
@@ -160,12 +206,90 @@ class RunDir:
         """
         if not self.has_manifest():
             raise RunError(f"no run at {self.path} (no {self.MANIFEST}); run edgetransfer finetune first")
-        return Manifest(self.path, read_json(self.path / self.MANIFEST))
+        data = self._read(self.MANIFEST)
+        if not isinstance(data, dict) or not isinstance(data.get("artifacts"), dict):
+            raise RunError(f"{self.path / self.MANIFEST} is not an edgetransfer manifest; restore it, or run the run again")
+        return Manifest(self.path, data)
+
+    def _read(self, name: str) -> Any:
+        try:
+            return read_json(self.path / name)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise RunError(f"{self.path / name} is not valid JSON (truncated or edited?): {exc}; restore it, or run the run again") from exc
+
+    def require_complete(self) -> Manifest:
+        """The manifest of a finished fine-tuning run, its checkpoint checked against its record.
+
+        Raises:
+            RunError: no run, a run still training (or interrupted), or a checkpoint changed since.
+        """
+        manifest = self.manifest()
+        if manifest.data.get("status") != "complete":
+            raise RunError(f"{self.path} is still training or was interrupted (status {manifest.data.get('status')!r});"
+                           f" finish it with: edgetransfer finetune --resume {self.path}")
+        self.verify("checkpoint", "restore it, or fine-tune again")
+        return manifest
+
+    def verify(self, name: str, rebuild: str) -> Path:
+        """The main file of artifact ``name`` (and an IR's weights), checked against the sha256
+        the manifest recorded when it was made.
+
+        Args:
+            name: the artifact's name in the manifest.
+            rebuild: what the user should do when it no longer matches.
+
+        Raises:
+            RunError: the artifact is not recorded, is missing, or has changed.
+        """
+        entry = self.manifest().artifacts.get(name)
+        if entry is None:
+            raise RunError(f"{self.path} records no artifact {name!r}; {rebuild}")
+        recorded = [(self.path / entry["path"], entry["sha256"])]
+        if "weights" in entry:
+            recorded.append((self.path / entry["weights"]["path"], entry["weights"]["sha256"]))
+        for path, sha256 in recorded:
+            if not path.is_file():
+                raise RunError(f"{path} is missing; {rebuild}")
+            if sha256_file(path) != sha256:
+                raise RunError(f"{path} has changed since it was recorded in {self.MANIFEST} (its sha256 differs); {rebuild}")
+        return recorded[0][0]
+
+    def rebuild_hint(self, name: str) -> str:
+        """How to make artifact ``name`` again, for error messages."""
+        entry = self.manifest().artifacts.get(name, {})
+        settings = entry.get("settings", {})
+        if name == "checkpoint":
+            return "restore it, or fine-tune again"
+        if "target" in settings:
+            return f"rebuild it with: edgetransfer export {self.path} --target {settings['target']} --precision {settings['precision']}"
+        fused = " --fuse-preprocess" if name == "onnx-uint8" else ""
+        return f"export it again with: edgetransfer export {self.path}{fused}"
 
     def new_manifest(self, **fields: Any) -> Manifest:
         """A fresh manifest (not yet saved) with the run's versions and ``fields``."""
         data = {"schema": SCHEMA, "created": now(), "versions": versions(), **fields, "artifacts": {}}
         return Manifest(self.path, data)
+
+
+_HELD: set[str] = set()  # run directories this process holds
+
+
+def _acquire(handle, run_dir: Path) -> None:
+    try:
+        import fcntl
+    except ImportError:  # no flock here (Windows): one writer at a time is the user's to keep
+        return
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as exc:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        raise RunError(f"{run_dir} is being written by another edgetransfer process (pid {holder});"
+                       " wait for it to finish, or use another run directory") from exc
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
 
 
 class Manifest:

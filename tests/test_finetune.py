@@ -128,7 +128,7 @@ def test_unfreezing_the_last_block_leaves_the_rest_and_its_batchnorm_alone(tmp_p
 
 
 def test_a_run_directory_holds_one_run(head_run, tmp_path):
-    with pytest.raises(RunError, match=r"already holds a run; pick another --out/--name, or --resume"):
+    with pytest.raises(RunError, match=r"already holds a run; pick another --out, or --resume"):
         finetune(HEAD, head_run.run_dir)
     with pytest.raises(RunError, match=r"nothing to resume in"):
         finetune(HEAD, tmp_path / "empty", resume=True)

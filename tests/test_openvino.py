@@ -25,6 +25,7 @@ from edgetransfer.data import DataSpec, load_dataset, load_image  # noqa: E402
 from edgetransfer.errors import EdgeTransferError  # noqa: E402
 from edgetransfer.export import export_onnx  # noqa: E402
 from conftest import copy_run  # noqa: E402
+from edgetransfer.rundir import RunDir  # noqa: E402
 from edgetransfer.optimize import Precision, QuantOptions, Target, build_variants, cpu_features  # noqa: E402
 from edgetransfer.optimize import openvino as ovq  # noqa: E402
 from edgetransfer.errors import ExportError, QuantizationError  # noqa: E402
@@ -233,6 +234,10 @@ def test_bench_refuses_an_ir_from_another_checkpoint(run_dir, tmp_path):
     shutil.copytree(run_dir, run)
     model, props = read_ir(run / "openvino-fp32.xml")
     save_ir(model, run / "openvino-fp32.xml", {**props, "checkpoint_sha256": "0" * 64})
+    manifest = RunDir(run).manifest()  # recorded as built (from another checkpoint), so its hash matches
+    entry = manifest.artifacts["openvino-fp32"]
+    manifest.record("openvino-fp32", entry["path"], "openvino", parent="onnx", settings=entry["settings"])["weights"] = entry["weights"]
+    manifest.save()
     report = bench_run(run, BenchOptions(batch_sizes=(1,), warmup=0, iterations=1, variants=("openvino-fp32",)), tmp_path)
     row = report.results[1]
     assert row.status == "failed"

@@ -155,13 +155,23 @@ def run_onnx(run: RunDir) -> Path:
     """
     import onnx
 
+    if run.has_manifest():
+        run.require_complete()
     checkpoint_sha256 = run.checkpoint_sha256()
     if not run.onnx.is_file():
         from ..export import export_onnx
 
         console.print(f"no {run.ONNX} yet: exporting it first")
         export_onnx(run)
-    props = {p.key: p.value for p in onnx.load(str(run.onnx), load_external_data=False).metadata_props}
-    if props.get("checkpoint_sha256") != checkpoint_sha256:
+    try:
+        props = {p.key: p.value for p in onnx.load(str(run.onnx), load_external_data=False).metadata_props}
+    except Exception:  # unreadable: the manifest check below, or the message after it, says so
+        props = None
+    if props is not None and props.get("checkpoint_sha256") != checkpoint_sha256:
         raise RunError(f"{run.onnx} was not exported from this run's checkpoint; re-export it with: edgetransfer export {run}")
+    recorded = run.manifest().artifacts.get("onnx", {}) if run.has_manifest() else {}
+    if recorded.get("path") == run.ONNX:
+        run.verify("onnx", run.rebuild_hint("onnx"))
+    if props is None:
+        raise RunError(f"{run.onnx} is not a readable ONNX model; export it again with: edgetransfer export {run}")
     return run.onnx

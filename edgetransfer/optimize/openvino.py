@@ -222,7 +222,7 @@ def _int8(context: BuildContext, model, report: VariantReport) -> Any:
         max_accuracy_drop_points=quant.max_accuracy_drop,
     )
     subject = _NncfQuantized(context, model, quantized)
-    held = hold_budget(subject, quant.max_accuracy_drop, quant.max_float_layers, console.print)
+    held = hold_budget(subject, quant.max_accuracy_drop, quant.max_float_layers, lambda text: console.print(text, markup=False))
     report.kept_in_float, report.guard_steps = held.kept, held.steps
     if not held.kept:
         return compress_weights(quantized)

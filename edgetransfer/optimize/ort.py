@@ -239,7 +239,7 @@ def _int8(context: BuildContext, target: Target, output: Path, work: Path, repor
     stream = context.stream(samples, quant.calib_batch)
     cache = calibrate(prepared, stream, quant.method, scheme.symmetric_activations, work / "calibration.json")
     subject = _OrtQuantized(context, prepared, cache, scheme, output)
-    held = hold_budget(subject, quant.max_accuracy_drop, quant.max_float_layers, console.print)
+    held = hold_budget(subject, quant.max_accuracy_drop, quant.max_float_layers, lambda text: console.print(text, markup=False))
     quantize_qdq(prepared, output, cache, quant.method, scheme, held.kept)  # the accepted model, in place
     copy_metadata(context.base, output)
     report.kept_in_float, report.guard_steps = held.kept, held.steps

@@ -71,7 +71,7 @@ def _progress_monitor(trt):
 
         def phase_start(self, phase_name, parent_phase, num_steps):
             if parent_phase is None:
-                console.print(f"  tensorrt: {phase_name} ({num_steps} steps) at {time.perf_counter() - self.started:.0f} s")
+                console.print(f"  tensorrt: {phase_name} ({num_steps} steps) at {time.perf_counter() - self.started:.0f} s", markup=False)
 
         def step_complete(self, phase_name, step):
             return True  # keep building
@@ -106,7 +106,7 @@ def build_engine(onnx_path: Path, engine_path: Path, precision, options, info: M
     cache_path = Path(options.timing_cache) if options.timing_cache else engine_path.with_name(RunDir.TIMING_CACHE)
     cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
     config.set_timing_cache(cache, ignore_mismatch=False)
-    console.print(f"building TensorRT {precision.value} engine for {env['gpu']} (first builds take minutes)")
+    console.print(f"building TensorRT {precision.value} engine for {env['gpu']} (first builds take minutes)", markup=False)
     started = time.perf_counter()
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:

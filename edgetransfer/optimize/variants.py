@@ -10,6 +10,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from rich.markup import escape
+
 from .._io import sha256_file
 from ..errors import OptionError
 from ..progress import console
@@ -40,6 +42,11 @@ def build_variants(
     check_combinations(targets, precisions, quant)
     for target in targets:
         spec(target).check_available(precisions)
+    with run.lock():
+        return _build(run, targets, precisions, quant, tensorrt)
+
+
+def _build(run: RunDir, targets: list[Target], precisions: list[Precision], quant: QuantOptions, tensorrt: TensorRTOptions) -> list[Variant]:
     context = open_context(run, quant, tensorrt)
     variants = []
     for target in targets:
@@ -48,7 +55,7 @@ def build_variants(
             variant = spec(target).build(context, target, precision)
             variant.report.seconds = round(time.perf_counter() - started, 2)
             for message in variant.report.warnings:
-                console.print(f"[yellow]warning:[/] {message}")
+                console.print("[yellow]warning:[/]", escape(message))
             _record(run, variant, quant, tensorrt)
             variants.append(variant)
     return variants

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from collections.abc import Sequence
@@ -13,6 +14,8 @@ from PIL import Image
 from ..errors import ImageError, PredictorError, first_line
 from ..metadata import FLOAT_NCHW, UINT8_NHWC, ModelInfo
 from ..preprocessing import Preprocessing, load_rgb, to_rgb
+from .._io import sha256_file
+from ..rundir import RunDir
 from .sessions import fixed_batch, open_session, run_batched
 
 __all__ = ["Predictor", "Prediction", "PredictorError", "ImageInput"]
@@ -77,6 +80,8 @@ class Predictor:
         if batch_size < 1:
             raise PredictorError(f"batch_size must be at least 1, got {batch_size}")
         self.batch_size = batch_size
+        if not isinstance(model, bytes):
+            verify_recorded(Path(model))
         if not isinstance(model, bytes) and Path(model).suffix.lower() == ".xml":
             self._session = _openvino_session(Path(model), providers, device, threads)
             self.fallback = None
@@ -134,6 +139,29 @@ class Predictor:
         return pixels if self.info.input_format == UINT8_NHWC else pre.normalize(pixels)
 
 
+def verify_recorded(model: Path) -> None:
+    """A model inside a run directory must still be the file its manifest recorded.
+
+    Raises:
+        PredictorError: the manifest beside the model is unreadable, or records another sha256.
+    """
+    manifest = model.parent / RunDir.MANIFEST
+    if not manifest.is_file() or not model.is_file():
+        return  # a model copied on its own: nothing recorded to check against
+    try:
+        artifacts = json.loads(manifest.read_text(encoding="utf-8")).get("artifacts", {})
+    except (ValueError, UnicodeDecodeError, AttributeError) as exc:
+        raise PredictorError(f"{manifest} beside the model is not a valid manifest: {exc}") from exc
+    for entry in artifacts.values() if isinstance(artifacts, dict) else []:
+        if isinstance(entry, dict) and (model.parent / str(entry.get("path", ""))).resolve() == model.resolve():
+            if sha256_file(model) != entry.get("sha256"):
+                raise PredictorError(
+                    f"{model} has changed since it was recorded in {manifest.name} (its sha256 differs);"
+                    " export it again, or copy the model and its manifest again"
+                )
+            return
+
+
 def _provider_name(name: str) -> str:
     return PROVIDER_ALIASES.get(name.lower(), name)
 
@@ -151,6 +179,7 @@ class _OrtSession:
         first, output = self.session.get_inputs()[0], self.session.get_outputs()[0]
         self.input_name, self.output_name = first.name, output.name
         self.uint8_input = "uint8" in first.type
+        self.input_shape = [d if isinstance(d, int) else None for d in first.shape]
         self.fixed_batch = fixed_batch(self.session)
         classes = output.shape[-1]
         self.classes = classes if isinstance(classes, int) else None
@@ -261,6 +290,7 @@ def _model_info(session, preprocessing: Preprocessing | None, labels: Sequence[s
     props = session.props
     if "labels" in props and "input_size" in props:
         info = ModelInfo.from_props(props)
+        _check_input(info, session)
         if session.classes is not None and len(info.labels) != session.classes:
             raise PredictorError(
                 f"the model's metadata names {len(info.labels)} labels but it outputs {session.classes} classes;"
@@ -280,6 +310,26 @@ def _model_info(session, preprocessing: Preprocessing | None, labels: Sequence[s
     if outputs is not None and len(names) != outputs:
         raise PredictorError(f"{len(names)} labels given for a model with {outputs} outputs")
     return ModelInfo(names, preprocessing, UINT8_NHWC if session.uint8_input else FLOAT_NCHW)
+
+
+def _check_input(info: ModelInfo, session) -> None:
+    """The metadata's input format and size must be what the graph takes.
+
+    Raises:
+        PredictorError: naming the field that disagrees with the graph.
+    """
+    fused = info.input_format == UINT8_NHWC
+    if fused != session.uint8_input:
+        raise PredictorError(
+            f"the model's metadata says input_format {info.input_format!r} but its graph takes"
+            f" {'uint8' if session.uint8_input else 'float'} input; its metadata belongs to another export: export again"
+        )
+    size = info.preprocessing.input_size
+    expected = [size, size, 3] if fused else [3, size, size]
+    shape = session.input_shape
+    if len(shape) != 4 or any(d is not None and d != e for d, e in zip(shape[1:], expected)):
+        raise PredictorError(f"the model's metadata says input_size {size} ({'NHWC' if fused else 'NCHW'}), but its graph"
+                             f" takes {shape}; its metadata belongs to another export: export again")
 
 
 def _is_single(images: Any) -> bool:

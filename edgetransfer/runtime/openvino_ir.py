@@ -163,6 +163,7 @@ class OpenVinoSession:
         self.compiled = compile_ir(model, self.props, device, threads, hint, core)
         self.providers = [f"OpenVINO:{device}"]
         self.uint8_input = model.input(0).get_element_type() == ov.Type.u8
+        self.input_shape = [d.get_length() if d.is_static else None for d in model.input(0).get_partial_shape()]
         batch, classes = model.input(0).get_partial_shape()[0], model.output(0).get_partial_shape()[-1]
         self.fixed_batch = batch.get_length() if batch.is_static else None
         self.classes = classes.get_length() if classes.is_static else None
