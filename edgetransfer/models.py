@@ -406,6 +406,12 @@ def _build_timm(arch: Architecture, weights: str, num_classes: int | None) -> tu
         _load_file(module, Path(weights), arch.name)
     if num_classes is not None:
         module.reset_classifier(num_classes)
+    heads = module.get_classifier()
+    if not isinstance(heads, nn.Module):  # distilled models (LeViT, DeiT distilled) train two heads
+        raise ModelError(
+            f"{arch.name} has {len(heads)} classifier heads (a distilled model); edgetransfer swaps and trains one:"
+            " choose a model with a single classifier (for DeiT, the name without 'distilled')"
+        )
     preprocessing = embedded.preprocessing if embedded else _timm_preprocessing(module)
     return module, preprocessing
 

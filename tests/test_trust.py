@@ -398,3 +398,12 @@ def test_a_second_writer_is_refused_naming_the_first_and_stale_temporaries_go(ru
         holder.wait()
     with RunDir(run).lock():  # released when its holder died, however it died
         assert not stale.exists()  # nobody else can be writing it now: removed
+
+
+@pytest.mark.parametrize("arch", ["timm:levit_128s", "timm:deit_tiny_distilled_patch16_224"])
+def test_a_model_with_two_classifier_heads_is_one_clear_line(arch):
+    from edgetransfer.errors import ModelError
+    from edgetransfer.models import build
+
+    with pytest.raises(ModelError, match=rf"^{arch} has 2 classifier heads \(a distilled model\); edgetransfer swaps and trains one"):
+        build(arch, 3, weights="none")
