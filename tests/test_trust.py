@@ -407,3 +407,23 @@ def test_a_model_with_two_classifier_heads_is_one_clear_line(arch):
 
     with pytest.raises(ModelError, match=rf"^{arch} has 2 classifier heads \(a distilled model\); edgetransfer swaps and trains one"):
         build(arch, 3, weights="none")
+
+
+def test_resume_recomputes_a_corrupt_feature_cache_and_refuses_an_unknown_setting(tmp_path):
+    config = FinetuneConfig(data=DataSpec(limit_per_class=10), epochs=3)
+    straight = finetune(config, tmp_path / "straight")
+
+    def stop(record):
+        if record["epoch"] == 1:
+            raise KeyboardInterrupt
+
+    for name in ("cache", "config"):
+        with pytest.raises(KeyboardInterrupt):
+            finetune(config, tmp_path / name, on_epoch=stop)
+    (tmp_path / "cache" / "cache" / "features.pt").write_bytes(b"\x80garbage")
+    resumed = finetune(FinetuneConfig(), tmp_path / "cache", resume=True)
+    assert [r["val_top1"] for r in resumed.metrics["epochs"]] == [r["val_top1"] for r in straight.metrics["epochs"]]
+    saved = json.loads((tmp_path / "config" / "config.json").read_text())
+    (tmp_path / "config" / "config.json").write_text(json.dumps({**saved, "bogus": 1}))
+    with pytest.raises(RunError, match=r"config.json holds settings this version cannot use .*bogus.*; start a new run"):
+        finetune(FinetuneConfig(), tmp_path / "config", resume=True)
