@@ -46,7 +46,7 @@ def safe_load(path: str | Path, error: type[EdgeTransferError] = RunError) -> An
 
     Every file edgetransfer reads goes through here. A pickle that asks for anything else (a
     planted ``__reduce__`` included) is refused without being run, and the message does not
-    repeat torch's advice to load it with ``weights_only=False``.
+    repeat torch's advice to turn the weights-only check off.
 
     Raises:
         error: the file is missing, truncated or corrupt, or holds more than tensors and plain values.
