@@ -8,6 +8,7 @@ difference, and the speed-up against eager measured here with the same threads.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import time
@@ -41,8 +42,11 @@ class BenchOptions:
         threads: CPU threads for torch and ONNX Runtime (default: the machine's cores).
         auto_threads: try 1..cores per variant and keep the fastest at the first batch size.
         warmup: untimed runs before timing.
-        iterations: timed runs (at least), per variant and batch size.
-        min_seconds: keep timing until this much time has passed as well.
+        iterations: timed runs (at least), per variant and batch size, spread over the rounds.
+        min_seconds: keep timing (whole rounds) until each variant has run this long as well.
+        rounds: the variants are timed in turn, ``rounds`` times over (A B C A B C ...), so that
+            a machine that slows down or speeds up affects them all alike; each variant's spread
+            across rounds is reported.
         max_accuracy_drop: top-1 points a recommended variant may lose against eager.
         variants: names to bench (manifest artifacts); empty: all.
         models: extra ONNX files to bench on the CPU.
@@ -56,6 +60,7 @@ class BenchOptions:
     warmup: int = 5
     iterations: int = 30
     min_seconds: float = 0.0
+    rounds: int = 5
     max_accuracy_drop: float = 1.0
     variants: tuple[str, ...] = ()
     models: tuple[Path, ...] = ()
@@ -69,6 +74,8 @@ class BenchOptions:
             raise OptionError(f"threads must be at least 1, got {self.threads}")
         if self.iterations < 1 or self.warmup < 0:
             raise OptionError("iterations must be at least 1 and warm-up 0 or more")
+        if self.rounds < 1:
+            raise OptionError(f"rounds must be at least 1, got {self.rounds}")
         if self.eval_images is not None and self.eval_images < 1:
             raise OptionError(f"eval images must be at least 1, got {self.eval_images}")
 
@@ -105,6 +112,7 @@ class _Data:
     pre: Preprocessing
     images: list
     labels: np.ndarray
+    split: str
     cache: dict[str, np.ndarray] = field(default_factory=dict)
 
     def inputs(self, input_format: str) -> np.ndarray:
@@ -204,10 +212,10 @@ def _evaluation_data(run: RunDir, options: BenchOptions, classes: list[str], pre
         samples = dataset.train + dataset.val  # an evaluation folder: every image counts
         if dataset.classes != classes:
             raise DataError(f"the classes of {options.data} ({', '.join(dataset.classes[:5])}…) are not the model's ({', '.join(classes[:5])}…)")
-        samples = samples[: options.eval_images] if options.eval_images else samples
+        samples, split = (samples[: options.eval_images] if options.eval_images else samples), "folder"
     else:
-        samples = run.validation(options.eval_images)
-    return _Data(pre, [load_image(s) for s in samples], np.array([s.label for s in samples]))
+        samples, split = run.held_out(options.eval_images)
+    return _Data(pre, [load_image(s) for s in samples], np.array([s.label for s in samples]), split)
 
 
 def bench_run(run_dir: str | Path | RunDir, options: BenchOptions = BenchOptions(), out_dir: Path | None = None) -> BenchReport:
@@ -237,19 +245,37 @@ def _bench(run: RunDir, options: BenchOptions, out_dir: Path | None) -> BenchRep
     data = _evaluation_data(run, options, payload["classes"], built.preprocessing)
     threads = options.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
-    report = BenchReport(now(), str(run), options.to_dict(), machine_fingerprint(threads), int(len(data.labels)), run.checkpoint_sha256())
+    report = BenchReport(now(), str(run), options.to_dict(), machine_fingerprint(threads), int(len(data.labels)), run.checkpoint_sha256(),
+                         eval_split=data.split)
     variants = _variants(run, options)
     eager_logits: dict[str, np.ndarray] = {}
-    with progress() as bar:
-        task = bar.add_task("bench", total=len(variants), status="")
+    with progress() as bar, contextlib.ExitStack() as open_runners:
+        task = bar.add_task("bench", total=len(variants) + len(options.batch_sizes), status="")
+        timed: list[_Timed] = []
         for variant in variants:
-            bar.update(task, status=variant.name)
-            report.results.append(_measure(variant, data, options, threads, eager_logits, report))
+            bar.update(task, status=f"{variant.name}: accuracy")
+            row, runner = _measure(variant, data, options, threads, eager_logits, report, open_runners)
+            report.results.append(row)
+            if runner is not None:
+                timed.append(_Timed(row, runner, data.inputs(runner.input_format)))
             _finish(report, options, out_dir, final=False)
             bar.advance(task)
+        for batch in options.batch_sizes:
+            bar.update(task, status=f"timing batch {batch} in {options.rounds} rounds")
+            _time_in_rounds(timed, batch, options)
+            bar.advance(task)
+    for row in report.results:
+        _speedups(row, report)
     _finish(report, options, out_dir, final=True)
     _record(run, out_dir)
     return report
+
+
+@dataclass
+class _Timed:
+    row: BenchRow
+    runner: Runner
+    inputs: np.ndarray
 
 
 def _record(run: RunDir, out_dir: Path) -> None:
@@ -262,37 +288,92 @@ def _record(run: RunDir, out_dir: Path) -> None:
     manifest.save()
 
 
-def _measure(variant: _Variant, data: _Data, options: BenchOptions, threads: int, eager: dict, report: BenchReport) -> BenchRow:
+def _measure(variant: _Variant, data: _Data, options: BenchOptions, threads: int, eager: dict, report: BenchReport,
+             open_runners: contextlib.ExitStack) -> tuple[BenchRow, Runner | None]:
+    """Open the variant, check it and measure its accuracy and memory; the runner stays open (in
+    ``open_runners``) for the timing rounds. ``None`` for a variant skipped or failed."""
     row = BenchRow(variant.name, str(variant.path), variant.kind, variant.size_bytes())
     timed = variant.kind != "engine" and options.auto_threads
     row.threads = _choose_threads(variant, data, options, threads) if timed else threads
     rss_before = _rss_mb()
     gpu = _gpu_memory_reset()
+    runner = None
     try:
         if variant.verify is not None:
             variant.verify()
-        with variant.runner(row.threads) as runner:
-            if variant.from_manifest:
-                _check_checkpoint(runner, report)
-            row.status, row.provider, row.cold_start_s = "measured", runner.provider, round(runner.cold_start_s, 4)
-            row.backend_settings = runner.settings or None
-            inputs = data.inputs(runner.input_format)
-            logits = _logits(runner, inputs, max(options.batch_sizes))
-            row.accuracy = BenchAccuracy.measure(logits, data.labels, eager.get("logits"))
-            if variant.name == "eager":
-                eager["logits"] = logits
-            row.latency = {str(b): _time(runner, inputs, b, options) for b in options.batch_sizes}
+        runner = open_runners.enter_context(variant.runner(row.threads))
+        if variant.from_manifest:
+            _check_checkpoint(runner, report)
+        row.status, row.provider, row.cold_start_s = "measured", runner.provider, round(runner.cold_start_s, 4)
+        row.backend_settings = runner.settings or None
+        inputs = data.inputs(runner.input_format)
+        logits = _logits(runner, inputs, max(options.batch_sizes))
+        row.accuracy = BenchAccuracy.measure(logits, data.labels, eager.get("logits"))
+        if variant.name == "eager":
+            eager["logits"] = logits
         row.rss_mb = round(_rss_mb(), 1)
         row.rss_increase_mb = round(row.rss_mb - rss_before, 1)
         row.process_peak_rss_mb = round(_peak_rss_mb(), 1)
         if gpu:
             row.gpu_peak_torch_mb = round(gpu.max_memory_allocated() / 2**20, 1)
     except SkipVariant as exc:
-        row.status, row.reason = "skipped", str(exc)
+        row.status, row.reason, runner = "skipped", str(exc), None
     except Exception as exc:  # one broken variant never stops the rest; its error is reported
-        row.status, row.reason = "failed", f"{type(exc).__name__}: {first_line(exc)}"
-    _speedups(row, report)
-    return row
+        row.status, row.reason, runner = "failed", f"{type(exc).__name__}: {first_line(exc)}", None
+    return row, runner
+
+
+def _time_in_rounds(timed: list[_Timed], batch: int, options: BenchOptions) -> None:
+    """Time every open variant at ``batch``, in turn, round after round, on batches cut from the
+    inputs in advance (nothing else is timed); a variant that fails while timed is marked failed."""
+    import torch
+
+    per_round = -(-options.iterations // options.rounds)
+    pools = {id(t): _batches(t.inputs, batch) for t in timed}
+    rounds: dict[int, list[list[float]]] = {id(t): [] for t in timed}
+    spent: dict[int, float] = {id(t): 0.0 for t in timed}
+
+    def live() -> list[_Timed]:
+        return [t for t in timed if t.row.measured]
+
+    for t in live():
+        _guarded(t, lambda t=t: [t.runner.infer(pools[id(t)][i % len(pools[id(t)])]) for i in range(options.warmup)])
+    done = 0
+    while live() and (done < options.rounds or min(spent[id(t)] for t in live()) < options.min_seconds):
+        for t in live():
+            if t.row.kind == "torch-checkpoint" and t.row.threads:
+                torch.set_num_threads(t.row.threads)  # torch's pool is the process's: each eager row gets its own setting
+            times = _guarded(t, lambda t=t: _timed_runs(t.runner, pools[id(t)], per_round, len(rounds[id(t)]) * per_round))
+            if times:
+                rounds[id(t)].append(times)
+                spent[id(t)] += sum(times)
+        done += 1
+    for t in live():
+        t.row.latency[str(batch)] = Latency.from_times(batch, [x for r in rounds[id(t)] for x in r], rounds[id(t)])
+
+
+def _guarded(t: _Timed, work: Callable[[], Any]) -> Any:
+    try:
+        return work()
+    except Exception as exc:  # a variant that breaks while timed is reported, the others go on
+        t.row.status, t.row.reason = "failed", f"{type(exc).__name__}: {first_line(exc)}"
+        return None
+
+
+def _batches(inputs: np.ndarray, batch: int) -> list[np.ndarray]:
+    reps = -(-batch // len(inputs))
+    pool = np.concatenate([inputs] * reps) if reps > 1 else inputs
+    return [np.ascontiguousarray(pool[i : i + batch]) for i in range(0, len(pool) - batch + 1, batch)][:16]
+
+
+def _timed_runs(runner: Runner, batches: list[np.ndarray], count: int, start: int) -> list[float]:
+    times = []
+    for i in range(start, start + count):
+        chunk = batches[i % len(batches)]
+        t0 = time.perf_counter()
+        runner.infer(chunk)
+        times.append(time.perf_counter() - t0)
+    return times
 
 
 def _check_checkpoint(runner: Runner, report: BenchReport) -> None:
@@ -330,19 +411,14 @@ def _logits(runner: Runner, inputs: np.ndarray, batch: int) -> np.ndarray:
 
 
 def _time(runner: Runner, inputs: np.ndarray, batch: int, options: BenchOptions) -> Latency:
-    """Latency of ``runner`` on batches cut from ``inputs`` in advance (nothing else is timed)."""
-    reps = -(-batch // len(inputs))
-    pool = np.concatenate([inputs] * reps) if reps > 1 else inputs
-    batches = [np.ascontiguousarray(pool[i : i + batch]) for i in range(0, len(pool) - batch + 1, batch)][:16]
+    """Latency of one ``runner`` alone (the thread-count probe); benches time in rounds instead."""
+    batches = _batches(inputs, batch)
     for i in range(options.warmup):
         runner.infer(batches[i % len(batches)])
     times: list[float] = []
     started = time.perf_counter()
     while len(times) < options.iterations or time.perf_counter() - started < options.min_seconds:
-        chunk = batches[len(times) % len(batches)]
-        t0 = time.perf_counter()
-        runner.infer(chunk)
-        times.append(time.perf_counter() - t0)
+        times += _timed_runs(runner, batches, 1, len(times))
     return Latency.from_times(batch, times)
 
 
@@ -358,13 +434,15 @@ def recommend(report: BenchReport, budget: float) -> Recommendation | None:
     first = str(report.batch_sizes[0])
     candidates = [
         r for r in report.results
-        if r.measured and r.variant != "eager" and r.accuracy is not None and -(r.accuracy.top1_change_points or 0.0) <= budget
+        if r.measured and r.variant != "eager" and first in r.latency and r.accuracy is not None
+        and -(r.accuracy.top1_change_points or 0.0) <= budget
     ]
     if not candidates:
         return None
     best = min(candidates, key=lambda r: r.latency[first].mean_ms)
     return Recommendation(best.variant, int(first), best.latency[first].mean_ms, best.speedup_vs_eager.get(first),
-                          best.accuracy.top1_change_points or 0.0, budget)
+                          best.accuracy.top1_change_points or 0.0, budget, best.accuracy.top1_change_interval,
+                          report.eval_images, report.eval_split)
 
 
 def _finish(report: BenchReport, options: BenchOptions, out_dir: Path, final: bool) -> None:

@@ -1,5 +1,9 @@
-"""Image data: folders (``train/``+``val/`` or one folder split by a seeded fraction) and the
-embedded demo (scikit-learn's handwritten digits), checked up front and served to torch.
+"""Image data: folders (``train/``+``val/`` [+``test/``] or one folder split by seeded fractions)
+and the embedded demo (scikit-learn's handwritten digits), checked up front and served to torch.
+
+Three splits: training images fit the model; validation images choose its checkpoint (and
+every export check runs on them); test images are chosen on by nothing, so the accuracy a
+variant, the INT8 guard or bench reports comes from them.
 """
 
 from __future__ import annotations
@@ -47,6 +51,8 @@ class DataSpec:
     Attributes:
         source: ``"digits"`` for the embedded demo, or an image folder.
         val_fraction: validation share per class when the folder has no ``train/``+``val/``.
+        test_fraction: test share per class, held out from everything (same layouts); a
+            ``train/``+``val/`` folder takes its test images from a ``test/`` beside them.
         seed: seeds the split and the per-class subset.
         limit_per_class: keep at most this many images per class (before splitting).
         strict: fail on unreadable images instead of skipping them.
@@ -54,6 +60,7 @@ class DataSpec:
 
     source: str = DEMO
     val_fraction: float = 0.2
+    test_fraction: float = 0.1
     seed: int = 0
     limit_per_class: int | None = None
     strict: bool = False
@@ -61,6 +68,9 @@ class DataSpec:
     def __post_init__(self) -> None:
         if not 0.0 < self.val_fraction < 1.0:
             raise DataError(f"val_fraction must be between 0 and 1 (exclusive), got {self.val_fraction}")
+        if not 0.0 <= self.test_fraction < 1.0 or self.val_fraction + self.test_fraction >= 1.0:
+            raise DataError(f"test_fraction must be at least 0 and leave training images beside val_fraction {self.val_fraction},"
+                            f" got {self.test_fraction}")
         if self.limit_per_class is not None and self.limit_per_class < 2:
             raise DataError(f"limit_per_class must be at least 2, got {self.limit_per_class}")
 
@@ -69,7 +79,8 @@ class DataSpec:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "DataSpec":
-        return cls(**data)
+        """The spec a run recorded; runs from before the test split had none and keep none."""
+        return cls(**{"test_fraction": 0.0, **data})
 
 
 @dataclass(frozen=True)
@@ -83,13 +94,14 @@ class Sample:
 
 @dataclass
 class Dataset:
-    """The classes and the two splits, plus what was skipped and why."""
+    """The classes and the three splits (``test`` may be empty), plus what was skipped and why."""
 
     classes: list[str]
     train: list[Sample]
     val: list[Sample]
     layout: str
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    test: list[Sample] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -97,6 +109,7 @@ class Dataset:
             "layout": self.layout,
             "train_images": len(self.train),
             "val_images": len(self.val),
+            "test_images": len(self.test),
             "skipped_images": len(self.skipped),
         }
 
@@ -209,17 +222,20 @@ def _limit(samples: list[Sample], limit: int | None, rng: random.Random) -> dict
 
 
 def _split(spec: DataSpec, classes: list[str], samples: list[Sample], layout: str) -> Dataset:
-    """Seeded, stratified split: each class gives ``val_fraction`` of its images (at least one)."""
+    """Seeded, stratified split: each class gives ``val_fraction`` of its images (at least one) to
+    validation and ``test_fraction`` to test (at least one when the class has three or more)."""
     rng = random.Random(spec.seed)
-    train, val = [], []
+    train, val, test = [], [], []
     for label, items in sorted(_limit(samples, spec.limit_per_class, rng).items()):
         if len(items) < 2:
             raise DataError(f"class {classes[label]!r} has {len(items)} readable image(s); a split needs at least 2")
         n_val = min(len(items) - 1, max(1, round(spec.val_fraction * len(items))))
+        n_test = min(len(items) - 1 - n_val, max(1, round(spec.test_fraction * len(items)))) if spec.test_fraction else 0
         val += items[:n_val]
-        train += items[n_val:]
+        test += items[n_val : n_val + n_test]
+        train += items[n_val + n_test :]
     _need_two_classes(classes, train)
-    return Dataset(classes, train, val, layout)
+    return Dataset(classes, train, val, layout, test=test)
 
 
 def _train_val(spec: DataSpec, root: Path, workers: int) -> Dataset:
@@ -233,7 +249,12 @@ def _train_val(spec: DataSpec, root: Path, workers: int) -> Dataset:
     _need_two_classes(classes, train)
     if not val:
         raise DataError(f"{root / 'val'} has no readable images")
-    return Dataset(classes, train, val, "train/val", skipped + skipped_val)
+    test: list[Sample] = []
+    if (root / "test").is_dir() and spec.test_fraction:
+        _, test = _scan(root / "test", classes)
+        test, skipped_test = _check(test, spec.strict, workers)
+        skipped_val += skipped_test
+    return Dataset(classes, train, val, "train/val" + ("/test" if test else ""), skipped + skipped_val, test)
 
 
 def _need_two_classes(classes: list[str], train: list[Sample]) -> None:

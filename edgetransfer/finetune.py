@@ -594,6 +594,7 @@ class _Trainer:
             "classes": self.classes,
             "train_images": len(dataset.train),
             "val_images": len(dataset.val),
+            "test_images": len(dataset.test),
             "skipped_images": len(dataset.skipped),
             "epochs": self.history,
             "best_epoch": self.best_epoch,
@@ -606,6 +607,7 @@ class _Trainer:
                 "confusion_matrix": matrix.tolist(),
                 "per_class_top1": [None if math.isnan(v) else float(v) for v in per_class_accuracy(matrix)],
             },
+            "test": self._test(dataset),
             "timing": {
                 "features_s": self.loop.features_s + (self.probe or {}).get("seconds", 0.0),
                 "train_pass_s": getattr(self.loop, "train_pass_s", None),
@@ -622,6 +624,20 @@ class _Trainer:
             write_json(self.run_dir / METRICS, metrics)
             plot_training(metrics, self.run_dir / CURVES)
         return metrics
+
+
+    def _test(self, dataset: Dataset) -> dict[str, Any] | None:
+        """The chosen checkpoint's top-1 on the test split, measured once, after every choice."""
+        if not dataset.test:
+            return None
+        module = self.built.module
+        module.eval()
+        right = 0
+        with torch.no_grad():
+            for x, y in _loader(dataset.test, eval_transform(self.built.preprocessing), self.config, False):
+                with _autocast(self.loop.device, self.config.amp):
+                    right += int((module(x.to(self.loop.device)).float().cpu().argmax(1) == y).sum())
+        return {"images": len(dataset.test), "top1": right / len(dataset.test)}
 
 
 def _optimizer(config: FinetuneConfig, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:

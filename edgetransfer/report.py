@@ -43,9 +43,13 @@ def finetune_summary_table(metrics: dict[str, Any], run_dir: Path) -> Table:
     table.add_column(style="bold")
     table.add_column()
     table.add_row("model", Text(f"{metrics['arch']} ({metrics['mode']}), {metrics['image_size']} px"))
-    table.add_row("data", f"{metrics['train_images']} train / {metrics['val_images']} val, {len(metrics['classes'])} classes")
+    table.add_row("data", f"{metrics['train_images']} train / {metrics['val_images']} val / {metrics.get('test_images', 0)} test,"
+                  f" {len(metrics['classes'])} classes")
     table.add_row("best epoch", f"{metrics['best_epoch']} of {len(metrics['epochs'])}")
     table.add_row("val top-1", f"{100 * final['top1']:.2f}%")
+    test = metrics.get("test")
+    if test:
+        table.add_row("test top-1", f"{100 * test['top1']:.2f}% of {test['images']} images no stage chose on")
     table.add_row("val top-5", f"{100 * final['top5']:.2f}%")
     table.add_row("time", f"{timing['total_s']:.1f} s (features {timing['features_s']:.1f} s, epochs {timing['epochs_s']:.1f} s)")
     return table
@@ -131,20 +135,26 @@ def _short(values) -> str:
 
 
 def variants_table(variants) -> Table:
-    """Each optimised variant with its accuracy against the float model."""
-    images = next((v.report.accuracy.images for v in variants if v.report.accuracy), 0)
-    table = Table(title=f"variants (accuracy against the float model on {images} validation images, CPU)", title_justify="left")
-    for column in ("variant", "MB", "top-1", "Δ float", "agree", "float layers", "s"):
+    """Each optimised variant with its accuracy against the float model, on held-out images, with
+    the 95% interval of the change (the two models ran on the same images)."""
+    measured = next((v.report.accuracy for v in variants if v.report.accuracy), None)
+    where = f"{measured.images} {measured.split} images" if measured else "no images"
+    table = Table(title=f"variants (accuracy against the float model on {where}, CPU)", title_justify="left")
+    for column in ("variant", "MB", "top-1", "Δ float", "95% interval", "agree", "float layers", "guard s", "s"):
         table.add_column(column, justify="left" if column == "variant" else "right")
     for v in variants:
         r, a = v.report, v.report.accuracy
         size = v.size_bytes / 2**20 if v.size_bytes is not None else float("nan")
+        interval = a.change_interval if a else None
+        guard = r.details.get("guard", {}).get("seconds")
         table.add_row(
             Text(v.name), f"{size:.1f}",
             f"{100 * a.top1:.2f}%" if a and a.top1 is not None else "—",
             f"{a.top1_change_points:+.2f}" if a and a.top1_change_points is not None else "—",
+            f"{interval[0]:+.2f} to {interval[1]:+.2f}" if interval else "—",
             f"{100 * a.top1_agreement:.1f}%" if a else "—",
             str(len(r.kept_in_float)) if v.precision.value == "int8" else "—",
+            f"{guard:.1f}" if guard is not None else "—",
             f"{r.seconds:.1f}",
         )
     return table
@@ -154,20 +164,39 @@ def _bench_rows(report: BenchReport):
     """(variant, batch, cells…) rows shared by the terminal table and the Markdown."""
     for r in report.results:
         if not r.measured:
-            yield [r.variant, "—", r.status, "", "", "", "", "", "", "", ""]
+            yield [r.variant, "—", r.status] + [""] * (len(_BENCH_COLUMNS) - 3)
             continue
         acc = r.accuracy
+        interval = acc.top1_change_interval
         for batch, t in r.latency.items():
             yield [
                 r.variant, batch, (r.provider or "").replace("ExecutionProvider", ""),
-                f"{t.mean_ms:.2f}", f"{t.p50_ms:.2f}", f"{t.p99_ms:.2f}", f"{t.throughput_ips:.0f}",
+                f"{t.mean_ms:.2f}", f"{t.p50_ms:.2f}", f"{t.p99_ms:.2f}",
+                f"±{50 * t.spread:.0f}%" if t.spread is not None else "—", f"{t.throughput_ips:.0f}",
                 f"{r.speedup_vs_eager.get(batch, float('nan')):.2f}×",
                 f"{100 * acc.top1:.2f}%", f"{acc.top1_change_points or 0.0:+.2f}",
+                f"{interval[0]:+.1f}…{interval[1]:+.1f}" if interval else "—",
                 f"{(r.size_bytes or 0) / 2**20:.1f}",
             ]
 
 
-_BENCH_COLUMNS = ["variant", "batch", "provider", "mean ms", "p50 ms", "p99 ms", "img/s", "vs eager", "top-1", "Δ pt", "MB"]
+_BENCH_COLUMNS = ["variant", "batch", "provider", "mean ms", "p50 ms", "p99 ms", "rounds", "img/s", "vs eager", "top-1", "Δ pt",
+                  "95% interval", "MB"]
+NOISY_BASELINE = 0.2  # eager's round medians further apart than this share of their median: its speed-ups are uncertain
+
+
+def noisy_baseline(report: BenchReport) -> str | None:
+    """A warning when eager's latency moved between rounds enough to make every "× eager" uncertain."""
+    eager = report.row("eager")
+    if eager is None or not eager.measured:
+        return None
+    moved = {b: t.spread for b, t in eager.latency.items() if t.spread is not None and t.spread > NOISY_BASELINE}
+    if not moved:
+        return None
+    worst = max(moved, key=moved.get)
+    return (f"eager's latency moved by {100 * moved[worst]:.0f}% of its median between rounds at batch {worst}"
+            " (another process, CPU frequency, or several thread pools in one process): its speed-ups are uncertain; compare"
+            " the other variants with each other, or bench again with more --rounds")
 
 
 def _not_measured(report: BenchReport) -> list[str]:
@@ -177,13 +206,13 @@ def _not_measured(report: BenchReport) -> list[str]:
 def bench_table(report: BenchReport) -> Table:
     """The bench results in the terminal."""
     machine = report.machine
-    table = Table(title=Text(f"bench: {machine.cpu.model}, {machine.threads} threads, {report.eval_images} images"),
+    table = Table(title=Text(f"bench: {machine.cpu.model}, {machine.threads} threads, {report.eval_images} {report.eval_split} images"),
                   title_justify="left")
     for column in _BENCH_COLUMNS:
         table.add_column(column, justify="left" if column in ("variant", "provider") else "right")
     for row in _bench_rows(report):
         table.add_row(*(Text(cell) for cell in row))
-    table.caption = Text("\n".join(_not_measured(report)))
+    table.caption = Text("\n".join(_not_measured(report) + [w for w in [noisy_baseline(report)] if w]))
     table.caption_justify = "left"
     return table
 
@@ -193,8 +222,12 @@ def recommendation_line(report: BenchReport) -> str:
     if rec is None:
         return f"no variant is within {budget} top-1 points of eager"
     speedup = f"{rec.speedup_vs_eager:.2f}× eager" if rec.speedup_vs_eager is not None else "eager not measured"
+    sure = ""
+    if rec.top1_change_interval:
+        low, high = rec.top1_change_interval
+        sure = f", 95% interval {low:+.2f} to {high:+.2f} on {rec.eval_images} {rec.eval_split} images"
     return (f"recommended: {rec.variant} — {rec.mean_ms:.2f} ms at batch {rec.batch_size},"
-            f" {speedup}, top-1 {rec.top1_change_points:+.2f} points (budget {budget})")
+            f" {speedup}, top-1 {rec.top1_change_points:+.2f} points{sure} (budget {budget})")
 
 
 def bench_markdown(report: BenchReport) -> str:
@@ -203,11 +236,13 @@ def bench_markdown(report: BenchReport) -> str:
     lines = [f"# edgetransfer bench: {Path(report.run).name}", "", recommendation_line(report), "",
              "| " + " | ".join(_BENCH_COLUMNS) + " |", "|" + "---|" * len(_BENCH_COLUMNS)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in _bench_rows(report)]
-    lines += [f"\n{line}" for line in _not_measured(report)]
+    lines += [f"\n{line}" for line in _not_measured(report) + [w for w in [noisy_baseline(report)] if w]]
+    lines += ["", "rounds: ± half the spread of the round medians (variants are timed in turn, round after round)."]
     cpu = machine.cpu
     flags = ", ".join(k for k in ("avx2", "avx512", "vnni", "amx") if getattr(cpu, k))
     lines += ["", f"Machine: {cpu.model} ({flags}), {machine.cores} cores, {machine.memory_gib} GiB, {machine.os};"
-              f" {machine.threads} threads for torch and ONNX Runtime, spinning off; {report.eval_images} evaluation images;"
+              f" {machine.threads} threads for torch and ONNX Runtime, spinning off; {report.eval_images} {report.eval_split} images"
+              f"{' (no stage chose on them)' if report.eval_split == 'test' else ''};"
               f" versions: {', '.join(f'{k} {v}' for k, v in machine.versions.items() if k not in ('platform',))}.", ""]
     return "\n".join(lines)
 

@@ -9,7 +9,7 @@ numpy only.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 import numpy as np
@@ -20,6 +20,7 @@ from .cpu import CpuFeatures
 __all__ = [
     "Comparison",
     "compare",
+    "paired_interval",
     "Parity",
     "GuardStep",
     "VariantReport",
@@ -55,6 +56,9 @@ class Comparison:
         top1_agreement: the share of images whose top-1 class is the same in both.
         top1: the candidate's top-1 against the labels (``None`` without labels).
         reference_top1: the reference's top-1 on the same images (``None`` without labels).
+        lost: images the reference gets right and the candidate wrong (``None`` without labels).
+        gained: images the candidate gets right and the reference wrong (``None`` without labels).
+        split: which images these were (``"test"``, ``"validation"``, …), where the caller knows.
     """
 
     images: int
@@ -62,6 +66,9 @@ class Comparison:
     top1_agreement: float
     top1: float | None = None
     reference_top1: float | None = None
+    lost: int | None = None
+    gained: int | None = None
+    split: str | None = None
 
     @property
     def top1_change_points(self) -> float | None:
@@ -69,6 +76,29 @@ class Comparison:
         if self.top1 is None or self.reference_top1 is None:
             return None
         return round(100 * (self.top1 - self.reference_top1), 4)
+
+    @property
+    def change_interval(self) -> tuple[float, float] | None:
+        """95% interval of the top-1 change in points: both models ran on the same images, so it
+        is the paired difference of proportions, from the images where they differ (``lost``,
+        ``gained``), with Agresti and Min's (2005) half-image added to each cell so that few
+        images give an honest width instead of zero."""
+        if self.lost is None or self.gained is None or not self.images:
+            return None
+        return paired_interval(self.lost, self.gained, self.images)
+
+    def with_split(self, split: str) -> Comparison:
+        return replace(self, split=split)
+
+
+def paired_interval(lost: int, gained: int, images: int, z: float = 1.96) -> tuple[float, float]:
+    """The ``z`` interval, in points, of (gained - lost) / images for two models on the same
+    images (Agresti and Min 2005: add 0.5 to each cell of the paired 2x2 table)."""
+    n = images + 2.0
+    b, c = lost + 0.5, gained + 0.5
+    change = (c - b) / n
+    half = z * np.sqrt(max((b + c) - (c - b) ** 2 / n, 0.0)) / n
+    return round(float(100 * (change - half)), 3), round(float(100 * (change + half)), 3)
 
 
 def compare(candidate: np.ndarray, reference: np.ndarray, labels: np.ndarray | None = None) -> Comparison:
@@ -86,8 +116,9 @@ def compare(candidate: np.ndarray, reference: np.ndarray, labels: np.ndarray | N
     )
     if labels is None:
         return result
-    return Comparison(result.images, result.max_abs_diff, result.top1_agreement,
-                      topk_accuracy(candidate, labels, 1), topk_accuracy(reference, labels, 1))
+    right, reference_right = candidate.argmax(1) == labels, reference.argmax(1) == labels
+    return replace(result, top1=topk_accuracy(candidate, labels, 1), reference_top1=topk_accuracy(reference, labels, 1),
+                   lost=int((reference_right & ~right).sum()), gained=int((right & ~reference_right).sum()))
 
 
 @dataclass(frozen=True)
@@ -114,19 +145,29 @@ class Parity:
 
 @dataclass(frozen=True)
 class GuardStep:
-    """One state of the INT8 accuracy guard: the layers kept in float and how far the model was from float."""
+    """One model the INT8 accuracy guard measured: the layers it had in float and how far it was
+    from the float model on the guard's selection images (no labels are used).
+
+    Attributes:
+        kept_in_float: the layers in float.
+        drop_points: top-1 disagreement with the float model, in points of the images measured
+            (an upper bound on the top-1 it can lose there).
+        logit_mse: mean squared logit difference from the float model.
+        images: how many selection images it was measured on.
+    """
 
     kept_in_float: tuple[str, ...]
     drop_points: float
     logit_mse: float
+    images: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kept_in_float": list(self.kept_in_float), "drop_points": round(self.drop_points, 3),
-                "logit_mse": round(self.logit_mse, 6)}
+        return _without_none({"kept_in_float": list(self.kept_in_float), "drop_points": round(self.drop_points, 3),
+                              "logit_mse": round(self.logit_mse, 6), "images": self.images})
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GuardStep:
-        return cls(tuple(data["kept_in_float"]), data["drop_points"], data["logit_mse"])
+        return cls(tuple(data["kept_in_float"]), data["drop_points"], data["logit_mse"], data.get("images"))
 
 
 @dataclass
@@ -134,7 +175,8 @@ class VariantReport:
     """What building one variant made of it.
 
     Attributes:
-        accuracy: the variant against the float ONNX model on the run's validation images.
+        accuracy: the variant against the float ONNX model on the run's held-out images (the test
+            split, which no stage chose on; validation for runs without one), with their count.
         evaluated_on: the runtime the accuracy was measured on.
         kept_in_float: layers (INT8) or operator types (FP16) left in float.
         guard_steps: every step the INT8 accuracy guard took.
@@ -161,20 +203,25 @@ class VariantReport:
         data: dict[str, Any] = dict(self.details)
         if self.accuracy is not None:
             a = self.accuracy
-            data.update(val_images=a.images, float_top1=a.reference_top1, top1=a.top1, top1_drop_points=self.drop_points,
-                        top1_agreement=a.top1_agreement, max_abs_diff=a.max_abs_diff)
+            interval = a.change_interval
+            data.update(eval_split=a.split, eval_images=a.images, float_top1=a.reference_top1, top1=a.top1,
+                        top1_drop_points=self.drop_points,
+                        top1_drop_interval=None if interval is None else [-interval[1], -interval[0]],
+                        images_lost=a.lost, images_gained=a.gained, top1_agreement=a.top1_agreement, max_abs_diff=a.max_abs_diff)
         data.update(evaluated_on=self.evaluated_on, kept_in_float=list(self.kept_in_float),
                     guard_steps=[s.to_dict() for s in self.guard_steps], warnings=list(self.warnings), seconds=self.seconds)
         return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> VariantReport:
-        typed = {"val_images", "float_top1", "top1", "top1_drop_points", "top1_agreement", "max_abs_diff",
-                 "evaluated_on", "kept_in_float", "guard_steps", "warnings", "seconds"}
+        typed = {"val_images", "eval_images", "eval_split", "float_top1", "top1", "top1_drop_points", "top1_drop_interval",
+                 "images_lost", "images_gained", "top1_agreement", "max_abs_diff", "evaluated_on", "kept_in_float",
+                 "guard_steps", "warnings", "seconds"}
         accuracy = None
         if "top1_agreement" in data:
-            accuracy = Comparison(data["val_images"], data["max_abs_diff"], data["top1_agreement"], data.get("top1"),
-                                  data.get("float_top1"))
+            images = data.get("eval_images", data.get("val_images"))  # val_images: manifests before the test split
+            accuracy = Comparison(images, data["max_abs_diff"], data["top1_agreement"], data.get("top1"), data.get("float_top1"),
+                                  data.get("images_lost"), data.get("images_gained"), data.get("eval_split", "validation"))
         return cls(accuracy, data.get("evaluated_on", ""), list(data.get("kept_in_float", [])),
                    [GuardStep.from_dict(s) for s in data.get("guard_steps", [])], list(data.get("warnings", [])),
                    data.get("seconds", 0.0), {k: v for k, v in data.items() if k not in typed})
@@ -191,13 +238,23 @@ class Latency:
     p90_ms: float
     p99_ms: float
     throughput_ips: float
+    round_p50_ms: list[float] | None = None  # the median of each round (variants are timed in turn, round after round)
+
+    @property
+    def spread(self) -> float | None:
+        """How far the round medians lie apart, as a share of their median: (max - min) / median."""
+        if not self.round_p50_ms or len(self.round_p50_ms) < 2:
+            return None
+        middle = float(np.median(self.round_p50_ms))
+        return (max(self.round_p50_ms) - min(self.round_p50_ms)) / middle if middle > 0 else None
 
     @classmethod
-    def from_times(cls, batch: int, seconds: list[float]) -> Latency:
+    def from_times(cls, batch: int, seconds: list[float], rounds: list[list[float]] | None = None) -> Latency:
         ms = np.array(seconds) * 1000
+        medians = [round(float(np.median(r)) * 1000, 4) for r in rounds if r] if rounds else None
         return cls(batch, len(seconds), round(float(ms.mean()), 4), round(float(np.percentile(ms, 50)), 4),
                    round(float(np.percentile(ms, 90)), 4), round(float(np.percentile(ms, 99)), 4),
-                   round(float(batch / (ms.mean() / 1000)), 2))
+                   round(float(batch / (ms.mean() / 1000)), 2), medians)
 
 
 @dataclass(frozen=True)
@@ -209,6 +266,7 @@ class BenchAccuracy:
     top1_change_points: float | None = None
     top1_agreement: float | None = None
     max_abs_logit_diff: float | None = None
+    top1_change_interval: list[float] | None = None  # 95%, paired with eager on the same images
 
     @classmethod
     def measure(cls, logits: np.ndarray, labels: np.ndarray, eager: np.ndarray | None) -> BenchAccuracy:
@@ -216,7 +274,9 @@ class BenchAccuracy:
         if eager is None:
             return cls(top1, top5)
         against = compare(logits, eager, labels)
-        return cls(top1, top5, against.top1_change_points, against.top1_agreement, against.max_abs_diff)
+        interval = against.change_interval
+        return cls(top1, top5, against.top1_change_points, against.top1_agreement, against.max_abs_diff,
+                   list(interval) if interval else None)
 
 
 @dataclass
@@ -299,6 +359,9 @@ class Recommendation:
     speedup_vs_eager: float | None
     top1_change_points: float
     max_accuracy_drop: float
+    top1_change_interval: list[float] | None = None
+    eval_images: int | None = None
+    eval_split: str | None = None
 
 
 @dataclass
@@ -308,6 +371,8 @@ class BenchReport:
     Attributes:
         options: the :class:`~edgetransfer.bench.BenchOptions` it ran with, as written.
         eval_images: how many images every accuracy figure is on.
+        eval_split: which images: ``"test"`` (no stage chose on them), ``"validation"`` (a run
+            without a test split) or ``"folder"`` (``--data``).
         results: one row per variant, eager first.
         complete: ``False`` while variants are still being measured.
     """
@@ -322,6 +387,7 @@ class BenchReport:
     complete: bool = False
     recommendation: Recommendation | None = None
     schema: str = BENCH_SCHEMA
+    eval_split: str = "validation"
 
     @property
     def batch_sizes(self) -> list[int]:
@@ -337,7 +403,8 @@ class BenchReport:
     def to_dict(self) -> dict[str, Any]:
         return {
             "schema": self.schema, "created": self.created, "run": self.run, "options": self.options,
-            "machine": self.machine.to_dict(), "eval_images": self.eval_images, "checkpoint_sha256": self.checkpoint_sha256,
+            "machine": self.machine.to_dict(), "eval_images": self.eval_images, "eval_split": self.eval_split,
+            "checkpoint_sha256": self.checkpoint_sha256,
             "results": [r.to_dict() for r in self.results], "complete": self.complete,
             "recommendation": asdict(self.recommendation) if self.recommendation else None,
         }
@@ -349,5 +416,6 @@ class BenchReport:
             created=data["created"], run=data["run"], options=data["options"], machine=Machine.from_dict(data["machine"]),
             eval_images=data["eval_images"], checkpoint_sha256=data["checkpoint_sha256"],
             results=[BenchRow.from_dict(r) for r in data["results"]], complete=data.get("complete", False),
-            recommendation=Recommendation(**recommendation) if recommendation else None, schema=data.get("schema", BENCH_SCHEMA),
+            recommendation=Recommendation(**_known(Recommendation, recommendation)) if recommendation else None,
+            schema=data.get("schema", BENCH_SCHEMA), eval_split=data.get("eval_split", "validation"),
         )

@@ -52,7 +52,7 @@ def trained_run(tmp_path_factory) -> Path:
     from edgetransfer.data import DataSpec
     from edgetransfer.finetune import FinetuneConfig, finetune
 
-    return finetune(FinetuneConfig(data=DataSpec(limit_per_class=20), epochs=5), tmp_path_factory.mktemp("trained") / "run").run_dir
+    return finetune(FinetuneConfig(data=DataSpec(limit_per_class=20, test_fraction=0.2), epochs=5), tmp_path_factory.mktemp("trained") / "run").run_dir
 
 
 def copy_run(trained: Path, tmp_path_factory, name: str) -> Path:

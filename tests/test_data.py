@@ -20,10 +20,32 @@ def test_folder_is_split_stratified_and_seeded(digit_folder):
     other = load_dataset(DataSpec(str(digit_folder), val_fraction=0.25, seed=4))
     assert first.classes == ["digit_0", "digit_1", "digit_2"]
     assert Counter(s.label for s in first.val) == {0: 3, 1: 3, 2: 3}
-    assert Counter(s.label for s in first.train) == {0: 9, 1: 9, 2: 9}
+    assert Counter(s.label for s in first.test) == {0: 1, 1: 1, 2: 1}  # the default 10% test split, at least one a class
+    assert Counter(s.label for s in first.train) == {0: 8, 1: 8, 2: 8}
     assert [s.name for s in first.val] == [s.name for s in again.val]
+    assert [s.name for s in first.test] == [s.name for s in again.test]
     assert [s.name for s in first.val] != [s.name for s in other.val]
-    assert not {s.name for s in first.val} & {s.name for s in first.train}
+    names = [{s.name for s in split} for split in (first.train, first.val, first.test)]
+    assert not names[0] & names[1] and not names[0] & names[2] and not names[1] & names[2]
+
+
+def test_test_split_is_held_out_and_old_runs_keep_theirs():
+    with_test = load_dataset(DataSpec(test_fraction=0.2))
+    without = load_dataset(DataSpec(test_fraction=0.0))
+    assert len(with_test.test) == 359 and len(with_test.val) == len(without.val) == 359
+    assert [s.name for s in with_test.val] == [s.name for s in without.val]  # adding a test split leaves validation as it was
+    assert len(with_test.train) + len(with_test.test) == len(without.train) and not without.test
+    assert DataSpec.from_dict({"source": "digits", "val_fraction": 0.2, "seed": 0}).test_fraction == 0.0  # a run from before
+    with pytest.raises(DataError, match="test_fraction must be at least 0 and leave training images"):
+        DataSpec(val_fraction=0.5, test_fraction=0.5)
+
+
+def test_train_val_test_layout_uses_the_test_folder(tmp_path):
+    for split, count in (("train", 6), ("val", 2), ("test", 3)):
+        write_folder(tmp_path / "d" / split, per_class=count)
+    dataset = load_dataset(DataSpec(str(tmp_path / "d")))
+    assert dataset.layout == "train/val/test" and (len(dataset.train), len(dataset.val), len(dataset.test)) == (18, 6, 9)
+    assert not load_dataset(DataSpec(str(tmp_path / "d"), test_fraction=0.0)).test
 
 
 def test_train_val_layout_is_used_as_given(tmp_path):
@@ -37,7 +59,7 @@ def test_train_val_layout_is_used_as_given(tmp_path):
 def test_demo_digits_are_served_from_memory():
     dataset = load_dataset(DataSpec())
     assert dataset.classes == [str(d) for d in range(10)]
-    assert len(dataset.train) + len(dataset.val) == 1797
+    assert len(dataset.train) + len(dataset.val) + len(dataset.test) == 1797 and len(dataset.test) == 179
     image = load_image(dataset.train[0])
     assert image.mode == "RGB" and image.size == (8, 8)
     assert np.asarray(image).max() > 128  # strokes are bright on black
@@ -45,7 +67,7 @@ def test_demo_digits_are_served_from_memory():
 
 def test_limit_per_class_takes_a_subset():
     dataset = load_dataset(DataSpec(limit_per_class=10))
-    assert len(dataset.train) == 80 and len(dataset.val) == 20
+    assert len(dataset.train) == 70 and len(dataset.val) == 20 and len(dataset.test) == 10
 
 
 def test_corrupt_and_truncated_images_are_skipped_and_counted(digit_folder, capsys):
@@ -54,7 +76,7 @@ def test_corrupt_and_truncated_images_are_skipped_and_counted(digit_folder, caps
     (digit_folder / "digit_1" / "truncated.png").write_bytes(good[: len(good) // 2])
     (digit_folder / "digit_2" / "notes.txt").write_text("not an image, ignored")
     dataset = load_dataset(DataSpec(str(digit_folder)))
-    assert len(dataset.train) + len(dataset.val) == 36
+    assert len(dataset.train) + len(dataset.val) + len(dataset.test) == 36
     assert sorted(name for name, _ in dataset.skipped) == ["digit_0/broken.png", "digit_1/truncated.png"]
     with pytest.raises(DataError, match=r"2 unreadable image\(s\).*drop --strict"):
         load_dataset(DataSpec(str(digit_folder), strict=True))

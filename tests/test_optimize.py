@@ -12,13 +12,13 @@ from edgetransfer.cli import main
 from edgetransfer.data import DataSpec, Sample, load_dataset
 from edgetransfer.errors import DataError, EdgeTransferError, RunError, UnknownNameError
 from edgetransfer.export import export_onnx
-from edgetransfer.rundir import Manifest
+from edgetransfer.rundir import Manifest, RunDir
 from edgetransfer.optimize import CalibMethod, Precision, QuantOptions, Target, build_variants, cpu_features
 from edgetransfer.optimize import ort as ortq
 from edgetransfer.optimize.calibration import BatchStream, balanced_sample, folder_samples
-from edgetransfer.optimize.guard import guard
+from edgetransfer.optimize.guard import RANKING_IMAGES, Selection, hold_budget, rank_layers
 from edgetransfer.errors import QuantizationError
-from edgetransfer.results import VariantReport
+from edgetransfer.results import VariantReport, compare, paired_interval
 from edgetransfer.runtime import Predictor, probe_provider
 
 from conftest import copy_run, write_folder
@@ -57,7 +57,8 @@ def test_fp32_and_fp16_variants_are_recorded_with_their_accuracy(run_dir):
     assert fp16.path.stat().st_size < 0.6 * fp32.path.stat().st_size
     assert "FP16 will not be faster on a CPU" in fp16.report.warnings[0]
     artifacts = Manifest.load(run_dir).artifacts
-    assert artifacts["ort-cpu-fp16"]["parent"] == "onnx" and artifacts["ort-cpu-fp16"]["report"]["val_images"] == 40
+    assert artifacts["ort-cpu-fp16"]["parent"] == "onnx" and artifacts["ort-cpu-fp16"]["report"]["eval_images"] == 40
+    assert artifacts["ort-cpu-fp16"]["report"]["eval_split"] == "test"
     assert VariantReport.from_dict(artifacts["ort-cpu-fp16"]["report"]) == fp16.report  # the manifest round-trips
 
 
@@ -74,59 +75,137 @@ def test_int8_variant_is_static_qdq_with_recorded_calibration(run_dir):
     assert report.details["calibration"]["images"] == 40 and len(report.details["calibration"]["files"]) == 40
     assert len({f["sha256"] for f in report.details["calibration"]["files"]}) == 40
     assert report.accuracy.top1_agreement >= 0.8
+    guard = report.details["guard"]  # chose on training images, without labels; reported on the test split
+    held_out = {s.name for s in RunDir(run_dir).held_out()[0]}
+    assert report.accuracy.split == "test" and report.accuracy.images == len(held_out) == 40
+    assert guard["selection"]["labels_used"] is False and guard["selection"]["images"] == 40  # every validation image
+    assert set(guard["selection"]["names"]).isdisjoint(held_out) and guard["method"] == "none needed"
+    assert guard["selection"]["source"] == "validation images"
     predictor = Predictor(variant.path)  # metadata travels into the INT8 model too
     assert len(predictor.labels) == 10 and len(predictor.predict(np.zeros((8, 8, 3), np.uint8))) == 5
 
 
-def test_guard_keeps_the_most_sensitive_layers_in_float():
-    sensitivity = {"stem": 1.5, "block3": 0.9, "block7": 0.3, "head": 0.0, "block1": 0.05}
-    calls = []
+class _FlippingSubject:
+    """A quantiser whose layers each change the top-1 of a fixed number of images while quantised."""
 
-    def score_with(excluded):
-        calls.append(tuple(excluded))
-        return 3.0 - sum(sensitivity[name] for name in excluded), 1.0
+    name, fallback = "INT8", "fp32"
 
-    kept, drop, steps = guard(score_with, list(sensitivity), budget=1.0, max_float=4)
-    assert kept == ["stem", "block3"] and drop == pytest.approx(0.6)
-    assert [s.drop_points for s in steps] == pytest.approx([3.0, 1.5, 0.6])
-    kept, drop, _ = guard(score_with, list(sensitivity), budget=0.0, max_float=2)
-    assert len(kept) == 2 and drop > 0.0  # the caller reports the unmet budget
-    calls.clear()
-    assert guard(score_with, list(sensitivity), budget=0.0, max_float=0)[:2] == ([], 3.0)
-    assert calls == [()]  # no layer may be kept, so none is measured alone
+    def __init__(self, flips: dict[str, int], float_logits: np.ndarray) -> None:
+        self.flips, self.float_logits, self.calls = flips, float_logits, []
 
+    def layers(self) -> list[str]:
+        return list(self.flips)
 
-def test_guard_ranks_by_logit_error_when_no_single_layer_moves_top1():
-    """INT8 loss spread thin: every layer alone leaves top-1 where it was; the logit error decides."""
-    error = {"a": 0.1, "b": 0.5, "c": 0.2, "d": 0.3}
-
-    def score_with(excluded):
-        drop = 2.0 if len(excluded) < 3 else 0.5  # top-1 recovers only with three layers in float
-        return drop, 1.0 - sum(error[name] for name in excluded)
-
-    kept, drop, steps = guard(score_with, list(error), budget=1.0, max_float=8)
-    assert kept == ["b", "d", "c"] and drop == 0.5
-    assert [s.logit_mse for s in steps] == pytest.approx([1.0, 0.5, 0.2, 0.0])
+    def logits(self, kept, images):
+        self.calls.append((tuple(kept), len(images)))
+        changed = sum(n for name, n in self.flips.items() if name not in kept)
+        out = self.float_logits[: len(images)].copy()
+        out[:changed] = np.roll(out[:changed], 1, axis=1)  # distinct values: every rolled row changes class
+        return out
 
 
-def test_guard_measures_the_rest_again_when_a_pass_ends_over_budget():
-    """Sensitivities that do not add up: x hurts on top of a alone, but helps once y is kept too."""
-    drops = {(): 3.0, ("a",): 2.0, ("x",): 2.5, ("y",): 2.8, ("a", "x"): 2.2, ("a", "y"): 1.8, ("a", "x", "y"): 0.5}
-    calls = []
+def _selection(images: int = 200) -> Selection:
+    logits = np.random.default_rng(0).normal(size=(images, 10)).astype(np.float32)
+    return Selection(np.zeros((images, 1), np.float32), logits, [f"train/{i}" for i in range(images)], "training images")
 
-    def score_with(excluded):
-        calls.append(tuple(excluded))
-        drop = drops[tuple(sorted(excluded))]
-        return drop, drop
 
-    kept, drop, steps = guard(score_with, ["a", "x", "y"], budget=1.0, max_float=8)
-    assert kept == ["a", "y", "x"] and drop == 0.5  # a single pass in sensitivity order ends at 1.8
-    assert [s.drop_points for s in steps] == [3.0, 2.0, 1.8, 0.5]
-    drops[("a", "x", "y")] = 1.9  # now nothing helps on top of a and y: the guard stops, over budget
-    calls.clear()
-    kept, drop, _ = guard(score_with, ["a", "x", "y"], budget=1.0, max_float=8)
-    assert kept == ["a", "y"] and drop == 1.8
-    assert calls.count(("a", "y", "x")) == 1  # the stalled pass is not repeated
+def test_guard_ranks_layers_and_bisects_to_the_fewest_that_hold_the_budget():
+    selection = _selection()
+    subject = _FlippingSubject({"stem": 20, "block1": 1, "block3": 12, "head": 0, "block7": 4}, selection.float_logits)
+    held = hold_budget(subject, selection, budget=3.0, max_float=4, report=lambda _: None)
+    assert held.kept == ["stem", "block3"] and held.final[0] == pytest.approx(2.5)  # 5 of 200 images still change
+    assert [name for name, _ in held.ranking] == ["stem", "block3", "block7", "block1", "head"]
+    ranking_calls = [c for c in subject.calls if c[1] == RANKING_IMAGES]
+    assert len(ranking_calls) == 5 and all(len(kept) == 4 for kept, _ in ranking_calls)  # each layer the only one quantised
+    measured = [len(s.kept_in_float) for s in held.steps]
+    assert measured == [0, 4, 2, 1] and all(s.images == 200 for s in held.steps)  # bisection: 3 measurements, not 1 per layer
+    assert held.steps[0].drop_points == pytest.approx(18.5)
+    record = held.record(selection, 3.0, 4)
+    assert record["method"] == "ranked bisection" and record["selection"]["labels_used"] is False
+    assert record["selection"]["images"] == 200 and record["selection"]["names"][0] == "train/0"
+
+
+def test_guard_refuses_when_even_max_float_layers_miss_the_budget():
+    selection = _selection()
+    subject = _FlippingSubject({"stem": 20, "block3": 12, "block7": 4}, selection.float_logits)
+    with pytest.raises(QuantizationError, match=r"changes the top-1 of 8\.00% .* with 1 layer\(s\) kept in float .* nothing was written"):
+        hold_budget(subject, selection, budget=3.0, max_float=1, report=lambda _: None)
+    subject.calls.clear()
+    with pytest.raises(QuantizationError, match=r"0 layer\(s\) kept in float"):
+        hold_budget(subject, selection, budget=3.0, max_float=0, report=lambda _: None)
+    assert subject.calls == [((), 200)]  # no layer may be kept, so none is ranked
+    subject.calls.clear()
+    held = hold_budget(subject, selection, budget=20.0, max_float=0, report=lambda _: None)
+    assert held.kept == [] and subject.calls == [((), 200)]  # within budget: one measurement
+
+
+def _fragile_model(path: Path) -> str:
+    """A small CNN whose second conv writes one channel 1000x larger than the others, undone by
+    the third conv's weights: the same function in float, but a per-tensor activation scale that
+    leaves the other channels a few levels. Returns the third conv's weight name."""
+    import torch
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 10),
+    ).eval()
+    with torch.no_grad():
+        net[2].weight[0] *= 1000
+        net[2].bias[0] *= 1000
+        net[4].weight[:, 0] /= 1000
+    torch.onnx.export(net, (torch.randn(1, 3, 16, 16),), str(path), input_names=["input"], dynamic_axes={"input": {0: "batch"}},
+                      dynamo=False)
+    return "4.weight"
+
+
+def test_ranking_puts_the_layer_behind_an_outlier_channel_first(tmp_path):
+    model = tmp_path / "fragile.onnx"
+    fragile_weight = _fragile_model(model)
+    prepared, quantized = tmp_path / "prepared.onnx", tmp_path / "int8.onnx"
+    ortq.preprocess_for_quantization(model, prepared)
+    images = np.random.default_rng(1).normal(size=(64, 3, 16, 16)).astype(np.float32)
+
+    class Reader:
+        def __init__(self):
+            self.batches = iter([{"input": images[i : i + 16]} for i in range(0, 64, 16)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
+
+    calibrator = create_calibrator(str(prepared), None, augmented_model_path=str(tmp_path / "aug.onnx"))
+    calibrator.collect_data(Reader())
+    cache = save_tensors_data(calibrator.compute_data(), tmp_path / "ranges.json") or tmp_path / "ranges.json"
+    ortq.quantize_qdq(prepared, quantized, cache, CalibMethod.MINMAX, ortq.QuantScheme("uint8"), [])
+    subject = ortq._OrtQuantized(prepared, quantized)
+    float_logits = ortq.run_logits(prepared, images)
+    ranking = rank_layers(subject, subject.layers(), images, float_logits)
+    graph = onnx.load(str(prepared)).graph
+    fragile = next(n.name for n in graph.node if n.op_type == "Conv" and fragile_weight in n.input[1])
+    assert ranking[0][0] == fragile and ranking[0][1] > 10 * ranking[1][1]
+    # every layer back in float is the float model again, up to the quantised logits it still writes
+    candidate = subject.candidate(subject.layers())
+    assert sum(n.op_type == "QuantizeLinear" for n in candidate.graph.node) == 1
+    step = next(onnx.numpy_helper.to_array(i) for i in candidate.graph.initializer if i.name.endswith("_scale"))
+    everything = ortq.run_logits(candidate.SerializeToString(), images)
+    np.testing.assert_allclose(everything, float_logits, atol=float(step) / 2 + 1e-5)
+    with pytest.raises(QuantizationError, match="no node named 'conv99'"):
+        subject.candidate(["conv99"])
+
+
+def test_paired_interval_is_honest_about_few_images():
+    low, high = paired_interval(lost=5, gained=0, images=359)
+    assert low < -1.39 < high < 0  # 5 images lost of 359: a real loss, between about 0.3 and 2.5 points
+    assert paired_interval(5, 0, 3590)[1] - paired_interval(5, 0, 3590)[0] < high - low  # more images, narrower
+    zero = paired_interval(0, 0, 40)
+    assert zero[0] < 0 < zero[1]  # no image differs, yet 40 images cannot prove "no change"
+    even = paired_interval(9, 9, 179)
+    assert even[0] == pytest.approx(-even[1]) and even[1] > 2.5  # 18 images differ both ways: +-3 points of noise
+    result = compare(np.eye(4)[[0, 1, 2, 2]], np.eye(4)[[0, 1, 2, 3]], np.array([0, 1, 2, 3]))
+    assert (result.lost, result.gained, result.top1_change_points) == (1, 0, -25.0)
 
 
 def test_calibration_methods_give_different_scales(run_dir, tmp_path):
@@ -262,7 +341,7 @@ def test_committed_demo_calibration_set_is_balanced_training_data():
     assert sorted(p.name for p in root.iterdir()) == [str(d) for d in range(10)]
     assert all(len(list((root / str(d)).glob("*.png"))) == 20 for d in range(10))
     dataset = load_dataset(DataSpec())
-    val_names = {Path(s.name).name for s in dataset.val}
-    assert not val_names & {Path(s.name).stem for s in samples}  # never validation images
+    held_out = {Path(s.name).name for s in dataset.val + dataset.test}
+    assert not held_out & {Path(s.name).stem for s in samples}  # never validation or test images
     expected = {Path(s.name).name for s in balanced_sample(dataset.train, 200)}
     assert {Path(s.name).stem for s in samples} == expected

@@ -331,7 +331,7 @@ def test_elongated_training_images_are_skipped_and_counted(tmp_path):
     Image.new("L", (1, 5000)).save(root / "digit_0" / "thin.png")
     dataset = load_dataset(DataSpec(str(root)))
     assert [(Path(name).name, "64 times longer" in reason) for name, reason in dataset.skipped] == [("thin.png", True)]
-    assert len(dataset.train) + len(dataset.val) == 18
+    assert len(dataset.train) + len(dataset.val) + len(dataset.test) == 18
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads the peak from Linux's /proc")

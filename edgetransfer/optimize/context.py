@@ -1,5 +1,6 @@
 """What every variant build starts from: the run's verified ONNX model, its metadata, the
-validation images prepared for it and the float model's logits on them, and the options."""
+held-out images prepared for it and the float model's logits on them, the INT8 guard's
+selection images, and the options."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from ..progress import console
 from ..results import Comparison, compare
 from ..rundir import RunDir
 from .calibration import BatchStream, balanced_sample, folder_samples
+from .guard import Selection
 from .ort import CalibMethod
 
 __all__ = ["QuantOptions", "TensorRTOptions", "BuildContext", "open_context", "run_onnx"]
@@ -32,7 +34,8 @@ class QuantOptions:
         max_accuracy_drop: top-1 points INT8 may lose against the float model on validation data.
         max_float_layers: the most layers the guard may keep in float before giving up.
         dynamic: dynamic (weights-only) quantisation instead of static; slower for CNNs.
-        eval_images: cap on validation images for the accuracy check (all by default).
+        eval_images: cap on held-out images for the accuracy check (all by default).
+        guard_images: cap on the validation images the guard chooses on, without labels.
     """
 
     calib: Path | None = None
@@ -43,6 +46,7 @@ class QuantOptions:
     max_float_layers: int = 32
     dynamic: bool = False
     eval_images: int | None = None
+    guard_images: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "method", CalibMethod.parse(self.method))
@@ -50,6 +54,8 @@ class QuantOptions:
             raise OptionError(f"calibration size and batch must be at least 1 (got {self.calib_size}, {self.calib_batch})")
         if self.max_accuracy_drop < 0:
             raise OptionError(f"max accuracy drop must be 0 or more points, got {self.max_accuracy_drop}")
+        if self.guard_images is not None and self.guard_images < 1:
+            raise OptionError(f"guard images must be at least 1, got {self.guard_images}")
         if self.max_float_layers < 0:
             raise OptionError(f"max float layers must be 0 or more, got {self.max_float_layers}")
 
@@ -57,7 +63,8 @@ class QuantOptions:
         """The options as the manifest records them."""
         return {"calib": str(self.calib) if self.calib else None, "calib_size": self.calib_size, "calib_batch": self.calib_batch,
                 "method": self.method.value, "max_accuracy_drop": self.max_accuracy_drop,
-                "max_float_layers": self.max_float_layers, "dynamic": self.dynamic, "eval_images": self.eval_images}
+                "max_float_layers": self.max_float_layers, "dynamic": self.dynamic, "eval_images": self.eval_images,
+                "guard_images": self.guard_images}
 
 
 @dataclass(frozen=True)
@@ -85,21 +92,41 @@ class TensorRTOptions:
 
 @dataclass
 class BuildContext:
-    """The run's float ONNX model and the validation images every variant is checked on."""
+    """The run's float ONNX model and the held-out images every variant is measured on.
+
+    Attributes:
+        held_out: the run's test images prepared for the model (validation for a run without a
+            test split: :attr:`split` says which), and ``labels`` and ``float_logits`` for them.
+    """
 
     run: RunDir
     base: Path
     info: ModelInfo
     input_name: str
-    val: np.ndarray
+    held_out: np.ndarray
     labels: np.ndarray
     float_logits: np.ndarray
     quant: QuantOptions = field(default_factory=QuantOptions)
     tensorrt: TensorRTOptions = field(default_factory=TensorRTOptions)
+    split: str = "validation"
+    _selection: Selection | None = None
 
     def compare(self, logits: np.ndarray) -> Comparison:
-        """A variant's logits against the float model's, on the validation images."""
-        return compare(logits, self.float_logits, self.labels)
+        """A variant's logits against the float model's, on the held-out images."""
+        return compare(logits, self.float_logits, self.labels).with_split(self.split)
+
+    def selection(self) -> Selection:
+        """The images the INT8 guard chooses on (labels unused): :meth:`RunDir.selection`, never
+        a held-out image."""
+        if self._selection is None:
+            from .ort import run_logits
+
+            samples = self.run.selection(self.quant.guard_images)
+            source = "validation images" if self.run.dataset.test else "every other validation image"
+            stream = self.stream(samples, max(1, len(samples)))
+            images = stream.get_next()[self.input_name]
+            self._selection = Selection(images, run_logits(self.base, images), [s.name for s in samples], source)
+        return self._selection
 
     def stream(self, samples: list[Sample], batch: int) -> BatchStream:
         """Images prepared for this model's input, streamed in batches."""
@@ -139,11 +166,11 @@ def open_context(run: RunDir, quant: QuantOptions, tensorrt: TensorRTOptions) ->
     model = onnx.load(str(base), load_external_data=False)
     info = ModelInfo.from_props({p.key: p.value for p in model.metadata_props})
     input_name = model.graph.input[0].name
-    samples = run.validation(quant.eval_images)
+    samples, split = run.held_out(quant.eval_images)
     stream = BatchStream(samples, info.preprocessing, input_name, info.input_format, max(1, len(samples)))
-    val = stream.get_next()[input_name]
+    images = stream.get_next()[input_name]
     labels = np.array([s.label for s in samples])
-    return BuildContext(run, base, info, input_name, val, labels, run_logits(base, val), quant, tensorrt)
+    return BuildContext(run, base, info, input_name, images, labels, run_logits(base, images), quant, tensorrt, split)
 
 
 def run_onnx(run: RunDir) -> Path:

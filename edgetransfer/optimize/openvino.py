@@ -15,9 +15,9 @@ demo model it cut the INT8 logit error to a third (mean squared error 1.47 -> 0.
 
 The accuracy guard works on NNCF's own terms. The model is quantised once with its weights left
 in float behind FakeQuantize nodes; a layer is "kept in float" by wiring its inputs past their
-FakeQuantize nodes, which needs no new calibration, so every layer's sensitivity can be measured.
-The chosen layers then go to NNCF as its ignored scope for the real quantisation, and that
-model is measured again before it is accepted.
+FakeQuantize nodes (and restoring the bias that bias correction changed), which needs no new
+calibration, so every layer's added error can be measured cheaply (:mod:`.guard`). The model
+the guard measured is the one that ships, with its INT8 weights compressed.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from ..results import VariantReport
 from ..runtime import openvino_ir
 from ..runtime.openvino_ir import EXTRA, INFERENCE_PRECISION, compile_config, import_openvino, one_line, save_ir
 from .calibration import describe_samples
-from .guard import Score, hold_budget, score
+from .guard import hold_budget
 from .targets import Precision, Target, TargetSpec, Variant, register
 
 if TYPE_CHECKING:
@@ -187,10 +187,10 @@ def build_variant(context: BuildContext, target: Target, precision: Precision) -
     report = VariantReport(evaluated_on=f"OpenVINO CPU ({hint})", details={"inference_precision": hint})
     if precision is Precision.INT8:
         model = _int8(context, model, report)
-    report.accuracy = context.compare(logits(model, context.val, hint))
+    report.accuracy = context.compare(logits(model, context.held_out, hint))
     budget = context.quant.max_accuracy_drop
     if precision is Precision.BF16 and report.drop_points > budget:
-        report.warnings.append(f"bf16 loses {report.drop_points:.2f} top-1 points, more than the"
+        report.warnings.append(f"bf16 loses {report.drop_points:.2f} top-1 points ({_interval(report)}), more than the"
                                f" {budget}-point budget; bench will not recommend it")
     props = {**context.info.to_props(), "precision": precision.value, INFERENCE_PRECISION: hint,
              "source_onnx_sha256": sha256_file(context.base)}
@@ -221,22 +221,12 @@ def _int8(context: BuildContext, model, report: VariantReport) -> Any:
         calibration={"source": source, "images": stream.used, "batch": quant.calib_batch, "files": describe_samples(samples)},
         max_accuracy_drop_points=quant.max_accuracy_drop,
     )
-    subject = _NncfQuantized(context, model, quantized)
-    held = hold_budget(subject, quant.max_accuracy_drop, quant.max_float_layers, lambda text: console.print(text, markup=False))
+    subject = _NncfQuantized(model, quantized)
+    selection = context.selection()
+    held = hold_budget(subject, selection, quant.max_accuracy_drop, quant.max_float_layers, lambda text: console.print(text, markup=False))
     report.kept_in_float, report.guard_steps = held.kept, held.steps
-    if not held.kept:
-        return compress_weights(quantized)
-    with console.status(f"NNCF: quantising again with {len(held.kept)} layer(s) in its ignored scope"):
-        scoped = quantize(model, batches, held.kept, overflow=overflow)
-    scoped_drop = score(logits(scoped, context.val), context.float_logits, context.labels)[0]
-    report.details["ignored_scope_drop_points"] = round(scoped_drop, 4)
-    if scoped_drop <= quant.max_accuracy_drop:
-        report.details["guard_method"] = "NNCF ignored scope"
-        return scoped
-    console.print(f"with those layers in NNCF's ignored scope INT8 loses {scoped_drop:.2f} points; keeping the"
-                  " measured model, quantised once with them reverted to float, instead")
-    report.details["guard_method"] = "reverted after quantisation"
-    return compress_weights(keep_in_float(quantized, model, held.kept))
+    report.details["guard"] = held.record(selection, quant.max_accuracy_drop, quant.max_float_layers)
+    return compress_weights(subject.candidate(held.kept))  # the model the guard measured is the one that ships
 
 
 class _NncfQuantized:
@@ -246,15 +236,22 @@ class _NncfQuantized:
     name = "OpenVINO INT8"
     fallback = "fp32/bf16"
 
-    def __init__(self, context: BuildContext, original, quantized) -> None:
-        self.context, self.original, self.quantized = context, original, quantized
+    def __init__(self, original, quantized) -> None:
+        self.original, self.quantized = original, quantized
 
     def layers(self) -> list[str]:
         return quantized_ops(self.quantized)
 
-    def score(self, kept: Sequence[str]) -> Score:
-        candidate = keep_in_float(self.quantized, self.original, kept) if kept else self.quantized
-        return score(logits(candidate, self.context.val), self.context.float_logits, self.context.labels)
+    def candidate(self, kept: Sequence[str]):
+        return keep_in_float(self.quantized, self.original, kept) if kept else self.quantized
+
+    def logits(self, kept: Sequence[str], images: np.ndarray) -> np.ndarray:
+        return logits(self.candidate(kept), images)
+
+
+def _interval(report: VariantReport) -> str:
+    low, high = report.accuracy.change_interval
+    return f"95% interval {-high:.2f} to {-low:.2f} on {report.accuracy.images} {report.accuracy.split} images"
 
 
 def _check_available(precisions: list[Precision]) -> None:

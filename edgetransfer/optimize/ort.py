@@ -18,7 +18,7 @@ from ..errors import MissingDependencyError, QuantizationError
 from ..progress import console
 from ..results import VariantReport
 from .calibration import BatchStream, describe_samples
-from .guard import Score, hold_budget, quantized_nodes, score
+from .guard import hold_budget, quantized_nodes
 from .targets import Precision, Target, TargetSpec, Variant, register
 
 if TYPE_CHECKING:
@@ -36,6 +36,7 @@ __all__ = [
     "quantize_dynamic",
     "run_logits",
     "copy_metadata",
+    "keep_in_float",
     "build_variant",
     "build_onnx",
 ]
@@ -189,7 +190,7 @@ def quantize_dynamic(model: Path, dst: Path) -> None:
     ort_quantize_dynamic(model, dst, weight_type=QuantType.QInt8)
 
 
-def run_logits(model: Path, arrays: np.ndarray, batch: int = 64, threads: int | None = None) -> np.ndarray:
+def run_logits(model: Path | bytes, arrays: np.ndarray, batch: int = 64, threads: int | None = None) -> np.ndarray:
     """Logits of an ONNX model on CPU for prepared inputs, in batches."""
     from ..runtime.sessions import fixed_batch, open_session, run_batched
 
@@ -220,7 +221,7 @@ def build_onnx(context: BuildContext, target: Target, precision: Precision, outp
             report.kept_in_float = list(FP16_KEEP_FLOAT)
         else:
             _int8(context, target, tmp, Path(work), report)
-        report.accuracy = context.compare(run_logits(tmp, context.val))
+        report.accuracy = context.compare(run_logits(tmp, context.held_out))
     return Variant(output.name.removesuffix(".onnx"), target, precision, output, report)
 
 
@@ -237,35 +238,145 @@ def _int8(context: BuildContext, target: Target, output: Path, work: Path, repor
     prepared = work / "prepared.onnx"
     preprocess_for_quantization(context.base, prepared)
     stream = context.stream(samples, quant.calib_batch)
-    cache = calibrate(prepared, stream, quant.method, scheme.symmetric_activations, work / "calibration.json")
-    subject = _OrtQuantized(context, prepared, cache, scheme, output)
-    held = hold_budget(subject, quant.max_accuracy_drop, quant.max_float_layers, lambda text: console.print(text, markup=False))
-    quantize_qdq(prepared, output, cache, quant.method, scheme, held.kept)  # the accepted model, in place
+    with console.status("ONNX Runtime: calibrating"):
+        cache = calibrate(prepared, stream, quant.method, scheme.symmetric_activations, work / "calibration.json")
+        quantize_qdq(prepared, output, cache, quant.method, scheme, [])
+    subject = _OrtQuantized(prepared, output)
+    selection = context.selection()
+    held = hold_budget(subject, selection, quant.max_accuracy_drop, quant.max_float_layers, lambda text: console.print(text, markup=False))
+    if held.kept:  # the model the guard measured is the one that ships
+        import onnx
+
+        onnx.save_model(subject.candidate(held.kept), str(output))
     copy_metadata(context.base, output)
     report.kept_in_float, report.guard_steps = held.kept, held.steps
     report.details.update(
         mode="static QDQ", scheme=scheme.to_dict(), max_accuracy_drop_points=quant.max_accuracy_drop,
         calibration={"source": source, "method": quant.method.value, "images": stream.used, "batch": quant.calib_batch,
                      "files": describe_samples(samples)},
+        guard=held.record(selection, quant.max_accuracy_drop, quant.max_float_layers),
     )
 
 
+def keep_in_float(qdq, float_model, names: Sequence[str]):
+    """A copy of the QDQ model ``qdq`` in which the named nodes are back in float: each reads the
+    float tensors its twin in ``float_model`` (the model that was quantised) reads, weights and
+    bias included; dequantisations nothing reads any more are removed. The nodes' outputs stay
+    quantised for the nodes after them. Needs no calibration: it is a graph edit.
+
+    Raises:
+        QuantizationError: a name that is not a node of both models.
+    """
+    import onnx
+
+    model = onnx.ModelProto()
+    model.CopyFrom(qdq)
+    graph = model.graph
+    nodes = {node.name: node for node in graph.node}
+    twins = {node.name: node for node in float_model.graph.node}
+    float_weights = {init.name: init for init in float_model.graph.initializer}
+    float_producers = {out: node for node in float_model.graph.node for out in node.output}
+    present = {init.name for init in graph.initializer}
+    producers = {out: node for node in graph.node for out in node.output}
+
+    def float_weight(tensor: str) -> str:
+        # ONNX Runtime names a weight's dequantised output after the weight: the float copy needs its own name
+        renamed = f"{tensor}_float" if tensor in producers else tensor
+        if renamed not in present:
+            weight = onnx.TensorProto()
+            weight.CopyFrom(float_weights[tensor])
+            weight.name = renamed
+            graph.initializer.append(weight)
+            present.add(renamed)
+        return renamed
+
+    def float_activation(tensor: str) -> str:
+        # The quantiser drops a Relu or Clip whose range the quantised tensor already enforces, and
+        # the layer before it writes the dropped node's output: put the dropped node back for this reader.
+        twin, here = float_producers.get(tensor), producers.get(tensor)
+        if twin is None or here is None or here.name == twin.name:
+            return tensor
+        restored = f"{tensor}_float"
+        if restored not in producers:
+            extra = [float_weight(t) if t in float_weights else t for t in twin.input[1:]]
+            node = onnx.helper.make_node(twin.op_type, [tensor, *extra], [restored], name=f"{twin.name}_float")
+            node.attribute.extend(twin.attribute)
+            graph.node.append(node)
+            producers[restored] = node
+        return restored
+
+    for name in names:
+        if name not in nodes or name not in twins:
+            raise QuantizationError(f"no node named {name!r} in the quantised model")
+        inputs = [float_weight(t) if t in float_weights else float_activation(t) if t else t for t in twins[name].input]
+        del nodes[name].input[:]
+        nodes[name].input.extend(inputs)
+    _prune(graph)
+    _sort(graph)
+    return model
+
+
+def _sort(graph) -> None:
+    """Put the graph's nodes back in topological order (restored nodes were appended)."""
+    ready = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
+    pending, ordered = list(graph.node), []
+    while pending:
+        runnable = [n for n in pending if all(t in ready for t in n.input)]
+        if not runnable:
+            raise QuantizationError("the quantised model's graph has a cycle or a missing input after keeping layers in float")
+        for node in runnable:
+            ordered.append(node)
+            ready.update(node.output)
+        pending = [n for n in pending if all(n is not r for r in runnable)]
+    copies = [onnx_copy(n) for n in ordered]
+    del graph.node[:]
+    graph.node.extend(copies)
+
+
+def onnx_copy(node):
+    import onnx
+
+    copy = onnx.NodeProto()
+    copy.CopyFrom(node)
+    return copy
+
+
+def _prune(graph) -> None:
+    """Remove Q/DQ nodes whose outputs nothing reads, then initializers nothing reads."""
+    while True:
+        read = {tensor for node in graph.node for tensor in node.input} | {out.name for out in graph.output}
+        dead = [node for node in graph.node
+                if node.op_type in ("QuantizeLinear", "DequantizeLinear") and not any(out in read for out in node.output)]
+        if not dead:
+            break
+        for node in dead:
+            graph.node.remove(node)
+    read = {tensor for node in graph.node for tensor in node.input}
+    for init in [init for init in graph.initializer if init.name not in read]:
+        graph.initializer.remove(init)
+
+
 class _OrtQuantized:
-    """ONNX Runtime's static QDQ quantisation under the guard: a layer is kept in float by
-    quantising again (from the cached ranges) with it excluded."""
+    """ONNX Runtime's static QDQ model under the guard: a layer is kept in float by
+    :func:`keep_in_float` (a graph edit on the quantised model, no new calibration)."""
 
     name = "INT8"
     fallback = "fp32/fp16"
 
-    def __init__(self, context: BuildContext, prepared: Path, cache: Path, scheme: QuantScheme, output: Path) -> None:
-        self.context, self.prepared, self.cache, self.scheme, self.output = context, prepared, cache, scheme, output
+    def __init__(self, prepared: Path, quantized: Path) -> None:
+        import onnx
+
+        self.float_model = onnx.load(str(prepared))
+        self.quantized = onnx.load(str(quantized))
 
     def layers(self) -> list[str]:
-        return quantized_nodes(self.output)
+        return quantized_nodes(self.quantized)
 
-    def score(self, kept: Sequence[str]) -> Score:
-        quantize_qdq(self.prepared, self.output, self.cache, self.context.quant.method, self.scheme, list(kept))
-        return score(run_logits(self.output, self.context.val), self.context.float_logits, self.context.labels)
+    def candidate(self, kept: Sequence[str]):
+        return keep_in_float(self.quantized, self.float_model, kept) if kept else self.quantized
+
+    def logits(self, kept: Sequence[str], images: np.ndarray) -> np.ndarray:
+        return run_logits(self.candidate(kept).SerializeToString(), images)
 
 
 def _check_provider(target: Target, provider: str | None):
