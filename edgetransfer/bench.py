@@ -1,9 +1,10 @@
 """``edgetransfer bench``: every variant of a run against eager PyTorch, same data, same run.
 
 For each variant and batch size: status, provider really used, size, cold start, latency
-(mean, p50, p90, p99) and throughput after warm-up, process memory, top-1/top-5 on the
-validation data with the change against eager, agreement with eager and the largest logit
-difference, and the speed-up against eager measured here with the same threads.
+(mean, p50, p90, p99, and the spread across rounds: the variants stay open and are timed in
+turn, round after round) and throughput after warm-up, process memory, top-1/top-5 on the
+run's test images with the change against eager and its 95% interval, agreement with eager and
+the largest logit difference, and the speed-up against eager measured here with the same threads.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ class BenchOptions:
         max_accuracy_drop: top-1 points a recommended variant may lose against eager.
         variants: names to bench (manifest artifacts); empty: all.
         models: extra ONNX files to bench on the CPU.
-        data: image folder to evaluate on (its classes must be the model's); default: the run's validation split.
+        data: image folder to evaluate on (its classes must be the model's); default: the run's test split.
         eval_images: cap on evaluation images.
     """
 

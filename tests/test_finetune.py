@@ -71,6 +71,14 @@ def test_checkpoint_rebuilds_the_model_that_scored_the_metrics(head_run):
         predicted = built.module(x).argmax(1).numpy()
     labels = np.array([s.label for s in dataset.val])
     assert (predicted == labels).mean() == pytest.approx(head_run.metrics["final"]["top1"])
+    # the test split, held out from every choice, is scored once with the chosen checkpoint
+    x = torch.stack([transform(load_image(s)) for s in dataset.test])
+    with torch.no_grad():
+        predicted = built.module(x).argmax(1).numpy()
+    test = head_run.metrics["test"]
+    assert test["images"] == head_run.metrics["test_images"] == len(dataset.test) > 0
+    assert test["top1"] == pytest.approx((predicted == np.array([s.label for s in dataset.test])).mean())
+    assert not {s.name for s in dataset.test} & {s.name for s in dataset.val + dataset.train}
 
 
 def test_same_seed_same_run(head_run, tmp_path):

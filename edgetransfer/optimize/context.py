@@ -31,7 +31,8 @@ class QuantOptions:
         calib_size: how many images (class-balanced) to take from the run's training data.
         calib_batch: images per calibration batch.
         method: how activation ranges are chosen (ONNX Runtime; NNCF chooses OpenVINO's itself).
-        max_accuracy_drop: top-1 points INT8 may lose against the float model on validation data.
+        max_accuracy_drop: the share of the guard's images, in points, whose top-1 class INT8 may change
+            against the float model (an upper bound on the top-1 points it may lose there).
         max_float_layers: the most layers the guard may keep in float before giving up.
         dynamic: dynamic (weights-only) quantisation instead of static; slower for CNNs.
         eval_images: cap on held-out images for the accuracy check (all by default).
@@ -153,7 +154,7 @@ class BuildContext:
 
 
 def open_context(run: RunDir, quant: QuantOptions, tensorrt: TensorRTOptions) -> BuildContext:
-    """Read the run's ONNX model and prepare its validation images and float logits.
+    """Read the run's ONNX model and prepare its held-out images and the float model's logits on them.
 
     Raises:
         RunError: no fine-tuned run, or its ONNX model is not from its checkpoint.

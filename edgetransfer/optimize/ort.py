@@ -206,7 +206,7 @@ def build_variant(context: BuildContext, target: Target, precision: Precision) -
 
 def build_onnx(context: BuildContext, target: Target, precision: Precision, output: Path) -> Variant:
     """Optimise (fp32), convert (fp16) or quantise (int8) the run's ONNX model into ``output``,
-    checked against the float model on the validation images (CPU)."""
+    measured against the float model on the held-out images (CPU)."""
     report = VariantReport(evaluated_on="CPUExecutionProvider")
     with atomic_path(output) as tmp, tempfile.TemporaryDirectory(prefix="edgetransfer-opt-") as work:
         if precision is Precision.FP32:
