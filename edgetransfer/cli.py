@@ -250,7 +250,7 @@ def info(run_dir: Path | None, include_timm: bool) -> None:
 @field_option(QuantOptions, "calib_batch", "--calib-batch", help="INT8: images per calibration batch.")
 @field_option(QuantOptions, "method", "--calib-method", help="ONNX Runtime INT8 ranges (NNCF sets OpenVINO's itself).")
 @field_option(QuantOptions, "max_accuracy_drop", "--max-accuracy-drop", help="INT8: the share of images (points) whose top-1 may change against float, measured without labels on validation images; sensitive layers stay in float to hold it.")
-@field_option(QuantOptions, "guard_images", "--guard-images", help="INT8: at most N validation images for the accuracy guard (no labels; reported accuracy comes from the test split). [default: all]")
+@field_option(QuantOptions, "guard_images", "--guard-images", help="INT8: at most N validation images for the accuracy guard (no labels; reported accuracy comes from the test split).")
 @field_option(QuantOptions, "max_float_layers", "--max-float-layers", help="INT8: the most layers the accuracy guard may keep in float.")
 @field_option(QuantOptions, "dynamic", "--dynamic-int8", help="INT8 by dynamic quantisation (usually slower for CNNs).")
 @click.option("--trt-batch", nargs=3, type=int, show_default=True,

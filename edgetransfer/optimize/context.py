@@ -36,7 +36,8 @@ class QuantOptions:
         max_float_layers: the most layers the guard may keep in float before giving up.
         dynamic: dynamic (weights-only) quantisation instead of static; slower for CNNs.
         eval_images: cap on held-out images for the accuracy check (all by default).
-        guard_images: cap on the validation images the guard chooses on, without labels.
+        guard_images: cap on the validation images the guard chooses on, without labels (they
+            are held in memory at the model's input size: 1000 at 224 px are 600 MB).
     """
 
     calib: Path | None = None
@@ -47,7 +48,7 @@ class QuantOptions:
     max_float_layers: int = 32
     dynamic: bool = False
     eval_images: int | None = None
-    guard_images: int | None = None
+    guard_images: int | None = 1000
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "method", CalibMethod.parse(self.method))

@@ -171,8 +171,8 @@ def hold_budget(subject: GuardSubject, selection: Selection, budget: float, max_
     if outcome[limit][0] > budget:
         raise QuantizationError(
             f"{subject.name} changes the top-1 of {outcome[limit][0]:.2f}% of the selection images even with {limit} layer(s)"
-            f" kept in float (budget {budget} points); nothing was written. Raise --max-accuracy-drop or --max-float-layers,"
-            f" or use {subject.fallback}"
+            f" kept in float (budget {budget} points; {time.perf_counter() - started:.0f} s of guard); nothing was written."
+            f" Raise --max-accuracy-drop or --max-float-layers, or use {subject.fallback}"
         )
     low, high = 0, limit  # low misses the budget, high holds it
     while high - low > 1:
