@@ -30,7 +30,9 @@ def test_default_job_runs_offline_and_reaches_the_floor(tmp_path):
     )
     assert done.returncode == 0, done.stderr[-2000:]
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["final"]["top1"] >= 0.94
+    # 1,259 training images since 10% are held out for test (94.71% val with 1,438 before; other seeds 92.2-95.8%);
+    # test top-1 (90.50%) is lower than val top-1 (93.31%), which chose the checkpoint
+    assert metrics["final"]["top1"] >= 0.92 and metrics["test"]["top1"] >= 0.88 and metrics["test"]["images"] == 179
     assert metrics["weights"] == "embedded" and metrics["image_size"] == 64
     # the result on stdout (summary, then the run directory on the last line), progress on stderr
     assert f"{100 * metrics['final']['top1']:.2f}%" in done.stdout and done.stdout.strip().splitlines()[-1] == str(out)
