@@ -193,7 +193,8 @@ class RunDir:
         chooses on the others: :meth:`selection`)."""
         if self.dataset.test:
             return _round_robin(self.dataset.test, limit), "test"
-        return self.validation()[1::2][:limit] if limit else self.validation()[1::2], "validation (the half the guard does not see)"
+        unseen = self.validation()[1::2]
+        return (unseen[:limit] if limit else unseen), "validation (the half the guard does not see)"
 
     def selection(self, limit: int | None = None) -> list[Sample]:
         """The images the INT8 accuracy guard chooses on, without their labels: validation images,

@@ -328,12 +328,12 @@ def _sort(graph) -> None:
             ordered.append(node)
             ready.update(node.output)
         pending = [n for n in pending if all(n is not r for r in runnable)]
-    copies = [onnx_copy(n) for n in ordered]
+    copies = [_copy_node(n) for n in ordered]  # copied before the repeated field lets go of them
     del graph.node[:]
     graph.node.extend(copies)
 
 
-def onnx_copy(node):
+def _copy_node(node):
     import onnx
 
     copy = onnx.NodeProto()
