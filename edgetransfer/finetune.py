@@ -3,6 +3,11 @@
 In ``head`` mode the frozen backbone's features are computed once and cached, so an epoch costs
 about as much as a pass of a linear layer. Every file a run writes is written atomically and
 ``last.pt`` after each epoch lets an interrupted run continue with ``resume=True``.
+
+Randomness is drawn per stage: the new classifier's initial weights, the linear probe and each
+epoch seed every generator they use from the run's seed and the stage alone (``_seed``). Nothing a
+stage draws depends on what ran before it (a feature cache hit, a cut-short epoch), so a run resumed
+from any kill point repeats an uninterrupted one bit for bit on the same machine.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ __all__ = ["Mode", "OptimizerName", "FinetuneConfig", "FinetuneResult", "finetun
 CONFIG, CHECKPOINT, LAST, METRICS, CURVES = RunDir.CONFIG, RunDir.CHECKPOINT, RunDir.LAST, RunDir.METRICS, RunDir.CURVES
 FEATURES = RunDir.FEATURES
 PROBE_LR = 1e-2
+PROBE_STAGE = 0  # _seed's stage for the linear probe; epochs are stages 1, 2, ...
 
 
 @dataclass
@@ -191,21 +197,9 @@ def _load_state(path: Path) -> dict[str, Any]:
         state = safe_load(path)
     except RunError as exc:
         raise RunError(f"cannot resume from {path.name}: {exc}; start a new run") from exc
-    if not isinstance(state, dict) or "numpy_rng" not in state:
+    if not isinstance(state, dict) or not {"model", "optimizer", "history"} <= state.keys():
         raise RunError(f"{path} is not an edgetransfer resume state; start a new run")
     return state
-
-
-def _numpy_rng_state() -> dict[str, Any]:
-    """numpy's global generator state as tensors and plain values (a weights-only file holds no arrays)."""
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
-            "cached_gaussian": float(cached)}
-
-
-def _set_numpy_rng_state(state: dict[str, Any]) -> None:
-    keys = state["keys"].numpy().astype(np.uint32)
-    np.random.set_state((state["name"], keys, state["pos"], state["has_gauss"], state["cached_gaussian"]))
 
 
 def _record(manifest: Manifest, config: FinetuneConfig, metrics: dict[str, Any], run_dir: Path) -> None:
@@ -231,10 +225,26 @@ def _record(manifest: Manifest, config: FinetuneConfig, metrics: dict[str, Any],
 # Setup helpers
 
 
-def _seed(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+def _seed(seed: int, *stage: int) -> int:
+    """Seed Python's, numpy's and torch's global generators for one stage of the run, and return a
+    seed for that stage's shuffling generator.
+
+    With no ``stage`` the run's seed is used as is (the classifier's initial weights). Otherwise the
+    seeds come from numpy's ``SeedSequence`` over ``(seed, *stage)``: independent streams per stage,
+    and the same ones whatever ran before the stage. The global torch generator is what
+    augmentation (in the main process), dropout and stochastic depth draw from; DataLoader workers
+    are seeded from the stage's shuffling generator.
+    """
+    if not stage:
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+        return seed
+    words = np.random.SeedSequence([seed, *stage]).generate_state(4, np.uint64)
+    random.seed(int(words[0]))
+    np.random.seed(int(words[1]) >> 32)
+    torch.manual_seed(int(words[2]) >> 1)
+    return int(words[3]) >> 1
 
 
 def _device(name: str, dist: Context = SINGLE) -> torch.device:
@@ -254,7 +264,10 @@ def _autocast(device: torch.device, enabled: bool):
     return torch.autocast(device.type, dtype=torch.float16, enabled=enabled and device.type == "cuda")
 
 
-def _loader(samples, transform, config: FinetuneConfig, shuffle: bool, generator=None):
+def _loader(samples, transform, config: FinetuneConfig, shuffle: bool, generator: torch.Generator | None = None):
+    """A DataLoader that draws only from ``generator`` (a fixed one when none is given), never from
+    torch's global generator. A shuffling loader's workers start afresh each epoch, so that they
+    are seeded from the epoch's generator and not from the epochs before."""
     from torch.utils.data import DataLoader
 
     return DataLoader(
@@ -262,8 +275,8 @@ def _loader(samples, transform, config: FinetuneConfig, shuffle: bool, generator
         batch_size=config.batch_size,
         shuffle=shuffle,
         num_workers=config.workers,
-        generator=generator,
-        persistent_workers=config.workers > 0,
+        generator=generator if generator is not None else torch.Generator().manual_seed(0),
+        persistent_workers=config.workers > 0 and not shuffle,
         pin_memory=torch.cuda.is_available(),
     )
 
@@ -281,6 +294,7 @@ def _probe_head(config: FinetuneConfig, built: BuiltModel, dataset: Dataset, dev
         return None
     started = time.perf_counter()
     loop = _CachedHeadLoop(replace(config, batch_size=64), built, dataset, device, run_dir, dist)
+    loop.generator.manual_seed(_seed(config.seed, PROBE_STAGE))
     optimizer = torch.optim.AdamW(loop.head.parameters(), lr=PROBE_LR, weight_decay=config.weight_decay)
     schedule = _cosine_with_warmup(optimizer, replace(config, epochs=config.probe_epochs), loop.steps_per_epoch)
     criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
@@ -380,11 +394,6 @@ class _CachedHeadLoop:
             logits = [self.head(x.to(self.device)).float().cpu() for x in self.val_x.split(1024)]
         return torch.cat(logits), self.val_y
 
-    def rng_state(self) -> dict[str, Any]:
-        return {"generator": self.generator.get_state()}
-
-    def set_rng_state(self, state: dict[str, Any]) -> None:
-        self.generator.set_state(state["generator"])
 
 
 class _ImageLoop:
@@ -402,7 +411,7 @@ class _ImageLoop:
             images = TorchImages(dataset.train, transform)
             self.sampler = DistributedSampler(images, dist.world, dist.rank, shuffle=True, seed=config.seed)
             self.train = DataLoader(images, batch_size=config.batch_size, sampler=self.sampler, num_workers=config.workers,
-                                    persistent_workers=config.workers > 0, pin_memory=torch.cuda.is_available())
+                                    generator=self.generator, pin_memory=torch.cuda.is_available())
         else:
             self.train = _loader(dataset.train, transform, config, True, self.generator)
         self.val_total = len(dataset.val)
@@ -468,11 +477,6 @@ class _ImageLoop:
                 labels.append(y)
         return self.dist.unshard(torch.cat(logits), self.val_total), self.dist.unshard(torch.cat(labels), self.val_total)
 
-    def rng_state(self) -> dict[str, Any]:
-        return {"generator": self.generator.get_state()}
-
-    def set_rng_state(self, state: dict[str, Any]) -> None:
-        self.generator.set_state(state["generator"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -496,10 +500,6 @@ class _Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
-        self.loop.set_rng_state(state["loop_rng"])
-        torch.set_rng_state(state["torch_rng"])
-        _set_numpy_rng_state(state["numpy_rng"])
-        random.setstate(state["python_rng"])
         self.history = state["history"]
         self.best_top1, self.best_epoch, self.stale = state["best_top1"], state["best_epoch"], state["stale"]
         console.print(f"resuming {self.run_dir} after epoch {len(self.history)} of {self.config.epochs}", markup=False)
@@ -519,6 +519,7 @@ class _Trainer:
     def _epoch(self, epoch: int) -> dict[str, Any]:
         started = time.perf_counter()
         self.loop.epoch = epoch
+        self.loop.generator.manual_seed(_seed(self.config.seed, epoch, self.dist.rank))  # ranks augment differently
         train_loss, train_top1 = self._train_one_epoch()
         logits, labels = self.loop.val_logits()
         val_loss = float(nn.functional.cross_entropy(logits, labels))
@@ -566,10 +567,6 @@ class _Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "loop_rng": self.loop.rng_state(),
-            "torch_rng": torch.get_rng_state(),
-            "numpy_rng": _numpy_rng_state(),
-            "python_rng": random.getstate(),
             "history": self.history,
             "best_top1": self.best_top1,
             "best_epoch": self.best_epoch,

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import random
 from dataclasses import replace
 
 import numpy as np
@@ -11,6 +12,7 @@ from edgetransfer._io import sha256_file
 from edgetransfer.checkpoint import load_checkpoint
 from edgetransfer.data import DataSpec, eval_transform, load_dataset, load_image
 from edgetransfer.errors import EdgeTransferError, RunError
+from edgetransfer import finetune as finetune_module
 from edgetransfer.finetune import FinetuneConfig, finetune
 from edgetransfer.rundir import Manifest
 from edgetransfer.models import build, trunk_blocks
@@ -86,31 +88,106 @@ def test_same_seed_same_run(head_run, tmp_path):
     assert strip_times(again.metrics["epochs"]) == strip_times(head_run.metrics["epochs"])
 
 
-def test_interrupted_head_run_resumes_to_the_same_result(head_run, tmp_path):
-    run_dir = tmp_path / "interrupted"
-    with pytest.raises(Interrupt):
-        finetune(HEAD, run_dir, on_epoch=interrupt_after(7))
-    assert (run_dir / "last.pt").is_file() and (run_dir / "model.pt").is_file()
-    assert not (run_dir / "metrics.json").exists()
-    assert Manifest.load(run_dir).data["status"] == "training"
-    resumed = finetune(FinetuneConfig(), run_dir, resume=True)  # the run's own config is used
-    assert strip_times(resumed.metrics["epochs"]) == strip_times(head_run.metrics["epochs"])
+class Killed(BaseException):
+    """Stands in for SIGKILL: nothing in edgetransfer catches it."""
+
+
+FULL = FinetuneConfig(data=DataSpec(limit_per_class=6), mode="full", epochs=3, probe_epochs=2, image_size=32, batch_size=16)
+KILLABLE = {
+    "head": FinetuneConfig(data=DataSpec(limit_per_class=10), epochs=6),
+    "full": FULL,
+    "full, 2 workers": replace(FULL, workers=2),
+}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    runs = {}
+
+    def run(name):
+        if name not in runs:
+            runs[name] = finetune(KILLABLE[name], tmp_path_factory.mktemp("straight") / "run")
+        return runs[name]
+
+    return run
+
+
+def kill_during(monkeypatch, epoch: int, batch: int) -> None:
+    """Kill the run as it reaches ``batch`` of ``epoch``; epoch 0 is the linear probe of a full run."""
+    for cls in (finetune_module._CachedHeadLoop, finetune_module._ImageLoop):
+
+        def train_batches(self, original=cls.train_batches):
+            for index, item in enumerate(original(self)):
+                if getattr(self, "epoch", 0) == epoch and index == batch:
+                    raise Killed()
+                yield item
+
+        monkeypatch.setattr(cls, "train_batches", train_batches)
+
+
+def kill_after_features(monkeypatch) -> None:
+    original = finetune_module._CachedHeadLoop._features
+
+    def features(self, dataset, run_dir):
+        original(self, dataset, run_dir)
+        raise Killed()
+
+    monkeypatch.setattr(finetune_module._CachedHeadLoop, "_features", features)
+
+
+@pytest.mark.parametrize(
+    "name, point",
+    [
+        ("head", "features cached"),
+        ("head", (1, 1)),
+        ("head", (4, 0)),
+        ("head", "after epoch 3"),
+        ("full", (0, 0)),  # in the probe, features cached
+        ("full", (1, 1)),  # no last.pt yet
+        ("full", (2, 0)),  # last.pt from epoch 1
+        ("full, 2 workers", (2, 1)),
+    ],
+)
+def test_a_run_killed_anywhere_resumes_to_the_same_bits(name, point, uninterrupted, monkeypatch, tmp_path):
+    straight, run = uninterrupted(name), tmp_path / "killed"
+    callback = None
+    if point == "features cached":
+        kill_after_features(monkeypatch)
+    elif point == "after epoch 3":
+        callback = interrupt_after(3)
+    else:
+        kill_during(monkeypatch, *point)
+    with pytest.raises((Killed, Interrupt)):
+        finetune(KILLABLE[name], run, on_epoch=callback)
+    monkeypatch.undo()
+    torch.manual_seed(12345), np.random.seed(12345), random.seed(12345)  # a new process's generators are not the old ones
+    resumed = finetune(FinetuneConfig(), run, resume=True)  # the run's own config is used
+
+    assert strip_times(resumed.metrics["epochs"]) == strip_times(straight.metrics["epochs"])
+    if straight.metrics["probe"]:
+        assert resumed.metrics["probe"]["val_top1"] == straight.metrics["probe"]["val_top1"]
+    expected = torch.load(straight.run_dir / "model.pt", weights_only=True)["state_dict"]
+    got = torch.load(run / "model.pt", weights_only=True)["state_dict"]
+    assert expected.keys() == got.keys()
+    changed = [key for key in expected if not torch.equal(expected[key], got[key])]
+    assert not changed, f"{len(changed)} tensors differ, first {changed[0]}"
+
+
+def test_each_epoch_draws_different_batches_and_augmentation(uninterrupted):
+    """Reseeding per epoch must not replay epoch 1's randomness in every epoch."""
+    losses = [row["train_loss"] for row in uninterrupted("head").metrics["epochs"]]
+    assert len(set(losses)) == len(losses)
+    order = [torch.randperm(100, generator=torch.Generator().manual_seed(finetune_module._seed(0, epoch, 0))) for epoch in (1, 2)]
+    assert not torch.equal(*order)
+    assert finetune_module._seed(0, 1, 0) == finetune_module._seed(0, 1, 0) != finetune_module._seed(0, 1, 1)
 
 
 @pytest.mark.slow
-def test_full_mode_trains_the_backbone_and_resumes_exactly(tmp_path):
-    config = FinetuneConfig(
-        data=DataSpec(limit_per_class=6), mode="full", epochs=3, probe_epochs=10, image_size=32, batch_size=16
-    )
-    straight = finetune(config, tmp_path / "straight")
-    with pytest.raises(Interrupt):
-        finetune(config, tmp_path / "cut", on_epoch=interrupt_after(2))
-    resumed = finetune(config, tmp_path / "cut", resume=True)
-    assert strip_times(resumed.metrics["epochs"]) == strip_times(straight.metrics["epochs"])
-    assert straight.metrics["probe"]["epochs"] == 10 and resumed.metrics["probe"]["val_top1"] == straight.metrics["probe"]["val_top1"]
-
+def test_full_mode_trains_the_backbone_but_not_batchnorm_statistics(uninterrupted):
+    straight = uninterrupted("full")
+    assert straight.metrics["probe"]["epochs"] == 2
     pretrained = build("timm:efficientnet_lite0", 10).module.state_dict()
-    trained = torch.load(tmp_path / "straight" / "model.pt", weights_only=True)["state_dict"]
+    trained = torch.load(straight.run_dir / "model.pt", weights_only=True)["state_dict"]
     assert not torch.equal(trained["conv_stem.weight"], pretrained["conv_stem.weight"])
     assert not torch.equal(trained["bn1.weight"], pretrained["bn1.weight"])  # BatchNorm's affine part trains
     assert torch.equal(trained["bn1.running_mean"], pretrained["bn1.running_mean"])  # its statistics stay
