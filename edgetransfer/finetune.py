@@ -30,7 +30,7 @@ from ._io import write_bytes, write_json
 from .checkpoint import safe_load, save_checkpoint
 from .config import FinetuneConfig, Mode, OptimizerName
 from .data import Dataset, TorchImages, eval_transform, load_dataset, train_transform
-from .errors import EdgeTransferError, RunError, unknown_name
+from .errors import EdgeTransferError, ModelError, RunError, unknown_name
 from .rundir import Manifest, RunDir, now
 from .metrics import confusion_matrix, per_class_accuracy, topk_accuracy
 from .models import BuiltModel, build, trunk_blocks
@@ -101,6 +101,7 @@ def _finetune(config: FinetuneConfig, run_dir: Path, resume: bool, on_epoch: Epo
             config = replace(config, image_size=built.preprocessing.input_size)
         device = _device(config.device, dist)
         built.module.to(device)
+        built.check_size()
         probe = _probe_head(config, built, dataset, device, run_dir, dist) if state is None else None
         loop = _make_loop(config, built, dataset, device, run_dir, dist)
     except EdgeTransferError:
@@ -293,7 +294,11 @@ def _probe_head(config: FinetuneConfig, built: BuiltModel, dataset: Dataset, dev
     if config.caches_features or not config.probe_epochs:
         return None
     started = time.perf_counter()
-    loop = _CachedHeadLoop(replace(config, batch_size=64), built, dataset, device, run_dir, dist)
+    try:
+        loop = _CachedHeadLoop(replace(config, batch_size=64), built, dataset, device, run_dir, dist)
+    except ModelError as exc:  # its classifier cannot be trained on cached features: train end to end only
+        console.print("[yellow]warning:[/] no linear probe:", escape(str(exc).split(", so ")[0]))
+        return None
     loop.generator.manual_seed(_seed(config.seed, PROBE_STAGE))
     optimizer = torch.optim.AdamW(loop.head.parameters(), lr=PROBE_LR, weight_decay=config.weight_decay)
     schedule = _cosine_with_warmup(optimizer, replace(config, epochs=config.probe_epochs), loop.steps_per_epoch)
@@ -323,16 +328,16 @@ class _CachedHeadLoop:
 
     def __init__(self, config, built: BuiltModel, dataset: Dataset, device, run_dir: Path, dist: Context = SINGLE) -> None:
         self.config, self.built, self.device, self.dist = config, built, device, dist
-        self.head = built.head()
         for param in built.module.parameters():
             param.requires_grad_(False)
-        for param in self.head.parameters():
-            param.requires_grad_(True)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.train_pass_s = 0.0  # one backbone pass over the training images (0 when cached)
         started = time.perf_counter()
-        self.train_x, self.train_y, self.val_x, self.val_y = self._features(dataset, run_dir)
+        self.train_x, self.train_y, self.val_x, self.val_y, widths = self._features(dataset, run_dir)
         self.features_s = time.perf_counter() - started
+        self.head = built.head(widths)
+        for param in self.head.parameters():
+            param.requires_grad_(True)
 
     def _features(self, dataset: Dataset, run_dir: Path):
         path = run_dir / FEATURES
@@ -344,35 +349,61 @@ class _CachedHeadLoop:
                 console.print("[yellow]warning:[/]", escape(f"{exc}; computing the features again"))
                 cached = {}
             if isinstance(cached, dict) and cached.get("key") == key:
-                return cached["train_x"], cached["train_y"], cached["val_x"], cached["val_y"]
+                widths = cached.get("widths", [cached["train_x"].shape[1]])
+                return cached["train_x"], cached["train_y"], cached["val_x"], cached["val_y"], widths
         transform = eval_transform(self.built.preprocessing)
         started = time.perf_counter()
-        train_x, train_y = self._extract(dataset.train, transform, "features (train)")
+        train_x, train_y, widths = self._extract(dataset.train, transform, "features (train)")
         self.train_pass_s = time.perf_counter() - started
-        val_x, val_y = self._extract(dataset.val, transform, "features (val)")
-        payload = {"key": key, "train_x": train_x, "train_y": train_y, "val_x": val_x, "val_y": val_y}
+        val_x, val_y, _ = self._extract(dataset.val, transform, "features (val)")
+        payload = {"key": key, "train_x": train_x, "train_y": train_y, "val_x": val_x, "val_y": val_y, "widths": widths}
         if self.dist.main:
             write_bytes(path, lambda f: torch.save(payload, f))
-        return train_x, train_y, val_x, val_y
+        return train_x, train_y, val_x, val_y, widths
 
-    def _extract(self, samples, transform, label: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Features of ``samples``; under torchrun each rank computes its share and all gather."""
+    def _extract(self, samples, transform, label: str) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """What the heads read for ``samples`` (side by side, for several heads), the labels and
+        each head's width; under torchrun each rank computes its share and all gather."""
         total, samples = len(samples), self.dist.shard(samples)
-        captured: list[torch.Tensor] = []
-        hook = self.built.classifier.register_forward_pre_hook(lambda m, args: captured.append(args[0].float().cpu()))
-        labels = []
+        heads = self.built.heads
+        captured: list[list[torch.Tensor]] = [[] for _ in heads]
+        hooks = [
+            head.register_forward_pre_hook(lambda m, args, into=into: into.append(args[0].float().cpu()))
+            for head, into in zip(heads, captured, strict=True)
+        ]
+        labels, first_logits = [], None
         self.built.module.eval()
         try:
             with progress() as bar, torch.no_grad():
                 task = bar.add_task(label, total=len(samples), status="")
                 for x, y in _loader(samples, transform, self.config, shuffle=False):
                     with _autocast(self.device, self.config.amp):
-                        self.built.module(x.to(self.device, non_blocking=True))
+                        logits = self.built.module(x.to(self.device, non_blocking=True))
+                    first_logits = logits.float().cpu() if first_logits is None else first_logits
                     labels.append(y)
                     bar.advance(task, len(y))
         finally:
-            hook.remove()
-        return self.dist.unshard(torch.cat(captured), total), self.dist.unshard(torch.cat(labels), total)
+            for hook in hooks:
+                hook.remove()
+        if first_logits is not None:  # the check runs the heads: only once their hooks are gone
+            self._check_head([part[0] for part in captured], first_logits)
+        widths = [part[0].shape[1] for part in captured]
+        features = torch.cat([torch.cat(part) for part in captured], dim=1)
+        return self.dist.unshard(features, total), self.dist.unshard(torch.cat(labels), total), widths
+
+    def _check_head(self, inputs: list[torch.Tensor], logits: torch.Tensor) -> None:
+        """Refuse a model whose logits are not what its heads make of their cached inputs (a
+        model that changes the logits after its classifier): training on cached features would
+        train something else than the model that is exported."""
+        head = self.built.head([x.shape[1] for x in inputs])
+        with torch.no_grad():
+            remade = head.to(self.device)(torch.cat(inputs, dim=1).to(self.device)).float().cpu()
+        tolerance = (2e-2 if self.config.amp and self.device.type == "cuda" else 1e-3) * max(1.0, float(logits.abs().max()))
+        if remade.shape != logits.shape or not torch.allclose(remade, logits, rtol=0, atol=tolerance):
+            raise ModelError(
+                f"{self.config.arch}'s logits are not its classifier's output on cached features, so head mode cannot"
+                " train it on them; use --unfreeze-blocks 1 or --mode full"
+            )
 
     @property
     def steps_per_epoch(self) -> int:
@@ -426,7 +457,7 @@ class _ImageLoop:
 
     def _select_trainable(self) -> list[nn.Module]:
         """Modules that train (and so run BatchNorm in train mode); all others stay frozen."""
-        module, head = self.built.module, self.built.classifier
+        module, heads = self.built.module, self.built.heads
         if self.config.mode is Mode.FULL:
             for param in module.parameters():
                 param.requires_grad_(True)
@@ -435,19 +466,20 @@ class _ImageLoop:
         unfrozen = blocks[-self.config.unfreeze_blocks :] if self.config.unfreeze_blocks else []
         for param in module.parameters():
             param.requires_grad_(False)
-        for part in [*unfrozen, head]:
+        for part in [*unfrozen, *heads]:
             for param in part.parameters():
                 param.requires_grad_(True)
-        return [*unfrozen, head]
+        return [*unfrozen, *heads]
 
     @property
     def steps_per_epoch(self) -> int:
         return len(self.train)
 
     def param_groups(self, lr: float) -> list[dict[str, Any]]:
-        head_ids = {id(p) for p in self.built.classifier.parameters()}
+        head = [p for layer in self.built.heads for p in layer.parameters()]
+        head_ids = {id(p) for p in head}
         backbone = [p for p in self.built.module.parameters() if p.requires_grad and id(p) not in head_ids]
-        groups = [{"params": list(self.built.classifier.parameters()), "lr": lr, "name": "head"}]
+        groups = [{"params": head, "lr": lr, "name": "head"}]
         if backbone:
             groups.append({"params": backbone, "lr": lr * self.config.backbone_lr_scale, "name": "backbone"})
         return groups

@@ -140,21 +140,62 @@ class BuiltModel:
     weights: str
     num_classes: int
     preprocessing: Preprocessing
+    native_size: int | None = None  # the input size the weights were made for
+
+    def check_size(self) -> None:
+        """Run one blank image at the preprocessing's size.
+
+        Raises:
+            ModelError: the architecture cannot run at that size (LeViT and ViTs are built for one).
+        """
+        size = self.preprocessing.input_size
+        try:
+            with torch.no_grad():
+                self.module.eval()(torch.zeros(1, 3, size, size, device=next(self.module.parameters()).device))
+        except (RuntimeError, ValueError, AssertionError) as exc:
+            hint = f"; try --image-size {self.native_size}" if self.native_size and self.native_size != size else ""
+            reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+            raise ModelError(f"{self.arch.name} cannot run at {size} px ({reason}){hint}") from exc
 
     @property
-    def classifier(self) -> nn.Module:
-        """The new classifier layer (a Linear, or squeezenet's 1x1 Conv2d)."""
+    def heads(self) -> tuple[nn.Module, ...]:
+        """The new classifier layers: one (a Linear, or squeezenet's 1x1 Conv2d), or two for a
+        distilled timm model (DeiT, LeViT, PiT), whose logits are the mean of its heads'."""
         if self.arch.source is Source.TIMM:
-            return self.module.get_classifier()
+            return _timm_heads(self.module)
         parent, key = _locate(self.module, CLASSIFIER_RULES[self.arch.family].path)
-        return parent[key] if isinstance(key, int) else getattr(parent, key)
+        return (parent[key] if isinstance(key, int) else getattr(parent, key),)
 
-    def head(self) -> nn.Module:
-        """Maps the classifier's input to logits (for training on cached features)."""
-        layer = self.classifier
+    def head(self, widths: list[int] | None = None) -> nn.Module:
+        """Maps what the heads read to logits, for training on cached features.
+
+        Args:
+            widths: for several heads, the width of each one's input; the cached features are
+                their inputs side by side (DeiT's heads read two different tokens).
+        """
+        if len(self.heads) > 1:
+            return MeanOfHeads(self.heads, widths or [])
+        layer = self.heads[0]
         if isinstance(layer, nn.Conv2d):  # squeezenet: conv -> relu -> global pool
             return nn.Sequential(layer, nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
         return layer
+
+
+class MeanOfHeads(nn.Module):
+    """A distilled model's classifier on cached features: each head reads its own slice of the
+    input, and the logits are their mean, as timm's distilled models compute them outside
+    distillation training."""
+
+    def __init__(self, heads: tuple[nn.Module, ...], widths: list[int]) -> None:
+        super().__init__()
+        if len(widths) != len(heads):
+            raise ModelError(f"{len(heads)} classifier heads need {len(heads)} input widths, got {len(widths)}")
+        self.heads = nn.ModuleList(heads)
+        self.widths = list(widths)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        parts = x.split(self.widths, dim=1)
+        return torch.stack([head(part) for head, part in zip(self.heads, parts, strict=True)]).mean(0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -280,11 +321,12 @@ def build(
         module, preprocessing = _build_timm(arch, weights, num_classes)
     else:
         module, preprocessing = _build_torchvision(arch, weights, num_classes)
+    native = preprocessing.input_size
     if image_size is not None:
         preprocessing = preprocessing.at_size(image_size)
     if num_classes is None:
         num_classes = _classifier_outputs(module, arch)
-    return BuiltModel(module.eval(), arch, weights, num_classes, preprocessing)
+    return BuiltModel(module.eval(), arch, weights, num_classes, preprocessing, native)
 
 
 def _classifier_outputs(module: nn.Module, arch: Architecture) -> int:
@@ -405,15 +447,28 @@ def _build_timm(arch: Architecture, weights: str, num_classes: int | None) -> tu
     elif weights.lower() != "none" and not pretrained:
         _load_file(module, Path(weights), arch.name)
     if num_classes is not None:
-        module.reset_classifier(num_classes)
-    heads = module.get_classifier()
-    if not isinstance(heads, nn.Module):  # distilled models (LeViT, DeiT distilled) train two heads
-        raise ModelError(
-            f"{arch.name} has {len(heads)} classifier heads (a distilled model); edgetransfer swaps and trains one:"
-            " choose a model with a single classifier (for DeiT, the name without 'distilled')"
-        )
+        module.reset_classifier(num_classes)  # every head, for a distilled model
+    _timm_heads(module, arch.name)
     preprocessing = embedded.preprocessing if embedded else _timm_preprocessing(module)
     return module, preprocessing
+
+
+def _timm_heads(module: nn.Module, name: str = "") -> tuple[nn.Module, ...]:
+    """timm's classifier: one module, or a tuple of them for distilled models.
+
+    Raises:
+        ModelError: a classifier edgetransfer cannot swap (neither of those).
+    """
+    found = module.get_classifier()
+    heads = tuple(found) if isinstance(found, (tuple, list)) else (found,)
+    if not heads or not all(isinstance(h, nn.Module) and any(True for _ in h.parameters()) for h in heads):
+        raise ModelError(
+            f"{name or type(module).__name__}'s classifier is {type(found).__name__}, not layers edgetransfer can swap and"
+            " train; choose another architecture"
+        )
+    if len(heads) > 1 and getattr(module, "distilled_training", False):
+        module.distilled_training = False  # train and export the heads' mean, as timm runs them
+    return heads
 
 
 def _timm_preprocessing(module: nn.Module) -> Preprocessing:
@@ -480,7 +535,13 @@ def _load_state(
 
 
 def _classifier_keys(module: nn.Module) -> set[str]:
-    """State-dict keys of the last Linear/Conv2d layer (the one the swap replaces)."""
+    """State-dict keys of the layers the swap replaces: every head of a timm model, else the
+    last Linear/Conv2d layer."""
+    if hasattr(module, "get_classifier"):
+        found = module.get_classifier()
+        heads = found if isinstance(found, (tuple, list)) else (found,)
+        names = [name for name, child in module.named_modules() if any(child is head for head in heads)]
+        return {f"{name}.{key}" for name in names for key in dict(module.get_submodule(name).state_dict())}
     last = None
     for name, child in module.named_modules():
         if isinstance(child, (nn.Linear, nn.Conv2d)):
@@ -498,12 +559,12 @@ def trunk_blocks(built: BuiltModel) -> list[nn.Module]:
     Containers (Sequential, ModuleList) are opened; a normalisation layer joins the block
     before it; the classifier is left out.
     """
-    classifier = built.classifier
+    heads = built.heads
     units: list[list[nn.Module]] = []
 
     def visit(module: nn.Module) -> None:
         for child in module.children():
-            if child is classifier or not any(True for _ in child.parameters()):
+            if any(child is head for head in heads) or not any(True for _ in child.parameters()):
                 continue
             if isinstance(child, (nn.Sequential, nn.ModuleList)):
                 visit(child)

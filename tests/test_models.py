@@ -36,7 +36,7 @@ def test_every_torchvision_builder_gets_a_classifier_of_the_right_size():
         with parameters_on_meta():
             built = build(name, 7, weights="none")
         assert built.arch.family in CLASSIFIER_RULES, name
-        layer = built.classifier
+        (layer,) = built.heads
         out = layer.out_channels if isinstance(layer, nn.Conv2d) else layer.out_features
         assert out == 7, name
         # nothing 1000-wide is left on the path to the logits
@@ -49,6 +49,8 @@ FAMILY_MEMBERS = {
     "mobilenet_v2": 64, "mobilenet_v3_small": 64, "efficientnet_b0": 64, "mnasnet0_5": 64, "alexnet": 64,
     "vgg11": 32, "convnext_tiny": 64, "maxvit_t": 224, "densenet121": 64, "squeezenet1_1": 64,
     "vit_b_32": 224, "swin_t": 64, "timm:efficientnet_lite0": 64, "timm:resnet10t": 64,
+    # distilled: two heads whose mean is the logits; DeiT's read two tokens, LeViT's the same features
+    "timm:deit_tiny_distilled_patch16_224": 224, "timm:levit_128s": 224,
 }
 
 
@@ -63,13 +65,15 @@ def test_head_on_captured_features_reproduces_the_full_forward(name):
     built = build(name, 5, weights="none")
     size = FAMILY_MEMBERS[name]
     x = torch.randn(2, 3, size, size)
-    captured = []
-    hook = built.classifier.register_forward_pre_hook(lambda m, args: captured.append(args[0]))
+    captured = [[] for _ in built.heads]
+    hooks = [h.register_forward_pre_hook(lambda m, args, into=into: into.append(args[0])) for h, into in zip(built.heads, captured)]
     with torch.no_grad():
         logits = built.module(x)
-        hook.remove()
-        from_head = built.head()(captured[0])
+        for hook in hooks:
+            hook.remove()
+        from_head = built.head([c[0].shape[1] for c in captured])(torch.cat([c[0] for c in captured], dim=1))
     assert logits.shape == (2, 5)
+    assert len(built.heads) == (2 if "distilled" in name or "levit" in name else 1)
     torch.testing.assert_close(from_head, logits, rtol=1e-5, atol=1e-5)
 
 
@@ -168,7 +172,7 @@ def test_trunk_blocks_are_in_forward_order_and_skip_the_classifier():
     blocks = trunk_blocks(built)
     assert blocks[-1] is built.module.layer4[1]
     assert blocks[-2] is built.module.layer4[0]
-    assert all(block is not built.classifier for block in blocks)
+    assert all(block is not built.heads[0] for block in blocks)
     lite = build(DEFAULT_ARCH, 3, weights="none")
     lite_blocks = trunk_blocks(lite)
     assert isinstance(lite_blocks[-1], nn.ModuleList) and lite_blocks[-1][0] is lite.module.conv_head

@@ -403,12 +403,64 @@ def test_a_second_writer_is_refused_naming_the_first_and_stale_temporaries_go(ru
 
 
 @pytest.mark.parametrize("arch", ["timm:levit_128s", "timm:deit_tiny_distilled_patch16_224"])
-def test_a_model_with_two_classifier_heads_is_one_clear_line(arch):
-    from edgetransfer.errors import ModelError
+def test_a_distilled_model_trains_both_heads_and_its_logits_are_their_mean(arch, tmp_path):
+    """LeViT's two heads read the same features, DeiT's two different tokens: in head mode both
+    are trained on cached features, and the model that is saved scores what training measured."""
+    from edgetransfer.data import eval_transform, load_dataset, load_image
     from edgetransfer.models import build
 
-    with pytest.raises(ModelError, match=rf"^{arch} has 2 classifier heads \(a distilled model\); edgetransfer swaps and trains one"):
-        build(arch, 3, weights="none")
+    config = FinetuneConfig(arch=arch, weights="none", data=DataSpec(limit_per_class=4), epochs=8, image_size=224)
+    result = finetune(config, tmp_path / "run")
+    torch.manual_seed(config.seed)  # what the run started from: its seed, then the build
+    start = build(arch, 10, weights="none").module.state_dict()
+    built, _ = load_checkpoint(result.run_dir / "model.pt")
+    trained = built.module.state_dict()
+    head_keys = {k for k in trained if k.startswith(("head.", "head_dist."))}
+    assert {k.split(".")[0] for k in head_keys} == {"head", "head_dist"}
+    assert all(torch.equal(trained[k], start[k]) for k in trained if k not in head_keys)  # the backbone is frozen
+    for name in ("head", "head_dist"):
+        weight = next(k for k in head_keys if k.startswith(name + ".") and k.endswith("weight") and trained[k].shape[0] == 10)
+        assert not torch.equal(trained[weight], start[weight]), weight
+
+    val = load_dataset(config.data).val
+    x = torch.stack([eval_transform(built.preprocessing)(load_image(s)) for s in val])
+    with torch.no_grad():
+        top1 = (built.module(x).argmax(1).numpy() == np.array([s.label for s in val])).mean()
+    assert top1 == pytest.approx(result.metrics["final"]["top1"])
+
+
+def test_a_model_whose_logits_are_not_its_classifiers_is_refused_in_head_mode(monkeypatch, tmp_path):
+    from torch import nn
+
+    from edgetransfer.errors import ModelError
+    from edgetransfer.models import BuiltModel
+
+    class Doubled(nn.Module):  # stands for a model that changes the logits after its classifier
+        def __init__(self, head):
+            super().__init__()
+            self.inner = head
+
+        def forward(self, x):
+            return 2 * self.inner(x)
+
+    original = BuiltModel.head
+    monkeypatch.setattr(BuiltModel, "head", lambda self, widths=None: Doubled(original(self, widths)))
+    data = DataSpec(limit_per_class=3)
+    with pytest.raises(ModelError, match=r"^timm:efficientnet_lite0's logits are not its classifier's output on cached features, "
+                       r"so head mode cannot train it on them; use --unfreeze-blocks 1 or --mode full$"):
+        finetune(FinetuneConfig(data=data, image_size=32), tmp_path / "head")
+    assert not (tmp_path / "head").exists()
+    # end to end, only the linear probe (trained on cached features) is given up
+    full = finetune(FinetuneConfig(data=data, mode="full", epochs=1, image_size=32), tmp_path / "full")
+    assert full.metrics["probe"] is None and len(full.metrics["epochs"]) == 1
+
+
+def test_a_model_that_cannot_run_at_the_size_asked_is_one_line(tmp_path):
+    from edgetransfer.errors import ModelError
+
+    with pytest.raises(ModelError, match=r"^timm:levit_128s cannot run at 64 px \(.*\); try --image-size 224$"):
+        finetune(FinetuneConfig(arch="timm:levit_128s", weights="none", data=DataSpec(limit_per_class=3)), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
 
 
 def test_resume_recomputes_a_corrupt_feature_cache_and_refuses_an_unknown_setting(tmp_path):
