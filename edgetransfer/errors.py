@@ -4,13 +4,24 @@ Each message says what was wrong and what to do about it, in one line; the CLI p
 and exits non-zero. Anything else escaping the library is a bug: the CLI says so, and shows the
 traceback with ``--debug`` (or ``EDGETRANSFER_DEBUG=1``).
 
-Pure Python: the torch-free runtime imports it too.
+The runtime's errors (``edgetransfer.runtime.errors``) are re-exported here; the rest are the
+toolkit's.
 """
 
 from __future__ import annotations
 
-import difflib
-from collections.abc import Iterable
+from .runtime.errors import (
+    EdgeTransferError,
+    OptionError,
+    MissingDependencyError,
+    UnknownNameError,
+    DataError,
+    PredictorError,
+    ImageError,
+    OpenVinoError,
+    unknown_name,
+    first_line,
+)
 
 __all__ = [
     "EdgeTransferError",
@@ -18,7 +29,11 @@ __all__ = [
     "MissingDependencyError",
     "UnknownNameError",
     "DataError",
+    "PredictorError",
     "ImageError",
+    "OpenVinoError",
+    "unknown_name",
+    "first_line",
     "ModelError",
     "WeightsError",
     "RunError",
@@ -26,31 +41,7 @@ __all__ = [
     "ParityError",
     "QuantizationError",
     "EngineMismatchError",
-    "PredictorError",
-    "OpenVinoError",
-    "unknown_name",
-    "first_line",
 ]
-
-
-class EdgeTransferError(Exception):
-    """Base class: a user-facing problem with a one-line, actionable message."""
-
-
-class OptionError(EdgeTransferError):
-    """An option's value is out of range, or two options do not go together."""
-
-
-class MissingDependencyError(EdgeTransferError):
-    """An optional library is not installed; the message names the extra that installs it."""
-
-
-class UnknownNameError(OptionError):
-    """A name (architecture, weights, option value, variant) is not one we know."""
-
-
-class DataError(EdgeTransferError):
-    """The image data is missing, empty, unreadable or inconsistent."""
 
 
 class ModelError(EdgeTransferError):
@@ -79,40 +70,3 @@ class QuantizationError(EdgeTransferError):
 
 class EngineMismatchError(EdgeTransferError):
     """A serialized TensorRT engine was built for another TensorRT version or GPU."""
-
-
-class PredictorError(EdgeTransferError):
-    """A model that cannot be loaded, a provider that is not there, or an input we cannot use."""
-
-
-class ImageError(DataError, PredictorError):
-    """An image cannot be read or used: a data problem to the toolkit, an input problem to the runtime."""
-
-
-class OpenVinoError(PredictorError):
-    """An OpenVINO IR is unreadable, incomplete, not what it claims to be, or does not compile on the device."""
-
-
-def unknown_name(kind: str, name: str, known: Iterable[str], *, show: int = 12) -> UnknownNameError:
-    """Build the error for an unknown ``name``, with close matches and (part of) the full list.
-
-    Args:
-        kind: what the name is of, e.g. ``"architecture"``.
-        name: the name the user gave.
-        known: every valid name.
-        show: how many valid names to list when the list is long.
-
-    Returns:
-        An :class:`UnknownNameError` to raise.
-    """
-    known = sorted(known)
-    close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
-    hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-    listed = ", ".join(known[:show]) + (f", … ({len(known)} in all)" if len(known) > show else "")
-    return UnknownNameError(f"unknown {kind} {name!r}.{hint} Known: {listed}.")
-
-
-def first_line(exc: BaseException, limit: int = 300) -> str:
-    """The first non-empty line of a library's exception message (its type when it has none)."""
-    line = next((part.strip() for part in str(exc).splitlines() if part.strip()), type(exc).__name__)
-    return line[:limit]

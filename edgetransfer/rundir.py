@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from ._io import read_json, sha256_file, write_json
+from .metadata import MANIFEST_FILE
 from .errors import RunError
 
 if TYPE_CHECKING:
@@ -61,7 +62,7 @@ class RunDir:
     LAST = "last.pt"
     METRICS = "metrics.json"
     CURVES = "curves.png"
-    MANIFEST = "manifest.json"
+    MANIFEST = MANIFEST_FILE
     FEATURES = "cache/features.pt"
     ONNX = "model.onnx"
     ONNX_UINT8 = "model-uint8.onnx"

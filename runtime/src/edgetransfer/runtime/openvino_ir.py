@@ -14,8 +14,9 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from .._io import sha256_file
-from ..errors import MissingDependencyError, OpenVinoError
+from ._io import sha256_file
+from .errors import MissingDependencyError, OpenVinoError
+from .metadata import PREPROCESSING_KEYS
 
 __all__ = [
     "EXTRA",
@@ -167,6 +168,12 @@ class OpenVinoSession:
         batch, classes = model.input(0).get_partial_shape()[0], model.output(0).get_partial_shape()[-1]
         self.fixed_batch = batch.get_length() if batch.is_static else None
         self.classes = classes.get_length() if classes.is_static else None
+        self.signature = {
+            kind: [{"name": ", ".join(sorted(port.get_names())), "type": port.get_element_type().get_type_name(),
+                    "shape": str(port.get_partial_shape())} for port in ports]
+            for kind, ports in (("inputs", model.inputs), ("outputs", model.outputs))
+        }
+        self.provenance = {"producer": f"OpenVINO IR on {device}", **{k: v for k, v in self.props.items() if k not in PREPROCESSING_KEYS}}
         self._local = threading.local()
 
     def run(self, chunk):

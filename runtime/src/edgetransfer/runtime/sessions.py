@@ -13,9 +13,37 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import PredictorError, first_line
+from .errors import PredictorError, first_line
 
-__all__ = ["session_options", "open_session", "fixed_batch", "run_batched"]
+__all__ = ["session_options", "open_session", "fixed_batch", "run_batched", "onnxruntime_builds", "mixed_builds"]
+
+# distributions that each install the same ``onnxruntime`` module
+ORT_DISTRIBUTIONS = ("onnxruntime", "onnxruntime-gpu", "onnxruntime-openvino", "onnxruntime-directml", "onnxruntime-qnn")
+
+
+def onnxruntime_builds() -> dict[str, str]:
+    """The ONNX Runtime distributions installed here, with their versions."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in ORT_DISTRIBUTIONS:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return found
+
+
+def mixed_builds() -> str | None:
+    """Why this environment's ONNX Runtime cannot be trusted, or ``None``: two builds of it
+    installed together overwrite each other's files in one ``onnxruntime`` folder."""
+    builds = onnxruntime_builds()
+    if len(builds) < 2:
+        return None
+    listed = ", ".join(f"{name} {v}" for name, v in builds.items())
+    keep = "onnxruntime-gpu" if "onnxruntime-gpu" in builds else next(iter(builds))
+    return (f"{listed} are installed together and overwrite each other's files; keep one: pip uninstall -y"
+            f" {' '.join(builds)} && pip install {keep}")
 
 
 def session_options(threads: int | None = None, spinning: bool = False):

@@ -11,12 +11,11 @@ from typing import Any, Union
 import numpy as np
 from PIL import Image
 
-from ..errors import ImageError, PredictorError, first_line
-from ..metadata import FLOAT_NCHW, UINT8_NHWC, ModelInfo
-from ..preprocessing import Preprocessing, load_rgb, to_rgb
-from .._io import sha256_file
-from ..rundir import RunDir
-from .sessions import fixed_batch, open_session, run_batched
+from .errors import ImageError, PredictorError, first_line
+from .metadata import FLOAT_NCHW, MANIFEST_FILE, PREPROCESSING_KEYS, UINT8_NHWC, ModelInfo
+from .preprocessing import Preprocessing, load_rgb, to_rgb
+from ._io import sha256_file
+from .sessions import fixed_batch, mixed_builds, open_session, run_batched
 
 __all__ = ["Predictor", "Prediction", "PredictorError", "ImageInput"]
 
@@ -31,6 +30,14 @@ PROVIDER_ALIASES = {
     "coreml": "CoreMLExecutionProvider",
     "dml": "DmlExecutionProvider",
 }
+
+
+# y = Identity(x), float[1], opset 13, IR 8: the smallest model a provider can be tried on, as
+# serialised bytes so that the runtime needs no onnx package (a test rebuilds it with onnx.helper)
+PROBE_MODEL = (
+    b"\x08\x08\x12\x00:;\n\x10\n\x01x\x12\x01y\"\x08Identity\x12\x05probeZ\x0f\n\x01x\x12\n\n\x08\x08\x01\x12\x04"
+    b"\n\x02\x08\x01b\x0f\n\x01y\x12\n\n\x08\x08\x01\x12\x04\n\x02\x08\x01B\x04\n\x00\x10\r"
+)
 
 
 @dataclass(frozen=True)
@@ -80,8 +87,7 @@ class Predictor:
         if batch_size < 1:
             raise PredictorError(f"batch_size must be at least 1, got {batch_size}")
         self.batch_size = batch_size
-        if not isinstance(model, bytes):
-            verify_recorded(Path(model))
+        self.verified_by = None if isinstance(model, bytes) else verify_recorded(Path(model))
         if not isinstance(model, bytes) and Path(model).suffix.lower() == ".xml":
             self._session = _openvino_session(Path(model), providers, device, threads)
             self.fallback = None
@@ -139,15 +145,19 @@ class Predictor:
         return pixels if self.info.input_format == UINT8_NHWC else pre.normalize(pixels)
 
 
-def verify_recorded(model: Path) -> None:
+def verify_recorded(model: Path) -> str | None:
     """A model inside a run directory must still be the file its manifest recorded.
+
+    Returns:
+        The manifest that records the model (and so was checked), or ``None`` for a model with
+        no manifest beside it, or one its manifest does not list.
 
     Raises:
         PredictorError: the manifest beside the model is unreadable, or records another sha256.
     """
-    manifest = model.parent / RunDir.MANIFEST
+    manifest = model.parent / MANIFEST_FILE
     if not manifest.is_file() or not model.is_file():
-        return  # a model copied on its own: nothing recorded to check against
+        return None  # a model copied on its own: nothing recorded to check against
     try:
         artifacts = json.loads(manifest.read_text(encoding="utf-8")).get("artifacts", {})
     except (ValueError, UnicodeDecodeError, AttributeError) as exc:
@@ -159,7 +169,8 @@ def verify_recorded(model: Path) -> None:
                     f"{model} has changed since it was recorded in {manifest.name} (its sha256 differs);"
                     " export it again, or copy the model and its manifest again"
                 )
-            return
+            return str(manifest)
+    return None
 
 
 def _provider_name(name: str) -> str:
@@ -183,6 +194,15 @@ class _OrtSession:
         self.fixed_batch = fixed_batch(self.session)
         classes = output.shape[-1]
         self.classes = classes if isinstance(classes, int) else None
+        meta = self.session.get_modelmeta()
+        self.signature = {
+            kind: [{"name": a.name, "type": a.type, "shape": list(a.shape)} for a in arguments]
+            for kind, arguments in (("inputs", self.session.get_inputs()), ("outputs", self.session.get_outputs()))
+        }
+        self.provenance = {
+            "producer": meta.producer_name,
+            **{k: v for k, v in self.props.items() if k not in PREPROCESSING_KEYS},
+        }
 
     def run(self, chunk: np.ndarray) -> np.ndarray:
         return self.session.run([self.output_name], {self.input_name: chunk})[0]
@@ -201,6 +221,9 @@ def _openvino_session(xml: Path, providers: Sequence[str] | None, device: str, t
 
 
 def _session(ort, model, wanted: list[str], threads: int | None, spinning: bool):
+    mixed = mixed_builds()
+    if mixed:
+        warnings.warn(mixed, RuntimeWarning, stacklevel=4)
     available = ort.get_available_providers()
     missing = [p for p in wanted if p not in available]
     if missing:
@@ -250,20 +273,14 @@ def probe_provider(provider: str) -> str | None:
     them tells the truth.
     """
     import onnxruntime as ort
-    from onnx import TensorProto, helper
 
     name = _provider_name(provider)
     if name not in ort.get_available_providers():
         return f"{name} is not in this onnxruntime build"
     if name in ("CUDAExecutionProvider", "TensorrtExecutionProvider"):
         _preload_gpu_libraries(ort)
-    tensor = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
-    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe", [tensor],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 8
     try:
-        session = ort.InferenceSession(model.SerializeToString(), providers=[name, "CPUExecutionProvider"])
+        session = ort.InferenceSession(PROBE_MODEL, providers=[name, "CPUExecutionProvider"])
     except Exception as exc:
         return f"{name} failed to start: {first_line(exc, 200)}"
     if session.get_providers()[0] != name:

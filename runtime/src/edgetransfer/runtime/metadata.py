@@ -1,0 +1,125 @@
+"""What an exported model says about itself: ONNX ``metadata_props`` written by export and
+read by the runtime. numpy-free and torch-free."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import DataError, PredictorError, UnknownNameError
+from .preprocessing import Preprocessing
+
+__all__ = ["ModelInfo", "InputFormat", "FLOAT_NCHW", "UINT8_NHWC", "MANIFEST_FILE", "PREPROCESSING_KEYS"]
+
+MANIFEST_FILE = "manifest.json"  # beside a model in a run directory: what was recorded about it
+# the metadata keys that describe labels and preprocessing (ModelInfo.to_props); the others are provenance
+PREPROCESSING_KEYS = frozenset(
+    {"labels", "input_format", "input_size", "resize_size", "crop_pct", "interpolation", "mean", "std", "channel_order", "layout"}
+)
+
+FLOAT_NCHW = "float32-nchw-normalized"  # the app resizes, crops, scales and normalises
+UINT8_NHWC = "uint8-nhwc"  # preprocessing fused into the graph: the app only resizes and crops
+InputFormat = str
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Labels, preprocessing and provenance of an exported classifier."""
+
+    labels: tuple[str, ...]
+    preprocessing: Preprocessing
+    input_format: InputFormat = FLOAT_NCHW
+    arch: str = "unknown"
+    checkpoint_sha256: str = ""
+    edgetransfer_version: str = ""
+
+    def to_props(self) -> dict[str, str]:
+        """String key/value pairs for ONNX ``metadata_props``."""
+        pre = self.preprocessing
+        return {
+            "edgetransfer.version": self.edgetransfer_version,
+            "labels": json.dumps(list(self.labels)),
+            "input_format": self.input_format,
+            "input_size": str(pre.input_size),
+            "resize_size": str(pre.resize_size),
+            "crop_pct": f"{pre.crop_pct:.6f}",
+            "interpolation": pre.interpolation.value,
+            "mean": json.dumps(list(pre.mean)),
+            "std": json.dumps(list(pre.std)),
+            "channel_order": pre.channel_order,
+            "layout": "NHWC" if self.input_format == UINT8_NHWC else pre.layout,
+            "arch": self.arch,
+            "checkpoint_sha256": self.checkpoint_sha256,
+        }
+
+    @classmethod
+    def from_props(cls, props: dict[str, str]) -> "ModelInfo":
+        """Parse and check ``metadata_props``: a model file can come from anywhere.
+
+        Raises:
+            PredictorError: the model carries no edgetransfer metadata, or a field is malformed
+                (named in the message).
+        """
+        if "labels" not in props or "input_size" not in props:
+            raise PredictorError("the model has no edgetransfer metadata (labels, input_size)")
+        try:
+            pre = Preprocessing.from_dict(
+                {
+                    "input_size": _integer(props, "input_size"),
+                    "resize_size": _integer(props, "resize_size"),
+                    "interpolation": props.get("interpolation", "bilinear"),
+                    "mean": _numbers(props, "mean"),
+                    "std": _numbers(props, "std"),
+                    "channel_order": props.get("channel_order", "RGB"),
+                    "layout": "NCHW",
+                }
+            )
+        except (DataError, UnknownNameError) as exc:
+            raise PredictorError(f"invalid edgetransfer metadata in the model: {exc}") from exc
+        input_format = props.get("input_format", FLOAT_NCHW)
+        if input_format not in (FLOAT_NCHW, UINT8_NHWC):
+            raise PredictorError(f"invalid edgetransfer metadata in the model: input_format {input_format!r} is not"
+                                 f" {FLOAT_NCHW!r} or {UINT8_NHWC!r}")
+        return cls(
+            labels=_labels(props),
+            preprocessing=pre,
+            input_format=input_format,
+            arch=props.get("arch", "unknown"),
+            checkpoint_sha256=props.get("checkpoint_sha256", ""),
+            edgetransfer_version=props.get("edgetransfer.version", ""),
+        )
+
+    def describe(self) -> dict[str, Any]:
+        return {**self.to_props(), "labels": list(self.labels)}
+
+
+def _field(props: dict[str, str], name: str):
+    try:
+        return json.loads(props[name])
+    except KeyError as exc:
+        raise PredictorError(f"invalid edgetransfer metadata in the model: {name} is missing") from exc
+    except ValueError as exc:
+        raise PredictorError(f"invalid edgetransfer metadata in the model: {name} is not JSON ({exc})") from exc
+
+
+def _integer(props: dict[str, str], name: str) -> int:
+    value = _field(props, name)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise PredictorError(f"invalid edgetransfer metadata in the model: {name} must be a whole number, got {value!r}")
+    return value
+
+
+def _numbers(props: dict[str, str], name: str) -> list[float]:
+    value = _field(props, name)
+    if not isinstance(value, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        raise PredictorError(f"invalid edgetransfer metadata in the model: {name} must be a list of numbers, got {value!r}"[:300])
+    return [float(v) for v in value]
+
+
+def _labels(props: dict[str, str]) -> tuple[str, ...]:
+    value = _field(props, "labels")
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+        raise PredictorError(f"invalid edgetransfer metadata in the model: labels must be a non-empty list of strings, got {value!r}"[:300])
+    return tuple(value)
+

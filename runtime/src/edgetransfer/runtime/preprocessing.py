@@ -1,0 +1,196 @@
+"""How images become model inputs: one record that travels with every artifact.
+
+This module imports only numpy and Pillow, so the deployed runtime can share it.
+"""
+
+from __future__ import annotations
+
+import enum
+import io
+import math
+import os
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import DataError, ImageError, unknown_name
+
+__all__ = ["Interpolation", "Preprocessing", "to_rgb", "load_rgb", "check_shape", "IMAGENET_MEAN", "IMAGENET_STD"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+MAX_INPUT_SIZE = 4096  # a model input side; larger ones are mistakes that exhaust memory
+MAX_ASPECT_RATIO = 64  # resizing the short side of a thinner image would make an enormous one
+MAX_PIXELS = 64 * 10**6  # decoded RGB at most 192 MB, whatever the file's size
+
+
+class Interpolation(str, enum.Enum):
+    """Resize filter; the values are the names torchvision and timm use."""
+
+    NEAREST = "nearest"
+    BILINEAR = "bilinear"
+    BICUBIC = "bicubic"
+
+    @property
+    def pil(self) -> Image.Resampling:
+        return {
+            "nearest": Image.Resampling.NEAREST,
+            "bilinear": Image.Resampling.BILINEAR,
+            "bicubic": Image.Resampling.BICUBIC,
+        }[self.value]
+
+    @classmethod
+    def parse(cls, name: str) -> "Interpolation":
+        try:
+            return cls(str(name).lower().removeprefix("interpolationmode."))
+        except ValueError:
+            raise unknown_name("interpolation", name, [m.value for m in cls]) from None
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """The eval-time transform a model was trained with.
+
+    The shorter side is resized to ``resize_size`` with ``interpolation``, the centre
+    ``input_size`` square is cropped, pixels are scaled to [0, 1] and normalised with
+    ``mean``/``std`` per RGB channel, and the result is laid out NCHW.
+    """
+
+    input_size: int
+    resize_size: int
+    interpolation: Interpolation = Interpolation.BILINEAR
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    channel_order: str = "RGB"
+    layout: str = "NCHW"
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.input_size <= MAX_INPUT_SIZE or not self.input_size <= self.resize_size <= 2 * MAX_INPUT_SIZE:
+            raise DataError(
+                f"preprocessing needs 1 <= input_size <= resize_size, input_size <= {MAX_INPUT_SIZE} and resize_size <="
+                f" {2 * MAX_INPUT_SIZE}; got input_size={self.input_size}, resize_size={self.resize_size}"
+            )
+        for name in ("mean", "std"):
+            values = getattr(self, name)
+            if len(values) != 3 or not all(math.isfinite(v) for v in values):
+                raise DataError(f"preprocessing {name} needs 3 finite numbers (one per RGB channel), got {list(values)}")
+        if min(self.std) <= 0:
+            raise DataError(f"preprocessing std must be positive in every channel, got {list(self.std)}")
+        if self.channel_order != "RGB" or self.layout != "NCHW":
+            raise DataError(f"preprocessing supports RGB channels in NCHW layout, got {self.channel_order} {self.layout}")
+
+    @property
+    def crop_pct(self) -> float:
+        return self.input_size / self.resize_size
+
+    def at_size(self, input_size: int) -> "Preprocessing":
+        """The same transform for another input size, keeping the crop fraction."""
+        resize = max(input_size, int(round(input_size / self.crop_pct)))
+        return replace(self, input_size=input_size, resize_size=resize)
+
+    def resize_crop(self, image: Image.Image) -> Image.Image:
+        """Resize the shorter side and centre-crop, exactly as torchvision's Resize+CenterCrop."""
+        check_shape(image.size)
+        width, height = image.size
+        short, long = (width, height) if width <= height else (height, width)
+        if short != self.resize_size:
+            new_long = int(self.resize_size * long / short)
+            size = (self.resize_size, new_long) if width <= height else (new_long, self.resize_size)
+            image = image.resize(size, self.interpolation.pil)
+        width, height = image.size
+        left = int(round((width - self.input_size) / 2.0))
+        top = int(round((height - self.input_size) / 2.0))
+        return image.crop((left, top, left + self.input_size, top + self.input_size))
+
+    def normalize(self, pixels: np.ndarray) -> np.ndarray:
+        """HWC uint8 RGB pixels (already resized and cropped) to a CHW float32 model input."""
+        scaled = pixels.astype(np.float32) / np.float32(255.0)
+        mean = np.asarray(self.mean, dtype=np.float32)
+        std = np.asarray(self.std, dtype=np.float32)
+        return ((scaled - mean) / std).transpose(2, 0, 1)
+
+    def __call__(self, image: Image.Image) -> np.ndarray:
+        """An RGB Pillow image to the CHW float32 input the model was trained on."""
+        return self.normalize(np.asarray(self.resize_crop(image), dtype=np.uint8))
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["interpolation"] = self.interpolation.value
+        data["mean"], data["std"] = list(self.mean), list(self.std)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Preprocessing":
+        return cls(
+            input_size=int(data["input_size"]),
+            resize_size=int(data["resize_size"]),
+            interpolation=Interpolation.parse(data.get("interpolation", "bilinear")),
+            mean=tuple(float(v) for v in data.get("mean", IMAGENET_MEAN)),
+            std=tuple(float(v) for v in data.get("std", IMAGENET_STD)),
+            channel_order=data.get("channel_order", "RGB"),
+            layout=data.get("layout", "NCHW"),
+        )
+
+
+def to_rgb(image: Image.Image, owned: bool = False) -> Image.Image:
+    """Any Pillow image as 8-bit RGB: EXIF rotation applied, 16/32-bit scaled, alpha dropped.
+
+    Args:
+        owned: the caller made ``image`` and will not use it again: rotate it in place
+            instead of copying it (a large image's memory counts twice otherwise).
+    """
+    if owned:
+        ImageOps.exif_transpose(image, in_place=True)
+    else:
+        image = ImageOps.exif_transpose(image)
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        array = np.asarray(image, dtype=np.float32)
+        top = 65535.0 if image.mode.startswith("I;16") else max(float(array.max()), 255.0)
+        if image.mode == "F" and array.max() <= 1.0:
+            top = 1.0
+        array = np.clip(array / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        image = Image.fromarray(array, mode="L")
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    return image
+
+
+def check_shape(size: tuple[int, int], name: str = "the image") -> None:
+    """Refuse an image whose shorter side, resized to a model's size, would make an enormous one.
+
+    Raises:
+        ImageError: no pixels, or more than ``MAX_ASPECT_RATIO`` times longer than wide.
+    """
+    width, height = size
+    short, long = min(width, height), max(width, height)
+    if short == 0:
+        raise ImageError(f"{name} is {width}x{height} pixels: it has none to classify")
+    if long > MAX_ASPECT_RATIO * short:
+        raise ImageError(f"{name} is {width}x{height} pixels, more than {MAX_ASPECT_RATIO} times longer than it is wide;"
+                         " crop it to the part to classify first")
+
+
+def load_rgb(source: str | os.PathLike | bytes) -> Image.Image:
+    """Open and fully decode an image file (or encoded bytes) as RGB.
+
+    Raises:
+        DataError: the file is missing, not an image, truncated or otherwise unreadable.
+    """
+    name = "<bytes>" if isinstance(source, bytes) else str(source)
+    try:
+        handle = io.BytesIO(source) if isinstance(source, bytes) else Path(source)
+        with Image.open(handle) as image:
+            width, height = image.size  # from the header: refuse before decoding
+            if width * height > MAX_PIXELS:
+                raise ImageError(f"image {name} is {width}x{height} pixels, more than the {MAX_PIXELS // 10**6} million"
+                                 " edgetransfer decodes; scale it down first")
+            image.load()
+            return to_rgb(image, owned=True)
+    except FileNotFoundError:
+        raise ImageError(f"image not found: {name}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ImageError(f"cannot read image {name}: {reason}") from exc

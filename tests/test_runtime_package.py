@@ -1,0 +1,248 @@
+"""The runtime as its own distribution: what it imports, its CLI, and its wheel installed alone
+into a fresh virtual environment without torch."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from PIL import Image
+
+from edgetransfer.export import ExportOptions, export_onnx
+from edgetransfer.runtime import Predictor
+from edgetransfer.runtime.cli import main as runtime_main
+
+from conftest import copy_run, digits_pixels
+
+REPO = Path(__file__).resolve().parent.parent
+RUNTIME_SOURCES = REPO / "runtime" / "src" / "edgetransfer" / "runtime"
+ALLOWED = {"numpy", "PIL", "onnxruntime", "openvino"} | set(sys.stdlib_module_names)
+FORBIDDEN_IN_VENV = ("torch", "onnx", "click", "rich", "matplotlib", "timm", "sklearn")
+
+
+@pytest.fixture(scope="module")
+def model(trained_run, tmp_path_factory) -> Path:
+    run = copy_run(trained_run, tmp_path_factory, "package")
+    return export_onnx(run, ExportOptions(verify=False)).path
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> list[Path]:
+    folder = tmp_path_factory.mktemp("images")
+    paths = []
+    for index, (label, pixels) in enumerate(digits_pixels(per_class=2, classes=3, size=40)):
+        paths.append(folder / f"{index}-{label}.png")
+        Image.fromarray(pixels).save(paths[-1])
+    return paths
+
+
+def run_cli(*args: str, capsys) -> tuple[int, str, str]:
+    code = runtime_main(list(args))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_the_runtime_imports_only_numpy_pillow_onnxruntime_and_the_standard_library():
+    found = {}
+    for path in RUNTIME_SOURCES.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module or ""]
+            else:
+                continue
+            for name in names:
+                found.setdefault(name.split(".")[0], set()).add(path.name)
+    assert {"numpy", "PIL", "onnxruntime"} <= set(found)
+    assert set(found) <= ALLOWED, {k: v for k, v in found.items() if k not in ALLOWED}
+    assert "edgetransfer" not in found  # relative imports only: the runtime stands alone
+
+
+def test_the_provider_probe_model_is_the_identity_model_onnx_would_make():
+    from onnx import TensorProto, helper
+
+    from edgetransfer.runtime._predictor import PROBE_MODEL
+
+    tensor = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe", [tensor],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    expected = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], producer_name="")
+    expected.ir_version = 8
+    probe = onnx.load_from_string(PROBE_MODEL)
+    onnx.checker.check_model(probe)
+    assert probe.graph == expected.graph and probe.ir_version == 8 and probe.opset_import == expected.opset_import
+
+
+def test_predict_prints_what_the_predictor_predicts(model, images, capsys):
+    code, out, err = run_cli("predict", str(model), *map(str, images), "--json", "-k", "2", capsys=capsys)
+    assert code == 0, err
+    payload = json.loads(out)
+    expected = Predictor(model).predict([str(p) for p in images], top_k=2)
+    assert payload["provider"] == "CPUExecutionProvider"
+    assert [[(p["label"], p["probability"]) for p in row["predictions"]] for row in payload["results"]] == [
+        [(p.label, p.probability) for p in preds] for preds in expected
+    ]
+    code, out, _ = run_cli("predict", str(model), str(images[0]), capsys=capsys)
+    best = expected[0][0]
+    assert code == 0 and out.startswith(f"{images[0]}: {best.label} {100 * best.probability:.2f}%, ")
+
+
+def test_info_shows_labels_preprocessing_provenance_and_signature(model, capsys):
+    code, out, err = run_cli("info", str(model), "--json", capsys=capsys)
+    assert code == 0, err
+    info = json.loads(out)
+    assert info["labels"] == [str(d) for d in range(10)]
+    assert info["preprocessing"]["input_size"] == 64 and info["preprocessing"]["input_format"] == "float32-nchw-normalized"
+    assert info["provenance"]["arch"] == "timm:efficientnet_lite0" and len(info["provenance"]["checkpoint_sha256"]) == 64
+    assert info["inputs"][0]["shape"][1:] == [3, 64, 64] and info["outputs"][0]["shape"][1:] == [10]
+    assert info["recorded"] == f"matches the sha256 recorded in {model.parent / 'manifest.json'}"
+    code, text, _ = run_cli("info", str(model), capsys=capsys)
+    assert code == 0 and "labels                10: 0, 1, 2" in text and "input                 input: tensor(float)" in text
+
+
+def test_check_reports_the_provider_it_got_the_hash_latency_and_memory(model, images, capsys):
+    code, out, err = run_cli("check", str(model), str(images[0]), "--runs", "5", "--warmup", "1", "--json", capsys=capsys)
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["provider"] == "CPUExecutionProvider" and result["fallback"] is None
+    assert result["sha256"].startswith("matches the sha256 recorded in")
+    assert 0 < result["p50_ms"] <= result["p99_ms"] and result["runs"] == 5 and result["images"] == 1
+    assert 20 < result["peak_rss_mb"] < 4000
+
+
+def test_check_refuses_a_changed_model_and_a_missing_one_in_one_line(model, tmp_path, capsys):
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(model.parent, copy, ignore=shutil.ignore_patterns("cache", "*.pt"))
+    data = bytearray((copy / model.name).read_bytes())
+    data[-100] ^= 0xFF
+    (copy / model.name).write_bytes(bytes(data))
+    code, out, err = run_cli("check", str(copy / model.name), capsys=capsys)
+    assert code == 1 and out == ""
+    assert err.strip() == (f"Error: {copy / model.name} has changed since it was recorded in manifest.json (its sha256"
+                           " differs); export it again, or copy the model and its manifest again")
+    code, _, err = run_cli("info", str(tmp_path / "gone.onnx"), capsys=capsys)
+    assert code == 1 and err.startswith("Error: model not found") and len(err.strip().splitlines()) == 1
+
+
+def test_labels_from_a_model_cannot_drive_the_terminal(model, tmp_path, capsys):
+    hostile = onnx.load(str(model))
+    props = {p.key: p.value for p in hostile.metadata_props}
+    props["labels"] = json.dumps(["\x1b[2J\x1b[31mzero"] + [str(d) for d in range(1, 10)])
+    onnx.helper.set_model_props(hostile, props)
+    path = tmp_path / "hostile.onnx"
+    onnx.save(hostile, str(path))
+    code, out, _ = run_cli("info", str(path), capsys=capsys)
+    assert code == 0 and "\x1b" not in out and "\\x1b[2J\\x1b[31mzero" in out
+    grey = tmp_path / "grey.png"
+    Image.fromarray(np.full((40, 40, 3), 128, np.uint8)).save(grey)
+    code, out, _ = run_cli("predict", str(path), str(grey), "-k", "10", capsys=capsys)
+    assert code == 0 and "\x1b" not in out and "\\x1b[31mzero" in out
+
+
+# --- the wheel, installed alone ------------------------------------------------------------
+
+
+def _build(project: Path, out: Path) -> None:
+    done = subprocess.run([sys.executable, "-m", "build", "--no-isolation", "--sdist", "--wheel", "--outdir", str(out), str(project)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+
+
+def _metadata(wheel: Path) -> list[str]:
+    with zipfile.ZipFile(wheel) as archive:
+        name = next(n for n in archive.namelist() if n.endswith(".dist-info/METADATA"))
+        return archive.read(name).decode().splitlines()
+
+
+def _size_mb(folder: Path) -> float:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and not f.is_symlink()) / 1e6
+
+
+@pytest.mark.slow
+def test_the_runtime_wheel_installs_alone_without_torch_and_predicts_like_the_toolkit(model, images, tmp_path):
+    dist = tmp_path / "dist"
+    _build(REPO / "runtime", dist)
+    _build(REPO, dist)
+    runtime_wheel = next(dist.glob("edgetransfer_runtime-*.whl"))
+    toolkit_wheel = next(dist.glob("edgetransfer-*.whl"))
+    assert {p.name.split("-")[0] for p in dist.glob("*.tar.gz")} == {"edgetransfer", "edgetransfer_runtime"}
+
+    with zipfile.ZipFile(runtime_wheel) as archive:
+        files = [n for n in archive.namelist() if not n.startswith("edgetransfer_runtime-")]
+    assert "edgetransfer/runtime/_predictor.py" in files and "edgetransfer/runtime/cli.py" in files
+    assert all(n.startswith("edgetransfer/runtime/") for n in files), files  # no edgetransfer/__init__.py: a namespace
+    with zipfile.ZipFile(toolkit_wheel) as archive:
+        assert not [n for n in archive.namelist() if n.startswith("edgetransfer/runtime/")]
+    requires = [line.split(": ", 1)[1] for line in _metadata(runtime_wheel) if line.startswith("Requires-Dist: ")]
+    assert sorted(r.split(">")[0].split(";")[0].strip().lower() for r in requires) == ["numpy", "onnxruntime", "openvino", "pillow"]
+    assert any(r.startswith("edgetransfer-runtime") for r in
+               (line.split(": ", 1)[1] for line in _metadata(toolkit_wheel) if line.startswith("Requires-Dist: ")))
+
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    python, pip = venv / "bin" / "python", venv / "bin" / "pip"
+    # the same numpy, Pillow and ONNX Runtime as here, so that the answers can be compared bit for bit
+    import numpy
+    import onnxruntime
+    import PIL
+
+    pins = [f"numpy=={numpy.__version__}", f"pillow=={PIL.__version__}", f"onnxruntime=={onnxruntime.__version__}"]
+    done = subprocess.run([str(pip), "install", "-q", str(runtime_wheel), *pins], capture_output=True, text=True, timeout=600)
+    if done.returncode != 0 and "No matching distribution" in done.stderr:
+        pytest.skip(f"pip cannot reach a package index for the runtime's dependencies: {done.stderr.strip()[-300:]}")
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    listed = subprocess.run([str(pip), "list", "--format=json"], capture_output=True, text=True, check=True).stdout
+    installed = {p["name"].lower() for p in json.loads(listed)}
+    assert not installed & set(FORBIDDEN_IN_VENV) | {"onnxruntime-gpu"} & installed, installed
+    for name in FORBIDDEN_IN_VENV:
+        assert subprocess.run([str(python), "-c", f"import {name}"], capture_output=True).returncode != 0, name
+    site = next((venv / "lib").glob("python*/site-packages"))
+    print(f"\nruntime-only venv: {_size_mb(venv):.0f} MB; site-packages {_size_mb(site):.0f} MB")
+
+    command = venv / "bin" / "edgetransfer-runtime"
+    env = {**os.environ, "PYTHONPATH": ""}
+    done = subprocess.run([str(command), "predict", str(model), *map(str, images), "--json", "-k", "10"],
+                          capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    there = [[(p["label"], p["probability"]) for p in row["predictions"]] for row in json.loads(done.stdout)["results"]]
+    here = [[(p.label, p.probability) for p in preds] for preds in Predictor(model).predict([str(p) for p in images], top_k=10)]
+    assert there == here  # to the last bit
+    for args in (["info", str(model), "--json"], ["check", str(model), "--runs", "3", "--json"]):
+        done = subprocess.run([str(command), *args], capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr[-2000:]
+        result = json.loads(done.stdout)
+        assert "labels" in result or result["provider"] == "CPUExecutionProvider"
+    assert "matches the sha256 recorded" in result["sha256"]
+
+
+def test_two_onnxruntime_builds_in_one_environment_are_named_with_the_fix(monkeypatch):
+    import importlib.metadata
+
+    from edgetransfer.runtime import sessions
+
+    installed = {"onnxruntime": "1.32.0", "onnxruntime-gpu": "1.31.1"}
+
+    def version(name):
+        if name not in installed:
+            raise importlib.metadata.PackageNotFoundError(name)
+        return installed[name]
+
+    monkeypatch.setattr(importlib.metadata, "version", version)
+    assert sessions.onnxruntime_builds() == installed
+    assert sessions.mixed_builds() == ("onnxruntime 1.32.0, onnxruntime-gpu 1.31.1 are installed together and overwrite each"
+                                       " other's files; keep one: pip uninstall -y onnxruntime onnxruntime-gpu &&"
+                                       " pip install onnxruntime-gpu")
+    del installed["onnxruntime-gpu"]
+    assert sessions.mixed_builds() is None
