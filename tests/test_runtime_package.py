@@ -246,3 +246,33 @@ def test_two_onnxruntime_builds_in_one_environment_are_named_with_the_fix(monkey
                                        " pip install onnxruntime-gpu")
     del installed["onnxruntime-gpu"]
     assert sessions.mixed_builds() is None
+
+
+def test_fast_jpeg_decodes_large_photos_at_a_reduced_scale_and_changes_pixels_by_at_most_two_levels(model, tmp_path):
+    from skimage import data
+
+    from edgetransfer.runtime.preprocessing import load_rgb
+
+    path = tmp_path / "photo.jpg"
+    Image.fromarray(data.chelsea()).resize((1920, 1080), Image.Resampling.BICUBIC).save(path, quality=90)
+    exact, fast = Predictor(model), Predictor(model, fast_jpeg=True)
+    pre = exact.info.preprocessing
+    assert load_rgb(path).size == (1920, 1080)
+    assert load_rgb(path, 2 * pre.resize_size).size == (480, 270)  # 1/4 scale: 270 >= 2 x 73 px; 1/8 would not be
+    small = tmp_path / "small.jpg"
+    Image.fromarray(data.chelsea()).resize((400, 280)).save(small)
+    assert load_rgb(small, 2 * pre.resize_size).size == (400, 280)  # 1/2 would be 140 < 146: left alone
+    changed = np.abs(np.asarray(pre.resize_crop(load_rgb(path)), np.int16)
+                     - np.asarray(pre.resize_crop(load_rgb(path, 2 * pre.resize_size)), np.int16))
+    assert 0 < changed.max() <= 2
+    a, b = exact.predict(str(path), top_k=10), fast.predict(str(path), top_k=10)
+    assert a[0].label == b[0].label
+    assert max(abs(x.probability - dict((y.label, y.probability) for y in b)[x.label]) for x in a) < 0.02
+    assert fast.predict(str(small), top_k=10) == exact.predict(str(small), top_k=10)
+
+
+def test_a_batch_decoded_in_parallel_predicts_what_each_image_does_alone(model, images):
+    predictor = Predictor(model, threads=2)
+    assert predictor._decoders == 2
+    together = predictor.predict([str(p) for p in images], top_k=3)
+    assert together == [predictor.predict(str(p), top_k=3) for p in images]

