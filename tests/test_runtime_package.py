@@ -114,6 +114,7 @@ def test_check_reports_the_provider_it_got_the_hash_latency_and_memory(model, im
     assert code == 0, err
     result = json.loads(out)
     assert result["provider"] == "CPUExecutionProvider" and result["fallback"] is None
+    assert set(result["runtime"]) == {"onnxruntime"} and result["mixed_builds"] is None
     assert result["sha256"].startswith("matches the sha256 recorded in")
     assert 0 < result["p50_ms"] <= result["p99_ms"] and result["runs"] == 5 and result["images"] == 1
     assert 20 < result["peak_rss_mb"] < 4000

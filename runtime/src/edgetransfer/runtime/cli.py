@@ -209,8 +209,8 @@ def _check(args: argparse.Namespace) -> int:
         "load_s": load_s,
         "runs": args.runs,
         "images": len(args.images) or None,
-        "onnxruntime": onnxruntime_builds(),
-        "mixed_builds": mixed_builds(),
+        "runtime": _openvino_build() if args.model.suffix.lower() == ".xml" else onnxruntime_builds(),
+        "mixed_builds": None if args.model.suffix.lower() == ".xml" else mixed_builds(),
         "p50_ms": float(np.percentile(times, 50)),
         "p99_ms": float(np.percentile(times, 99)),
         "peak_rss_mb": peak_rss_mb(),
@@ -223,7 +223,7 @@ def _check(args: argparse.Namespace) -> int:
     print(f"provider   {printable(predictor.provider)} (asked for {', '.join(result['asked'])})")
     if predictor.fallback:
         print(f"fallback   {printable(predictor.fallback)}")
-    builds = ", ".join(f"{name} {version}" for name, version in result["onnxruntime"].items())
+    builds = ", ".join(f"{name} {version}" for name, version in result["runtime"].items())
     print(f"runtime    {printable(builds or 'no ONNX Runtime distribution found')}")
     if result["mixed_builds"]:
         print(f"warning    {printable(result['mixed_builds'])}")
@@ -233,6 +233,15 @@ def _check(args: argparse.Namespace) -> int:
           f" (batch 1, {args.runs} runs after {args.warmup} warm-up, decode and preprocessing included, {what})")
     print(f"peak RSS   {result['peak_rss_mb']:.0f} MB")
     return 0
+
+
+def _openvino_build() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return {"openvino": version("openvino")}
+    except PackageNotFoundError:
+        return {}
 
 
 def peak_rss_mb() -> float:
