@@ -10,30 +10,12 @@ toolkit's.
 
 from __future__ import annotations
 
-from .runtime.errors import (
-    EdgeTransferError,
-    OptionError,
-    MissingDependencyError,
-    UnknownNameError,
-    DataError,
-    PredictorError,
-    ImageError,
-    OpenVinoError,
-    unknown_name,
-    first_line,
-)
+from .runtime import errors as _runtime_errors
+from .runtime.errors import *  # noqa: F401,F403  (the runtime's errors and helpers, re-exported)
+from .runtime.errors import EdgeTransferError
 
 __all__ = [
-    "EdgeTransferError",
-    "OptionError",
-    "MissingDependencyError",
-    "UnknownNameError",
-    "DataError",
-    "PredictorError",
-    "ImageError",
-    "OpenVinoError",
-    "unknown_name",
-    "first_line",
+    *_runtime_errors.__all__,
     "ModelError",
     "WeightsError",
     "RunError",
