@@ -177,6 +177,8 @@ def with_props(run: Path, tmp_path: Path, **props: str) -> Path:
 @pytest.mark.parametrize("props, message", [
     ({"mean": "[0.5, 0.5]"}, r"mean needs 3 finite numbers"),
     ({"std": "[0, 1, 1]"}, r"std must be positive"),
+    ({"std": "[1, 1e-40, 1]"}, r"map pixels in \[0, 1\] to values up to 5.02e\+39; a model's inputs must stay within ±10000"),
+    ({"mean": "[1e38, 0, 0]"}, r"map pixels in \[0, 1\] to values up to 1.99e\+38"),
     ({"std": '["a", 1, 1]'}, r"std must be a list of numbers"),
     ({"input_size": "60000", "resize_size": "60000"}, r"input_size <= 4096"),
     ({"input_size": '"64"'}, r"input_size must be a whole number"),

@@ -25,6 +25,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 MAX_INPUT_SIZE = 4096  # a model input side; larger ones are mistakes that exhaust memory
 MAX_ASPECT_RATIO = 64  # resizing the short side of a thinner image would make an enormous one
 MAX_PIXELS = 64 * 10**6  # decoded RGB at most 192 MB, whatever the file's size
+# |(pixel - mean) / std| for pixels in [0, 1]: ImageNet's is under 3, inputs in 0..255 (std 1/255)
+# reach 255; a std of 1e-40 or a mean of 1e38 would feed a network inf or overflow it into NaN
+MAX_NORMALIZED = 10_000.0
 
 
 class Interpolation(str, enum.Enum):
@@ -79,6 +82,13 @@ class Preprocessing:
                 raise DataError(f"preprocessing {name} needs 3 finite numbers (one per RGB channel), got {list(values)}")
         if min(self.std) <= 0:
             raise DataError(f"preprocessing std must be positive in every channel, got {list(self.std)}")
+        reach = max(abs(v - m) / s for m, s in zip(self.mean, self.std) for v in (0.0, 1.0))
+        if not reach <= MAX_NORMALIZED:
+            raise DataError(
+                f"preprocessing mean {list(self.mean)} and std {list(self.std)} map pixels in [0, 1] to values up to"
+                f" {reach:.3g}; a model's inputs must stay within ±{MAX_NORMALIZED:g} (is std too small, or mean not in"
+                " the [0, 1] pixel scale?)"
+            )
         if self.channel_order != "RGB" or self.layout != "NCHW":
             raise DataError(f"preprocessing supports RGB channels in NCHW layout, got {self.channel_order} {self.layout}")
 
