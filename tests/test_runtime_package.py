@@ -253,24 +253,18 @@ def test_the_runtime_wheel_installs_alone_without_torch_and_predicts_like_the_to
     assert "matches the sha256 recorded" in result["sha256"]
 
 
-def test_two_onnxruntime_builds_in_one_environment_are_named_with_the_fix(monkeypatch):
-    import importlib.metadata
-
+def test_two_onnxruntime_builds_in_one_environment_are_named_with_the_fix(monkeypatch, tmp_path):
     from edgetransfer.runtime import sessions
 
     installed = {"onnxruntime": "1.32.0", "onnxruntime-gpu": "1.31.1"}
-
-    def version(name):
-        if name not in installed:
-            raise importlib.metadata.PackageNotFoundError(name)
-        return installed[name]
-
-    monkeypatch.setattr(importlib.metadata, "version", version)
+    for info in ("onnxruntime-1.32.0.dist-info", "onnxruntime_gpu-1.31.1.dist-info", "numpy-2.4.6.dist-info"):
+        (tmp_path / info).mkdir()
+    monkeypatch.setattr(sessions, "_onnxruntime_folder", lambda: tmp_path)
     assert sessions.onnxruntime_builds() == installed
     assert sessions.mixed_builds() == ("onnxruntime 1.32.0, onnxruntime-gpu 1.31.1 are installed together and overwrite each"
                                        " other's files; keep one: pip uninstall -y onnxruntime onnxruntime-gpu &&"
                                        " pip install onnxruntime-gpu")
-    del installed["onnxruntime-gpu"]
+    (tmp_path / "onnxruntime_gpu-1.31.1.dist-info").rmdir()
     assert sessions.mixed_builds() is None
 
 

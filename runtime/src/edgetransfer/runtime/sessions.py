@@ -22,16 +22,25 @@ ORT_DISTRIBUTIONS = ("onnxruntime", "onnxruntime-gpu", "onnxruntime-openvino", "
 
 
 def onnxruntime_builds() -> dict[str, str]:
-    """The ONNX Runtime distributions installed here, with their versions."""
-    from importlib.metadata import PackageNotFoundError, version
-
+    """The ONNX Runtime distributions installed beside the ``onnxruntime`` module, with their
+    versions: read from the ``.dist-info`` folders there, one directory listing (asking
+    ``importlib.metadata`` for each name scans every installed package: 30 ms per Predictor)."""
+    folder = _onnxruntime_folder()
+    if folder is None:
+        return {}
     found = {}
-    for name in ORT_DISTRIBUTIONS:
-        try:
-            found[name] = version(name)
-        except PackageNotFoundError:
-            pass
-    return found
+    for info in folder.glob("onnxruntime*.dist-info"):
+        name, _, version = info.name.removesuffix(".dist-info").partition("-")
+        found[name.lower().replace("_", "-")] = version
+    return {name: found[name] for name in ORT_DISTRIBUTIONS if name in found}
+
+
+def _onnxruntime_folder() -> Path | None:
+    """The site-packages folder the ``onnxruntime`` module is imported from."""
+    from importlib.util import find_spec
+
+    spec = find_spec("onnxruntime")
+    return Path(spec.origin).parent.parent if spec is not None and spec.origin else None
 
 
 def mixed_builds() -> str | None:
