@@ -86,9 +86,21 @@ def load_checkpoint(path: str | Path) -> tuple[BuiltModel, dict[str, Any]]:
     built = build(payload["arch"], payload["num_classes"], weights="none", image_size=pre.input_size)
     built.preprocessing = pre
     built.weights = payload["weights"]
+    if payload.get("head") == "prototype":
+        from .prototype import PrototypeHead, install_prototype_head
+
+        width = payload["state_dict"].get(_prototype_key(built), torch.zeros(0, 0)).shape[-1]
+        install_prototype_head(built, PrototypeHead.empty(width, payload["num_classes"]))
     try:
         built.module.load_state_dict(payload["state_dict"], strict=True)
     except RuntimeError as exc:
         raise RunError(f"{path} does not fit {payload['arch']}: {str(exc).splitlines()[0]}") from exc
     built.module.eval()
     return built, payload
+
+
+def _prototype_key(built: BuiltModel) -> str:
+    """The state_dict key of the prototype matrix: where the model's classifier sits, plus ``.prototypes``."""
+    head = built.heads[0]
+    name = next(name for name, module in built.module.named_modules() if module is head)
+    return f"{name}.prototypes"

@@ -65,7 +65,8 @@ def main(debug: bool) -> None:
 @field_option(DataSpec, "source", "--data", help="Image folder (class subfolders, or train/ and val/), or 'digits' for the embedded demo.")
 @field_option(FinetuneConfig, "arch", "--arch", help="torchvision builder name (resnet18, …) or timm:NAME.")
 @field_option(FinetuneConfig, "weights", "--weights", help="embedded | DEFAULT | a torchvision weights name | PATH | none. [default: embedded for timm:efficientnet_lite0, else DEFAULT]")
-@field_option(FinetuneConfig, "mode", "--mode", help="head: frozen features, new classifier; full: train everything.")
+@field_option(FinetuneConfig, "mode", "--mode", help="head: frozen features, new classifier; full: train everything; prototype: class means of frozen features, no training (classes can be enrolled later).")
+@field_option(FinetuneConfig, "shots", "--shots", help="Use only K training images per class (few-shot); validation and test are unchanged.")
 @field_option(FinetuneConfig, "unfreeze_blocks", "--unfreeze", help="With --mode head, also train the last K blocks of the backbone.")
 @field_option(FinetuneConfig, "epochs", "--epochs", help="[default: chosen from the mode (head 30 epochs at 1e-2, full 10 at 1e-3)]")
 @field_option(FinetuneConfig, "lr", "--lr", help="Learning rate of the new classifier (the backbone gets lr x --backbone-lr-scale).")
@@ -127,7 +128,8 @@ def finetune(ctx: click.Context, **options) -> None:
         sys.exit(RESUME_EXIT)
     if not result.main:
         return  # under torchrun, rank 0 reports
-    out.print(epochs_table(result.metrics["epochs"]))
+    if result.metrics["epochs"]:
+        out.print(epochs_table(result.metrics["epochs"]))
     out.print(finetune_summary_table(result.metrics, result.run_dir))
     click.echo(str(result.run_dir))
 
@@ -340,3 +342,36 @@ def predict(model: Path, images: tuple[Path, ...], top_k: int, providers, allow_
     from .report import predictions_table
 
     out.print(predictions_table(images, results, predictor.provider), soft_wrap=True)
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.argument("images", nargs=-1, type=click.Path(path_type=Path))
+@click.option("--label", default=None, help="The class to add (or, with --replace, to make anew).")
+@click.option("--remove", "remove_label", default=None, metavar="LABEL", help="The class to remove.")
+@click.option("--replace", is_flag=True, help="Make an existing class anew from these images.")
+@click.option("--output", type=click.Path(path_type=Path), default=None, help="Where to write the enrolled model. [default: MODEL-enrolled.onnx beside it]")
+@click.option("--in-place", is_flag=True, help="Replace MODEL itself (atomically).")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="Inference threads.")
+@_friendly
+def enrol(model: Path, images: tuple[Path, ...], label: str | None, remove_label: str | None, replace: bool,
+          output: Path | None, in_place: bool, threads: int | None) -> None:
+    """Add a class to a prototype model from a few images, or replace or remove one (no training, no torch).
+
+    \b
+    Examples:
+      edgetransfer finetune --mode prototype --out runs/shop && edgetransfer export runs/shop
+      edgetransfer enrol runs/shop/model.onnx --label teapot teapot/*.jpg     # writes model-enrolled.onnx
+      edgetransfer enrol runs/shop/model-enrolled.onnx --label teapot new/*.jpg --replace --in-place
+      edgetransfer enrol runs/shop/model-enrolled.onnx --remove teapot --in-place
+    """
+    from .runtime.cli import enrolment_line
+    from .runtime.enrolment import enrol_file
+
+    if (label is None) == (remove_label is None):
+        raise OptionError("give either --label NAME with images, or --remove NAME")
+    if remove_label is not None and images:
+        raise OptionError("--remove takes no images")
+    done, path = enrol_file(model, label if label is not None else remove_label, [str(p) for p in images],
+                            remove=remove_label is not None, replace=replace, output=output, in_place=in_place, threads=threads)
+    click.echo(enrolment_line(done, path))

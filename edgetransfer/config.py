@@ -25,6 +25,7 @@ DEMO_IMAGE_SIZE = 64
 class Mode(Choice):
     HEAD = "head"  # frozen feature extractor (optionally its last K blocks unfrozen), new classifier
     FULL = "full"  # everything trains; the backbone at lr * backbone_lr_scale
+    PROTOTYPE = "prototype"  # frozen feature extractor, class means as a cosine classifier: no training
 
 
 class OptimizerName(Choice):
@@ -65,6 +66,7 @@ class FinetuneConfig:
     device: str = "auto"
     amp: bool = True
     workers: int | None = None
+    shots: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mode", Mode.parse(self.mode))
@@ -81,6 +83,8 @@ class FinetuneConfig:
             (self.patience is None or self.patience >= 1, f"patience must be at least 1, got {self.patience}"),
             (self.image_size is None or 16 <= self.image_size <= MAX_INPUT_SIZE,
              f"image size must be between 16 and {MAX_INPUT_SIZE}, got {self.image_size}"),
+            (self.shots is None or self.shots >= 1, f"shots must be at least 1, got {self.shots}"),
+            (self.mode is not Mode.PROTOTYPE or self.unfreeze_blocks == 0, "--unfreeze trains blocks; a prototype head trains nothing"),
             (self.backbone_lr_scale is None or 0 < self.backbone_lr_scale <= 1, f"backbone lr scale must be in (0, 1], got {self.backbone_lr_scale}"),
         ]
         for ok, message in checks:
@@ -89,7 +93,7 @@ class FinetuneConfig:
 
     @property
     def caches_features(self) -> bool:
-        return self.mode is Mode.HEAD and self.unfreeze_blocks == 0
+        return self.mode is Mode.PROTOTYPE or (self.mode is Mode.HEAD and self.unfreeze_blocks == 0)
 
     def resolved(self) -> "FinetuneConfig":
         """Fill the defaults that depend on other fields (weights, size, epochs, lr, workers)."""

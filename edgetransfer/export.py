@@ -31,6 +31,7 @@ from .rundir import RunDir
 __all__ = ["ExportOptions", "ExportResult", "export_onnx", "needs_export", "DEFAULT_OPSET"]
 
 INPUT, OUTPUT = "input", "logits"
+FEATURES, POOLED, PROTOTYPES, PROTOTYPE_NODE = "features", "pooled", "edgetransfer.prototypes", "edgetransfer.prototype"
 
 
 @dataclass
@@ -128,6 +129,84 @@ def _check_writable(output: Path) -> None:
 def _export(built: BuiltModel, options: ExportOptions, info: ModelInfo, path: Path) -> None:
     import onnx
 
+    from .prototype import PrototypeHead
+
+    prototype = built.heads[0] if isinstance(built.heads[0], PrototypeHead) else None
+    if prototype is not None:  # the graph ends in the classifier's input; the head is appended below
+        prototype.features_only = True
+    try:
+        model = _dynamo_export(built, options, POOLED if prototype is not None else OUTPUT)
+    finally:
+        if prototype is not None:
+            prototype.features_only = False
+    if prototype is not None:
+        _append_prototype_head(model, prototype)
+    onnx.helper.set_model_props(model, info.to_props())
+    model.doc_string = f"{built.arch.name} fine-tuned with edgetransfer {__version__}"
+    try:
+        onnx.checker.check_model(model, full_check=True)
+        onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+    except Exception as exc:
+        raise ExportError(f"the exported model of {built.arch.name} fails the ONNX checker: {first_line(exc)}") from exc
+    onnx.save_model(model, path)
+
+
+def _append_prototype_head(model, head) -> None:
+    """A prototype head in plain ONNX after the classifier's input (``POOLED``), as
+    :class:`~edgetransfer.prototype.PrototypeHead` computes it:
+
+        centred  = l2(x - center)                       l2(v) = v / sqrt(max(sum(v * v), 1e-24))
+        features = l2(centred @ whitening)              (second output; no MatMul when not whitened)
+        logits   = Gemm(features, prototypes, alpha=scale, transB=1)          (first output)
+
+    Its nodes' names start with ``PROTOTYPE_NODE``, so INT8 quantisation leaves the head in
+    float. ``prototypes`` (the initializer ``PROTOTYPES``, one row per class) is the only tensor
+    enrolment rewrites, with the labels, so the runtime can do it on the serialised model without
+    onnx or torch; the class dimension of the logits is named, not fixed, for the same reason.
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = model.graph
+    pooled = graph.output.pop()
+    batch = pooled.type.tensor_type.shape.dim[0]
+    batch = batch.dim_param or batch.dim_value
+    width = head.prototypes.shape[1]
+    name = PROTOTYPE_NODE
+
+    def constant(array: np.ndarray, suffix: str) -> str:
+        graph.initializer.append(numpy_helper.from_array(array, f"{name}.{suffix}"))
+        return f"{name}.{suffix}"
+
+    axes, eps = constant(np.array([1], dtype=np.int64), "axes"), constant(np.array(1e-24, dtype=np.float32), "eps")
+
+    def l2(source: str, output: str, step: str) -> list:
+        return [
+            helper.make_node("Mul", [source, source], [f"{name}.{step}.squares"], name=f"{name}/{step}/square"),
+            helper.make_node("ReduceSum", [f"{name}.{step}.squares", axes], [f"{name}.{step}.sum"], name=f"{name}/{step}/sum", keepdims=1),
+            helper.make_node("Max", [f"{name}.{step}.sum", eps], [f"{name}.{step}.safe"], name=f"{name}/{step}/max"),
+            helper.make_node("Sqrt", [f"{name}.{step}.safe"], [f"{name}.{step}.norm"], name=f"{name}/{step}/sqrt"),
+            helper.make_node("Div", [source, f"{name}.{step}.norm"], [output], name=f"{name}/{step}/divide"),
+        ]
+
+    center = constant(head.center.detach().cpu().numpy().astype(np.float32), "center")
+    nodes = [helper.make_node("Sub", [POOLED, center], [f"{name}.shifted"], name=f"{name}/centre")]
+    if head.whitens:
+        whitening = constant(head.whitening.detach().cpu().numpy().astype(np.float32), "whitening")
+        nodes += l2(f"{name}.shifted", f"{name}.centred", "l2")
+        nodes.append(helper.make_node("MatMul", [f"{name}.centred", whitening], [f"{name}.whitened"], name=f"{name}/whiten"))
+        nodes += l2(f"{name}.whitened", FEATURES, "l2_whitened")
+    else:
+        nodes += l2(f"{name}.shifted", FEATURES, "l2")
+    graph.initializer.append(numpy_helper.from_array(head.prototypes.detach().cpu().numpy().astype(np.float32), PROTOTYPES))
+    nodes.append(helper.make_node("Gemm", [FEATURES, PROTOTYPES], [OUTPUT], name=f"{name}/gemm", alpha=float(head.scale), transB=1))
+    graph.node.extend(nodes)
+    graph.output.extend([
+        helper.make_tensor_value_info(OUTPUT, TensorProto.FLOAT, [batch, "classes"]),
+        helper.make_tensor_value_info(FEATURES, TensorProto.FLOAT, [batch, width]),
+    ])
+
+
+def _dynamo_export(built: BuiltModel, options: ExportOptions, output: str):
     wrapper = (_FusedPreprocess(built.module, built.preprocessing) if options.fuse_preprocess else _Logits(built.module)).eval()
     size = built.preprocessing.input_size
     batch = options.static_batch or 2
@@ -138,20 +217,12 @@ def _export(built: BuiltModel, options: ExportOptions, info: ModelInfo, path: Pa
     dynamic = None if options.static_batch else {INPUT: {0: torch.export.Dim("batch", min=1, max=4096)}}
     try:
         program = torch.onnx.export(
-            wrapper, (example,), dynamo=True, input_names=[INPUT], output_names=[OUTPUT],
+            wrapper, (example,), dynamo=True, input_names=[INPUT], output_names=[output],
             dynamic_shapes=dynamic, opset_version=options.opset, optimize=True, verbose=False,
         )
     except Exception as exc:
         raise ExportError(f"cannot export {built.arch.name} to ONNX: {_unsupported(exc)}") from exc
-    model = program.model_proto
-    onnx.helper.set_model_props(model, info.to_props())
-    model.doc_string = f"{built.arch.name} fine-tuned with edgetransfer {__version__}"
-    try:
-        onnx.checker.check_model(model, full_check=True)
-        onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
-    except Exception as exc:
-        raise ExportError(f"the exported model of {built.arch.name} fails the ONNX checker: {first_line(exc)}") from exc
-    onnx.save_model(model, path)
+    return program.model_proto
 
 
 def _unsupported(exc: Exception) -> str:

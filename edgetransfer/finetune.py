@@ -94,7 +94,7 @@ def _finetune(config: FinetuneConfig, run_dir: Path, resume: bool, on_epoch: Epo
     config, manifest, state = _open_run_everywhere(dist, run_dir, config, resume)
     started = time.perf_counter()
     try:
-        dataset = load_dataset(config.data, workers=max(1, config.workers))
+        dataset = _with_shots(load_dataset(config.data, workers=max(1, config.workers)), config)
         _seed(config.seed)  # before building: the new classifier's initial weights come from it
         built = build(config.arch, len(dataset.classes), config.weights, config.image_size)
         if config.image_size is None:
@@ -102,6 +102,8 @@ def _finetune(config: FinetuneConfig, run_dir: Path, resume: bool, on_epoch: Epo
         device = _device(config.device, dist)
         built.module.to(device)
         built.check_size()
+        if config.mode is Mode.PROTOTYPE:
+            return _prototype_run(config, built, dataset, device, run_dir, manifest, dist, started)
         probe = _probe_head(config, built, dataset, device, run_dir, dist) if state is None else None
         loop = _make_loop(config, built, dataset, device, run_dir, dist)
     except EdgeTransferError:
@@ -220,6 +222,51 @@ def _record(manifest: Manifest, config: FinetuneConfig, metrics: dict[str, Any],
     manifest.data["status"] = "complete"
     manifest.save()
     (run_dir / LAST).unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Prototype heads: class means, no training
+
+
+def _with_shots(dataset: Dataset, config: FinetuneConfig) -> Dataset:
+    """Keep ``config.shots`` training images per class (seeded; validation and test untouched)."""
+    if config.shots is None:
+        return dataset
+    rng = random.Random(f"shots-{config.seed}")
+    by_class: dict[int, list] = {}
+    for sample in dataset.train:
+        by_class.setdefault(sample.label, []).append(sample)
+    kept = [s for label in sorted(by_class) for s in rng.sample(by_class[label], min(config.shots, len(by_class[label])))]
+    return replace(dataset, train=kept)
+
+
+def _prototype_run(config, built: BuiltModel, dataset: Dataset, device, run_dir: Path, manifest, dist: Context, started: float):
+    """Mode ``prototype``: the frozen backbone's features of the training images become class
+    prototypes (see :mod:`edgetransfer.prototype`); the scale is fit on validation images,
+    which changes no top-1 figure."""
+    from .prototype import PROTOTYPE, fit_head, install_prototype_head
+
+    install_prototype_head(built, built.heads[0])  # refuses a model with no single Linear classifier, before any work
+    loop = _CachedHeadLoop(config, built, dataset, device, run_dir, dist)
+    prototyping = time.perf_counter()
+    classes = len(dataset.classes)
+    head = fit_head(loop.train_x, loop.train_y, classes, loop.val_x, loop.val_y).to(device)
+    scale = float(head.scale)
+    install_prototype_head(built, head)
+    loop.head = head
+    shots = torch.bincount(loop.train_y, minlength=classes)
+    seconds = time.perf_counter() - prototyping
+    if dist.main:
+        save_checkpoint(run_dir / CHECKPOINT, built, dataset.classes, head=PROTOTYPE, scale=scale,
+                        shots_per_class=shots.tolist())
+    trainer = _Trainer(config, built, loop, run_dir, dataset.classes, dist)
+    metrics = trainer.finish(dataset, time.perf_counter() - started)
+    metrics["prototype"] = {"scale": scale, "whitened": head.whitens, "shots_per_class": shots.tolist(), "seconds": seconds}
+    if dist.main:
+        write_json(run_dir / METRICS, metrics)
+        _record(manifest, config, metrics, run_dir)
+    dist.barrier()
+    return FinetuneResult(run_dir, metrics, config, dist.main)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -45,13 +45,21 @@ def finetune_summary_table(metrics: dict[str, Any], run_dir: Path) -> Table:
     table.add_row("model", Text(f"{metrics['arch']} ({metrics['mode']}), {metrics['image_size']} px"))
     table.add_row("data", f"{metrics['train_images']} train / {metrics['val_images']} val / {metrics.get('test_images', 0)} test,"
                   f" {len(metrics['classes'])} classes")
-    table.add_row("best epoch", f"{metrics['best_epoch']} of {len(metrics['epochs'])}")
+    proto = metrics.get("prototype")
+    if proto:
+        shots = sorted(set(proto["shots_per_class"]))
+        per_class = f"{shots[0]}" if len(shots) == 1 else f"{shots[0]} to {shots[-1]}"
+        table.add_row("head", f"prototypes of {per_class} images per class, {'whitened' if proto['whitened'] else 'not whitened'},"
+                              f" scale {proto['scale']:.1f}; no training")
+    else:
+        table.add_row("best epoch", f"{metrics['best_epoch']} of {len(metrics['epochs'])}")
     table.add_row("val top-1", f"{100 * final['top1']:.2f}%")
     test = metrics.get("test")
     if test:
         table.add_row("test top-1", f"{100 * test['top1']:.2f}% of {test['images']} images no stage chose on")
     table.add_row("val top-5", f"{100 * final['top5']:.2f}%")
-    table.add_row("time", f"{timing['total_s']:.1f} s (features {timing['features_s']:.1f} s, epochs {timing['epochs_s']:.1f} s)")
+    spent = f"prototypes {proto['seconds']:.2f} s" if proto else f"epochs {timing['epochs_s']:.1f} s"
+    table.add_row("time", f"{timing['total_s']:.1f} s (features {timing['features_s']:.1f} s, {spent})")
     return table
 
 

@@ -124,6 +124,14 @@ def quantize(model, batches: Sequence[np.ndarray], ignored: Sequence[str] = (), 
         raise QuantizationError(f"NNCF could not quantise the model: {one_line(exc)}") from exc
 
 
+def prototype_ops(model) -> list[str]:
+    """The prototype head's operations, kept in float (see ``ort.prototype_nodes``)."""
+    from ..export import PROTOTYPE_NODE
+
+    return [op.get_friendly_name() for op in model.get_ordered_ops() if op.get_friendly_name().startswith(PROTOTYPE_NODE + "/")
+            and op.get_type_name() not in ("Constant", "Result", "Parameter")]
+
+
 def quantized_ops(model) -> list[str]:
     """Names of the operations that read a FakeQuantize output (what quantisation touched), in graph order."""
     return [
@@ -215,7 +223,7 @@ def _int8(context: BuildContext, model, report: VariantReport) -> Any:
     if cpu.x86 and not cpu.int8_fast:
         report.warnings.append(f"this CPU has no VNNI or AMX ({cpu.summary()}); OpenVINO INT8 may gain less here than on one that has")
     with console.status("NNCF: collecting statistics and correcting biases"):
-        quantized = quantize(model, batches, compress_weights=False, overflow=overflow)
+        quantized = quantize(model, batches, prototype_ops(model), compress_weights=False, overflow=overflow)
     report.details.update(
         mode="static (NNCF)", nncf={"preset": "mixed", "bias_correction": "full", "overflow_fix": overflow}, cpu=cpu.to_dict(),
         calibration={"source": source, "images": stream.used, "batch": quant.calib_batch, "files": describe_samples(samples)},

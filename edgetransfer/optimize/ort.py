@@ -182,12 +182,23 @@ def quantize_qdq(model: Path, dst: Path, cache: Path, method: CalibMethod, schem
     )
 
 
+def prototype_nodes(model: Path) -> list[str]:
+    """The prototype head's nodes, where the model has one: they stay in float. Its cosines are
+    close to each other, so INT8 there would flip predictions, and enrolment rewrites a float
+    prototype matrix."""
+    import onnx
+
+    from ..export import PROTOTYPE_NODE
+
+    return [node.name for node in onnx.load(str(model), load_external_data=False).graph.node if node.name.startswith(PROTOTYPE_NODE + "/")]
+
+
 def quantize_dynamic(model: Path, dst: Path) -> None:
     """Dynamic (weights-only) quantisation: only when asked; usually slower for CNNs."""
     from onnxruntime.quantization import QuantType
     from onnxruntime.quantization import quantize_dynamic as ort_quantize_dynamic
 
-    ort_quantize_dynamic(model, dst, weight_type=QuantType.QInt8)
+    ort_quantize_dynamic(model, dst, weight_type=QuantType.QInt8, nodes_to_exclude=prototype_nodes(model))
 
 
 def run_logits(model: Path | bytes, arrays: np.ndarray, batch: int = 64, threads: int | None = None) -> np.ndarray:
@@ -240,7 +251,7 @@ def _int8(context: BuildContext, target: Target, output: Path, work: Path, repor
     stream = context.stream(samples, quant.calib_batch)
     with console.status("ONNX Runtime: calibrating"):
         cache = calibrate(prepared, stream, quant.method, scheme.symmetric_activations, work / "calibration.json")
-        quantize_qdq(prepared, output, cache, quant.method, scheme, [])
+        quantize_qdq(prepared, output, cache, quant.method, scheme, prototype_nodes(prepared))
     subject = _OrtQuantized(prepared, output)
     selection = context.selection()
     held = hold_budget(subject, selection, quant.max_accuracy_drop, quant.max_float_layers, lambda text: console.print(text, markup=False))

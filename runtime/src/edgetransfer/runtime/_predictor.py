@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -11,6 +12,8 @@ from typing import Any, Union
 import numpy as np
 from PIL import Image
 
+from . import _wire
+from .enrolment import FEATURES, PROTOTYPES, Enrolment, check_label, enrolled_model, image_record, now, prototype_of
 from .errors import ImageError, PredictorError, first_line
 from .metadata import FLOAT_NCHW, MANIFEST_FILE, PREPROCESSING_KEYS, UINT8_NHWC, ModelInfo
 from .preprocessing import Preprocessing, load_rgb, to_rgb
@@ -97,11 +100,14 @@ class Predictor:
         self.fast_jpeg = fast_jpeg
         self._decoders = threads or os.cpu_count() or 1  # threads that decode and resize a batch's images
         self.verified_by = None if isinstance(model, bytes) else verify_recorded(Path(model))
+        self._model = model
+        self._session_settings = ([_provider_name(p) for p in (providers or ["cpu"])], threads, spinning)
+        self._overrides = (preprocessing, labels)
         if not isinstance(model, bytes) and Path(model).suffix.lower() == ".xml":
             self._session = _openvino_session(Path(model), providers, device, threads)
             self.fallback = None
         else:
-            self._session = _OrtSession(model, [_provider_name(p) for p in (providers or ["cpu"])], threads, spinning)
+            self._session = _OrtSession(model, *self._session_settings)
             self.fallback = _check_providers(self._session.wanted, self._session.providers, allow_fallback)
         self.providers = self._session.providers
         self.info = _model_info(self._session, preprocessing, labels)
@@ -145,14 +151,128 @@ class Predictor:
         """Raw model outputs, one row per image."""
         if len(images) == 0:
             return np.zeros((0, len(self.info.labels)), dtype=np.float32)
-        if len(images) == 1 or self._decoders == 1:
-            feed = np.stack([self._prepare(image) for image in images])
-        else:  # Pillow releases the GIL while it decodes and resizes: a batch's images in parallel
-            from concurrent.futures import ThreadPoolExecutor
+        logits = run_batched(self._session.run, self._feed(images), self.batch_size, self._fixed_batch)
+        if logits.ndim != 2 or logits.shape[1] != len(self.info.labels):
+            raise PredictorError(f"the model outputs {logits.shape[1:]} scores per image for {len(self.info.labels)} labels;"
+                                 " its metadata belongs to another model: export again")
+        return logits
 
-            with ThreadPoolExecutor(max_workers=min(self._decoders, len(images))) as pool:
-                feed = np.stack(list(pool.map(self._prepare, images)))
-        return run_batched(self._session.run, feed, self.batch_size, self._fixed_batch)
+    def _feed(self, images: Sequence[ImageInput]) -> np.ndarray:
+        if len(images) == 1 or self._decoders == 1:
+            return np.stack([self._prepare(image) for image in images])
+        from concurrent.futures import ThreadPoolExecutor  # Pillow releases the GIL while it decodes and resizes
+
+        with ThreadPoolExecutor(max_workers=min(self._decoders, len(images))) as pool:
+            return np.stack(list(pool.map(self._prepare, images)))
+
+    # -- prototype models: enrolment -------------------------------------------------------
+
+    def features(self, images: Sequence[ImageInput]) -> np.ndarray:
+        """A prototype model's normalised features (its ``features`` output), one row per image.
+
+        Raises:
+            PredictorError: the model has no prototype head (see :meth:`enrol`).
+        """
+        self._prototypes()
+        if len(images) == 0:
+            raise PredictorError("no images given: enrol a class from at least one image of it")
+        return run_batched(lambda chunk: self._session.run_output(FEATURES, chunk), self._feed(images),
+                           self.batch_size, self._fixed_batch)
+
+    def enrol(self, label: str, images: Sequence[ImageInput], *, replace: bool = False) -> Enrolment:
+        """Add class ``label`` (or, with ``replace``, make it anew) from a few of its images.
+
+        The class's prototype is the normalised mean of the images' features, computed with this
+        model (an INT8 model's own features for an INT8 model); the prototype matrix stays float.
+        This Predictor then runs the new model; :meth:`save` writes it. Nothing changes on error.
+
+        Raises:
+            PredictorError: a model without a prototype head, a label that exists (without
+                ``replace``) or cannot be stored, no images, or an image that cannot be used.
+        """
+        started = time.perf_counter()
+        label = check_label(label)
+        matrix = self._prototypes()
+        labels = list(self.info.labels)
+        if label in labels and not replace:
+            raise PredictorError(f"class {label!r} exists already; pass replace=True (--replace) to make it anew from these images")
+        images = [images] if _is_single(images) else list(images)
+        features = self.features(images)
+        row = prototype_of(features)
+        if label in labels:
+            matrix = matrix.copy()
+            matrix[labels.index(label)] = row
+        else:
+            matrix, labels = np.vstack([matrix, row[None]]), [*labels, label]
+        recognised = int((np.argmax(features @ matrix.T, axis=1) == labels.index(label)).sum())  # the Gemm's argmax
+        action = "replace" if label in self.info.labels else "add"
+        record = {"action": action, "label": label, "time": now(), "images": [image_record(im, i) for i, im in enumerate(images)]}
+        self._reload(enrolled_model(self.model_bytes(), labels, matrix, record))
+        return Enrolment(action, label, len(images), len(labels), time.perf_counter() - started, recognised)
+
+    def remove(self, label: str) -> Enrolment:
+        """Remove class ``label``; this Predictor then runs the new model (:meth:`save` writes it).
+
+        Raises:
+            PredictorError: a model without a prototype head, an unknown label, or the last two classes.
+        """
+        started = time.perf_counter()
+        matrix, labels = self._prototypes(), list(self.info.labels)
+        if label not in labels:
+            raise PredictorError(f"there is no class {label!r} to remove; the model's classes: {', '.join(labels)}"[:400])
+        if len(labels) <= 2:
+            raise PredictorError(f"cannot remove {label!r}: a classifier needs at least 2 classes; enrol another class first")
+        keep = [i for i, name in enumerate(labels) if name != label]
+        record = {"action": "remove", "label": label, "time": now(), "images": []}
+        self._reload(enrolled_model(self.model_bytes(), [labels[i] for i in keep], matrix[keep], record))
+        return Enrolment("remove", label, 0, len(keep), time.perf_counter() - started, 0)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the model this Predictor runs (after :meth:`enrol`, the enrolled one) atomically."""
+        from ._io import write_bytes
+
+        data = self.model_bytes()
+        try:
+            return write_bytes(path, lambda f: f.write(data))
+        except OSError as exc:
+            raise PredictorError(f"cannot write {path}: {exc.strerror or exc}; choose another path") from exc
+
+    def model_bytes(self) -> bytes:
+        """The serialised ONNX model this Predictor runs."""
+        if isinstance(self._model, bytes):
+            return self._model
+        if Path(self._model).suffix.lower() == ".xml":
+            raise PredictorError("an OpenVINO IR cannot enrol classes: enrol into the ONNX model, then convert it again")
+        try:
+            return Path(self._model).read_bytes()
+        except OSError as exc:
+            raise PredictorError(f"cannot read {self._model}: {exc.strerror or exc}") from exc
+
+    def _prototypes(self) -> np.ndarray:
+        """The prototype matrix (one row per label), checked against the graph.
+
+        Raises:
+            PredictorError: the model has no prototype head.
+        """
+        if not isinstance(self._session, _OrtSession):
+            raise PredictorError("an OpenVINO IR cannot enrol classes: enrol into the ONNX model, then convert it again")
+        if FEATURES not in self._session.output_names:
+            raise PredictorError(
+                "this model has no prototype head, so it cannot enrol classes: only models made with"
+                " 'edgetransfer finetune --mode prototype' and exported to ONNX (any precision) can"
+            )
+        matrix = _wire.read_initializer(self.model_bytes(), PROTOTYPES)
+        width = self._session.output_widths.get(FEATURES)
+        if matrix is None or matrix.ndim != 2 or matrix.shape[0] != len(self.info.labels) or (width and matrix.shape[1] != width):
+            shape = None if matrix is None else matrix.shape
+            raise PredictorError(f"the model's prototype matrix {shape} does not fit its {len(self.info.labels)} labels"
+                                 f" and {width}-wide features; export it again")
+        return matrix
+
+    def _reload(self, model: bytes) -> None:
+        session = _OrtSession(model, *self._session_settings)
+        info = _model_info(session, *self._overrides)
+        self._model, self._session, self.info, self.verified_by = model, session, info, None
 
     def _prepare(self, image: ImageInput) -> np.ndarray:
         pre = self.info.preprocessing
@@ -207,6 +327,8 @@ class _OrtSession:
         self.uint8_input = "uint8" in first.type
         self.input_shape = [d if isinstance(d, int) else None for d in first.shape]
         self.fixed_batch = fixed_batch(self.session)
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.output_widths = {o.name: o.shape[-1] for o in self.session.get_outputs() if isinstance(o.shape[-1], int)}
         classes = output.shape[-1]
         self.classes = classes if isinstance(classes, int) else None
         meta = self.session.get_modelmeta()
@@ -221,6 +343,9 @@ class _OrtSession:
 
     def run(self, chunk: np.ndarray) -> np.ndarray:
         return self.session.run([self.output_name], {self.input_name: chunk})[0]
+
+    def run_output(self, name: str, chunk: np.ndarray) -> np.ndarray:
+        return self.session.run([name], {self.input_name: chunk})[0]
 
 
 def _openvino_session(xml: Path, providers: Sequence[str] | None, device: str, threads: int | None):

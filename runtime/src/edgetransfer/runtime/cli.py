@@ -3,6 +3,7 @@
     edgetransfer-runtime predict model.onnx cat.jpg dog.png [--json]
     edgetransfer-runtime info model.onnx
     edgetransfer-runtime check model.onnx [images...]
+    edgetransfer-runtime enrol model.onnx --label NAME images... [--replace] [--in-place | --output PATH]
 
 argparse only: the runtime installs no CLI framework. Every message that reaches the terminal
 passes through :func:`printable`, since labels, paths and metadata come from files.
@@ -33,7 +34,11 @@ def printable(text: object) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if getattr(args, "run", None) is _enrol and not any(e.startswith("-") for e in extra):
+        args.images = [*args.images, *map(Path, extra)]  # images after --label NAME (argparse stops at the option)
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.run(args)
     except EdgeTransferError as exc:
@@ -84,7 +89,47 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--json", action="store_true", help="print JSON instead of lines")
     _session_options(check)
     check.set_defaults(run=_check)
+
+    enrol = commands.add_parser(
+        "enrol", help="add, replace or remove a class of a prototype model (no training)",
+        description="Add a class to a model made with 'edgetransfer finetune --mode prototype' from a few of its images"
+        " (or replace or remove one). Writes MODEL-enrolled.onnx beside the model unless --output or --in-place.",
+    )
+    enrol.add_argument("model", type=Path)
+    enrol.add_argument("images", nargs="*", type=Path, help="images of the class")
+    what = enrol.add_mutually_exclusive_group(required=True)
+    what.add_argument("--label", help="the class to add (or, with --replace, to make anew)")
+    what.add_argument("--remove", metavar="LABEL", help="the class to remove")
+    enrol.add_argument("--replace", action="store_true", help="make an existing class anew from these images")
+    enrol.add_argument("--output", type=Path, default=None, help="where to write the enrolled model")
+    enrol.add_argument("--in-place", action="store_true", help="replace MODEL itself (atomically)")
+    enrol.add_argument("--threads", type=_positive, default=None, help="inference threads (default: the runtime's choice)")
+    enrol.add_argument("--json", action="store_true", help="print JSON instead of a line")
+    enrol.set_defaults(run=_enrol)
     return parser
+
+
+def _enrol(args: argparse.Namespace) -> int:
+    from .enrolment import enrol_file
+    from .errors import PredictorError
+
+    if args.remove is not None and args.images:
+        raise PredictorError("--remove takes no images")
+    label = args.remove if args.remove is not None else args.label
+    done, path = enrol_file(args.model, label, [str(p) for p in args.images], remove=args.remove is not None,
+                            replace=args.replace, output=args.output, in_place=args.in_place, threads=args.threads)
+    print(enrolment_line(done, path) if not args.json else json.dumps({**done.__dict__, "model": str(path)}, indent=2))
+    return 0
+
+
+def enrolment_line(done, path: Path) -> str:
+    """One line that says what an enrolment did, for both CLIs."""
+    if done.action == "remove":
+        what = f"removed {printable(done.label)!s}"
+    else:
+        what = (f"{'added' if done.action == 'add' else 'replaced'} {printable(done.label)} from {done.images} image(s)"
+                f" ({done.recognised} of them now recognised as it)")
+    return f"{what}; {done.classes} classes; wrote {printable(path)} in {done.seconds:.2f} s"
 
 
 def _positive(text: str) -> int:
