@@ -266,6 +266,16 @@ def test_enrolment_into_an_int8_model_uses_its_features_and_keeps_the_prototypes
     assert [p[0].label for p in predictor.predict([str(p) for p in new_images[:5]])] == ["three"] * 5
 
 
+def test_the_optimised_and_fp16_variants_keep_a_float_head_that_enrols(run, new_images):
+    from edgetransfer.optimize import Precision, Target, build_variants
+
+    for variant in build_variants(run, [Target.ORT_CPU], [Precision.FP32, Precision.FP16]):
+        predictor = Predictor(variant.path)
+        assert _wire.read_initializer(predictor.model_bytes(), PROTOTYPES).dtype == np.float32, variant.name
+        done = predictor.enrol("three", [str(p) for p in new_images[:5]])
+        assert done.recognised == 5 and predictor.labels[-1] == "three", variant.name
+
+
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.binary(max_size=400))
 def test_the_wire_reader_refuses_any_bytes_in_one_error(data):

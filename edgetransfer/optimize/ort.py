@@ -124,7 +124,8 @@ def to_fp16(src: Path, dst: Path) -> None:
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
     model = onnx.load(str(src))
-    half = convert_float_to_float16(model, keep_io_types=True, op_block_list=DEFAULT_OP_BLOCK_LIST + FP16_KEEP_FLOAT)
+    half = convert_float_to_float16(model, keep_io_types=True, op_block_list=DEFAULT_OP_BLOCK_LIST + FP16_KEEP_FLOAT,
+                                    node_block_list=prototype_nodes(src))  # a prototype head stays float, as in INT8
     onnx.save_model(half, str(dst))
 
 

@@ -185,6 +185,7 @@ class Predictor:
         The class's prototype is the normalised mean of the images' features, computed with this
         model (an INT8 model's own features for an INT8 model); the prototype matrix stays float.
         This Predictor then runs the new model; :meth:`save` writes it. Nothing changes on error.
+        Unlike :meth:`predict`, not to be called while other threads predict with this Predictor.
 
         Raises:
             PredictorError: a model without a prototype head, a label that exists (without
