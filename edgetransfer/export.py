@@ -131,7 +131,7 @@ def _export(built: BuiltModel, options: ExportOptions, info: ModelInfo, path: Pa
 
     from .prototype import PrototypeHead
 
-    prototype = built.heads[0] if isinstance(built.heads[0], PrototypeHead) else None
+    prototype = next((m for m in built.module.modules() if isinstance(m, PrototypeHead)), None)
     if prototype is not None:  # the graph ends in the classifier's input; the head is appended below
         prototype.features_only = True
     try:
