@@ -62,7 +62,7 @@ def main(debug: bool) -> None:
 
 
 @main.command()
-@field_option(DataSpec, "source", "--data", help="Image folder (class subfolders, or train/ and val/), or 'digits' for the embedded demo.")
+@field_option(DataSpec, "source", "--data", help="Image folder (class subfolders, or train/ and val/), 'digits' for the embedded demo, or 'digits-m' for the same digits on photo patches.")
 @field_option(FinetuneConfig, "arch", "--arch", help="torchvision builder name (resnet18, …) or timm:NAME.")
 @field_option(FinetuneConfig, "weights", "--weights", help="embedded | DEFAULT | a torchvision weights name | PATH | none. [default: embedded for timm:efficientnet_lite0, else DEFAULT]")
 @field_option(FinetuneConfig, "mode", "--mode", help="head: frozen features, new classifier; full: train everything; prototype: class means of frozen features, no training (classes can be enrolled later).")

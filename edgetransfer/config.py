@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ._enums import Choice
-from .data import DEMO, Augment, DataSpec
+from .data import EMBEDDED, Augment, DataSpec
 from .errors import OptionError
 from .preprocessing import MAX_INPUT_SIZE
 
@@ -107,7 +107,7 @@ class FinetuneConfig:
             weights=weights,
             backbone_lr_scale=self.backbone_lr_scale or (1.0 if scratch else 0.1),
             train_bn_stats=self.train_bn_stats if self.train_bn_stats is not None else scratch,
-            image_size=self.image_size or (DEMO_IMAGE_SIZE if self.data.source == DEMO else None),
+            image_size=self.image_size or (DEMO_IMAGE_SIZE if self.data.source in EMBEDDED else None),
             epochs=self.epochs or (30 if self.caches_features else 10),
             probe_epochs=self.probe_epochs if self.probe_epochs is not None else (0 if self.caches_features or scratch else 10),
             lr=self.lr or (1e-2 if self.caches_features else 1e-3),

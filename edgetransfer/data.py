@@ -27,6 +27,8 @@ from .progress import console, progress
 
 __all__ = [
     "DEMO",
+    "DEMO_M",
+    "EMBEDDED",
     "DataSpec",
     "Sample",
     "Dataset",
@@ -39,6 +41,9 @@ __all__ = [
 ]
 
 DEMO = "digits"
+DEMO_M = "digits-m"  # the same digits blended with photo patches, made like MNIST-M: a shifted domain
+EMBEDDED = frozenset({DEMO, DEMO_M})  # data sets built in memory, no folder
+DIGITS_M_SIZE = 32
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".jfif", ".jp2"}
 )
@@ -49,7 +54,8 @@ class DataSpec:
     """Where images come from and how they are split; recorded so later stages see the same split.
 
     Attributes:
-        source: ``"digits"`` for the embedded demo, or an image folder.
+        source: ``"digits"`` for the embedded demo, ``"digits-m"`` for the same digits on photo
+            patches (a shifted domain), or an image folder.
         val_fraction: validation share per class when the folder has no ``train/``+``val/``.
         test_fraction: test share per class, held out from everything (same layouts); a
             ``train/``+``val/`` folder takes its test images from a ``test/`` beside them.
@@ -137,6 +143,8 @@ def load_dataset(spec: DataSpec, workers: int = 4) -> Dataset:
     """
     if spec.source == DEMO:
         return _split(spec, *_digits(), layout="demo")
+    if spec.source == DEMO_M:
+        return _split(spec, *_digits_m(), layout="demo")
     root = Path(spec.source).expanduser()
     if not root.exists():
         raise DataError(f"data path not found: {root} (give an image folder, or omit --data for the demo)")
@@ -158,6 +166,28 @@ def _digits() -> tuple[list[str], list[Sample]]:
     pixels = (digits.images * (255.0 / 16.0)).round().astype(np.uint8)
     samples = [Sample(img, int(y), f"digits/{i:04d}") for i, (img, y) in enumerate(zip(pixels, digits.target))]
     return [str(c) for c in digits.target_names], samples
+
+
+def _digits_m(seed: int = 0) -> tuple[list[str], list[Sample]]:
+    """The demo digits made like MNIST-M (Ganin et al. 2016, JMLR): each digit, upscaled to
+    32 px, blended with a random 32 px patch of one of scikit-learn's two sample photos by the
+    absolute difference ``|patch - digit|`` per channel. Deterministic from ``seed`` (fixed, so
+    that "digits-m" is one data set whatever the split's seed); the same labels, names and
+    split as the digits."""
+    from sklearn.datasets import load_sample_images
+
+    classes, digits = _digits()
+    photos = [np.asarray(photo, dtype=np.int16) for photo in load_sample_images().images]
+    rng = np.random.default_rng(seed)
+    samples = []
+    for sample in digits:
+        digit = np.asarray(Image.fromarray(sample.source).resize((DIGITS_M_SIZE, DIGITS_M_SIZE), Image.Resampling.BILINEAR), dtype=np.int16)
+        photo = photos[int(rng.integers(len(photos)))]
+        top, left = (int(rng.integers(photo.shape[i] - DIGITS_M_SIZE)) for i in (0, 1))
+        patch = photo[top : top + DIGITS_M_SIZE, left : left + DIGITS_M_SIZE]
+        blended = np.abs(patch - digit[:, :, None]).astype(np.uint8)
+        samples.append(Sample(blended, sample.label, sample.name.replace("digits/", "digits-m/")))
+    return classes, samples
 
 
 def _scan(root: Path, classes: list[str] | None = None) -> tuple[list[str], list[Sample]]:
@@ -325,6 +355,6 @@ class TorchImages:
 
 def default_workers(spec: DataSpec) -> int:
     """Loader worker processes: none for in-memory demo data, else up to 4 leaving one core free."""
-    if spec.source == DEMO:
+    if spec.source in EMBEDDED:
         return 0
     return max(0, min(4, (os.cpu_count() or 1) - 1))

@@ -65,6 +65,21 @@ def test_demo_digits_are_served_from_memory():
     assert np.asarray(image).max() > 128  # strokes are bright on black
 
 
+def test_digits_m_is_the_demo_split_on_photo_patches_and_deterministic():
+    plain, shifted = load_dataset(DataSpec()), load_dataset(DataSpec(source="digits-m"))
+    assert shifted.classes == plain.classes
+    for split in ("train", "val", "test"):  # the same images, labels and split, on another background
+        a, b = getattr(plain, split), getattr(shifted, split)
+        assert [s.label for s in a] == [s.label for s in b]
+        assert [s.name.split("/")[1] for s in a] == [s.name.split("/")[1] for s in b]
+    pixels = np.stack([s.source for s in shifted.train[:200]])
+    assert pixels.shape == (200, 32, 32, 3) and pixels.dtype == np.uint8
+    assert pixels.std(axis=(1, 2)).mean() > 20 and np.abs(np.diff(pixels.astype(int), axis=3)).mean() > 3  # textured colour
+    again = load_dataset(DataSpec(source="digits-m", seed=1))
+    by_name = {s.name: s.source for s in again.train + again.val + again.test}
+    assert all(np.array_equal(by_name[s.name], s.source) for s in shifted.train[:50])  # one data set whatever the split seed
+
+
 def test_limit_per_class_takes_a_subset():
     dataset = load_dataset(DataSpec(limit_per_class=10))
     assert len(dataset.train) == 70 and len(dataset.val) == 20 and len(dataset.test) == 10
