@@ -79,7 +79,7 @@ class PrototypeHead(nn.Module):
         return not torch.equal(self.whitening, torch.eye(len(self.whitening), device=self.whitening.device))
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        return embed(x, self.center, self.whitening if self.whitens else None)
+        return embed(x, self.center, self.whitening)  # an identity whitening changes nothing (export leaves it out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.features_only:

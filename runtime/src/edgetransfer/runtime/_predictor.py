@@ -173,7 +173,7 @@ class Predictor:
         Raises:
             PredictorError: the model has no prototype head (see :meth:`enrol`).
         """
-        self._prototypes()
+        self._require_prototype_head()
         if len(images) == 0:
             raise PredictorError("no images given: enrol a class from at least one image of it")
         return run_batched(lambda chunk: self._session.run_output(FEATURES, chunk), self._feed(images),
@@ -193,7 +193,8 @@ class Predictor:
         """
         started = time.perf_counter()
         label = check_label(label)
-        matrix = self._prototypes()
+        data = self.model_bytes()
+        matrix = self._prototypes(data)
         labels = list(self.info.labels)
         if label in labels and not replace:
             raise PredictorError(f"class {label!r} exists already; pass replace=True (--replace) to make it anew from these images")
@@ -208,7 +209,7 @@ class Predictor:
         recognised = int((np.argmax(features @ matrix.T, axis=1) == labels.index(label)).sum())  # the Gemm's argmax
         action = "replace" if label in self.info.labels else "add"
         record = {"action": action, "label": label, "time": now(), "images": [image_record(im, i) for i, im in enumerate(images)]}
-        self._reload(enrolled_model(self.model_bytes(), labels, matrix, record))
+        self._reload(enrolled_model(data, labels, matrix, record))
         return Enrolment(action, label, len(images), len(labels), time.perf_counter() - started, recognised)
 
     def remove(self, label: str) -> Enrolment:
@@ -218,14 +219,15 @@ class Predictor:
             PredictorError: a model without a prototype head, an unknown label, or the last two classes.
         """
         started = time.perf_counter()
-        matrix, labels = self._prototypes(), list(self.info.labels)
+        data = self.model_bytes()
+        matrix, labels = self._prototypes(data), list(self.info.labels)
         if label not in labels:
             raise PredictorError(f"there is no class {label!r} to remove; the model's classes: {', '.join(labels)}"[:400])
         if len(labels) <= 2:
             raise PredictorError(f"cannot remove {label!r}: a classifier needs at least 2 classes; enrol another class first")
         keep = [i for i, name in enumerate(labels) if name != label]
         record = {"action": "remove", "label": label, "time": now(), "images": []}
-        self._reload(enrolled_model(self.model_bytes(), [labels[i] for i in keep], matrix[keep], record))
+        self._reload(enrolled_model(data, [labels[i] for i in keep], matrix[keep], record))
         return Enrolment("remove", label, 0, len(keep), time.perf_counter() - started, 0)
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -249,12 +251,8 @@ class Predictor:
         except OSError as exc:
             raise PredictorError(f"cannot read {self._model}: {exc.strerror or exc}") from exc
 
-    def _prototypes(self) -> np.ndarray:
-        """The prototype matrix (one row per label), checked against the graph.
-
-        Raises:
-            PredictorError: the model has no prototype head.
-        """
+    def _require_prototype_head(self) -> None:
+        """Raises PredictorError unless the model is an ONNX model with a ``features`` output."""
         if not isinstance(self._session, _OrtSession):
             raise PredictorError("an OpenVINO IR cannot enrol classes: enrol into the ONNX model, then convert it again")
         if FEATURES not in self._session.output_names:
@@ -262,7 +260,15 @@ class Predictor:
                 "this model has no prototype head, so it cannot enrol classes: only models made with"
                 " 'edgetransfer finetune --mode prototype' and exported to ONNX (any precision) can"
             )
-        matrix = _wire.read_initializer(self.model_bytes(), PROTOTYPES)
+
+    def _prototypes(self, model: bytes) -> np.ndarray:
+        """The prototype matrix (one row per label) of ``model`` (this Predictor's), checked against the graph.
+
+        Raises:
+            PredictorError: the model has no prototype head.
+        """
+        self._require_prototype_head()
+        matrix = _wire.read_initializer(model, PROTOTYPES)
         width = self._session.output_widths.get(FEATURES)
         if matrix is None or matrix.ndim != 2 or matrix.shape[0] != len(self.info.labels) or (width and matrix.shape[1] != width):
             shape = None if matrix is None else matrix.shape
