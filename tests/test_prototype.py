@@ -290,3 +290,14 @@ def test_a_truncated_model_is_refused_in_one_line(run, tmp_path):
     data = (run / "model.onnx").read_bytes()
     with pytest.raises(PredictorError):
         _wire.replace_initializer(data[: len(data) // 2], PROTOTYPES, np.zeros((2, 2), np.float32))
+
+
+def test_an_openvino_ir_of_a_prototype_model_predicts_like_its_onnx_and_refuses_enrolment(run, new_images):
+    from edgetransfer.optimize import Precision, Target, build_variants
+
+    variant = build_variants(run, [Target.OPENVINO], [Precision.FP32])[0]
+    images = [str(p) for p in new_images]
+    ir, onnx_model = Predictor(variant.path), Predictor(run / "model.onnx")
+    assert np.abs(ir.logits(images) - onnx_model.logits(images)).max() < 1e-3
+    with pytest.raises(PredictorError, match="OpenVINO IR cannot enrol"):
+        ir.enrol("three", images[:2])

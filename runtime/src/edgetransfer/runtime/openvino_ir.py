@@ -159,8 +159,11 @@ class OpenVinoSession:
         ov = import_openvino()
         core = ov.Core()
         model, self.props = read_ir(xml, core)
-        if len(model.inputs) != 1 or len(model.outputs) != 1:
-            raise OpenVinoError(f"{xml} has {len(model.inputs)} inputs and {len(model.outputs)} outputs; a classifier has one of each")
+        outputs = [port.get_names() for port in model.outputs]
+        prototype = len(outputs) == 2 and "logits" in outputs[0] and "features" in outputs[1]  # logits, then embeddings
+        if len(model.inputs) != 1 or (len(outputs) != 1 and not prototype):
+            raise OpenVinoError(f"{xml} has {len(model.inputs)} inputs and {len(model.outputs)} outputs; a classifier has one"
+                                " of each (a prototype model's second output is its features)")
         self.compiled = compile_ir(model, self.props, device, threads, hint, core)
         self.providers = [f"OpenVINO:{device}"]
         self.uint8_input = model.input(0).get_element_type() == ov.Type.u8
