@@ -65,10 +65,13 @@ def main(debug: bool) -> None:
 @field_option(DataSpec, "source", "--data", help="Image folder (class subfolders, or train/ and val/), 'digits' for the embedded demo, or 'digits-m' for the same digits on photo patches.")
 @field_option(FinetuneConfig, "arch", "--arch", help="torchvision builder name (resnet18, …) or timm:NAME.")
 @field_option(FinetuneConfig, "weights", "--weights", help="embedded | DEFAULT | a torchvision weights name | PATH | none. [default: embedded for timm:efficientnet_lite0, else DEFAULT]")
-@field_option(FinetuneConfig, "mode", "--mode", help="head: frozen features, new classifier; full: train everything; prototype: class means of frozen features, no training (classes can be enrolled later).")
+@field_option(FinetuneConfig, "mode", "--mode", help="[default: head; full with --adapt (dann)] head: frozen features, new classifier; full: train everything; prototype: class means of frozen features, no training (classes can be enrolled later).")
 @field_option(FinetuneConfig, "shots", "--shots", help="Use only K training images per class (few-shot); validation and test are unchanged.")
+@field_option(FinetuneConfig, "adapt", "--adapt", metavar="TARGET_DIR", help="Adapt to the domain of this folder of unlabelled images (the deployed camera's frames; subfolder names are not read), or 'digits-m' for the demo.")
+@field_option(FinetuneConfig, "adapt_method", "--adapt-method", help="dann: domain-adversarial training (trains the backbone: --mode full is the default with it); adabn: BatchNorm statistics recomputed on the target images. [default: dann]")
+@field_option(FinetuneConfig, "adapt_eval", "--adapt-eval", metavar="LABELLED_DIR", help="Labelled target images (class subfolders) to report target top-1 on per epoch; never chosen on. [default: digits-m's test split with --adapt digits-m]")
 @field_option(FinetuneConfig, "unfreeze_blocks", "--unfreeze", help="With --mode head, also train the last K blocks of the backbone.")
-@field_option(FinetuneConfig, "epochs", "--epochs", help="[default: chosen from the mode (head 30 epochs at 1e-2, full 10 at 1e-3)]")
+@field_option(FinetuneConfig, "epochs", "--epochs", help="[default: chosen from the mode (head 30 epochs at 1e-2, full 10 at 1e-3; 20 with --adapt-method dann)]")
 @field_option(FinetuneConfig, "lr", "--lr", help="Learning rate of the new classifier (the backbone gets lr x --backbone-lr-scale).")
 @field_option(FinetuneConfig, "backbone_lr_scale", "--backbone-lr-scale", help="[default: 0.1; 1 with --weights none]")
 @field_option(FinetuneConfig, "batch_size", "--batch-size", help="Images per training step.")
@@ -103,6 +106,8 @@ def finetune(ctx: click.Context, **options) -> None:
       edgetransfer finetune                          # embedded EfficientNet-Lite0 on digits, offline
       edgetransfer finetune --data photos/ --mode full --epochs 15
       edgetransfer finetune --data photos/ --arch resnet18 --weights IMAGENET1K_V1
+      edgetransfer finetune --data photos/ --adapt camera-frames/ --adapt-eval labelled-frames/
+      edgetransfer finetune --adapt digits-m       # digits -> digits on photo patches, with DANN
       edgetransfer finetune --resume runs/20261128-101500-efficientnet_lite0-head
     """
     from .finetune import finetune as run_finetune

@@ -287,6 +287,10 @@ def _train_val(spec: DataSpec, root: Path, workers: int) -> Dataset:
     return Dataset(classes, train, val, "train/val" + ("/test" if test else ""), skipped + skipped_val, test)
 
 
+check_images = _check  # decode every image once: (good samples, [(name, why)] of the bad)
+scan_classes = _scan  # class subfolders of a folder: (classes, samples)
+
+
 def _need_two_classes(classes: list[str], train: list[Sample]) -> None:
     counts = Counter(s.label for s in train)
     empty = [classes[i] for i in range(len(classes)) if counts[i] == 0]

@@ -28,7 +28,7 @@ from torch import nn
 
 from ._io import write_bytes, write_json
 from .checkpoint import safe_load, save_checkpoint
-from .config import FinetuneConfig, Mode, OptimizerName
+from .config import AdaptMethod, FinetuneConfig, Mode, OptimizerName
 from .data import Dataset, TorchImages, eval_transform, load_dataset, train_transform
 from .errors import EdgeTransferError, ModelError, RunError, unknown_name
 from .rundir import Manifest, RunDir, now
@@ -104,13 +104,14 @@ def _finetune(config: FinetuneConfig, run_dir: Path, resume: bool, on_epoch: Epo
         built.check_size()
         if config.mode is Mode.PROTOTYPE:
             return _prototype_run(config, built, dataset, device, run_dir, manifest, dist, started)
+        adaptation = _Adaptation(config, built, dataset, device) if config.adapt else None
         probe = _probe_head(config, built, dataset, device, run_dir, dist) if state is None else None
         loop = _make_loop(config, built, dataset, device, run_dir, dist)
     except EdgeTransferError:
         if dist.main and not resume:
             _discard(run_dir, existed)  # bad data, architecture or weights: leave no half-made run behind
         raise
-    trainer = _Trainer(config, built, loop, run_dir, dataset.classes, dist)
+    trainer = _Trainer(config, built, loop, run_dir, dataset.classes, dist, adaptation)
     if state is not None:
         trainer.restore(state)
     trainer.probe = probe if probe is not None else (state or {}).get("probe")
@@ -219,6 +220,8 @@ def _record(manifest: Manifest, config: FinetuneConfig, metrics: dict[str, Any],
         "data": config.data.to_dict(),
         "finished": now(),
     }
+    if metrics.get("adapt"):
+        manifest.data["finetune"]["adapt"] = {k: metrics["adapt"][k] for k in ("method", "target", "target_images", "target_top1", "eval_images")}
     manifest.data["status"] = "complete"
     manifest.save()
     (run_dir / LAST).unlink(missing_ok=True)
@@ -385,6 +388,7 @@ class _CachedHeadLoop:
         self.head = built.head(widths)
         for param in self.head.parameters():
             param.requires_grad_(True)
+        self._other: tuple[list, torch.Tensor] | None = None
 
     def _features(self, dataset: Dataset, run_dir: Path):
         path = run_dir / FEATURES
@@ -455,6 +459,21 @@ class _CachedHeadLoop:
     @property
     def steps_per_epoch(self) -> int:
         return math.ceil(len(self.train_y) / self.config.batch_size)
+
+    def logits_of(self, samples) -> torch.Tensor:
+        """The head's logits for other images (the labelled target images); their frozen features
+        are computed once."""
+        if self._other is None or self._other[0] is not samples:
+            features, _, _ = self._extract(samples, eval_transform(self.built.preprocessing), "features (target eval)")
+            self._other = (samples, features)
+        self.head.eval()
+        with torch.no_grad():
+            return torch.cat([self.head(x.to(self.device)).float().cpu() for x in self._other[1].split(1024)])
+
+    def backbone_changed(self, dataset: Dataset) -> None:
+        """The backbone's BatchNorm statistics were adapted: validation features are computed again."""
+        self.val_x, self.val_y, _ = self._extract(dataset.val, eval_transform(self.built.preprocessing), "features (val, adapted)")
+        self._other = None
 
     def param_groups(self, lr: float) -> list[dict[str, Any]]:
         return [{"params": list(self.head.parameters()), "lr": lr, "name": "head"}]
@@ -546,6 +565,18 @@ class _ImageLoop:
         for x, y in self.train:
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True), self.model
 
+    def logits_of(self, samples) -> torch.Tensor:
+        """The model's logits for other images (the labelled target images)."""
+        self.built.module.eval()
+        with torch.no_grad():
+            return torch.cat([
+                self.built.module(x.to(self.device)).float().cpu()
+                for x, _ in _loader(samples, eval_transform(self.built.preprocessing), self.config, False)
+            ])
+
+    def backbone_changed(self, dataset: Dataset) -> None:
+        pass  # images go through the network for every measurement
+
     def val_logits(self) -> tuple[torch.Tensor, torch.Tensor]:
         self.built.module.eval()
         logits, labels = [], []
@@ -559,16 +590,126 @@ class _ImageLoop:
 
 
 # ---------------------------------------------------------------------------------------------
+# Domain adaptation (--adapt): see edgetransfer.adapt
+
+
+class _Adaptation:
+    """The unlabelled target images, the labelled ones measured on, and (dann) the domain
+    classifier, which exists only during training."""
+
+    def __init__(self, config: FinetuneConfig, built: BuiltModel, dataset: Dataset, device) -> None:
+        from .adapt import DomainClassifier, batchnorm_layers, target_eval_images, target_images
+
+        self.config, self.built, self.device = config, built, device
+        self.method = config.adapt_method
+        if self.method is AdaptMethod.ADABN and not batchnorm_layers(built.module):
+            raise ModelError(f"adabn recomputes BatchNorm statistics and {config.arch} has none; use --adapt-method dann")
+        self.discriminator = None
+        if self.method is AdaptMethod.DANN:
+            head = built.heads[0]
+            if not isinstance(head, nn.Linear):
+                raise ModelError(f"dann reads the features {config.arch}'s classifier takes, and its classifier is a"
+                                 f" {type(head).__name__}, not a Linear layer; use --adapt-method adabn")
+            self.discriminator = DomainClassifier(head.in_features).to(device)
+        workers = max(1, config.workers)
+        self.target = target_images(config.adapt, config.data, workers)
+        if self.target.labelled_folders:
+            console.print(escape(f"note: the target folder has {self.target.labelled_folders} subfolder(s); their names are"
+                                 " not read, every image counts as unlabelled"), markup=False)
+        if self.target.skipped:
+            console.print("[yellow]warning:[/]", escape(f"skipped {len(self.target.skipped)} unreadable target image(s);"
+                                                         f" first: {self.target.skipped[0][1]}"))
+        self.eval = target_eval_images(config.adapt_eval, config.data, dataset.classes, workers) if config.adapt_eval else []
+        self.eval_labels = torch.tensor([s.label for s in self.eval])
+        self.transform = train_transform(built.preprocessing, config.augment)
+        self.generator = torch.Generator()
+        self._batches = None
+        self.domain_loss, self.domain_right, self.domain_seen = 0.0, 0, 0
+
+    def parameter_groups(self, lr: float) -> list[dict[str, Any]]:
+        return [{"params": list(self.discriminator.parameters()), "lr": lr, "name": "domain"}] if self.discriminator else []
+
+    def start_epoch(self, seed: int) -> None:
+        self.generator.manual_seed(seed)
+        self._batches = None
+        self.domain_loss, self.domain_right, self.domain_seen = 0.0, 0, 0
+        if self.discriminator is not None:
+            self.discriminator.train()
+
+    def _target_batch(self) -> torch.Tensor:
+        """The next batch of target images; their order is drawn from the epoch's generator and
+        starts again when they run out (the source images set an epoch's length)."""
+        while True:
+            if self._batches is None:
+                self._batches = iter(_loader(self.target.samples, self.transform, self.config, True, self.generator))
+            try:
+                return next(self._batches)[0].to(self.device, non_blocking=True)
+            except StopIteration:
+                self._batches = None
+
+    def forward(self, model: nn.Module, x: torch.Tensor, progress: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """DANN's step: source and target images in one batch; the logits of the source images and
+        the domain classifier's loss on the features of both, read through gradient reversal."""
+        from .adapt import reversal_weight
+
+        target = self._target_batch()
+        captured: list[torch.Tensor] = []
+        hook = self.built.heads[0].register_forward_pre_hook(lambda m, args: captured.append(args[0]))
+        try:
+            logits = model(torch.cat([x, target]))
+        finally:
+            hook.remove()
+        domain = self.discriminator(captured[-1].flatten(1).float(), reversal_weight(progress))
+        truth = torch.cat([torch.zeros(len(x)), torch.ones(len(target))]).to(domain.device)
+        loss = nn.functional.binary_cross_entropy_with_logits(domain, truth)
+        self.domain_loss += float(loss.detach()) * len(truth)
+        self.domain_right += int(((domain > 0).float() == truth).sum())
+        self.domain_seen += len(truth)
+        return logits[: len(x)], loss
+
+    def epoch_record(self) -> dict[str, float]:
+        if not self.domain_seen:
+            return {}
+        return {"domain_loss": self.domain_loss / self.domain_seen, "domain_top1": self.domain_right / self.domain_seen}
+
+    def adapt_batchnorm(self) -> tuple[int, float]:
+        """AdaBN on the model: one pass over the target images; returns the layers and seconds."""
+        from .adapt import adabn
+
+        started = time.perf_counter()
+        loader = _loader(self.target.samples, eval_transform(self.built.preprocessing), self.config, False)
+        layers = adabn(self.built.module, (x.to(self.device) for x, _ in loader), self.config.arch)
+        return layers, time.perf_counter() - started
+
+    def state(self) -> dict[str, Any] | None:
+        return self.discriminator.state_dict() if self.discriminator is not None else None
+
+    def restore(self, state: dict[str, Any] | None) -> None:
+        if self.discriminator is not None and state is not None:
+            self.discriminator.load_state_dict(state)
+
+
+# ---------------------------------------------------------------------------------------------
 # The epoch loop, checkpoints and resume
 
 
 class _Trainer:
-    def __init__(self, config: FinetuneConfig, built: BuiltModel, loop, run_dir: Path, classes: list[str], dist: Context = SINGLE) -> None:
+    def __init__(self, config: FinetuneConfig, built: BuiltModel, loop, run_dir: Path, classes: list[str], dist: Context = SINGLE,
+                 adaptation: _Adaptation | None = None) -> None:
         self.config, self.built, self.loop, self.run_dir, self.classes = config, built, loop, run_dir, classes
         self.dist = dist
+        self.adaptation = adaptation
+        self.dann = adaptation is not None and adaptation.discriminator is not None
         self.criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
-        self.optimizer = _optimizer(config, loop.param_groups(config.lr))
-        self.scheduler = _cosine_with_warmup(self.optimizer, config, loop.steps_per_epoch)
+        groups = loop.param_groups(config.lr) + (adaptation.parameter_groups(config.lr) if adaptation else [])
+        self.optimizer = _optimizer(config, groups)
+        self.total_steps = max(1, config.epochs * loop.steps_per_epoch)
+        if self.dann:  # the paper's annealing, not cosine: its reversal schedule is tuned with it
+            from .adapt import dann_lr_factor
+
+            self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: dann_lr_factor(step / self.total_steps))
+        else:
+            self.scheduler = _cosine_with_warmup(self.optimizer, config, loop.steps_per_epoch)
         self.scaler = torch.amp.GradScaler("cuda", enabled=config.amp and loop.device.type == "cuda")
         self.history: list[dict[str, Any]] = []
         self.best_top1, self.best_epoch, self.stale = -1.0, 0, 0
@@ -581,6 +722,8 @@ class _Trainer:
         self.scaler.load_state_dict(state["scaler"])
         self.history = state["history"]
         self.best_top1, self.best_epoch, self.stale = state["best_top1"], state["best_epoch"], state["stale"]
+        if self.adaptation is not None:
+            self.adaptation.restore(state.get("adaptation"))
         console.print(f"resuming {self.run_dir} after epoch {len(self.history)} of {self.config.epochs}", markup=False)
 
     def run(self, on_epoch: EpochCallback | None) -> None:
@@ -599,6 +742,8 @@ class _Trainer:
         started = time.perf_counter()
         self.loop.epoch = epoch
         self.loop.generator.manual_seed(_seed(self.config.seed, epoch, self.dist.rank))  # ranks augment differently
+        if self.adaptation is not None:
+            self.adaptation.start_epoch(int(self.loop.generator.initial_seed()) ^ 0x7A56E7)
         train_loss, train_top1 = self._train_one_epoch()
         logits, labels = self.loop.val_logits()
         val_loss = float(nn.functional.cross_entropy(logits, labels))
@@ -610,8 +755,11 @@ class _Trainer:
             "train_top1": train_top1,
             "val_loss": val_loss,
             "val_top1": val_top1,
-            "seconds": time.perf_counter() - started,
         }
+        if self.adaptation is not None:
+            record.update(self.adaptation.epoch_record())
+            record["target_top1"] = self._target_top1()  # reported only: the checkpoint is chosen on source val
+        record["seconds"] = time.perf_counter() - started
         self.history.append(record)
         if val_top1 > self.best_top1:
             self.best_top1, self.best_epoch, self.stale = val_top1, epoch, 0
@@ -627,8 +775,12 @@ class _Trainer:
         total_loss, correct, seen = 0.0, 0, 0
         for x, y, model in self.loop.train_batches():
             with _autocast(self.loop.device, self.config.amp):
-                logits = model(x)
-                loss = self.criterion(logits.float(), y)
+                if self.dann:
+                    logits, domain_loss = self.adaptation.forward(model, x, self.scheduler.last_epoch / self.total_steps)
+                    loss = self.criterion(logits.float(), y) + domain_loss
+                else:
+                    logits = model(x)
+                    loss = self.criterion(logits.float(), y)
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)
@@ -651,6 +803,7 @@ class _Trainer:
             "best_epoch": self.best_epoch,
             "stale": self.stale,
             "probe": self.probe,
+            "adaptation": self.adaptation.state() if self.adaptation is not None else None,
         }
         write_bytes(self.run_dir / LAST, lambda f: torch.save(state, f))
 
@@ -659,6 +812,7 @@ class _Trainer:
         self.dist.barrier()  # rank 0 has written the best checkpoint
         best = safe_load(self.run_dir / CHECKPOINT)
         self.built.module.load_state_dict(best["state_dict"])
+        adapted = self._adapt_batchnorm(dataset) if self.adaptation is not None and not self.dann else {}
         logits, labels = self.loop.val_logits()
         logits_np, labels_np = logits.numpy(), labels.numpy()
         matrix = confusion_matrix(logits_np.argmax(1), labels_np, len(self.classes))
@@ -684,6 +838,7 @@ class _Trainer:
                 "per_class_top1": [None if math.isnan(v) else float(v) for v in per_class_accuracy(matrix)],
             },
             "test": self._test(dataset),
+            "adapt": self._adapt_summary(adapted),
             "timing": {
                 "features_s": self.loop.features_s + (self.probe or {}).get("seconds", 0.0),
                 "train_pass_s": getattr(self.loop, "train_pass_s", None),
@@ -701,6 +856,30 @@ class _Trainer:
             plot_training(metrics, self.run_dir / CURVES)
         return metrics
 
+
+    def _target_top1(self) -> float | None:
+        samples = self.adaptation.eval if self.adaptation is not None else []
+        if not samples:
+            return None
+        return topk_accuracy(self.loop.logits_of(samples).numpy(), self.adaptation.eval_labels.numpy(), 1)
+
+    def _adapt_batchnorm(self, dataset: Dataset) -> dict[str, Any]:
+        """AdaBN on the chosen checkpoint, which is written again with the target's statistics.
+        Recomputed from the checkpoint each time, so a resumed run repeats it exactly."""
+        before = self._target_top1()
+        layers, seconds = self.adaptation.adapt_batchnorm()
+        self.loop.backbone_changed(dataset)
+        if self.dist.main:
+            save_checkpoint(self.run_dir / CHECKPOINT, self.built, self.classes, epoch=self.best_epoch, adapted=AdaptMethod.ADABN.value)
+        return {"target_top1_before": before, "batchnorm_layers": layers, "seconds": seconds}
+
+    def _adapt_summary(self, adapted: dict[str, Any]) -> dict[str, Any] | None:
+        if self.adaptation is None:
+            return None
+        from .adapt import summary
+
+        return summary(self.config.adapt_method, self.adaptation.target, len(self.adaptation.eval),
+                       target=self.config.adapt, target_top1=self._target_top1(), **adapted)
 
     def _test(self, dataset: Dataset) -> dict[str, Any] | None:
         """The chosen checkpoint's top-1 on the test split, measured once, after every choice."""

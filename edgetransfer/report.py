@@ -21,18 +21,26 @@ def epochs_table(history: list[dict[str, Any]], last: int = 12) -> Table:
     """Per-epoch loss, accuracy and time (the last ``last`` epochs)."""
     shown = f"last {last} of {len(history)} epochs" if len(history) > last else f"{len(history)} epochs"
     table = Table(title=f"training ({shown})", title_justify="left")
-    for column in ("epoch", "lr", "train loss", "train top-1", "val loss", "val top-1", "seconds"):
+    domain = any("domain_top1" in row for row in history)
+    target = any(row.get("target_top1") is not None for row in history)
+    columns = ["epoch", "lr", "train loss", "train top-1", "val loss", "val top-1"]
+    columns += ["domain top-1"] * domain + ["target top-1"] * target + ["seconds"]
+    for column in columns:
         table.add_column(column, justify="right")
     for row in history[-last:]:
-        table.add_row(
+        cells = [
             str(row["epoch"]),
             f"{row['lr']:.2e}",
             f"{row['train_loss']:.4f}",
             f"{100 * row['train_top1']:.2f}%",
             f"{row['val_loss']:.4f}",
             f"{100 * row['val_top1']:.2f}%",
-            f"{row['seconds']:.1f}",
-        )
+        ]
+        if domain:
+            cells.append(f"{100 * row.get('domain_top1', float('nan')):.1f}%")
+        if target:
+            cells.append(f"{100 * row['target_top1']:.2f}%" if row.get("target_top1") is not None else "-")
+        table.add_row(*cells, f"{row['seconds']:.1f}")
     return table
 
 
@@ -58,6 +66,14 @@ def finetune_summary_table(metrics: dict[str, Any], run_dir: Path) -> Table:
     if test:
         table.add_row("test top-1", f"{100 * test['top1']:.2f}% of {test['images']} images no stage chose on")
     table.add_row("val top-5", f"{100 * final['top5']:.2f}%")
+    adapt = metrics.get("adapt")
+    if adapt:
+        table.add_row("adapted", Text(f"{adapt['method']} to {adapt['target_images']} unlabelled images of {adapt['target']}"))
+        if adapt.get("target_top1") is not None:
+            before = adapt.get("target_top1_before")
+            was = f" (before adabn {100 * before:.2f}%)" if before is not None else ""
+            table.add_row("target top-1", f"{100 * adapt['target_top1']:.2f}% of {adapt['eval_images']} labelled target images{was};"
+                                          " reported only, the checkpoint is chosen on source val")
     spent = f"prototypes {proto['seconds']:.2f} s" if proto else f"epochs {timing['epochs_s']:.1f} s"
     table.add_row("time", f"{timing['total_s']:.1f} s (features {timing['features_s']:.1f} s, {spent})")
     return table
@@ -78,6 +94,11 @@ def plot_training(metrics: dict[str, Any], path: Path) -> Path:
     loss_ax.set(title="loss", xlabel="epoch")
     acc_ax.plot(epochs, [100 * r["train_top1"] for r in history], "o-", label="train")
     acc_ax.plot(epochs, [100 * r["val_top1"] for r in history], "o-", label="val")
+    if any(r.get("target_top1") is not None for r in history):
+        acc_ax.plot(epochs, [100 * r["target_top1"] if r.get("target_top1") is not None else float("nan") for r in history],
+                    "o-", label="target (reported, not chosen on)")
+    if any("domain_top1" in r for r in history):
+        acc_ax.plot(epochs, [100 * r.get("domain_top1", float("nan")) for r in history], "--", label="domain classifier")
     acc_ax.axvline(metrics["best_epoch"], color="grey", linestyle=":", label="best")
     acc_ax.set(title="top-1 (%)", xlabel="epoch")
     for ax in (loss_ax, acc_ax):
