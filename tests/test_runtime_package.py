@@ -109,7 +109,13 @@ def test_info_shows_labels_preprocessing_provenance_and_signature(model, capsys)
     assert code == 0 and "labels                10: 0, 1, 2" in text and "input                 input: tensor(float)" in text
 
 
+def _memory_mb(field: str) -> float:
+    line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(field + ":"))
+    return int(line.split()[1]) / 1024
+
+
 def test_check_reports_the_provider_it_got_the_hash_latency_and_memory(model, images, capsys):
+    resident = _memory_mb("VmRSS")
     code, out, err = run_cli("check", str(model), str(images[0]), "--runs", "5", "--warmup", "1", "--json", capsys=capsys)
     assert code == 0, err
     result = json.loads(out)
@@ -117,7 +123,9 @@ def test_check_reports_the_provider_it_got_the_hash_latency_and_memory(model, im
     assert set(result["runtime"]) == {"onnxruntime"} and result["mixed_builds"] is None
     assert result["sha256"].startswith("matches the sha256 recorded in")
     assert 0 < result["p50_ms"] <= result["p99_ms"] and result["runs"] == 5 and result["images"] == 1
-    assert 20 < result["peak_rss_mb"] < 4000
+    # This process's own high-water mark: at least what it held before the check, at most its peak
+    # after (tests run earlier in the same process count, so no fixed ceiling).
+    assert max(20.0, 0.9 * resident) < result["peak_rss_mb"] <= _memory_mb("VmHWM") + 1
 
 
 def test_check_refuses_a_changed_model_and_a_missing_one_in_one_line(model, tmp_path, capsys):
