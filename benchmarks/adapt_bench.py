@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import statistics
 import sys
 import tempfile
@@ -33,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from fingerprint import fingerprint, save_results  # noqa: E402
 
 THREADS = 2
+BUSY = 0.7  # a run that got less than this share of THREADS cores shared the machine: its wall time is not reported
 ROWS = {  # name: (label, mode, training data, adapt method, epochs: None for the default)
     "source-head": ("source only (head)", "head", "digits", None, None),
     "source-full": ("source only (full)", "full", "digits", None, None),
@@ -73,9 +75,10 @@ def run_row(name: str, seed: int, root: Path) -> dict:
     label, mode, data, method, epochs = ROWS[name]
     adapt = {"adapt": "digits-m", "adapt_method": method} if method else {}
     config = FinetuneConfig(data=DataSpec(data, seed=seed), mode=mode, seed=seed, epochs=epochs, **adapt)
-    started = time.perf_counter()
+    started, cpu_before = time.perf_counter(), cpu_seconds()
     result = finetune(config, root / f"{name}-{seed}")
     seconds = time.perf_counter() - started
+    share = (cpu_seconds() - cpu_before) / (seconds * THREADS)  # the demo data is in memory: no loader processes
     top1, images = target_test_top1(result.run_dir, seed)
     adapt_metrics = result.metrics.get("adapt") or {}
     if adapt_metrics.get("target_top1") is not None:  # the run's own report must agree with this measurement
@@ -85,7 +88,13 @@ def run_row(name: str, seed: int, root: Path) -> dict:
         "target_top1": top1, "target_images": images,
         "source_val_top1": result.metrics["final"]["top1"] if data == "digits" else None,
         "seconds": seconds, "epochs": len(result.metrics["epochs"]),
+        "cpu_share": round(share, 3), "contended": share < BUSY,
     }
+
+
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def spread(values: list[float]) -> str:
@@ -118,7 +127,7 @@ def markdown(report: dict) -> str:
         "# Domain adaptation: digits -> digits-M (EfficientNet-Lite0, 64 px)",
         "",
         f"Machine: {fp['cpu']['model']}, {fp['cores']} cores, flags {', '.join(fp['cpu']['flags'])}; torch with"
-        f" {fp['torch_threads']} threads (wall times only from runs that had the machine to themselves). Seeds {', '.join(map(str, report['seeds']))} (split, head and training change"
+        f" {fp['torch_threads']} threads (wall times only from runs that had the machine to themselves: at least {BUSY:.0%} of {THREADS} cores' time). Seeds {', '.join(map(str, report['seeds']))} (split, head and training change"
         " together). Produced by `python benchmarks/adapt_bench.py`.",
         "",
         f"Target top-1 on the digits-M test split ({rows[0]['target_images']} images no run reads); mean ± standard deviation"
@@ -146,11 +155,13 @@ def markdown(report: dict) -> str:
     costs = []
     for name in ("dann", "adabn-head", "adabn-full"):
         base = f"source-{ROWS[name][1]}"
+        if name == "dann" and any(r["row"] == "source-full-20" for r in rows):
+            base = "source-full-20"  # the same number of epochs
         pairs = [(r["seconds"], b["seconds"]) for r in rows if r["row"] == name and r.get("seconds") is not None and not r.get("contended")
-                 for b in rows if b["row"] == base and b["seed"] == r["seed"] and not b.get("contended")]
+                 for b in rows if b["row"] == base and b["seed"] == r["seed"] and b.get("seconds") is not None and not b.get("contended")]
         if pairs:
             costs.append(f"{ROWS[name][0]}: {statistics.mean(a for a, _ in pairs):.0f} s against {statistics.mean(b for _, b in pairs):.0f} s"
-                         f" without --adapt ({statistics.mean(a / b for a, b in pairs):.2f}×)")
+                         f" for {ROWS[base][0]}, without --adapt ({statistics.mean(a / b for a, b in pairs):.2f}×, {len(pairs)} seed(s))")
     if costs:
         lines += ["Cost of `--adapt` on this machine (whole run, same seed): " + "; ".join(costs) + ".", ""]
     for r in rows:

@@ -157,32 +157,53 @@ def test_adabn_on_an_architecture_without_batchnorm_is_refused_before_any_work(t
 TINY = dict(data=DataSpec(limit_per_class=8), image_size=32, epochs=2, probe_epochs=1, batch_size=16)
 
 
+# Small enough for the suite, long enough for the adversarial game (about 150 steps): full mode at
+# 48 px on 200 digits, 12 epochs of 16. Measured on digits-M's 179 test images, source only
+# against DANN: seed 0 27.4% -> 41.3%, seed 1 35.8% -> 43.6%, seed 2 33.0% -> 40.2%. At 32 px
+# both stay at chance (source val 27%); with 4 epochs DANN trails.
+SHIFT = dict(data=DataSpec(limit_per_class=20), image_size=48, epochs=12, probe_epochs=1, batch_size=16)
+
+
 @pytest.fixture(scope="module")
 def shift_runs(tmp_path_factory):
-    """Source only and DANN, same seed and split (full mode, 32 px, 2 epochs on 50 images): the
-    DANN run measures the digits-M test split each epoch. How much DANN recovers takes minutes per
-    run: benchmarks/adapt_bench.py measures it."""
+    """Source only (full mode) and DANN, same seed, split and schedule length. The DANN run
+    measures the digits-M test split each epoch; the benchmark (benchmarks/adapt_bench.py) measures
+    the default's gain over 3 seeds at the demo's size."""
     root = tmp_path_factory.mktemp("shift")
-    source = finetune(FinetuneConfig(**TINY, mode="full"), root / "source")
-    adapted = finetune(FinetuneConfig(**TINY, adapt="digits-m"), root / "dann")
+    source = finetune(FinetuneConfig(**SHIFT, mode="full"), root / "source")
+    adapted = finetune(FinetuneConfig(**SHIFT, adapt="digits-m"), root / "dann")
     return source, adapted
 
 
-def test_a_dann_run_reports_the_target_top1_of_the_model_it_ships(shift_runs):
+def digits_m_test_top1(run_dir) -> float:
     from edgetransfer.checkpoint import load_checkpoint
     from edgetransfer.data import DEMO_M, TorchImages, eval_transform, load_dataset
 
     test = load_dataset(DataSpec(DEMO_M)).test
-    _, adapted = shift_runs
-    built, _ = load_checkpoint(adapted.run_dir / "model.pt")
+    built, _ = load_checkpoint(run_dir / "model.pt")
     loader = torch.utils.data.DataLoader(TorchImages(test, eval_transform(built.preprocessing)), batch_size=64)
+    built.module.eval()
     with torch.no_grad():
         right = sum(int((built.module(x).argmax(1) == y).sum()) for x, y in loader)
+    assert len(test) == 179
+    return right / len(test)
+
+
+def test_a_small_dann_run_beats_source_only_on_the_digits_m_test_split(shift_runs):
+    """A floor, not the benchmark's figure: the same run without --adapt gets fewer digits-M test
+    images right than the adapted one, by more than 5 images of 179 (measured: 25)."""
+    source, adapted = (digits_m_test_top1(run.run_dir) for run in shift_runs)
+    assert adapted > source + 0.03, (source, adapted)
+    assert shift_runs[0].metrics["final"]["top1"] > 0.6  # source only learned the digits: the floor is not two chance levels
+
+
+def test_a_dann_run_reports_the_target_top1_of_the_model_it_ships(shift_runs):
+    _, adapted = shift_runs
     report = adapted.metrics["adapt"]
-    assert report["method"] == "dann" and report["eval_images"] == len(test) == 179 and report["target_images"] == 1259
-    assert report["target_top1"] == pytest.approx(right / len(test), abs=1e-9)
+    assert report["method"] == "dann" and report["eval_images"] == 179 and report["target_images"] == 1259
+    assert report["target_top1"] == pytest.approx(digits_m_test_top1(adapted.run_dir), abs=1e-9)
     epochs = adapted.metrics["epochs"]
-    assert [r["epoch"] for r in epochs] == [1, 2] and adapted.config.mode is Mode.FULL
+    assert [r["epoch"] for r in epochs] == list(range(1, 13)) and adapted.config.mode is Mode.FULL
     assert all(r["target_top1"] is not None and 0 <= r["domain_top1"] <= 1 and r["domain_loss"] > 0 for r in epochs)
     assert epochs[adapted.metrics["best_epoch"] - 1]["target_top1"] == pytest.approx(report["target_top1"], abs=1e-9)
     manifest = json.loads((adapted.run_dir / "manifest.json").read_text())
