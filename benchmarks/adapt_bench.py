@@ -92,6 +92,11 @@ def run_row(name: str, seed: int, root: Path) -> dict:
     }
 
 
+def alone(row: dict) -> bool:
+    """Whether the row's wall time counts: it was timed and had the machine to itself."""
+    return row.get("seconds") is not None and not row.get("contended")
+
+
 def cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
@@ -144,7 +149,7 @@ def markdown(report: dict) -> str:
         source_val = [r["source_val_top1"] for r in mine if r["source_val_top1"] is not None]
         recovered = gap(rows, name, f"source-{mode}", f"target-{mode}") if method else []
         fair = gap(rows, name, "source-full-20", "target-full-20") if name == "dann" else []
-        timed = [r["seconds"] for r in mine if r.get("seconds") is not None and not r.get("contended")]
+        timed = [r["seconds"] for r in mine if alone(r)]
         time_s = f"{statistics.mean(timed):.0f} s" if timed else "see below"
         time_s += f" ({len(timed)} of {len(mine)} seeds)" if timed and len(timed) < len(mine) else ""
         lines.append(f"| {label} | {mine[0]['epochs']} | {spread([r['target_top1'] for r in mine])} | {spread(source_val) if source_val else '-'} |"
@@ -155,17 +160,17 @@ def markdown(report: dict) -> str:
     costs = []
     for name in ("dann", "adabn-head", "adabn-full"):
         base = f"source-{ROWS[name][1]}"
-        if name == "dann" and any(r["row"] == "source-full-20" for r in rows):
+        if name == "dann" and fair_shown:
             base = "source-full-20"  # the same number of epochs
-        pairs = [(r["seconds"], b["seconds"]) for r in rows if r["row"] == name and r.get("seconds") is not None and not r.get("contended")
-                 for b in rows if b["row"] == base and b["seed"] == r["seed"] and b.get("seconds") is not None and not b.get("contended")]
+        pairs = [(r["seconds"], b["seconds"]) for r in rows if r["row"] == name and alone(r)
+                 for b in rows if b["row"] == base and b["seed"] == r["seed"] and alone(b)]
         if pairs:
             costs.append(f"{ROWS[name][0]}: {statistics.mean(a for a, _ in pairs):.0f} s against {statistics.mean(b for _, b in pairs):.0f} s"
                          f" for {ROWS[base][0]}, without --adapt ({statistics.mean(a / b for a, b in pairs):.2f}×, {len(pairs)} seed(s))")
     if costs:
         lines += ["Cost of `--adapt` on this machine (whole run, same seed): " + "; ".join(costs) + ".", ""]
     for r in rows:
-        if r.get("seconds") is None or r.get("contended"):
+        if not alone(r):
             shown = f" (its epochs alone: {min(r['epoch_seconds']):.1f} to {max(r['epoch_seconds']):.1f} s)" if r.get("epoch_seconds") else ""
             lines += [f"{r['label']}, seed {r['seed']}: no wall time, another job shared the two cores during the run{shown}.", ""]
     return "\n".join(lines)

@@ -20,20 +20,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
-
-from edgetransfer._io import write_json
 from edgetransfer.bench import BenchOptions, bench_run
-from edgetransfer.checkpoint import save_checkpoint
-from edgetransfer.data import DataSpec
-from edgetransfer.export import ExportOptions, export_onnx
-from edgetransfer.models import build
 from edgetransfer.optimize import Precision, QuantOptions, Target, build_variants
 from edgetransfer.progress import set_quiet
-from edgetransfer.rundir import RunDir
 
 sys.path.insert(0, str(Path(__file__).parent))
 from fingerprint import fingerprint, save_results  # noqa: E402
+from quantize_bench import untrained_run  # noqa: E402
 
 ARCHS = {"efficientnet_lite0": ("timm:efficientnet_lite0", None), "resnet18": ("resnet18", "none")}
 TARGETS = (Target.ORT_CPU, Target.OPENVINO)
@@ -41,16 +34,7 @@ EVERY_LAYER = QuantOptions(calib_size=64, max_accuracy_drop=100.0, max_float_lay
 
 
 def speed_run(work: Path, name: str) -> tuple[Path, dict]:
-    arch, weights = ARCHS[name]
-    torch.manual_seed(0)
-    built = build(arch, 10, weights=weights, image_size=224)
-    run_dir = work / name
-    save_checkpoint(run_dir / "model.pt", built, [str(d) for d in range(10)])
-    write_json(run_dir / "config.json", {"data": DataSpec(limit_per_class=20).to_dict()})
-    manifest = RunDir(run_dir).new_manifest(run=run_dir.name, status="complete")
-    manifest.record("checkpoint", RunDir.CHECKPOINT, "torch-checkpoint")
-    manifest.save()
-    export_onnx(run_dir, ExportOptions(verify_images=8))
+    run_dir = untrained_run(work / name, *ARCHS[name])
     kept = {}
     for target in TARGETS:
         variants = build_variants(run_dir, [target], [Precision.FP32, Precision.INT8], EVERY_LAYER)

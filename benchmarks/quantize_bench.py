@@ -58,17 +58,23 @@ def accuracy_case(work: Path, name: str, config: FinetuneConfig) -> dict:
     }
 
 
-def speed_run(work: Path, arch: str, weights: str) -> Path:
-    """A run directory holding an untrained 224 px checkpoint of ``arch`` with its variants."""
+def untrained_run(run_dir: Path, arch: str, weights: str | None) -> Path:
+    """A run directory holding an untrained 224 px checkpoint of ``arch`` (10 classes) and its
+    ONNX export; its data for calibration and bench is 20 digits a class."""
     torch.manual_seed(0)
     built = build(arch, 10, weights=weights, image_size=224)
-    run_dir = work / f"speed-{arch.replace(':', '_')}"
     save_checkpoint(run_dir / "model.pt", built, [str(d) for d in range(10)])
     write_json(run_dir / "config.json", {"data": DataSpec(limit_per_class=20).to_dict()})
     manifest = RunDir(run_dir).new_manifest(run=run_dir.name, status="complete")
     manifest.record("checkpoint", RunDir.CHECKPOINT, "torch-checkpoint")
     manifest.save()
     export_onnx(run_dir, ExportOptions(verify_images=8))
+    return run_dir
+
+
+def speed_run(work: Path, arch: str, weights: str) -> Path:
+    """A run directory holding an untrained 224 px checkpoint of ``arch`` with its variants."""
+    run_dir = untrained_run(work / f"speed-{arch.replace(':', '_')}", arch, weights)
     build_variants(run_dir, [Target.ORT_CPU], [Precision.FP32, Precision.INT8],
                    QuantOptions(calib_size=64, max_accuracy_drop=100.0))
     return run_dir
