@@ -91,6 +91,10 @@ def load_checkpoint(path: str | Path) -> tuple[BuiltModel, dict[str, Any]]:
 
         width = payload["state_dict"].get(_prototype_key(built), torch.zeros(0, 0)).shape[-1]
         install_prototype_head(built, PrototypeHead.empty(width, payload["num_classes"]))
+    if "qat" in payload:  # fake-quantised: BatchNorm folded and quantizers in place before the state fits
+        from .qat import restore
+
+        restore(built, payload)
     try:
         built.module.load_state_dict(payload["state_dict"], strict=True)
     except RuntimeError as exc:

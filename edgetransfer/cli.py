@@ -19,7 +19,7 @@ import click
 from . import __version__
 from .bench import BenchOptions
 from .clioptions import field_default, field_option, from_options
-from .config import ExportOptions, FinetuneConfig
+from .config import QAT_TARGETS, ExportOptions, FinetuneConfig, QatOptions
 from .data import DataSpec
 from .errors import EdgeTransferError, OptionError, first_line
 from .optimize import Precision, QuantOptions, Target, TensorRTOptions
@@ -95,6 +95,11 @@ def main(debug: bool) -> None:
 @click.option("--threads", type=int, default=None, help="torch CPU threads (torch.set_num_threads).")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Run directory. [default: runs/<time>-<arch>-<mode>]")
 @click.option("--resume", "resume_dir", type=click.Path(path_type=Path), default=None, help="Continue the interrupted run in this directory (its own settings are used).")
+@click.option("--from", "from_run", type=click.Path(path_type=Path), default=None, help="With --qat: the finished run to fine-tune with INT8 fake quantisation (its data and settings are used).")
+@click.option("--qat", is_flag=True, help="Quantisation-aware fine-tuning of --from RUN into a child run (RUN/qat-TARGET) whose model is a QDQ INT8 ONNX model.")
+@click.option("--qat-target", type=click.Choice(list(QAT_TARGETS)), default=field_default(QatOptions, "target"), show_default=True, help="Where the INT8 model will run; decides the quantisation scheme.")
+@click.option("--qat-epochs", type=click.IntRange(min=0), default=field_default(QatOptions, "epochs"), show_default=True, help="Epochs with fake quantisation; the best by quantised val top-1 is kept.")
+@click.option("--qat-lr", type=float, default=field_default(QatOptions, "lr"), show_default=True, help="Learning rate of QAT (every weight).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @click.pass_context
 @_friendly
@@ -109,6 +114,7 @@ def finetune(ctx: click.Context, **options) -> None:
       edgetransfer finetune --data photos/ --adapt camera-frames/ --adapt-eval labelled-frames/
       edgetransfer finetune --adapt digits-m       # digits -> digits on photo patches, with DANN
       edgetransfer finetune --resume runs/20261128-101500-efficientnet_lite0-head
+      edgetransfer finetune --from runs/20261128-101500-efficientnet_lite0-head --qat --qat-target openvino
     """
     from .finetune import finetune as run_finetune
     from .progress import console, out, set_quiet
@@ -119,6 +125,9 @@ def finetune(ctx: click.Context, **options) -> None:
         import torch
 
         torch.set_num_threads(options["threads"])
+    if options["qat"] or options["from_run"] is not None:
+        _qat(ctx, options)
+        return
     resume_dir = options["resume_dir"]
     if resume_dir is not None:
         _refuse_options_with_resume(ctx)
@@ -136,6 +145,23 @@ def finetune(ctx: click.Context, **options) -> None:
     if result.metrics["epochs"]:
         out.print(epochs_table(result.metrics["epochs"]))
     out.print(finetune_summary_table(result.metrics, result.run_dir))
+    click.echo(str(result.run_dir))
+
+
+def _qat(ctx: click.Context, options: dict) -> None:
+    from .progress import out
+    from .qat import run_qat
+    from .report import qat_summary_table
+
+    if not (options["qat"] and options["from_run"] is not None):
+        raise OptionError("quantisation-aware fine-tuning needs both: --from RUN --qat")
+    given = [name for name in ctx.params if name not in {"from_run", "qat", "qat_target", "qat_epochs", "qat_lr", "out", "quiet", "threads", "seed"}
+             and ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT]
+    if given:
+        raise OptionError(f"--from RUN --qat fine-tunes with RUN's own data and settings; drop {', '.join(_flag(ctx, n) for n in given)}")
+    qat_options = QatOptions(target=options["qat_target"], epochs=options["qat_epochs"], lr=options["qat_lr"], seed=options["seed"])
+    result = run_qat(options["from_run"], qat_options, options["out"])
+    out.print(qat_summary_table(result.metrics, result.run_dir))
     click.echo(str(result.run_dir))
 
 

@@ -15,7 +15,7 @@ from .preprocessing import MAX_INPUT_SIZE
 if TYPE_CHECKING:
     from .rundir import RunDir
 
-__all__ = ["Mode", "AdaptMethod", "OptimizerName", "FinetuneConfig", "ExportOptions", "DEFAULT_ARCH", "DEFAULT_OPSET", "DEMO_IMAGE_SIZE"]
+__all__ = ["QatOptions", "QAT_TARGETS", "Mode", "AdaptMethod", "OptimizerName", "FinetuneConfig", "ExportOptions", "DEFAULT_ARCH", "DEFAULT_OPSET", "DEMO_IMAGE_SIZE"]
 
 DEFAULT_ARCH = "timm:efficientnet_lite0"
 DEFAULT_OPSET = 18  # the dynamo exporter's native opset; ONNX Runtime >= 1.14 and TensorRT 10 run it
@@ -200,3 +200,38 @@ class ExportOptions:
         data = asdict(self)
         data["output"] = str(self.output) if self.output else None
         return data
+
+
+QAT_TARGETS = ("ort-cpu", "openvino", "tensorrt", "ort-cuda", "ort-trt")
+
+
+@dataclass(frozen=True)
+class QatOptions:
+    """Settings of a QAT run.
+
+    Attributes:
+        target: where the INT8 model will run; decides the scheme (:func:`qat_scheme`).
+        epochs: epochs of fine-tuning with fake quantisation; the best by the quantised model's
+            validation top-1 is kept (epoch 0 is the calibrated model before any training).
+        lr: AdamW learning rate for every weight. Low: at 1e-4 the demo's first epoch collapsed.
+        calib_size: training images (class-balanced) the quantizers' ranges are calibrated on.
+        batch_size: images per step (default: the parent run's).
+        seed: seeds the calibration sample, shuffling and augmentation.
+    """
+
+    target: str = "ort-cpu"
+    epochs: int = 3
+    lr: float = 1e-5
+    calib_size: int = 256
+    batch_size: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.target not in QAT_TARGETS:
+            raise OptionError(f"unknown QAT target {self.target!r}; choose one of {', '.join(QAT_TARGETS)}")
+        if self.epochs < 0:
+            raise OptionError(f"--qat-epochs must be 0 or more, got {self.epochs}")
+        if not 0 < self.lr < 1:
+            raise OptionError(f"--qat-lr must be between 0 and 1, got {self.lr}")
+        if self.calib_size < 1 or (self.batch_size is not None and self.batch_size < 1):
+            raise OptionError("QAT calibration size and batch size must be at least 1")

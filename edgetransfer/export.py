@@ -103,10 +103,19 @@ def _export_run(run: RunDir, options: ExportOptions, output: Path, started: floa
         checkpoint_sha256=run.checkpoint_sha256(),
         edgetransfer_version=__version__,
     )
+    quantized = "qat" in payload
+    if quantized and options.fuse_preprocess:
+        raise ExportError("a QAT model is exported with float NCHW input only; drop --fuse-preprocess")
     with atomic_path(output) as tmp:
-        _export(built, options, info, tmp)
-        images = [load_image(s) for s in run.validation(options.verify_images)] if options.verify else []
-        parity = _verify(built, tmp, options, images) if options.verify else None
+        _export(built, options, info, tmp, quantized)
+        if options.verify and quantized:
+            from .qat import PARITY_IMAGES, verify_qdq
+
+            images = [load_image(s) for s in run.validation(max(options.verify_images, PARITY_IMAGES))]
+            parity = verify_qdq(built, tmp, images)
+        else:
+            images = [load_image(s) for s in run.validation(options.verify_images)] if options.verify else []
+            parity = _verify(built, tmp, options, images) if options.verify else None
     _record(run, output, options, parity)
     return ExportResult(output, parity, info, time.perf_counter() - started)
 
@@ -126,10 +135,15 @@ def _check_writable(output: Path) -> None:
         raise ExportError(f"cannot write {output}: permission denied; choose another --output")
 
 
-def _export(built: BuiltModel, options: ExportOptions, info: ModelInfo, path: Path) -> None:
-    import onnx
-
+def _export(built: BuiltModel, options: ExportOptions, info: ModelInfo, path: Path, quantized: bool = False) -> None:
     from .prototype import PrototypeHead
+
+    if quantized:
+        from .qat import export_qdq
+
+        model = export_qdq(built, path, options.opset)
+        _finish(model, built, info, path)
+        return
 
     prototype = next((m for m in built.module.modules() if isinstance(m, PrototypeHead)), None)
     if prototype is not None:  # the graph ends in the classifier's input; the head is appended below
@@ -141,6 +155,13 @@ def _export(built: BuiltModel, options: ExportOptions, info: ModelInfo, path: Pa
             prototype.features_only = False
     if prototype is not None:
         _append_prototype_head(model, prototype)
+    _finish(model, built, info, path)
+
+
+def _finish(model, built: BuiltModel, info: ModelInfo, path: Path) -> None:
+    """Metadata in, checked, saved."""
+    import onnx
+
     onnx.helper.set_model_props(model, info.to_props())
     model.doc_string = f"{built.arch.name} fine-tuned with edgetransfer {__version__}"
     try:

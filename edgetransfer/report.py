@@ -79,6 +79,29 @@ def finetune_summary_table(metrics: dict[str, Any], run_dir: Path) -> Table:
     return table
 
 
+def qat_summary_table(metrics: dict[str, Any], run_dir: Path) -> Table:
+    """The outcome of a QAT run beside its parent's float model."""
+    qat, parent = metrics["qat"], metrics.get("float") or {}
+    table = Table(title=Text(f"QAT result: {run_dir}"), title_justify="left", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+
+    def pct(value) -> str:
+        return "-" if value is None else f"{100 * value:.2f}%"
+
+    table.add_row("parent", Text(qat["parent"]))
+    table.add_row("scheme", Text(f"{qat['scheme']['weights']}; {qat['scheme']['activations']} ({qat['options']['target']})"))
+    table.add_row("layers", f"{qat['layers']} quantised, none in float; {metrics['folded_batchnorm']} BatchNorm folded")
+    history = metrics["history"]
+    table.add_row("val top-1", f"{pct(metrics['val_top1'])} quantised (epoch {metrics['best_epoch']} of {len(history) - 1};"
+                                f" calibrated only: {pct(history[0]['val_top1'])}); float {pct(parent.get('val_top1'))}")
+    if metrics.get("test_top1") is not None:
+        table.add_row("test top-1", f"{pct(metrics['test_top1'])} quantised, float {pct(parent.get('test_top1'))},"
+                                    f" on {metrics['test_images']} images no stage chose on")
+    table.add_row("time", f"{metrics['seconds']:.1f} s")
+    return table
+
+
 def plot_training(metrics: dict[str, Any], path: Path) -> Path:
     """Loss and top-1 per epoch, and the validation confusion matrix, as one PNG."""
     import matplotlib

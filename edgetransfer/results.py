@@ -134,6 +134,7 @@ class Parity:
     rtol: float = 0.0
     max_rel_diff: float = 0.0
     within_tolerance: bool = True
+    floor_max_abs_diff: float | None = None  # a QDQ export: how far float64 moves the fake-quantised model (atol is made from it)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

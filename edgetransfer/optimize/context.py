@@ -111,7 +111,17 @@ class BuildContext:
     quant: QuantOptions = field(default_factory=QuantOptions)
     tensorrt: TensorRTOptions = field(default_factory=TensorRTOptions)
     split: str = "validation"
+    reference: Path | None = None  # the float model variants are measured against, when not ``base`` (a QAT run's parent's)
     _selection: Selection | None = None
+
+    @property
+    def float_model(self) -> Path:
+        return self.reference or self.base
+
+    @property
+    def prequantized(self) -> bool:
+        """``base`` is already INT8 (a QAT run's QDQ model): INT8 ships it as it is."""
+        return self.reference is not None
 
     def compare(self, logits: np.ndarray) -> Comparison:
         """A variant's logits against the float model's, on the held-out images."""
@@ -127,7 +137,8 @@ class BuildContext:
             source = "validation images" if self.run.dataset.test else "every other validation image"
             stream = self.stream(samples, max(1, len(samples)))
             images = stream.get_next()[self.input_name]
-            self._selection = Selection(images, run_logits(self.base, images), [s.name for s in samples], source)
+            self._selection = Selection(images, run_logits(self.float_model, images), [s.name for s in samples], source,
+                                        np.array([s.label for s in samples]))
         return self._selection
 
     def stream(self, samples: list[Sample], batch: int) -> BatchStream:
@@ -162,9 +173,11 @@ def open_context(run: RunDir, quant: QuantOptions, tensorrt: TensorRTOptions) ->
     """
     import onnx
 
+    from ..qat import parent_onnx
     from .ort import run_logits
 
     base = run_onnx(run)
+    reference = parent_onnx(run)
     model = onnx.load(str(base), load_external_data=False)
     info = ModelInfo.from_props({p.key: p.value for p in model.metadata_props})
     input_name = model.graph.input[0].name
@@ -172,7 +185,8 @@ def open_context(run: RunDir, quant: QuantOptions, tensorrt: TensorRTOptions) ->
     stream = BatchStream(samples, info.preprocessing, input_name, info.input_format, max(1, len(samples)))
     images = stream.get_next()[input_name]
     labels = np.array([s.label for s in samples])
-    return BuildContext(run, base, info, input_name, images, labels, run_logits(base, images), quant, tensorrt, split)
+    return BuildContext(run, base, info, input_name, images, labels, run_logits(reference or base, images), quant, tensorrt, split,
+                        reference)
 
 
 def run_onnx(run: RunDir) -> Path:

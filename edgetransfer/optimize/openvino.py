@@ -39,7 +39,7 @@ from ..results import VariantReport
 from ..runtime import openvino_ir
 from ..runtime.openvino_ir import EXTRA, INFERENCE_PRECISION, compile_config, import_openvino, one_line, save_ir
 from .calibration import describe_samples
-from .guard import hold_budget
+from .guard import hold_budget, hold_prequantized
 from .targets import Precision, Target, TargetSpec, Variant, register
 
 if TYPE_CHECKING:
@@ -212,6 +212,13 @@ def _int8(context: BuildContext, model, report: VariantReport) -> Any:
     from .ort import CalibMethod
 
     quant = context.quant
+    if context.prequantized:  # a QAT run's QDQ model: OpenVINO reads its QDQ pairs as FakeQuantize; nothing is quantised again
+        selection = context.selection()
+        held = hold_prequantized("OpenVINO INT8 (QAT)", lambda images: logits(model, images), selection, quant.max_accuracy_drop)
+        report.kept_in_float, report.guard_steps = [], held.steps
+        report.details.update(mode="QDQ from quantisation-aware training, converted as it is", qat=context.run.read_config()["qat"],
+                              guard=held.record(selection, quant.max_accuracy_drop, 0))
+        return compress_weights(model)
     samples, source = context.calibration_samples()
     stream = context.stream(samples, quant.calib_batch)
     batches = [feed[context.input_name] for feed in iter(stream.get_next, None)]

@@ -40,6 +40,7 @@ def build_variants(
     run = RunDir(run_dir)
     run.require_checkpoint()
     check_combinations(targets, precisions, quant)
+    _check_qat(run, precisions)
     for target in targets:
         spec(target).check_available(precisions)
     with run.lock():
@@ -72,6 +73,15 @@ def check_combinations(targets: list[Target], precisions: list[Precision], quant
             spec(target).check_precision(precision)
     if quant.dynamic and Target.OPENVINO in targets and Precision.INT8 in precisions:
         raise OptionError("--dynamic-int8 is an ONNX Runtime option; OpenVINO INT8 is static (NNCF): drop --dynamic-int8")
+
+
+def _check_qat(run: RunDir, precisions: list[Precision]) -> None:
+    """A QAT run's model is INT8 already: its variants are INT8 ones."""
+    record = run.read_config().get("qat") if (run / RunDir.CONFIG).is_file() else None
+    others = [p.value for p in precisions if p is not Precision.INT8]
+    if isinstance(record, dict) and others:
+        raise OptionError(f"{run} is a QAT run: its model is INT8 already, so it has no {'/'.join(others)} variant;"
+                          f" build those from its parent run, {record.get('parent')}, or use --precision int8 here")
 
 
 def _record(run: RunDir, variant: Variant, quant: QuantOptions, tensorrt: TensorRTOptions) -> None:

@@ -1,0 +1,508 @@
+"""Quantisation-aware fine-tuning: ``edgetransfer finetune --from RUN --qat``.
+
+Post-training INT8 leaves some loss on small, depthwise-heavy models whatever the calibration.
+Here a finished run's float weights are fine-tuned for a few epochs with INT8 fake quantisation
+in the graph, so that they learn to live with the rounding the target's INT8 kernels apply, and
+the result is exported as a QDQ ONNX model that every INT8 target takes as it is.
+
+**Library: NVIDIA ModelOpt** (``modelopt.torch.quantization``). It swaps ``Conv2d`` and
+``Linear`` for versions with a weight quantizer (per output channel) and an input quantizer (per
+tensor), calibrates their ranges in one pass, trains with the straight-through estimator, and
+exports each quantizer as a ``QuantizeLinear``/``DequantizeLinear`` pair. Measured on the demo
+model (EfficientNet-Lite0 head, 64 px, test split of 179 images) against NNCF's PyTorch QAT,
+which edgetransfer already uses for OpenVINO PTQ:
+
+- the exported model against the fake-quantised PyTorch model it came from, ONNX Runtime with
+  graph optimisation off (the QDQ graph's reference semantics): ModelOpt agrees on 98.3% of the
+  images (max logit difference 0.86), NNCF on 95.0%;
+- ModelOpt's fake quantisation is plain PyTorch (no C++ extension to compile on first use, which
+  timed out under load with NNCF), and calibration takes 1.6 s.
+
+**Scheme** (:func:`qat_scheme`): symmetric per-channel int8 weights and per-tensor int8
+activations, as TensorRT and ONNX Runtime CUDA take them. For ONNX Runtime and OpenVINO on a CPU
+two changes follow from how their kernels run:
+
+- an activation that is never negative (after ReLU or ReLU6) is quantised unsigned (uint8, zero
+  point 0). ONNX Runtime then sees that the Clip before the QuantizeLinear changes nothing and
+  fuses the convolution into a ``QLinearConv``: 35 of the demo model's 49 convolutions, against 2
+  with signed activations;
+- on an x86 CPU without VNNI or AMX, weights use 7 bits (-63..63), as ONNX Runtime's
+  ``reduce_range`` and NNCF's overflow fix do: u8 x s8 products summed in pairs saturate 16 bits
+  otherwise. With 8-bit weights on such a CPU the exported model agreed with PyTorch on 48% of
+  the images under ONNX Runtime and 28% under OpenVINO; with 7 bits, 96% and 94% before training.
+
+BatchNorm is folded into the convolutions first (torch's ``fuse_conv_bn_eval``), so that the
+weights trained are the weights the integer kernels use.
+
+**The child run** (``RUN/qat-<target>`` by default) is a run directory of its own: the parent's
+``config.json`` (same data, same split) with a ``qat`` section, ``model.pt`` (the fake-quantised
+model: folded float weights and the quantizers' ranges), ``metrics.json``, ``model.onnx`` (the QDQ
+model, checked against PyTorch) and a manifest that names the parent run and its checkpoint's
+sha256. The parent's manifest records the child as ``qat-<target>``. ``edgetransfer export CHILD
+--target ... --precision int8`` ships the QDQ model as it is (nothing is quantised twice) and
+measures it against the parent's float model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import logging
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ._io import read_json, write_json
+from .config import QAT_TARGETS, QatOptions
+from .cpu import CpuFeatures, cpu_features
+from .errors import MissingDependencyError, RunError
+from .progress import console
+from .rundir import RunDir, now
+
+__all__ = ["QatOptions", "QatScheme", "QatResult", "qat_scheme", "fold_batchnorm", "quantize", "restore", "run_qat",
+           "is_qdq", "parent_onnx", "QAT_TARGETS", "QDQ_FLOOR_FACTOR", "qdq_limit", "verify_qdq", "export_qdq", "logits_of"]
+
+INSTALL = "pip install 'edgetransfer[qat]'"
+
+# How far the exported QDQ model may be from the fake-quantised PyTorch model: this many times
+# as far as that model is from itself when only its float arithmetic changes (float64 instead of
+# float32), plus 1e-3 of the largest logit. Both compute the same integer grid, but not in the
+# same float order, and a rounding tie that falls the other way moves one activation by a whole
+# quantisation step, which the following layers carry on; so the two cannot agree to 1e-4 as a
+# float export does, and how far they drift depends on the model's margins. Measured: on the
+# demo model ONNX Runtime's integer kernels differed by at most 1.19 in the logits where float64
+# moved the model by 0.89 (ratio 1.3), and on a 120-image run by 0.45 where float64 moved it by
+# 0.45; the top-1 changed for 1-2% and 5-7% of the images, float64 alone 1% and 5-7%. A broken
+# export is far outside: 8-bit weights on a CPU without VNNI differed by 9.8 (11x).
+QDQ_FLOOR_FACTOR = 3.0
+PARITY_IMAGES = 512  # validation images the QDQ export is checked on (all of them, up to this)
+
+
+@dataclass(frozen=True)
+class QatScheme:
+    """How weights and activations are quantised for a target on this CPU."""
+
+    weight_levels: int = 127  # largest |int8 weight|: 127 (8 bits) or 63 (7 bits)
+    unsigned_activations: bool = False  # uint8 for activations that are never negative
+    reasons: tuple[str, ...] = field(default_factory=tuple)
+
+    def to_dict(self) -> dict:
+        return {"weights": f"int8 symmetric per channel, |w| <= {self.weight_levels}",
+                "activations": "uint8 where never negative, else int8, symmetric per tensor" if self.unsigned_activations
+                else "int8 symmetric per tensor", "reasons": list(self.reasons)}
+
+
+def qat_scheme(target: str, cpu: CpuFeatures) -> QatScheme:
+    """The fake quantisation that matches what ``target``'s INT8 kernels compute on ``cpu``."""
+    if target in ("tensorrt", "ort-cuda", "ort-trt"):
+        return QatScheme(reasons=("TensorRT and CUDA take symmetric int8 activations and weights",))
+    reasons = ["uint8 activations where never negative: the CPU runtimes fuse Conv+Clip into an integer convolution then"]
+    if cpu.x86 and not cpu.int8_fast:
+        reasons.append(f"7-bit weights: this CPU has no VNNI or AMX ({cpu.summary()}) and u8 x s8 pairs saturate 16 bits")
+        return QatScheme(weight_levels=63, unsigned_activations=True, reasons=tuple(reasons))
+    return QatScheme(unsigned_activations=True, reasons=tuple(reasons))
+
+
+@dataclass
+class QatResult:
+    run_dir: Path
+    metrics: dict[str, Any]
+
+
+def _mtq():
+    import warnings
+
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "no CUDA runtime": fine on a CPU
+    warnings.filterwarnings("ignore", message="Cannot find transformers package")  # ModelOpt's LLM export, imported later
+
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # its LLM export plugins warn that transformers is missing
+            import modelopt.torch.quantization as mtq
+    except ImportError:
+        raise MissingDependencyError(f"QAT needs NVIDIA ModelOpt, which is not installed: {INSTALL}") from None
+    return mtq
+
+
+def fold_batchnorm(module: nn.Module, size: int) -> int:
+    """Fold every BatchNorm that reads a convolution's output alone into that convolution
+    (torch's ``fuse_conv_bn_eval``), in place; returns how many. timm's BatchNormAct2d leaves its
+    activation (and dropout) in its place. The module must be in eval mode."""
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    produced: dict[int, tuple[nn.Conv2d, torch.Tensor]] = {}
+    pairs: list[tuple[nn.Conv2d, nn.BatchNorm2d]] = []
+    hooks = [m.register_forward_hook(lambda m, i, o: produced.__setitem__(id(o), (m, o))) for m in module.modules() if isinstance(m, nn.Conv2d)]
+    hooks += [m.register_forward_hook(lambda m, i, o: pairs.append((produced[id(i[0])][0], m)) if id(i[0]) in produced else None)
+              for m in module.modules() if isinstance(m, nn.BatchNorm2d)]
+    try:
+        with torch.no_grad():
+            module(torch.zeros(1, 3, size, size))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    readers: dict[int, int] = {}
+    for conv, _ in pairs:
+        readers[id(conv)] = readers.get(id(conv), 0) + 1
+    owners = {id(child): (parent, name) for parent in module.modules() for name, child in parent.named_children()}
+    folded = 0
+    for conv, bn in pairs:
+        if readers[id(conv)] != 1 or id(conv) not in owners or id(bn) not in owners:
+            continue
+        parent, name = owners[id(conv)]
+        setattr(parent, name, fuse_conv_bn_eval(conv, bn))
+        parent, name = owners[id(bn)]
+        setattr(parent, name, nn.Sequential(bn.drop, bn.act) if hasattr(bn, "act") else nn.Identity())
+        folded += 1
+    return folded
+
+
+def _config(mtq) -> dict:
+    return {"quant_cfg": [{"quantizer_name": "*", "enable": False},
+                          {"quantizer_name": "*weight_quantizer", "cfg": {"num_bits": 8, "axis": 0}},
+                          {"quantizer_name": "*input_quantizer", "cfg": {"num_bits": 8, "axis": None}}],
+            "algorithm": "max"}
+
+
+def _quantizers(module: nn.Module, kind: str) -> dict[str, Any]:
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    return {name: getattr(m, kind) for name, m in module.named_modules()
+            if isinstance(getattr(m, kind, None), TensorQuantizer) and getattr(m, kind).is_enabled}
+
+
+def quantize(module: nn.Module, scheme: QatScheme, batches: list[torch.Tensor]) -> dict[str, Any]:
+    """Insert fake quantisation into ``module`` (BatchNorm already folded) and calibrate its ranges
+    on ``batches``; returns what was done, for the checkpoint and the manifest."""
+    mtq = _mtq()
+    mins: dict[str, float] = {}
+
+    def calibrate(model: nn.Module) -> None:
+        hooks = []
+        for name, m in model.named_modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                hooks.append(m.register_forward_pre_hook(
+                    lambda m, args, name=name: mins.__setitem__(name, min(mins.get(name, 0.0), float(args[0].min())))))
+        try:
+            for batch in batches:
+                model(batch)
+        finally:
+            for hook in hooks:
+                hook.remove()
+
+    with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
+        mtq.quantize(module, _config(mtq), calibrate)
+    return _apply_scheme(module, scheme, [name for name, low in mins.items() if low >= 0])
+
+
+def _apply_scheme(module: nn.Module, scheme: QatScheme, nonnegative: list[str]) -> dict[str, Any]:
+    weights = _quantizers(module, "weight_quantizer")
+    if scheme.weight_levels != 127:
+        for quantizer in weights.values():
+            quantizer.amax = quantizer.amax * (127.0 / scheme.weight_levels)
+    unsigned = []
+    if scheme.unsigned_activations:
+        inputs = _quantizers(module, "input_quantizer")
+        for name in nonnegative:
+            if name in inputs:
+                inputs[name].unsigned = True
+                unsigned.append(name)
+    return {"layers": len(weights), "unsigned_inputs": sorted(unsigned), "scheme": scheme.to_dict(),
+            "weight_levels": scheme.weight_levels}
+
+
+def restore(built, payload: dict[str, Any]) -> None:
+    """Rebuild a QAT checkpoint's module in ``built`` (freshly built, float): fold BatchNorm, insert
+    the quantizers and load the saved weights and ranges.
+
+    Raises:
+        RunError: the checkpoint's QAT record is not one this version reads.
+    """
+    record = payload.get("qat")
+    if not isinstance(record, dict) or not isinstance(record.get("unsigned_inputs"), list):
+        raise RunError("the checkpoint's QAT record is unreadable; run the QAT again")
+    module = built.module.eval()
+    fold_batchnorm(module, built.preprocessing.input_size)
+    _inplace_off(module)
+    mtq = _mtq()
+    zeros = torch.zeros(1, 3, built.preprocessing.input_size, built.preprocessing.input_size)
+    with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
+        mtq.quantize(module, _config(mtq), lambda model: model(zeros))  # ranges come from the state below
+    inputs = _quantizers(module, "input_quantizer")
+    for name in record["unsigned_inputs"]:
+        if name not in inputs:
+            raise RunError(f"the checkpoint's QAT record names a layer {name!r} this model does not have; run the QAT again")
+        inputs[name].unsigned = True
+
+
+def _inplace_off(module: nn.Module) -> None:
+    """In-place activations would change a quantizer's input after it was read."""
+    for m in module.modules():
+        if hasattr(m, "inplace"):
+            m.inplace = False
+
+
+def is_qdq(path: Path) -> bool:
+    """Whether the ONNX model at ``path`` is already quantised (holds QuantizeLinear nodes)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return any(node.op_type == "QuantizeLinear" for node in model.graph.node)
+
+
+def parent_onnx(run: RunDir) -> Path | None:
+    """For a QAT run, its parent's float ONNX model (checked against the parent's manifest); else ``None``.
+
+    Raises:
+        RunError: the parent run is gone, or its model no longer is the one recorded.
+    """
+    try:
+        record = run.read_config().get("qat")
+    except RunError:
+        return None
+    if not isinstance(record, dict):
+        return None
+    parent = RunDir(record.get("parent", ""))
+    if not parent.has_manifest():
+        raise RunError(f"{run} is a QAT run of {parent}, which is gone; its float model is the reference INT8 is measured against")
+    if parent.checkpoint_sha256() != record.get("parent_checkpoint_sha256"):
+        raise RunError(f"{parent}'s checkpoint has changed since {run} was trained from it; run the QAT again")
+    from .optimize.context import run_onnx
+
+    return run_onnx(parent)
+
+
+# ---------------------------------------------------------------------------------------------
+# The QAT run
+
+
+def run_qat(parent_dir: str | Path, options: QatOptions = QatOptions(), out: str | Path | None = None) -> QatResult:
+    """Fine-tune the finished run at ``parent_dir`` with fake quantisation into a child run.
+
+    Raises:
+        RunError: no finished run at ``parent_dir``, a prototype or QAT run as the parent, or an
+            existing child directory.
+        MissingDependencyError: ModelOpt is not installed.
+    """
+    parent = RunDir(parent_dir)
+    parent.require_complete()
+    config = parent.read_config()
+    if isinstance(config.get("qat"), dict):
+        raise RunError(f"{parent} is already a QAT run; run QAT from its parent, {config['qat'].get('parent')}")
+    child = RunDir(out if out is not None else parent / f"qat-{options.target}")
+    if child.path.exists():
+        raise RunError(f"{child} exists; remove it, or choose another --out")
+    _mtq()
+    built, payload = parent.load_checkpoint()
+    if payload.get("head") == "prototype":
+        raise RunError("QAT trains weights and a prototype run has none to train; run it on a linear-head run (--mode head or full)")
+    started = time.perf_counter()
+    with child.lock():
+        try:
+            return _run(parent, child, config, built, payload, options, started)
+        except BaseException:
+            shutil.rmtree(child.path, ignore_errors=True)
+            raise
+
+
+def _run(parent: RunDir, child: RunDir, config: dict, built, payload: dict, options: QatOptions, started: float) -> QatResult:
+    from .checkpoint import save_checkpoint
+    from .data import Augment, eval_transform, train_transform
+    from .finetune import _seed
+    from .optimize.calibration import balanced_sample
+
+    dataset = parent.dataset
+    scheme = qat_scheme(options.target, cpu_features())
+    pre = built.preprocessing
+    module = built.module.eval()
+    folded = fold_batchnorm(module, pre.input_size)
+    _inplace_off(module)
+    batch = options.batch_size or int(config.get("batch_size", 64))
+    _seed(options.seed)
+    calib = balanced_sample(dataset.train, options.calib_size, options.seed)
+    calib_batches = [x for x, _ in _batches(calib, eval_transform(pre), batch)]
+    record = quantize(module, scheme, calib_batches)
+    console.print(f"QAT: {record['layers']} layers quantised ({folded} BatchNorm folded), {len(record['unsigned_inputs'])} uint8 inputs;"
+                  f" weights |w| <= {scheme.weight_levels}", markup=False)
+    augment = Augment.parse(config.get("augment", Augment.CROP.value))
+    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=options.lr, weight_decay=0.0)
+    history, best = [], None
+    for epoch in range(options.epochs + 1):
+        epoch_started = time.perf_counter()
+        loss = _train_epoch(module, optimizer, dataset.train, train_transform(pre, augment), batch, float(config.get("label_smoothing", 0.1)),
+                            _seed(options.seed, 1, epoch)) if epoch else None
+        val = _top1(module, dataset.val, eval_transform(pre), batch)
+        history.append({"epoch": epoch, "train_loss": loss, "val_top1": val, "seconds": round(time.perf_counter() - epoch_started, 2)})
+        console.print(f"QAT epoch {epoch}/{options.epochs}: val top-1 {100 * val:.2f}% (quantised)"
+                      + (f", train loss {loss:.4f}" if loss is not None else " (calibrated, before training)"), markup=False)
+        if best is None or val > best[1]:
+            best = (epoch, val, copy.deepcopy(module.state_dict()))
+    module.load_state_dict(best[2])
+    module.eval()
+    test = _top1(module, dataset.test, eval_transform(pre), batch) if dataset.test else None
+    qat = {**record, "parent": str(parent.path.resolve()), "parent_checkpoint_sha256": parent.checkpoint_sha256(),
+           "options": asdict(options), "library": _library()}
+    child.path.mkdir(parents=True)
+    write_json(child / RunDir.CONFIG, {**config, "qat": qat})
+    save_checkpoint(child.checkpoint, built, payload["classes"], **{k: v for k, v in payload.items() if k not in _BUILT_KEYS}, qat=qat)
+    metrics = {"qat": qat, "history": history, "best_epoch": best[0], "val_top1": best[1], "test_top1": test,
+               "test_images": len(dataset.test), "val_images": len(dataset.val), "float": _parent_metrics(parent),
+               "seconds": round(time.perf_counter() - started, 1), "folded_batchnorm": folded}
+    write_json(child / RunDir.METRICS, metrics)
+    manifest = child.new_manifest(status="training", parent={"run": qat["parent"], "checkpoint_sha256": qat["parent_checkpoint_sha256"]})
+    manifest.record("checkpoint", RunDir.CHECKPOINT, "torch-checkpoint", parent=None,
+                    settings={"arch": built.arch.name, "qat": {"target": options.target, **asdict(options)}})
+    manifest.record("metrics", RunDir.METRICS, "metrics", parent="checkpoint")
+    manifest.data["qat"] = {"val_top1": best[1], "test_top1": test, "best_epoch": best[0], "finished": now()}
+    manifest.data["status"] = "complete"
+    manifest.save()
+    from .export import export_onnx
+
+    export_onnx(child)
+    _record_in_parent(parent, child, options, metrics)
+    return QatResult(child.path, read_json(child / RunDir.METRICS))
+
+
+_BUILT_KEYS = ("format", "arch", "weights", "num_classes", "classes", "preprocessing", "state_dict")
+
+
+def _record_in_parent(parent: RunDir, child: RunDir, options: QatOptions, metrics: dict) -> None:
+    with parent.lock():
+        manifest = parent.manifest()
+        entry = manifest.record(f"qat-{options.target}", parent.relative(child.checkpoint), "qat-run", parent="checkpoint",
+                                settings=asdict(options))
+        entry["run"] = str(parent.relative(child.path))
+        entry["val_top1"], entry["test_top1"] = metrics["val_top1"], metrics["test_top1"]
+        manifest.save()
+
+
+def _parent_metrics(parent: RunDir) -> dict:
+    metrics = read_json(parent / RunDir.METRICS)
+    final, test = metrics.get("final", {}), metrics.get("test") or {}
+    return {"val_top1": final.get("top1"), "test_top1": test.get("top1") if isinstance(test, dict) else None}
+
+
+def _library() -> dict:
+    from importlib import metadata
+
+    return {"name": "nvidia-modelopt", "version": metadata.version("nvidia-modelopt")}
+
+
+def _batches(samples, transform, batch: int, shuffle: bool = False, seed: int = 0):
+    from torch.utils.data import DataLoader
+
+    from .data import TorchImages
+
+    return DataLoader(TorchImages(samples, transform), batch_size=batch, shuffle=shuffle,
+                      generator=torch.Generator().manual_seed(seed))
+
+
+def _train_epoch(module: nn.Module, optimizer, samples, transform, batch: int, smoothing: float, seed: int) -> float:
+    module.train()
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=smoothing)
+    total, count = 0.0, 0
+    for x, y in _batches(samples, transform, batch, shuffle=True, seed=seed):
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(module(x), y)
+        loss.backward()
+        optimizer.step()
+        total, count = total + float(loss.detach()) * len(y), count + len(y)
+    module.eval()
+    return total / max(count, 1)
+
+
+def _top1(module: nn.Module, samples, transform, batch: int) -> float:
+    module.eval()
+    right = 0
+    with torch.no_grad():
+        for x, y in _batches(samples, transform, batch):
+            right += int((module(x).argmax(1) == y).sum())
+    return right / max(len(samples), 1)
+
+
+def logits_of(module: nn.Module, images: np.ndarray, batch: int = 64) -> np.ndarray:
+    """The fake-quantised module's logits on prepared (normalised NCHW) images."""
+    module.eval()
+    with torch.no_grad():
+        return np.concatenate([module(torch.from_numpy(images[i : i + batch])).numpy() for i in range(0, len(images), batch)])
+
+
+# ---------------------------------------------------------------------------------------------
+# Export: the fake-quantised module as a QDQ ONNX model
+
+
+def export_qdq(built, path: Path, opset: int) -> Any:
+    """The fake-quantised module as a QDQ ONNX model (``input`` NCHW float, ``logits``).
+
+    torch's TorchScript exporter is used: it writes each ModelOpt quantizer as the
+    QuantizeLinear/DequantizeLinear pair ModelOpt defines for it, which the dynamo exporter does
+    not know. Opset 13 at least (per-channel QuantizeLinear); 17 at most here (the TorchScript
+    exporter's newest).
+
+    Raises:
+        ExportError: the exporter fails on the model.
+    """
+    import warnings
+
+    import onnx
+
+    from .errors import ExportError, first_line
+    from .export import INPUT, OUTPUT
+
+    size = built.preprocessing.input_size
+    module = built.module.eval()
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            torch.onnx.export(module, (torch.zeros(1, 3, size, size),), str(path), dynamo=False, opset_version=min(max(opset, 13), 17),
+                              input_names=[INPUT], output_names=[OUTPUT], dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}})
+    except Exception as exc:
+        raise ExportError(f"cannot export the QAT model of {built.arch.name} to ONNX: {first_line(exc)}") from exc
+    return onnx.load(str(path))
+
+
+def qdq_limit(module: nn.Module, images: np.ndarray, eager: np.ndarray) -> tuple[float, float]:
+    """The largest logit difference an export of ``module`` may show on ``images``, and the floor
+    it is made from: how far ``module`` moves when it runs in float64 (see QDQ_FLOOR_FACTOR)."""
+    double = copy.deepcopy(module).double().eval()
+    with torch.no_grad():
+        floor = np.concatenate([double(torch.from_numpy(images[i : i + 64]).double()).float().numpy() for i in range(0, len(images), 64)])
+    floor_diff = float(np.abs(floor - eager).max()) if len(images) else 0.0
+    return QDQ_FLOOR_FACTOR * floor_diff + 1e-3 * float(np.abs(eager).max(initial=0.0)), floor_diff
+
+
+def verify_qdq(built, path: Path, images: list) -> Any:
+    """ONNX Runtime (CPU, its default graph optimisation: the integer kernels that will run)
+    against the fake-quantised PyTorch model on ``images``, within :func:`qdq_limit`.
+
+    Raises:
+        ParityError: further apart.
+    """
+    from .errors import ParityError
+    from .results import Parity, compare
+    from .runtime.sessions import open_session
+
+    pre = built.preprocessing
+    normalized = np.stack([pre.normalize(np.asarray(pre.resize_crop(img), dtype=np.uint8)) for img in images])
+    eager = logits_of(built.module, normalized)
+    limit, floor = qdq_limit(built.module, normalized, eager)
+    session = open_session(path)
+    onnx_logits = np.concatenate([session.run(None, {session.get_inputs()[0].name: normalized[i : i + 16]})[0]
+                                  for i in range(0, len(normalized), 16)])
+    agreement = compare(onnx_logits, eager)
+    ok = agreement.max_abs_diff <= limit
+    parity = Parity(agreement.images, 16, agreement.max_abs_diff, agreement.top1_agreement, limit, session.get_providers()[0],
+                    within_tolerance=ok, floor_max_abs_diff=floor)
+    if not ok:
+        raise ParityError(
+            f"the QDQ model and the fake-quantised PyTorch model differ by up to {agreement.max_abs_diff:.3f} in the logits on"
+            f" {agreement.images} images, over the {limit:.3f} allowed ({QDQ_FLOOR_FACTOR:g}x the {floor:.3f} that float64 alone moves"
+            f" them; top-1 agreement {100 * agreement.top1_agreement:.1f}%); nothing was written. Report it with the model's architecture")
+    return parity
