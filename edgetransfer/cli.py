@@ -131,6 +131,9 @@ def finetune(ctx: click.Context, **options) -> None:
     resume_dir = options["resume_dir"]
     if resume_dir is not None:
         _refuse_options_with_resume(ctx)
+        if (Path(resume_dir) / "config.json").is_file() and _is_qat_run(Path(resume_dir)):
+            _qat(ctx, options, resume=Path(resume_dir))
+            return
         config, run_dir = FinetuneConfig(), resume_dir
     else:
         config = from_options(FinetuneConfig, options, data=from_options(DataSpec, options))
@@ -148,11 +151,26 @@ def finetune(ctx: click.Context, **options) -> None:
     click.echo(str(result.run_dir))
 
 
-def _qat(ctx: click.Context, options: dict) -> None:
-    from .progress import out
-    from .qat import run_qat
+def _is_qat_run(run_dir: Path) -> bool:
+    from .rundir import RunDir
+
+    return isinstance(RunDir(run_dir).read_config().get("qat"), dict)
+
+
+def _qat(ctx: click.Context, options: dict, resume: Path | None = None) -> None:
+    from .progress import console, out
+    from .qat import resume_qat, run_qat
     from .report import qat_summary_table
 
+    if resume is not None:
+        try:
+            result = resume_qat(resume)
+        except KeyboardInterrupt:
+            console.print(f"\ninterrupted; finished epochs are saved. Continue with: edgetransfer finetune --resume {resume}", markup=False)
+            sys.exit(RESUME_EXIT)
+        out.print(qat_summary_table(result.metrics, result.run_dir))
+        click.echo(str(result.run_dir))
+        return
     if not (options["qat"] and options["from_run"] is not None):
         raise OptionError("quantisation-aware fine-tuning needs both: --from RUN --qat")
     given = [name for name in ctx.params if name not in {"from_run", "qat", "qat_target", "qat_epochs", "qat_lr", "out", "quiet", "threads", "seed"}
@@ -160,7 +178,14 @@ def _qat(ctx: click.Context, options: dict) -> None:
     if given:
         raise OptionError(f"--from RUN --qat fine-tunes with RUN's own data and settings; drop {', '.join(_flag(ctx, n) for n in given)}")
     qat_options = QatOptions(target=options["qat_target"], epochs=options["qat_epochs"], lr=options["qat_lr"], seed=options["seed"])
-    result = run_qat(options["from_run"], qat_options, options["out"])
+    child = options["out"] or Path(options["from_run"]) / f"qat-{qat_options.target}"
+    try:
+        result = run_qat(options["from_run"], qat_options, child)
+    except KeyboardInterrupt:
+        if (child / "last.pt").is_file():
+            console.print(f"\ninterrupted; finished epochs are saved. Continue with: edgetransfer finetune --resume {child}", markup=False)
+            sys.exit(RESUME_EXIT)
+        raise
     out.print(qat_summary_table(result.metrics, result.run_dir))
     click.echo(str(result.run_dir))
 

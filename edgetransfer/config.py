@@ -213,7 +213,9 @@ class QatOptions:
         target: where the INT8 model will run; decides the scheme (:func:`qat_scheme`).
         epochs: epochs of fine-tuning with fake quantisation; the best by the quantised model's
             validation top-1 is kept (epoch 0 is the calibrated model before any training).
-        lr: AdamW learning rate for every weight. Low: at 1e-4 the demo's first epoch collapsed.
+        lr: peak AdamW learning rate for every weight (one epoch of warm-up, then cosine decay).
+            On the demo (5 epochs), 1e-5 reached 94.71% quantised validation top-1, 3e-5 95.82% and
+            1e-4 97.21%, but 1e-4 fell to 85% in its first epoch; 3e-5 is the cautious default.
         calib_size: training images (class-balanced) the quantizers' ranges are calibrated on.
         batch_size: images per step (default: the parent run's).
         seed: seeds the calibration sample, shuffling and augmentation.
@@ -221,7 +223,7 @@ class QatOptions:
 
     target: str = "ort-cpu"
     epochs: int = 3
-    lr: float = 1e-5
+    lr: float = 3e-5
     calib_size: int = 256
     batch_size: int | None = None
     seed: int = 0

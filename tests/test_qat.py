@@ -19,7 +19,7 @@ from edgetransfer.cpu import CpuFeatures
 from edgetransfer.errors import OptionError, QuantizationError, RunError
 from edgetransfer.optimize import Precision, QuantOptions, Target, build_variants
 from edgetransfer.optimize.guard import Selection, hold_prequantized
-from edgetransfer.qat import fold_batchnorm, logits_of, qat_scheme, qdq_limit, run_qat, verify_qdq
+from edgetransfer.qat import fold_batchnorm, logits_of, qat_scheme, qdq_limit, resume_qat, run_qat, verify_qdq
 from edgetransfer.rundir import RunDir
 
 
@@ -30,8 +30,8 @@ def parent(trained_run, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def child(parent) -> Path:
-    """One QAT epoch on the shared run (120 training images at 64 px): a few seconds."""
-    return run_qat(parent, QatOptions(epochs=1)).run_dir
+    """Two QAT epochs on the shared run (120 training images at 64 px): a few seconds each."""
+    return run_qat(parent, QatOptions(epochs=2)).run_dir
 
 
 def _images(run: RunDir, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -61,7 +61,8 @@ def test_a_qat_run_is_a_child_of_its_float_run(parent, child):
     # the same data and split as the parent: the child's held-out images are the parent's
     assert [s.name for s in RunDir(child).dataset.test] == [s.name for s in RunDir(parent).dataset.test]
     metrics = json.loads((child / "metrics.json").read_text())
-    assert [h["epoch"] for h in metrics["history"]] == [0, 1]
+    assert [h["epoch"] for h in metrics["history"]] == [0, 1, 2]
+    assert not (child / "last.pt").exists()  # the resume state goes once the run is complete
     assert metrics["val_top1"] == max(h["val_top1"] for h in metrics["history"])  # the best quantised epoch is kept
     assert metrics["history"][metrics["best_epoch"]]["val_top1"] == metrics["val_top1"]
 
@@ -148,6 +149,36 @@ def test_a_rebuilt_checkpoint_gives_the_same_logits_as_the_trained_module(child,
     assert np.abs(logits_of(float_model.module, images) - logits_of(first.module, images)).max() > 1e-3
 
 
+class _Killed(BaseException):
+    """Nothing catches it: the process dies here."""
+
+
+@pytest.mark.parametrize("kill_after", [0, 1])
+def test_a_qat_run_killed_after_any_epoch_resumes_to_the_same_bits(parent, child, tmp_path, kill_after):
+    out = tmp_path / "interrupted"
+
+    def kill(epoch: int) -> None:
+        if epoch == kill_after:
+            raise _Killed
+
+    with pytest.raises(_Killed):
+        run_qat(parent, QatOptions(epochs=2), out, on_epoch=kill)
+    assert (out / "last.pt").is_file() and not (out / "model.pt").exists()
+    with pytest.raises(RunError, match="still training or was interrupted"):
+        build_variants(out, [Target.ORT_CPU], [Precision.INT8])
+    torch.manual_seed(1234)  # scramble the global generators: the resumed epochs must not depend on them
+    np.random.seed(1234)
+    result = resume_qat(out)
+    resumed, reference = torch.load(out / "model.pt")["state_dict"], torch.load(child / "model.pt")["state_dict"]
+    assert resumed.keys() == reference.keys()
+    assert all(torch.equal(resumed[k], reference[k]) for k in reference)
+    reference_metrics = json.loads((child / "metrics.json").read_text())
+    assert [h["val_top1"] for h in result.metrics["history"]] == [h["val_top1"] for h in reference_metrics["history"]]
+    assert [h["train_loss"] for h in result.metrics["history"]] == [h["train_loss"] for h in reference_metrics["history"]]
+    with pytest.raises(RunError, match="has finished"):
+        resume_qat(out)
+
+
 def test_int8_variants_ship_the_qat_model_as_it_is(child, parent):
     import onnx
 
@@ -186,9 +217,11 @@ def test_openvino_runs_the_qat_model_in_int8(child):
     assert kinds.get("u8", 0) + kinds.get("i8", 0) == sum(kinds.values()) == 49, kinds
 
 
-def test_float_variants_of_a_qat_run_are_refused(child):
+def test_float_variants_and_foreign_schemes_of_a_qat_run_are_refused(child):
     with pytest.raises(OptionError, match="INT8 already"):
         build_variants(child, [Target.ORT_CPU], [Precision.FP32])
+    with pytest.raises(OptionError, match="--qat-target tensorrt"):  # uint8 activations: TensorRT takes int8 only
+        build_variants(child, [Target.TENSORRT], [Precision.INT8])
 
 
 def test_the_qat_guard_judges_labelled_top1_not_disagreement():

@@ -283,6 +283,10 @@ def _prequantized(context: BuildContext, target: Target, output: Path, report: V
     selection = context.selection()
     held = hold_prequantized("INT8 (QAT)", lambda images: run_logits(output, images), selection, quant.max_accuracy_drop)
     report.kept_in_float, report.guard_steps = [], held.steps
+    trained_for = context.run.read_config()["qat"]["options"]["target"]
+    if target is Target.ORT_CPU and trained_for in ("tensorrt", "ort-cuda", "ort-trt"):
+        report.warnings.append(f"this QAT run was trained for {trained_for} (int8 activations): ONNX Runtime's CPU kernels fuse few of its"
+                               " convolutions; run the QAT with --qat-target ort-cpu for this target")
     report.details.update(mode="static QDQ from quantisation-aware training, shipped as it is",
                           qat=context.run.read_config()["qat"], guard=held.record(selection, quant.max_accuracy_drop, 0))
 

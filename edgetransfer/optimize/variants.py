@@ -19,6 +19,8 @@ from ..rundir import RunDir
 from .context import QuantOptions, TensorRTOptions, open_context
 from .targets import Precision, Target, Variant, spec
 
+GPU_TARGETS = ("tensorrt", "ort-cuda", "ort-trt")  # symmetric int8 activations only
+
 __all__ = ["Variant", "build_variants", "check_combinations"]
 
 
@@ -38,9 +40,9 @@ def build_variants(
         QuantizationError: INT8 cannot meet ``quant.max_accuracy_drop``; unusable calibration data.
     """
     run = RunDir(run_dir)
+    _check_qat(run, targets, precisions)
     run.require_checkpoint()
     check_combinations(targets, precisions, quant)
-    _check_qat(run, precisions)
     for target in targets:
         spec(target).check_available(precisions)
     with run.lock():
@@ -75,13 +77,21 @@ def check_combinations(targets: list[Target], precisions: list[Precision], quant
         raise OptionError("--dynamic-int8 is an ONNX Runtime option; OpenVINO INT8 is static (NNCF): drop --dynamic-int8")
 
 
-def _check_qat(run: RunDir, precisions: list[Precision]) -> None:
-    """A QAT run's model is INT8 already: its variants are INT8 ones."""
+def _check_qat(run: RunDir, targets: list[Target], precisions: list[Precision]) -> None:
+    """A QAT run's model is INT8 already: its variants are INT8 ones, for targets that take its scheme."""
     record = run.read_config().get("qat") if (run / RunDir.CONFIG).is_file() else None
+    if isinstance(record, dict):
+        run.require_complete()  # an interrupted QAT run says how to finish it
     others = [p.value for p in precisions if p is not Precision.INT8]
     if isinstance(record, dict) and others:
         raise OptionError(f"{run} is a QAT run: its model is INT8 already, so it has no {'/'.join(others)} variant;"
                           f" build those from its parent run, {record.get('parent')}, or use --precision int8 here")
+    if isinstance(record, dict):
+        trained_for = record.get("options", {}).get("target")
+        for target in targets:
+            if target.value in GPU_TARGETS and trained_for not in GPU_TARGETS:
+                raise OptionError(f"{run} was trained for {trained_for}, with uint8 activations, which {target.value} does not take;"
+                                  f" run the QAT again with --qat-target {target.value}")
 
 
 def _record(run: RunDir, variant: Variant, quant: QuantOptions, tensorrt: TensorRTOptions) -> None:
