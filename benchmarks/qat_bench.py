@@ -156,12 +156,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="edgetransfer-qat-") as scratch:
         work = args.work or Path(scratch)
         rows = []
-        for key in keys:
+        machine = fingerprint(torch.get_num_threads())
+        for key in keys:  # results are saved after every case: a long run shows what it has
             print(f"case {key}", flush=True)
             rows.append(case(work, key, qat))
-            print(json.dumps(rows[-1], indent=1, default=str)[:2000], flush=True)
-    machine = fingerprint(torch.get_num_threads())
-    save_results(args.stem, {"machine": machine, "qat": qat.__dict__, "rows": rows}, markdown(rows, machine, qat))
+            save_results(args.stem, {"machine": machine, "qat": qat.__dict__, "rows": rows}, markdown(rows, machine, qat))
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from rich.markup import escape
 
 from ._io import write_bytes, write_json
 from .backends import EagerRunner, Runner, SkipVariant
@@ -27,7 +28,7 @@ from .data import DataSpec, load_dataset, load_image
 from .errors import DataError, OptionError, RunError, first_line, unknown_name
 from .metadata import UINT8_NHWC
 from .preprocessing import Preprocessing
-from .progress import progress
+from .progress import console, progress
 from .results import BenchAccuracy, BenchReport, BenchRow, Latency, Machine, Recommendation
 from .rundir import RunDir, now, versions
 
@@ -195,6 +196,7 @@ def _variants(run: RunDir, options: BenchOptions) -> list[_Variant]:
             path = run / entry["path"]
             check = functools.partial(run.verify, name, run.rebuild_hint(name))
             found.append(_Variant(name, path, entry["kind"], target.runner, target.files(path), verify=check))
+    found += _qat_variants(run)
     if options.variants:
         known = {v.name: v for v in found}
         for name in options.variants:
@@ -204,6 +206,29 @@ def _variants(run: RunDir, options: BenchOptions) -> list[_Variant]:
     for model in map(Path, options.models):
         target = spec("openvino" if model.suffix == ".xml" else "ort-cpu")
         found.append(_Variant(model.name, model, target.kind, target.runner, target.files(model), from_manifest=False))
+    return found
+
+
+def _qat_variants(run: RunDir) -> list[_Variant]:
+    """The variants of the run's QAT children (``qat-TARGET/NAME``), so that PTQ and QAT models are
+    measured side by side on the same images; a child trained from an older checkpoint is left out."""
+    from .optimize.targets import spec_for_artifact
+
+    found = []
+    for entry in run.manifest().artifacts.values():
+        if entry.get("kind") != "qat-run" or not isinstance(entry.get("run"), str):
+            continue
+        child = RunDir(run / entry["run"])
+        if not child.has_manifest() or child.manifest().data.get("parent", {}).get("checkpoint_sha256") != run.checkpoint_sha256():
+            console.print(f"[yellow]warning:[/] {escape(str(child))} was trained from another checkpoint of this run; its variants are left out")
+            continue
+        for name, child_entry in child.manifest().artifacts.items():
+            target = spec_for_artifact(child_entry)
+            if target is not None:
+                path = child / child_entry["path"]
+                check = functools.partial(child.verify, name, child.rebuild_hint(name))
+                found.append(_Variant(f"{child.name}/{name}", path, child_entry["kind"], target.runner, target.files(path),
+                                      from_manifest=False, verify=check))
     return found
 
 

@@ -485,7 +485,7 @@ def _record_in_parent(parent: RunDir, child: RunDir, options: QatOptions, metric
     with parent.lock():
         manifest = parent.manifest()
         entry = manifest.record(f"qat-{options.target}", parent.relative(child.checkpoint), "qat-run", parent="checkpoint",
-                                settings=asdict(options))
+                                settings={"qat": asdict(options)})  # not a variant: no "target" of its own
         entry["run"] = str(parent.relative(child.path))
         entry["val_top1"], entry["test_top1"] = metrics["val_top1"], metrics["test_top1"]
         manifest.save()

@@ -289,3 +289,19 @@ def test_the_cli_needs_from_and_qat_together_and_nothing_else(parent):
     assert result.exit_code == 1 and "--from RUN --qat" in result.output
     result = runner.invoke(main, ["finetune", "--from", str(parent), "--qat", "--epochs", "3"])
     assert result.exit_code == 1 and "drop --epochs" in result.output
+
+
+def test_bench_measures_the_qat_variants_beside_the_parents(parent, child):
+    """PTQ and QAT on the same images in one bench run."""
+    from edgetransfer.bench import BenchOptions, bench_run
+
+    build_variants(child, [Target.ORT_CPU], [Precision.INT8], QuantOptions(max_accuracy_drop=100))
+    build_variants(parent, [Target.ORT_CPU], [Precision.INT8], QuantOptions(max_accuracy_drop=100, max_float_layers=0))
+    report = bench_run(parent, BenchOptions(batch_sizes=(1,), rounds=1, iterations=3, warmup=1))
+    rows = {row.variant: row for row in report.results}
+    assert {"eager", "ort-cpu-int8", "qat-ort-cpu/ort-cpu-int8"} <= rows.keys()
+    qat, ptq = rows["qat-ort-cpu/ort-cpu-int8"], rows["ort-cpu-int8"]
+    assert qat.measured and ptq.measured, (qat.reason, ptq.reason)
+    assert qat.accuracy.top1_change_interval is not None  # paired with eager on the same images
+    shipped = next(v for v in RunDir(child).manifest().artifacts.values() if v["path"] == "ort-cpu-int8.onnx")
+    assert abs(qat.accuracy.top1 - shipped["report"]["top1"]) < 1e-9  # the same test images as export measured
