@@ -92,7 +92,7 @@ def _pct(value) -> str:
 
 def _cell(entry: dict) -> list[str]:
     if "refused" in entry:
-        return ["refused", "–", "–", "–", f"{entry['seconds']:.0f} s: {entry['refused']}"]
+        return ["refused", "–", "–", "–", f"{entry['seconds']:.0f} s: {entry['refused'].replace('|', '/')}"]
     low, high = entry["interval"]
     return [_pct(entry["top1"]), f"{entry['change_points']:+.2f} ({low:+.2f} to {high:+.2f})", f"{100 * entry['agreement']:.1f}%",
             str(entry["float_layers"]), f"{entry['seconds']:.0f} s"]
@@ -114,7 +114,7 @@ def markdown(rows: list[dict], machine: dict, qat: QatOptions) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
-        float_top1 = next((e.get("float_top1") for e in row["ptq"].values() if "float_top1" in e), None)
+        float_top1 = next((e.get("float_top1") for e in [*row["ptq"].values(), *row["qat"].values()] if "float_top1" in e), None)
         images = next((e.get("images") for e in [*row["ptq"].values(), *row["qat"].values()] if "images" in e), "?")
         for method in ("ptq", "qat"):
             for target, entry in row[method].items():
@@ -135,8 +135,8 @@ def markdown(rows: list[dict], machine: dict, qat: QatOptions) -> str:
         for target, entry in row["qat"].items():
             if "labelled_drop_points" in entry and entry["labelled_drop_points"] is not None:
                 verdict = "passes" if entry["labelled_drop_points"] <= BUDGET else "would be refused by"
-                lines.append(f"  - {target}: loses {entry['labelled_drop_points']:.2f} points on validation: {verdict} the default"
-                             f" {BUDGET}-point guard.")
+                lines.append(f"  - {target}: {-entry['labelled_drop_points']:+.2f} top-1 points against float on the validation images:"
+                             f" {verdict} the default {BUDGET}-point guard.")
     return "\n".join(lines) + "\n"
 
 
@@ -147,7 +147,12 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=QatOptions().epochs)
     parser.add_argument("--lr", type=float, default=QatOptions().lr)
     parser.add_argument("--stem", default="qat", help="results file name")
+    parser.add_argument("--markdown-only", action="store_true", help="rewrite results/<stem>.md from its .json")
     args = parser.parse_args()
+    if args.markdown_only:
+        saved = json.loads((Path(__file__).parent / "results" / f"{args.stem}.json").read_text())
+        save_results(args.stem, saved, markdown(saved["rows"], saved["machine"], QatOptions(**saved["qat"])))
+        return
     set_quiet(True)
     import torch
 
