@@ -219,7 +219,10 @@ def _qat_variants(run: RunDir) -> list[_Variant]:
         if entry.get("kind") != "qat-run" or not isinstance(entry.get("run"), str):
             continue
         child = RunDir(run / entry["run"])
-        if not child.has_manifest() or child.manifest().data.get("parent", {}).get("checkpoint_sha256") != run.checkpoint_sha256():
+        if not child.has_manifest():
+            console.print(f"[yellow]warning:[/] the QAT run {escape(str(child))} is gone; its variants are left out")
+            continue
+        if child.manifest().data.get("parent", {}).get("checkpoint_sha256") != run.checkpoint_sha256():
             console.print(f"[yellow]warning:[/] {escape(str(child))} was trained from another checkpoint of this run; its variants are left out")
             continue
         for name, child_entry in child.manifest().artifacts.items():

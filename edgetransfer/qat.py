@@ -71,7 +71,7 @@ from .rundir import RunDir, now
 LAST = RunDir.LAST
 
 __all__ = ["QatOptions", "QatScheme", "QatResult", "qat_scheme", "fold_batchnorm", "quantize", "restore", "run_qat",
-           "resume_qat", "is_qdq", "parent_onnx", "QAT_TARGETS", "QDQ_FLOOR_FACTOR", "qdq_limit", "verify_qdq", "export_qdq", "logits_of"]
+           "resume_qat", "parent_onnx", "QAT_TARGETS", "QDQ_FLOOR_FACTOR", "qdq_limit", "verify_qdq", "export_qdq", "logits_of"]
 
 INSTALL = "pip install 'edgetransfer[qat]'"
 
@@ -251,14 +251,6 @@ def _inplace_off(module: nn.Module) -> None:
     for m in module.modules():
         if hasattr(m, "inplace"):
             m.inplace = False
-
-
-def is_qdq(path: Path) -> bool:
-    """Whether the ONNX model at ``path`` is already quantised (holds QuantizeLinear nodes)."""
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-    return any(node.op_type == "QuantizeLinear" for node in model.graph.node)
 
 
 def parent_onnx(run: RunDir) -> Path | None:
@@ -482,11 +474,14 @@ _BUILT_KEYS = ("format", "arch", "weights", "num_classes", "classes", "preproces
 
 
 def _record_in_parent(parent: RunDir, child: RunDir, options: QatOptions, metrics: dict) -> None:
+    """The child in the parent's manifest, as ``qat:<its path>`` (relative when inside the parent):
+    one entry per child, so two QAT runs of one parent never replace each other's."""
     with parent.lock():
         manifest = parent.manifest()
-        entry = manifest.record(f"qat-{options.target}", parent.relative(child.checkpoint), "qat-run", parent="checkpoint",
+        where = str(parent.relative(child.path))
+        entry = manifest.record(f"qat:{where}", parent.relative(child.checkpoint), "qat-run", parent="checkpoint",
                                 settings={"qat": asdict(options)})  # not a variant: no "target" of its own
-        entry["run"] = str(parent.relative(child.path))
+        entry["run"] = where
         entry["val_top1"], entry["test_top1"] = metrics["val_top1"], metrics["test_top1"]
         manifest.save()
 

@@ -55,7 +55,7 @@ def test_a_qat_run_is_a_child_of_its_float_run(parent, child):
     assert manifest.data["parent"] == {"run": str(parent.resolve()), "checkpoint_sha256": RunDir(parent).checkpoint_sha256()}
     assert manifest.artifacts["checkpoint"]["settings"]["qat"]["target"] == "ort-cpu"
     assert manifest.data["versions"]["nvidia-modelopt"] == payload_library(child)  # the library that trained it
-    recorded = RunDir(parent).manifest().artifacts["qat-ort-cpu"]
+    recorded = RunDir(parent).manifest().artifacts["qat:qat-ort-cpu"]
     assert recorded["path"] == "qat-ort-cpu/model.pt" and recorded["parent"] == "checkpoint"
     assert recorded["sha256"] == RunDir(child).checkpoint_sha256()
     # the same data and split as the parent: the child's held-out images are the parent's
@@ -177,6 +177,8 @@ def test_a_qat_run_killed_after_any_epoch_resumes_to_the_same_bits(parent, child
     assert [h["train_loss"] for h in result.metrics["history"]] == [h["train_loss"] for h in reference_metrics["history"]]
     with pytest.raises(RunError, match="has finished"):
         resume_qat(out)
+    entries = RunDir(parent).manifest().artifacts  # each child its own entry in the parent's manifest
+    assert entries[f"qat:{out.resolve()}"]["run"] == str(out.resolve()) and "qat:qat-ort-cpu" in entries
 
 
 def test_int8_variants_ship_the_qat_model_as_it_is(child, parent):
