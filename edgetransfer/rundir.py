@@ -274,7 +274,7 @@ class RunDir:
         settings = entry.get("settings", {})
         if name == "checkpoint":
             return "restore it, or fine-tune again"
-        if "target" in settings:
+        if "target" in settings and "precision" in settings:
             return f"rebuild it with: edgetransfer export {self.path} --target {settings['target']} --precision {settings['precision']}"
         fused = " --fuse-preprocess" if name == "onnx-uint8" else ""
         return f"export it again with: edgetransfer export {self.path}{fused}"
