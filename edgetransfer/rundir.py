@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 __all__ = ["RunDir", "Manifest", "versions", "now"]
 
 SCHEMA = 2  # 2: an artifact's parent may be a list (bench.json); variant reports always carry kept_in_float, guard_steps, warnings
-_PACKAGES = ("torch", "torchvision", "timm", "numpy", "pillow", "onnx", "onnxruntime", "onnxruntime-gpu", "openvino", "nncf", "nvidia-modelopt")
+_PACKAGES = ("torch", "torchvision", "timm", "numpy", "pillow", "onnx", "onnxruntime", "onnxruntime-gpu", "openvino", "nncf", "nvidia-modelopt", "aimet-onnx")
 
 
 def now() -> str:

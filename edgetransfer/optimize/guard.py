@@ -17,6 +17,8 @@ How it decides:
   quantisation debuggers (ONNX Runtime's ``qdq_loss_debug``, NNCF's accuracy control) look at.
   Putting layers back in float needs no new calibration (a graph edit), so one layer costs one
   short inference run.
+* **Recovery before float** (optional). The quantiser may first quantise its top-ranked layers
+  better (ONNX Runtime: AdaRound, :mod:`.rounding`); the model is then measured and ranked again.
 * **Bisection along the ranking.** The number of layers kept in float is found by bisection over
   the ranked list, each candidate measured on every selection image: about log2(``max_float``)
   measurements instead of one per layer per pass.
@@ -95,6 +97,7 @@ class GuardResult:
     ranking: list[tuple[str, float]] = field(default_factory=list)  # (layer, logit error when it alone is quantised)
     seconds: float = 0.0
     labelled_drop: float | None = None  # a QAT model's criterion (see hold_prequantized)
+    recovery: dict | None = None  # what the quantiser did to its top-ranked layers before any went back to float
 
     def record(self, selection: Selection, budget: float, max_float: int) -> dict:
         """The guard's entry in the manifest."""
@@ -114,6 +117,7 @@ class GuardResult:
             "disagreement_points": round(self.final[0], 3),
             "logit_mse": round(self.final[1], 6),
             "ranking": [{"layer": name, "logit_mse_alone": round(error, 6)} for name, error in self.ranking],
+            "recovery": self.recovery,
         }
 
 
@@ -148,10 +152,15 @@ def rank_layers(subject: GuardSubject, layers: Sequence[str], images: np.ndarray
 
 
 def hold_budget(subject: GuardSubject, selection: Selection, budget: float, max_float: int,
-                report: Callable[[str], None]) -> GuardResult:
+                report: Callable[[str], None], recover: Callable[[list[str]], dict | None] | None = None) -> GuardResult:
     """Measure ``subject`` fully quantised on the selection images; when its top-1 disagreement
     with float is over ``budget`` points, keep its highest-ranked layers in float, as few as
     bisection along the ranking finds.
+
+    Args:
+        recover: called once with the layers ranked, most damaging first, before any goes back to
+            float: the quantiser may quantise them better (learned rounding) and returns its
+            record, or None when it changed nothing. The model is then measured and ranked again.
 
     Raises:
         QuantizationError: the budget cannot be held with at most ``max_float`` layers in float.
@@ -171,24 +180,41 @@ def hold_budget(subject: GuardSubject, selection: Selection, budget: float, max_
            " ranking its layers")
     layers = subject.layers()
     limit = min(max_float, len(layers))
-    ranking = rank_layers(subject, layers, *selection.ranking(), report) if limit else []
+    ranking = rank_layers(subject, layers, *selection.ranking(), report) if limit or recover else []
+    recovery = recover([name for name, _ in ranking]) if recover else None
+    if recovery is not None:
+        full = measure([])
+        report(f"{subject.name} after {recovery.get('method', 'recovery')}: {full[0]:.2f}% disagreement")
+        if full[0] <= budget or not limit:
+            return _held_or_refused([], full, steps, ranking, recovery, started, subject, budget)
+        ranking = rank_layers(subject, layers, *selection.ranking(), report)
     ranked = [name for name, _ in ranking]
     outcome = {0: full}
     if limit:
         outcome[limit] = measure(ranked[:limit])
     if outcome[limit][0] > budget:
-        raise QuantizationError(
-            f"{subject.name} changes the top-1 of {outcome[limit][0]:.2f}% of the selection images even with {limit} layer(s)"
-            f" kept in float (budget {budget} points; {time.perf_counter() - started:.0f} s of guard); nothing was written."
-            f" Raise --max-accuracy-drop or --max-float-layers, or use {subject.fallback}"
-        )
+        _refuse(subject, outcome[limit][0], limit, budget, started)
     low, high = 0, limit  # low misses the budget, high holds it
     while high - low > 1:
         middle = (low + high) // 2
         outcome[middle] = measure(ranked[:middle])
         low, high = (low, middle) if outcome[middle][0] <= budget else (middle, high)
         report(f"{subject.name} guard: {middle} layer(s) in float -> {outcome[middle][0]:.2f}% disagreement")
-    return GuardResult(ranked[:high], outcome[high], steps, ranking, time.perf_counter() - started)
+    return GuardResult(ranked[:high], outcome[high], steps, ranking, time.perf_counter() - started, recovery=recovery)
+
+
+def _held_or_refused(kept, score: Score, steps, ranking, recovery, started: float, subject: GuardSubject, budget: float) -> GuardResult:
+    if score[0] > budget:
+        _refuse(subject, score[0], len(kept), budget, started)
+    return GuardResult(list(kept), score, steps, ranking, time.perf_counter() - started, recovery=recovery)
+
+
+def _refuse(subject: GuardSubject, disagreement: float, kept: int, budget: float, started: float) -> None:
+    raise QuantizationError(
+        f"{subject.name} changes the top-1 of {disagreement:.2f}% of the selection images even with {kept} layer(s)"
+        f" kept in float (budget {budget} points; {time.perf_counter() - started:.0f} s of guard); nothing was written."
+        f" Raise --max-accuracy-drop or --max-float-layers, or use {subject.fallback}"
+    )
 
 
 QAT_FALLBACK = "more --qat-epochs, or post-training INT8 of the parent run (its guard can keep layers in float)"

@@ -224,6 +224,8 @@ def _int8(context: BuildContext, model, report: VariantReport) -> Any:
     batches = [feed[context.input_name] for feed in iter(stream.get_next, None)]
     if quant.method is not CalibMethod.MINMAX:
         report.warnings.append(f"--calib-method {quant.method.value} applies to ONNX Runtime INT8; NNCF chooses OpenVINO's ranges itself")
+    if quant.adaround_layers:
+        report.warnings.append("--adaround-layers applies to ONNX Runtime INT8; NNCF corrects OpenVINO's biases itself")
     cpu = cpu_features()
     overflow = overflow_fix(cpu)
     console.print(f"CPU: {cpu.summary()}; NNCF overflow fix: {overflow}")
