@@ -81,7 +81,7 @@ def _cell(value, goal, smaller=True) -> str:
 def markdown(built: dict, bench: BenchReport, machine: dict, args: argparse.Namespace, run: dict) -> str:
     cpu = machine["cpu"]
     lines = [
-        f"# INT8 guard: {args.arch} ({run['weights']} weights, {run['mode']}), 224 px, digits",
+        f"# INT8 guard: {args.arch} (weights: {run['weights']}, mode: {run['mode']}), 224 px, digits",
         "",
         f"Float model: {run['val_top1']:.2f}% on {run['val_images']} validation images, {run['test_top1']:.2f}% on {run['test_images']}"
         f" test images. ONNX Runtime INT8 with --adaround-layers {args.adaround_layers}.",
@@ -89,8 +89,8 @@ def markdown(built: dict, bench: BenchReport, machine: dict, args: argparse.Name
         f"Machine: {cpu['model']} ({', '.join(cpu['flags'])}), {machine['cores']} cores; bench with"
         f" {bench.machine.threads} threads, batch 1, {bench.options['rounds']} interleaved rounds."
         f" Accuracy on {bench.eval_images} {bench.eval_split} images that no stage chose on; the guard chose on"
-        " validation images, without labels. Produced by `python benchmarks/int8_guard_bench.py`"
-        f" {' '.join(sys.argv[1:])}.",
+        " validation images, without labels. Produced by `python benchmarks/int8_guard_bench.py"
+        f" {_command_line()}`.",
         "",
         "| target | guard s (≤ 120) | INT8 build s (≤ 300) | layers in float (≤ 2) | top-1 change, 95% interval | INT8 vs same runtime's FP32 (≥ 1.5×) |",
         "|---|---|---|---|---|---|",
@@ -154,6 +154,18 @@ def main() -> None:
     machine = fingerprint(args.threads)
     save_results(args.name, {"machine": machine, "args": vars(args) | {"work": str(args.work)}, "run": run, "built": built,
                              "bench": bench.to_dict()}, markdown(built, bench, machine, args, run))
+
+
+def _command_line() -> str:
+    """The options that shaped the result (not --work, a local path)."""
+    words, shown = sys.argv[1:], []
+    while words:
+        word = words.pop(0)
+        if word == "--work":
+            words = words[1:]
+        elif not word.startswith("--work="):
+            shown.append(word)
+    return " ".join(shown)
 
 
 def _float_run(run_dir: Path) -> dict:
