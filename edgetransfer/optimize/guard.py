@@ -185,8 +185,10 @@ def hold_budget(subject: GuardSubject, selection: Selection, budget: float, max_
     if recovery is not None:
         full = measure([])
         report(f"{subject.name} after {recovery.get('method', 'recovery')}: {full[0]:.2f}% disagreement")
-        if full[0] <= budget or not limit:
-            return _held_or_refused([], full, steps, ranking, recovery, started, subject, budget)
+        if full[0] > budget and not limit:
+            _refuse(subject, full[0], 0, budget, started)
+        if full[0] <= budget:
+            return GuardResult([], full, steps, ranking, time.perf_counter() - started, recovery=recovery)
         ranking = rank_layers(subject, layers, *selection.ranking(), report)
     ranked = [name for name, _ in ranking]
     outcome = {0: full}
@@ -201,12 +203,6 @@ def hold_budget(subject: GuardSubject, selection: Selection, budget: float, max_
         low, high = (low, middle) if outcome[middle][0] <= budget else (middle, high)
         report(f"{subject.name} guard: {middle} layer(s) in float -> {outcome[middle][0]:.2f}% disagreement")
     return GuardResult(ranked[:high], outcome[high], steps, ranking, time.perf_counter() - started, recovery=recovery)
-
-
-def _held_or_refused(kept, score: Score, steps, ranking, recovery, started: float, subject: GuardSubject, budget: float) -> GuardResult:
-    if score[0] > budget:
-        _refuse(subject, score[0], len(kept), budget, started)
-    return GuardResult(list(kept), score, steps, ranking, time.perf_counter() - started, recovery=recovery)
 
 
 def _refuse(subject: GuardSubject, disagreement: float, kept: int, budget: float, started: float) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -196,10 +197,7 @@ def float_outputs(model) -> int:
     layer in float. Returns how many outputs were changed."""
     graph = model.graph
     producers = {out: node for node in graph.node for out in node.output}
-    readers = {}
-    for node in graph.node:
-        for tensor in node.input:
-            readers[tensor] = readers.get(tensor, 0) + 1
+    readers = Counter(tensor for node in graph.node for tensor in node.input)
     changed = 0
     for output in graph.output:
         dq = producers.get(output.name)

@@ -104,7 +104,8 @@ def adaround(prepared, qdq, layers: Sequence[str], batches: list[dict[str, np.nd
     steps = weight_steps(qdq, layers)
     if not steps:
         return RoundingResult(qdq, [], iterations, 0, 0, 0, time.perf_counter() - started)
-    scales = {init.name: numpy_helper.to_array(init) for init in qdq.graph.initializer}
+    wanted = {scale for _, _, scale in steps.values()}
+    scales = {init.name: numpy_helper.to_array(init) for init in qdq.graph.initializer if init.name in wanted}
     encodings = [{"name": float_name, "output_dtype": "int8", "y_scale": np.atleast_1d(scales[scale]).tolist(),
                   "y_zero_point": [0] * np.atleast_1d(scales[scale]).size, "axis": 0}
                  for float_name, _, scale in steps.values()]
