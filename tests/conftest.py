@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,11 @@ from PIL import Image
 
 from edgetransfer.progress import set_quiet
 
-torch.set_num_threads(2)
+# One torch thread per pytest worker when the workers fill the cores: two workers of two threads
+# on two cores made each thread wait for a descheduled peer at every operator (AdaRound's small
+# optimisation steps ran 6x slower than alone). Alone, two threads.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(1 if _WORKERS >= (os.cpu_count() or 1) else 2)
 set_quiet(True)
 
 
@@ -36,6 +41,21 @@ def write_folder(root: Path, per_class: int, classes: int = 3, size: int = 24) -
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(pixels).save(folder / f"{index:04d}.png")
     return root
+
+
+def depthwise_cnn(path: Path, size: int = 24) -> Path:
+    """A small MobileNet-like CNN in ONNX, input ``input`` of ``size`` px (batch free): stem,
+    depthwise 3x3 (nine weights per channel, where nearest rounding hurts most), pointwise, head."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU6(),
+        torch.nn.Conv2d(16, 16, 3, padding=1, groups=16), torch.nn.ReLU6(),
+        torch.nn.Conv2d(16, 24, 1), torch.nn.ReLU6(),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(24, 10),
+    ).eval()
+    torch.onnx.export(net, (torch.randn(1, 3, size, size),), str(path), input_names=["input"],
+                      dynamic_axes={"input": {0: "batch"}}, dynamo=False)
+    return path
 
 
 @pytest.fixture

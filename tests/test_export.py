@@ -140,8 +140,65 @@ def _fake_run(root: Path, name: str, size: int) -> Path:
     return run
 
 
+# The deepest members are exported at a shallower depth: the same blocks (every kind the family
+# has, shifted windows and distillation token included), fewer of each. The exporter's time grows
+# with the number of nodes, not the kind: maxvit_t alone took 170 s of the suite, 2 blocks of it 50 s.
+SHALLOW_TORCHVISION = {
+    "maxvit_t": ("maxvit", "_maxvit", dict(stem_channels=64, block_channels=[64, 128, 256, 512], block_layers=[1, 1, 1, 1],
+                                           head_dim=32, stochastic_depth_prob=0.2, partition_size=7)),
+    "swin_t": ("swin_transformer", "_swin_transformer", dict(patch_size=[4, 4], embed_dim=96, depths=[2, 1, 1, 1],
+                                                             num_heads=[3, 6, 12, 24], window_size=[7, 7], stochastic_depth_prob=0.2)),
+    "vit_b_32": ("vision_transformer", "_vision_transformer", dict(patch_size=32, num_layers=2, num_heads=12, hidden_dim=768,
+                                                                   mlp_dim=3072)),
+    "densenet121": ("densenet", "_densenet", dict(growth_rate=32, block_config=(2, 2, 2, 2), num_init_features=64)),
+}
+SHALLOW_TIMM = {"timm:deit_tiny_distilled_patch16_224": dict(depth=2), "timm:levit_128s": dict(depth=(1, 1, 1))}
+
+
+def _build_shallow(monkeypatch) -> None:
+    import functools
+    import importlib
+
+    import timm
+    import torchvision.models._api as tv_api
+
+    for name, (module, maker, config) in SHALLOW_TORCHVISION.items():
+        original = tv_api.BUILTIN_MODELS[name]
+        make = getattr(importlib.import_module(f"torchvision.models.{module}"), maker)
+
+        @functools.wraps(original)  # keeps the weights annotation torchvision reads the weights enum from
+        def builder(*, weights=None, progress=True, _make=make, _config=config, **kwargs):
+            return _make(weights=weights, progress=progress, **_config, **kwargs)
+
+        monkeypatch.setitem(tv_api.BUILTIN_MODELS, name, builder)
+    create = timm.create_model
+    depths = {name.split(":", 1)[1]: config for name, config in SHALLOW_TIMM.items()}
+    monkeypatch.setattr(timm, "create_model", lambda name, *args, **kwargs: create(name, *args, **{**depths.get(name, {}), **kwargs}))
+
+
+@pytest.fixture
+def shallow(monkeypatch):
+    """Build the families above at their shallow depth for the length of a test."""
+    _build_shallow(monkeypatch)
+
+
+def test_shallow_members_leave_out_depth_and_nothing_else(monkeypatch):
+    """Each shallow build has every kind of module its full-depth member has, and fewer modules."""
+    def kinds(name):
+        module = build(name, 3, weights="none").module
+        return {type(m).__name__ for m in module.modules()}, sum(1 for _ in module.modules())
+
+    full = {name: kinds(name) for name in [*SHALLOW_TORCHVISION, *SHALLOW_TIMM]}
+    _build_shallow(monkeypatch)
+    for name, (full_kinds, full_count) in full.items():
+        shallow_kinds, count = kinds(name)
+        assert shallow_kinds == full_kinds and count < full_count, name
+    swin = build("swin_t", 3, weights="none").module
+    assert [block.attn.shift_size for block in swin.features[1]] == [[0, 0], [3, 3]]  # a shifted-window block is there
+
+
 @pytest.mark.parametrize("name", sorted(FAMILY_MEMBERS))
-def test_every_family_exports_with_parity(tmp_path, name):
+def test_every_family_exports_with_parity(tmp_path, name, shallow):
     run = _fake_run(tmp_path, name, FAMILY_MEMBERS[name])
     result = export_onnx(run, ExportOptions(verify_images=8))
     assert result.parity.images == len(RunDir(run).validation(8)) == 8, result.parity  # every image asked for, compared

@@ -21,7 +21,7 @@ from edgetransfer.errors import QuantizationError
 from edgetransfer.results import VariantReport, compare, paired_interval
 from edgetransfer.runtime import Predictor, probe_provider
 
-from conftest import copy_run, write_folder
+from conftest import copy_run, depthwise_cnn, write_folder
 
 VNNI = "model name : Intel Xeon\nflags : fpu sse avx2 avx512f avx512_vnni amx_tile amx_int8\n"
 AVX2 = "model name : Old Xeon\nflags : fpu sse avx2\n"
@@ -211,11 +211,13 @@ def test_paired_interval_is_honest_about_few_images():
 
 
 def test_calibration_methods_give_different_scales(run_dir, tmp_path):
-    prepared = tmp_path / "prepared.onnx"
-    ortq.preprocess_for_quantization(run_dir / "model.onnx", prepared)
+    """Real digits, prepared as the run's model takes them, through a small CNN (ONNX Runtime's
+    entropy search costs about half a second per tensor: two minutes on EfficientNet-Lite0)."""
     from edgetransfer.metadata import ModelInfo
 
-    info = ModelInfo.from_props({p.key: p.value for p in onnx.load(prepared).metadata_props})
+    info = ModelInfo.from_props({p.key: p.value for p in onnx.load(run_dir / "model.onnx").metadata_props})
+    prepared = tmp_path / "prepared.onnx"
+    ortq.preprocess_for_quantization(depthwise_cnn(tmp_path / "cnn.onnx", info.preprocessing.input_size), prepared)
     samples = balanced_sample(load_dataset(DataSpec(limit_per_class=20)).train, 16)
     ranges = {}
     for method in CalibMethod:
@@ -229,7 +231,7 @@ def test_calibration_methods_give_different_scales(run_dir, tmp_path):
         return {name: value(t["highest"]) - value(t["lowest"]) for name, t in ranges[method]["data"].items()}
 
     minmax, entropy, percentile = spans(CalibMethod.MINMAX), spans(CalibMethod.ENTROPY), spans(CalibMethod.PERCENTILE)
-    assert set(minmax) == set(entropy) == set(percentile) and len(minmax) > 50
+    assert set(minmax) == set(entropy) == set(percentile) and len(minmax) >= 5
     for clipped in (entropy, percentile):  # both clip outliers: narrower ranges on most tensors
         narrower = sum(clipped[k] < minmax[k] - 1e-6 for k in minmax)
         assert narrower >= len(minmax) // 2

@@ -23,28 +23,12 @@ pytest.importorskip("aimet_onnx", reason="AdaRound needs aimet-onnx (pip install
 
 from edgetransfer.optimize.rounding import adaround, weight_steps  # noqa: E402
 
-from conftest import copy_run  # noqa: E402
-
-
-def _depthwise_model(path: Path) -> None:
-    """A small MobileNet-like CNN: stem, depthwise 3x3 (nine weights per channel, where nearest
-    rounding hurts most), pointwise, head."""
-    import torch
-
-    torch.manual_seed(0)
-    net = torch.nn.Sequential(
-        torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU6(),
-        torch.nn.Conv2d(16, 16, 3, padding=1, groups=16), torch.nn.ReLU6(),
-        torch.nn.Conv2d(16, 24, 1), torch.nn.ReLU6(),
-        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(24, 10),
-    ).eval()
-    torch.onnx.export(net, (torch.randn(1, 3, 24, 24),), str(path), input_names=["input"], dynamic_axes={"input": {0: "batch"}},
-                      dynamo=False)
+from conftest import copy_run, depthwise_cnn  # noqa: E402
 
 
 def _quantize(tmp_path: Path, calibration: np.ndarray) -> tuple[Path, Path]:
     model, prepared, quantized = tmp_path / "net.onnx", tmp_path / "prepared.onnx", tmp_path / "int8.onnx"
-    _depthwise_model(model)
+    depthwise_cnn(model)
     ortq.preprocess_for_quantization(model, prepared)
     from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
 
@@ -77,9 +61,9 @@ def test_adaround_moves_weights_one_step_at_most_and_changes_nothing_else(tmp_pa
     convs = [n.name for n in qdq.graph.node if n.op_type == "Conv"]
     assert set(weight_steps(qdq, convs)) == set(convs)
     batches = [{"input": calibration[i : i + 16]} for i in range(0, 64, 16)]
-    result = adaround(float_model, qdq, convs, batches, iterations=300, limits=(-64, 64))
+    result = adaround(float_model, qdq, convs, batches, iterations=100, limits=(-64, 64))
     numpy_draw = np.random.get_state()[1].copy()
-    again = adaround(float_model, qdq, convs, batches, iterations=300, limits=(-64, 64))
+    again = adaround(float_model, qdq, convs, batches, iterations=100, limits=(-64, 64))
     assert _int8_weights(again.model).keys() == _int8_weights(result.model).keys()
     assert all(np.array_equal(_int8_weights(again.model)[k], w) for k, w in _int8_weights(result.model).items())  # seeded: repeatable
     assert np.array_equal(np.random.get_state()[1], numpy_draw)  # and the caller's generator is given back untouched
