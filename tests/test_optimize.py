@@ -212,7 +212,7 @@ def test_paired_interval_is_honest_about_few_images():
 
 def test_calibration_methods_give_different_scales(run_dir, tmp_path):
     """Real digits, prepared as the run's model takes them, through a small CNN (ONNX Runtime's
-    entropy search costs about half a second per tensor: two minutes on EfficientNet-Lite0)."""
+    entropy search costs over a second per tensor: two minutes on EfficientNet-Lite0)."""
     from edgetransfer.metadata import ModelInfo
 
     info = ModelInfo.from_props({p.key: p.value for p in onnx.load(run_dir / "model.onnx").metadata_props})
