@@ -60,15 +60,20 @@ def halve_activation_levels(cache: Path, dst: Path) -> Path:
 
 
 def quantize(prepared: Path, dst: Path, cache: Path, weight: str, reduce_range: bool, keep_activations: bool) -> Path:
+    """edgetransfer's own QDQ quantisation with these types. ``keep_activations``: the same
+    settings plus ONNX Runtime's option that keeps Relu/Clip in the graph, which ranges wider than
+    the clip need (edgetransfer's quantisation does not pass it)."""
+    scheme = ortq.QuantScheme("uint8", weight=weight, reduce_range=reduce_range)
+    if not keep_activations:
+        ortq.quantize_qdq(prepared, dst, cache, ortq.CalibMethod.MINMAX, scheme, [])
+        return dst
+    import onnx
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
-    types = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
     quantize_static(str(prepared), str(dst), None, quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=reduce_range,
-                    activation_type=QuantType.QUInt8, weight_type=types[weight], calibration_cache_path=str(cache),
-                    extra_options={"ActivationSymmetric": False, "WeightSymmetric": True,
-                                   "QDQKeepRemovableActivations": keep_activations})
-    import onnx
-
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QUInt8 if weight == "uint8" else QuantType.QInt8,
+                    calibration_cache_path=str(cache),
+                    extra_options={"ActivationSymmetric": False, "WeightSymmetric": True, "QDQKeepRemovableActivations": True})
     model = onnx.load(str(dst))
     if ortq.float_outputs(model):
         onnx.save_model(model, str(dst))
