@@ -12,9 +12,8 @@ from PIL import Image
 
 from edgetransfer.progress import set_quiet
 
-# One torch thread per pytest worker when the workers fill the cores: two workers of two threads
-# on two cores made each thread wait for a descheduled peer at every operator (AdaRound's small
-# optimisation steps ran 6x slower than alone). Alone, two threads.
+# One torch thread per pytest worker when the workers fill the cores, so that the workers together
+# never ask for more threads than there are cores. Alone, two threads.
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 torch.set_num_threads(1 if _WORKERS >= (os.cpu_count() or 1) else 2)
 set_quiet(True)

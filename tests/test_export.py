@@ -142,7 +142,7 @@ def _fake_run(root: Path, name: str, size: int) -> Path:
 
 # The deepest members are exported at a shallower depth: the same blocks (every kind the family
 # has, shifted windows and distillation token included), fewer of each. The exporter's time grows
-# with the number of nodes, not the kind: maxvit_t alone took 170 s of the suite, 2 blocks of it 50 s.
+# with the number of nodes, not the kind: maxvit_t took 170 s, one block per stage of it 33 s.
 SHALLOW_TORCHVISION = {
     "maxvit_t": ("maxvit", "_maxvit", dict(stem_channels=64, block_channels=[64, 128, 256, 512], block_layers=[1, 1, 1, 1],
                                            head_dim=32, stochastic_depth_prob=0.2, partition_size=7)),
