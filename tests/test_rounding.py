@@ -142,13 +142,18 @@ def run_dir(trained_run, tmp_path_factory):
 
 def test_adaround_brings_a_real_model_closer_to_float_on_images_it_never_saw(run_dir, tmp_path):
     """EfficientNet-Lite0 fine-tuned on real digits: AdaRound on the 3 layers the guard ranks
-    first, optimised on 32 training images, measured on the run's test images."""
-    from edgetransfer.cpu import cpu_features
+    first, optimised on 32 training images, measured on the run's test images.
+
+    The weights are 7-bit (``reduce_range``) whatever this CPU is: the test is about the rounding,
+    and 7-bit u8 x s8 products are computed exactly by ONNX Runtime on AVX2 and VNNI CPUs alike,
+    so the figure is the same on every x86 machine. (With 8-bit weights, what a VNNI CPU gets,
+    nearest rounding is closer to float to begin with and AdaRound's gain at 200 iterations is
+    smaller: 0.86x on a Zen 5 EPYC with VNNI, where these 7-bit settings give 0.55x.)"""
     from edgetransfer.optimize.context import TensorRTOptions, open_context
     from edgetransfer.optimize.guard import rank_layers
 
     context = open_context(RunDir(run_dir), QuantOptions(calib_size=40), TensorRTOptions())
-    scheme = ortq.quant_scheme("ort-cpu", cpu_features())
+    scheme = ortq.QuantScheme(activation="uint8", reduce_range=True)
     prepared, quantized = tmp_path / "prepared.onnx", tmp_path / "int8.onnx"
     ortq.preprocess_for_quantization(context.base, prepared)
     samples, _ = context.calibration_samples()
@@ -157,12 +162,11 @@ def test_adaround_brings_a_real_model_closer_to_float_on_images_it_never_saw(run
     subject = ortq._OrtQuantized(prepared, quantized)
     ranked = [name for name, _ in rank_layers(subject, subject.layers(), *context.selection().ranking())]
     batches = list(iter(context.stream(samples[:32], 8).get_next, None))
-    low, high = (-64, 64) if scheme.reduce_range else (-127, 127)
-    result = adaround(subject.float_model, subject.quantized, ranked[:3], batches, iterations=200, limits=(low, high))
+    result = adaround(subject.float_model, subject.quantized, ranked[:3], batches, iterations=200, limits=(-64, 64))
     error = lambda model: float(np.mean((ortq.run_logits(model, context.held_out) - context.float_logits) ** 2))  # noqa: E731
     nearest, learned = error(quantized), error(result.model.SerializeToString())
     assert context.split == "test" and set(result.layers) == set(ranked[:3]) and result.moved > 0
-    assert learned < 0.8 * nearest, (learned, nearest)  # measured on the demo's full run: 0.61x for these settings
+    assert learned < 0.8 * nearest, (learned, nearest)  # 0.55x on a Zen 5 EPYC; 0.61x measured before on an AVX2 EPYC
 
 
 def test_int8_build_adarounds_the_ranked_layers_and_ships_what_it_measured(run_dir):

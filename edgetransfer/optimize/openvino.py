@@ -133,11 +133,30 @@ def prototype_ops(model) -> list[str]:
 
 
 def quantized_ops(model) -> list[str]:
-    """Names of the operations that read a FakeQuantize output (what quantisation touched), in graph order."""
+    """Names of the operations that read a quantised tensor (what quantisation touched), in graph
+    order: a FakeQuantize output, or weights decompressed from an integer constant (what
+    :func:`compress_weights` makes of a FakeQuantize on weights: Constant -> Convert [-> Subtract]
+    -> Multiply). Without the second, an operation whose activation NNCF quantised further up (the
+    classifier's MatMul, quantised before the Reshape) would not count once its weights are int8."""
     return [
         op.get_friendly_name() for op in model.get_ordered_ops()
-        if op.get_type_name() not in ("FakeQuantize", "Result") and any(_source(i).get_type_name() == "FakeQuantize" for i in op.inputs())
+        if op.get_type_name() not in ("FakeQuantize", "Result") and any(_quantized(_source(i)) for i in op.inputs())
     ]
+
+
+def _quantized(node) -> bool:
+    if node.get_type_name() == "FakeQuantize":
+        return True
+    if node.get_type_name() != "Multiply":
+        return False
+    for port in node.inputs():  # Multiply(scale, Subtract(Convert(int8 Constant), zero point)) or Multiply(scale, Convert(...))
+        source = _source(port)
+        if source.get_type_name() == "Subtract":
+            source = _source(source.input(0))
+        if source.get_type_name() == "Convert" and _source(source.input(0)).get_type_name() == "Constant":
+            if _source(source.input(0)).get_output_element_type(0).get_type_name() in ("i8", "u8", "i4", "u4"):
+                return True
+    return False
 
 
 def keep_in_float(quantized, original, names: Sequence[str]):
