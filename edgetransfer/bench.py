@@ -27,6 +27,7 @@ from .cpu import cpu_features
 from .data import DataSpec, load_dataset, load_image
 from .errors import DataError, OptionError, RunError, first_line, unknown_name
 from .metadata import UINT8_NHWC
+from .optimize.coverage import integer_coverage, is_quantized
 from .preprocessing import Preprocessing
 from .progress import console, progress
 from .results import BenchAccuracy, BenchReport, BenchRow, Latency, Machine, Recommendation
@@ -335,6 +336,8 @@ def _measure(variant: _Variant, data: _Data, options: BenchOptions, threads: int
             _check_checkpoint(runner, report)
         row.status, row.provider, row.cold_start_s = "measured", runner.provider, round(runner.cold_start_s, 4)
         row.backend_settings = runner.settings or None
+        if variant.kind == "onnx" and runner.provider == "CPUExecutionProvider" and is_quantized(variant.path):
+            row.coverage = integer_coverage(variant.path)
         inputs = data.inputs(runner.input_format)
         logits = _logits(runner, inputs, max(options.batch_sizes))
         row.accuracy = BenchAccuracy.measure(logits, data.labels, eager.get("logits"))

@@ -186,13 +186,18 @@ def _short(values) -> str:
     return "(" + ", ".join(f"{v:.3f}" for v in values) + ")"
 
 
+def _share(coverage) -> str:
+    """A model's integer coverage as a cell: ``"100.0%"``, or "—" where it was not measured."""
+    return "—" if coverage is None else f"{100 * coverage.share:.1f}%"
+
+
 def variants_table(variants) -> Table:
     """Each optimised variant with its accuracy against the float model, on held-out images, with
     the 95% interval of the change (the two models ran on the same images)."""
     measured = next((v.report.accuracy for v in variants if v.report.accuracy), None)
     where = f"{measured.images} {measured.split} images" if measured else "no images"
     table = Table(title=f"variants (accuracy against the float model on {where}, CPU)", title_justify="left")
-    for column in ("variant", "MB", "top-1", "Δ float", "95% interval", "agree", "float layers", "guard s", "s"):
+    for column in ("variant", "MB", "top-1", "Δ float", "95% interval", "agree", "float layers", "int8 MACs", "guard s", "s"):
         table.add_column(column, justify="left" if column == "variant" else "right")
     for v in variants:
         r, a = v.report, v.report.accuracy
@@ -206,6 +211,7 @@ def variants_table(variants) -> Table:
             f"{interval[0]:+.2f} to {interval[1]:+.2f}" if interval else "—",
             f"{100 * a.top1_agreement:.1f}%" if a else "—",
             str(len(r.kept_in_float)) if v.precision.value == "int8" else "—",
+            _share(r.coverage),
             f"{guard:.1f}" if guard is not None else "—",
             f"{r.seconds:.1f}",
         )
@@ -228,12 +234,13 @@ def _bench_rows(report: BenchReport):
                 f"{r.speedup_vs_eager.get(batch, float('nan')):.2f}×",
                 f"{100 * acc.top1:.2f}%", f"{acc.top1_change_points or 0.0:+.2f}",
                 f"{interval[0]:+.1f}…{interval[1]:+.1f}" if interval else "—",
+                _share(r.coverage),
                 f"{(r.size_bytes or 0) / 2**20:.1f}",
             ]
 
 
 _BENCH_COLUMNS = ["variant", "batch", "provider", "mean ms", "p50 ms", "p99 ms", "rounds", "img/s", "vs eager", "top-1", "Δ pt",
-                  "95% interval", "MB"]
+                  "95% interval", "int8 MACs", "MB"]
 NOISY_BASELINE = 0.2  # eager's round medians further apart than this share of their median: its speed-ups are uncertain
 
 

@@ -23,6 +23,8 @@ __all__ = [
     "paired_interval",
     "Parity",
     "GuardStep",
+    "FloatLayer",
+    "IntegerCoverage",
     "VariantReport",
     "Latency",
     "BenchAccuracy",
@@ -171,6 +173,61 @@ class GuardStep:
         return cls(tuple(data["kept_in_float"]), data["drop_points"], data["logit_mse"], data.get("images"))
 
 
+@dataclass(frozen=True)
+class FloatLayer:
+    """A convolution or matrix product that ONNX Runtime runs in float in a quantised model."""
+
+    name: str  # as in ONNX Runtime's optimised graph (the exported node's name where it kept it)
+    op: str  # Conv, FusedConv, Gemm, MatMul, ...
+    macs: int  # multiply-accumulates at batch 1
+
+
+@dataclass(frozen=True)
+class IntegerCoverage:
+    """How much of a model's arithmetic ONNX Runtime really runs in integer kernels
+    (:func:`~edgetransfer.optimize.coverage.integer_coverage`).
+
+    Attributes:
+        macs: multiply-accumulates of every Conv, Gemm and MatMul at batch 1.
+        integer_macs: those run by integer kernels (QLinearConv, QGemm, QLinearMatMul, ...).
+        integer_nodes: how many integer kernels the optimised graph has.
+        float_layers: the convolutions and matrix products left in float.
+        quantize_nodes: QuantizeLinear nodes left in the optimised graph (the input's is one).
+        dequantize_nodes: DequantizeLinear nodes left (each one is a tensor going back to float).
+        graph: which graph this was read from.
+    """
+
+    macs: int
+    integer_macs: int
+    integer_nodes: int
+    float_layers: tuple[FloatLayer, ...]
+    quantize_nodes: int
+    dequantize_nodes: int
+    graph: str = ""
+
+    @property
+    def share(self) -> float:
+        """The share of the MACs run in integer kernels, 0 to 1."""
+        return self.integer_macs / self.macs if self.macs else 0.0
+
+    def summary(self) -> str:
+        """One line: ``"99.2% of 384.0 M MACs in int8; float: node_Conv_764 (Conv, 10.8 M); 3 Q, 2 DQ left"``."""
+        floats = ", ".join(f"{f.name} ({f.op}, {f.macs / 1e6:.1f} M)" for f in self.float_layers[:3])
+        more = f" and {len(self.float_layers) - 3} more" if len(self.float_layers) > 3 else ""
+        return (f"{100 * self.share:.1f}% of {self.macs / 1e6:.1f} M MACs in int8"
+                + (f"; float: {floats}{more}" if floats else "") + f"; {self.quantize_nodes} Q, {self.dequantize_nodes} DQ left")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"macs": self.macs, "integer_macs": self.integer_macs, "integer_share": round(self.share, 6),
+                "integer_nodes": self.integer_nodes, "float_layers": [asdict(f) for f in self.float_layers],
+                "quantize_nodes": self.quantize_nodes, "dequantize_nodes": self.dequantize_nodes, "graph": self.graph}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> IntegerCoverage:
+        return cls(data["macs"], data["integer_macs"], data["integer_nodes"], tuple(FloatLayer(**f) for f in data["float_layers"]),
+                   data["quantize_nodes"], data["dequantize_nodes"], data.get("graph", ""))
+
+
 @dataclass
 class VariantReport:
     """What building one variant made of it.
@@ -183,6 +240,7 @@ class VariantReport:
         guard_steps: every step the INT8 accuracy guard took.
         warnings: what the user was warned about while building it.
         seconds: how long the build took.
+        coverage: for an ONNX Runtime INT8 variant, how much of it runs in integer kernels.
         details: the target's own record for the manifest (quantisation scheme, calibration set,
             NNCF settings, TensorRT build record); written as is, read by no other stage.
     """
@@ -194,6 +252,7 @@ class VariantReport:
     warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
     details: dict[str, Any] = field(default_factory=dict)
+    coverage: IntegerCoverage | None = None
 
     @property
     def drop_points(self) -> float | None:
@@ -211,13 +270,15 @@ class VariantReport:
                         images_lost=a.lost, images_gained=a.gained, top1_agreement=a.top1_agreement, max_abs_diff=a.max_abs_diff)
         data.update(evaluated_on=self.evaluated_on, kept_in_float=list(self.kept_in_float),
                     guard_steps=[s.to_dict() for s in self.guard_steps], warnings=list(self.warnings), seconds=self.seconds)
+        if self.coverage is not None:
+            data["integer_coverage"] = self.coverage.to_dict()
         return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> VariantReport:
         typed = {"val_images", "eval_images", "eval_split", "float_top1", "top1", "top1_drop_points", "top1_drop_interval",
                  "images_lost", "images_gained", "top1_agreement", "max_abs_diff", "evaluated_on", "kept_in_float",
-                 "guard_steps", "warnings", "seconds"}
+                 "guard_steps", "warnings", "seconds", "integer_coverage"}
         accuracy = None
         if "top1_agreement" in data:
             images = data.get("eval_images", data.get("val_images"))  # val_images: manifests before the test split
@@ -225,7 +286,8 @@ class VariantReport:
                                   data.get("images_lost"), data.get("images_gained"), data.get("eval_split", "validation"))
         return cls(accuracy, data.get("evaluated_on", ""), list(data.get("kept_in_float", [])),
                    [GuardStep.from_dict(s) for s in data.get("guard_steps", [])], list(data.get("warnings", [])),
-                   data.get("seconds", 0.0), {k: v for k, v in data.items() if k not in typed})
+                   data.get("seconds", 0.0), {k: v for k, v in data.items() if k not in typed},
+                   IntegerCoverage.from_dict(data["integer_coverage"]) if isinstance(data.get("integer_coverage"), dict) else None)
 
 
 @dataclass(frozen=True)
@@ -301,6 +363,7 @@ class BenchRow:
     process_peak_rss_mb: float | None = None
     gpu_peak_torch_mb: float | None = None
     speedup_vs_eager: dict[str, float] = field(default_factory=dict)
+    coverage: IntegerCoverage | None = None  # a quantised model run by ONNX Runtime on the CPU
 
     @property
     def measured(self) -> bool:
@@ -313,6 +376,8 @@ class BenchRow:
                 data.pop(name, None)
         if self.accuracy is not None:
             data["accuracy"] = _without_none(asdict(self.accuracy))
+        if self.coverage is not None:
+            data["coverage"] = self.coverage.to_dict()
         return data
 
     @classmethod
@@ -320,6 +385,8 @@ class BenchRow:
         data = _known(cls, data)
         if data.get("accuracy") is not None:
             data["accuracy"] = BenchAccuracy(**data["accuracy"])
+        if isinstance(data.get("coverage"), dict):
+            data["coverage"] = IntegerCoverage.from_dict(data["coverage"])
         data["latency"] = {b: Latency(**t) for b, t in data.get("latency", {}).items()}
         return cls(**data)
 

@@ -19,7 +19,9 @@ from ..errors import MissingDependencyError, QuantizationError
 from ..progress import console
 from ..results import VariantReport
 from .calibration import BatchStream, describe_samples
+from .coverage import integer_coverage
 from .guard import hold_budget, hold_prequantized, quantized_nodes
+from .qdq import prune, sort_nodes
 from .targets import Precision, Target, TargetSpec, Variant, register
 
 if TYPE_CHECKING:
@@ -212,7 +214,7 @@ def float_outputs(model) -> int:
         graph.node.remove(dq)
         changed += 1
     if changed:
-        _prune(graph)
+        prune(graph)
     return changed
 
 
@@ -266,8 +268,22 @@ def build_onnx(context: BuildContext, target: Target, precision: Precision, outp
             report.kept_in_float = list(FP16_KEEP_FLOAT)
         else:
             _int8(context, target, tmp, Path(work), report)
+            if target is Target.ORT_CPU:
+                report.coverage = _coverage(tmp, report)
         report.accuracy = context.compare(run_logits(tmp, context.held_out))
     return Variant(output.name.removesuffix(".onnx"), target, precision, output, report)
+
+
+COVERAGE_WARNING = 0.99  # below this share of MACs in integer kernels, say which layers run in float
+
+
+def _coverage(model: Path, report: VariantReport):
+    """The INT8 model's integer coverage in ONNX Runtime, with a warning naming the float layers
+    when much of it runs in float (those cost more than FP32: a DQ before and a Q after each)."""
+    coverage = integer_coverage(model)
+    if coverage.share < COVERAGE_WARNING:
+        report.warnings.append(f"ONNX Runtime runs only {coverage.summary()}")
+    return coverage
 
 
 def _int8(context: BuildContext, target: Target, output: Path, work: Path, report: VariantReport) -> None:
@@ -410,49 +426,9 @@ def keep_in_float(qdq, float_model, names: Sequence[str]):
         inputs = [float_weight(t) if t in float_weights else float_activation(t) if t else t for t in twins[name].input]
         del nodes[name].input[:]
         nodes[name].input.extend(inputs)
-    _prune(graph)
-    _sort(graph)
+    prune(graph)
+    sort_nodes(graph)
     return model
-
-
-def _sort(graph) -> None:
-    """Put the graph's nodes back in topological order (restored nodes were appended)."""
-    ready = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
-    pending, ordered = list(graph.node), []
-    while pending:
-        runnable = [n for n in pending if all(t in ready for t in n.input)]
-        if not runnable:
-            raise QuantizationError("the quantised model's graph has a cycle or a missing input after keeping layers in float")
-        for node in runnable:
-            ordered.append(node)
-            ready.update(node.output)
-        pending = [n for n in pending if all(n is not r for r in runnable)]
-    copies = [_copy_node(n) for n in ordered]  # copied before the repeated field lets go of them
-    del graph.node[:]
-    graph.node.extend(copies)
-
-
-def _copy_node(node):
-    import onnx
-
-    copy = onnx.NodeProto()
-    copy.CopyFrom(node)
-    return copy
-
-
-def _prune(graph) -> None:
-    """Remove Q/DQ nodes whose outputs nothing reads, then initializers nothing reads."""
-    while True:
-        read = {tensor for node in graph.node for tensor in node.input} | {out.name for out in graph.output}
-        dead = [node for node in graph.node
-                if node.op_type in ("QuantizeLinear", "DequantizeLinear") and not any(out in read for out in node.output)]
-        if not dead:
-            break
-        for node in dead:
-            graph.node.remove(node)
-    read = {tensor for node in graph.node for tensor in node.input}
-    for init in [init for init in graph.initializer if init.name not in read]:
-        graph.initializer.remove(init)
 
 
 class _OrtQuantized:
