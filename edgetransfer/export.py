@@ -107,7 +107,7 @@ def _export_run(run: RunDir, options: ExportOptions, output: Path, started: floa
     if quantized and options.fuse_preprocess:
         raise ExportError("a QAT model is exported with float NCHW input only; drop --fuse-preprocess")
     with atomic_path(output) as tmp:
-        _export(built, options, info, tmp, quantized)
+        _export(built, options, info, tmp, payload.get("qat") if quantized else None)
         if options.verify and quantized:
             from .qat import PARITY_IMAGES, verify_qdq
 
@@ -135,13 +135,13 @@ def _check_writable(output: Path) -> None:
         raise ExportError(f"cannot write {output}: permission denied; choose another --output")
 
 
-def _export(built: BuiltModel, options: ExportOptions, info: ModelInfo, path: Path, quantized: bool = False) -> None:
+def _export(built: BuiltModel, options: ExportOptions, info: ModelInfo, path: Path, qat: dict | None = None) -> None:
     from .prototype import PrototypeHead
 
-    if quantized:
+    if qat is not None:
         from .qat import export_qdq
 
-        model = export_qdq(built, path, options.opset)
+        model = export_qdq(built, path, options.opset, qat)
         _finish(model, built, info, path)
         return
 

@@ -51,7 +51,7 @@ import io
 import logging
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,6 +65,7 @@ from .checkpoint import safe_load
 from .config import QAT_TARGETS, QatOptions
 from .cpu import CpuFeatures, cpu_features
 from .errors import MissingDependencyError, RunError
+from .optimize.qdq import complete_placement
 from .progress import console
 from .rundir import RunDir, now
 
@@ -168,10 +169,13 @@ def fold_batchnorm(module: nn.Module, size: int) -> int:
     return folded
 
 
-def _config(mtq) -> dict:
+def _config(mtq, outputs: Sequence[str] = ()) -> dict:
+    """ModelOpt's configuration: weights per output channel and inputs per tensor of every module it
+    quantises, and the output quantizers of the ``outputs`` modules (see :func:`unread_outputs`)."""
     return {"quant_cfg": [{"quantizer_name": "*", "enable": False},
                           {"quantizer_name": "*weight_quantizer", "cfg": {"num_bits": 8, "axis": 0}},
-                          {"quantizer_name": "*input_quantizer", "cfg": {"num_bits": 8, "axis": None}}],
+                          {"quantizer_name": "*input_quantizer", "cfg": {"num_bits": 8, "axis": None}},
+                          *({"quantizer_name": f"{name}.output_quantizer", "cfg": {"num_bits": 8, "axis": None}} for name in outputs)],
             "algorithm": "max"}
 
 
@@ -182,18 +186,144 @@ def _quantizers(module: nn.Module, kind: str) -> dict[str, Any]:
             if isinstance(getattr(m, kind, None), TensorQuantizer) and getattr(m, kind).is_enabled}
 
 
+# Modules that pass a tensor on without a quantizer of their own and whose effect a QuantizeLinear
+# after them makes redundant or leaves unchanged: an activation clipped at zero (and six) before an
+# unsigned quantizer, the identity, dropout in eval mode, flattening.
+_PASSING = (nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.Identity, nn.Dropout, nn.Flatten)
+_KEEPING = (nn.Identity, nn.Dropout, nn.Flatten)  # ... and of those, the ones that change no value (in eval mode)
+
+
+def unread_outputs(module: nn.Module, size: int) -> list[str]:
+    """The quantised convolutions and linear layers whose output, followed through the modules that
+    only pass it on (:data:`_PASSING`), no quantizer reads: a projection that feeds a residual Add,
+    a layer that feeds a functional operation; not the layer that writes the model's output. ONNX Runtime runs a convolution in int8 only when a
+    QuantizeLinear reads its output, so these get an output quantizer of their own.
+
+    Found on a quantised copy of ``module`` (BatchNorm folded, eval mode), which one zero image
+    runs through; ``module`` is left as it was.
+    """
+    mtq = _mtq()
+    probe = copy.deepcopy(module).eval()
+    zeros = torch.zeros(1, 3, size, size)
+    with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
+        mtq.quantize(probe, _config(mtq), lambda model: model(zeros))
+    modules = dict(probe.named_modules())
+    names = {id(m): name for name, m in modules.items()}
+    layers = {id(modules[name]) for name in _quantizers(probe, "weight_quantizer")}
+    readers = {id(modules[name]) for name in _quantizers(probe, "input_quantizer")}
+    made_by: dict[int, int] = {}  # id(tensor) -> id(the quantised layer whose output it is)
+    read: set[int] = set()
+    alive: list[torch.Tensor] = []  # kept so that no tensor's id is reused during the pass
+
+    def record(m: nn.Module, args: tuple, out: Any) -> None:
+        x = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        alive.extend(t for t in (x, out) if isinstance(t, torch.Tensor))
+        if x is not None and id(m) in readers and id(x) in made_by:
+            read.add(made_by[id(x)])
+        if not isinstance(out, torch.Tensor):
+            return
+        if id(m) in layers:
+            made_by[id(out)] = id(m)
+        elif isinstance(m, _PASSING) and x is not None and id(x) in made_by:
+            made_by[id(out)] = made_by[id(x)]
+
+    hooks = [m.register_forward_hook(record) for m in probe.modules()]
+    try:
+        with torch.no_grad():
+            result = probe(zeros)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    read.add(made_by.get(id(result)))  # the logits stay float: nothing in the graph reads them
+    return sorted(names[layer] for layer in layers - read)
+
+
+def shared_quantizers(module: nn.Module, size: int) -> list[tuple[str, str]]:
+    """(producer, reader) module names: ``reader``'s input quantizer is to be applied where
+    ``producer`` writes that input, so that every reader of the tensor, the functional ones
+    included (the shortcut of a residual Add), reads the same quantised value, and the model
+    trains on what the exported graph computes. Quantising again at the reader then changes
+    nothing (fake quantisation is idempotent at one scale), and ONNX Runtime drops the repeated
+    pair. The producer is the innermost module that returned the tensor and runs once per
+    forward (a module called twice, such as torchvision's shared ReLU, cannot carry the hook),
+    moved back past a flatten or identity, so that a pooling before the flatten fuses too.
+    ``module`` is quantised (its readers have input quantizers); one zero image runs through it."""
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    modules = dict(module.named_modules())
+    names = {id(m): name for name, m in modules.items()}
+    readers = {id(modules[name]) for name in _quantizers(module, "input_quantizer")}
+    quantizers = {id(m) for m in modules.values() if isinstance(m, TensorQuantizer)}
+    calls: dict[int, int] = {}
+    took: dict[int, int] = {}  # id(module) -> id(its input), for the modules that keep values as they are
+    returned_by: dict[int, list[int]] = {}  # id(tensor) -> ids of the modules that returned it, innermost first
+    read: list[tuple[int, int]] = []  # (id(reader), id(its input))
+    alive: list[torch.Tensor] = []
+
+    def before(m: nn.Module, args: tuple) -> None:
+        if id(m) in readers and args and isinstance(args[0], torch.Tensor):
+            read.append((id(m), id(args[0])))
+            alive.append(args[0])
+
+    def after(m: nn.Module, args: tuple, out: Any) -> None:
+        calls[id(m)] = calls.get(id(m), 0) + 1
+        if isinstance(m, _KEEPING) and args and isinstance(args[0], torch.Tensor):
+            took[id(m)] = id(args[0])
+        if isinstance(out, torch.Tensor):
+            alive.append(out)
+            returned_by.setdefault(id(out), []).append(id(m))
+
+    hooks = [m.register_forward_pre_hook(before) for m in module.modules()]
+    hooks += [m.register_forward_hook(after) for m in module.modules()]
+    try:
+        with torch.no_grad():
+            module(torch.zeros(1, 3, size, size))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    def producer_of(tensor: int) -> int | None:
+        return next((m for m in returned_by.get(tensor, []) if calls.get(m) == 1 and m != id(module) and m not in quantizers), None)
+
+    pairs = []
+    for reader, tensor in read:
+        producer = producer_of(tensor)
+        while producer in took and producer_of(took[producer]) is not None:  # quantise before a flatten: the pooling fuses
+            producer = producer_of(took[producer])
+        if producer is not None and calls.get(reader) == 1:
+            pairs.append((names[producer], names[reader]))
+    return pairs
+
+
+def _share(module: nn.Module, pairs: Sequence[tuple[str, str]]) -> None:
+    """Apply each reader's input quantizer at its producer's output (see :func:`shared_quantizers`).
+
+    Raises:
+        RunError: a name that is not a module of ``module`` (a record from another model).
+    """
+    modules = dict(module.named_modules())
+    for producer, reader in pairs:
+        if producer not in modules or reader not in modules or not hasattr(modules[reader], "input_quantizer"):
+            raise RunError(f"the checkpoint's QAT record names a layer {producer!r} or {reader!r} this model does not have; run the QAT again")
+        modules[producer].register_forward_hook(lambda m, args, out, quantizer=modules[reader].input_quantizer: quantizer(out))
+
+
 def quantize(module: nn.Module, scheme: QatScheme, batches: list[torch.Tensor]) -> dict[str, Any]:
     """Insert fake quantisation into ``module`` (BatchNorm already folded) and calibrate its ranges
     on ``batches``; returns what was done, for the checkpoint and the manifest."""
     mtq = _mtq()
-    mins: dict[str, float] = {}
+    outputs = unread_outputs(module, batches[0].shape[-1]) if batches else []
+    lows: dict[str, float] = {}
+
+    def low(key: str, tensor: torch.Tensor) -> None:
+        lows[key] = min(lows.get(key, 0.0), float(tensor.min()))
 
     def calibrate(model: nn.Module) -> None:
         hooks = []
         for name, m in model.named_modules():
-            if isinstance(m, (nn.Conv2d, nn.Linear)):
-                hooks.append(m.register_forward_pre_hook(
-                    lambda m, args, name=name: mins.__setitem__(name, min(mins.get(name, 0.0), float(args[0].min())))))
+            if "input_quantizer" in dict(m.named_children()):
+                hooks.append(m.register_forward_pre_hook(lambda m, args, name=name: low(f"{name}.input", args[0])))
+            if name in outputs:
+                hooks.append(m.register_forward_hook(lambda m, args, out, name=name: low(f"{name}.output", out)))
         try:
             for batch in batches:
                 model(batch)
@@ -202,24 +332,32 @@ def quantize(module: nn.Module, scheme: QatScheme, batches: list[torch.Tensor]) 
                 hook.remove()
 
     with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
-        mtq.quantize(module, _config(mtq), calibrate)
-    return _apply_scheme(module, scheme, [name for name, low in mins.items() if low >= 0])
+        mtq.quantize(module, _config(mtq, outputs), calibrate)
+    nonnegative = [key for key, value in lows.items() if value >= 0]
+    record = _apply_scheme(module, scheme, nonnegative)
+    shared = shared_quantizers(module, batches[0].shape[-1]) if batches else []
+    _share(module, shared)
+    return {**record, "output_quantizers": outputs, "shared_quantizers": [list(pair) for pair in shared]}
 
 
 def _apply_scheme(module: nn.Module, scheme: QatScheme, nonnegative: list[str]) -> dict[str, Any]:
+    """The scheme's weight levels and unsigned activations, on a calibrated module. ``nonnegative``:
+    ``NAME.input`` or ``NAME.output`` for each quantizer whose calibration values were never negative."""
     weights = _quantizers(module, "weight_quantizer")
     if scheme.weight_levels != 127:
         for quantizer in weights.values():
             quantizer.amax = quantizer.amax * (127.0 / scheme.weight_levels)
-    unsigned = []
+    unsigned: dict[str, list[str]] = {"input": [], "output": []}
     if scheme.unsigned_activations:
-        inputs = _quantizers(module, "input_quantizer")
-        for name in nonnegative:
-            if name in inputs:
-                inputs[name].unsigned = True
-                unsigned.append(name)
-    return {"layers": len(weights), "unsigned_inputs": sorted(unsigned), "scheme": scheme.to_dict(),
-            "weight_levels": scheme.weight_levels}
+        for kind in unsigned:
+            quantizers = _quantizers(module, f"{kind}_quantizer")
+            for key in nonnegative:
+                name, _, which = key.rpartition(".")
+                if which == kind and name in quantizers:
+                    quantizers[name].unsigned = True
+                    unsigned[kind].append(name)
+    return {"layers": len(weights), "unsigned_inputs": sorted(unsigned["input"]), "unsigned_outputs": sorted(unsigned["output"]),
+            "scheme": scheme.to_dict(), "weight_levels": scheme.weight_levels}
 
 
 def restore(built, payload: dict[str, Any]) -> None:
@@ -232,18 +370,26 @@ def restore(built, payload: dict[str, Any]) -> None:
     record = payload.get("qat")
     if not isinstance(record, dict) or not isinstance(record.get("unsigned_inputs"), list):
         raise RunError("the checkpoint's QAT record is unreadable; run the QAT again")
+    # records made before output and shared quantizers have neither: the model is rebuilt as it trained
+    outputs, unsigned_outputs = record.get("output_quantizers", []), record.get("unsigned_outputs", [])
+    shared = record.get("shared_quantizers", [])
+    if not all(isinstance(v, list) for v in (outputs, unsigned_outputs, shared)) or not all(
+            isinstance(pair, list) and len(pair) == 2 and all(isinstance(n, str) for n in pair) for pair in shared):
+        raise RunError("the checkpoint's QAT record is unreadable; run the QAT again")
     module = built.module.eval()
     fold_batchnorm(module, built.preprocessing.input_size)
     _inplace_off(module)
     mtq = _mtq()
     zeros = torch.zeros(1, 3, built.preprocessing.input_size, built.preprocessing.input_size)
     with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
-        mtq.quantize(module, _config(mtq), lambda model: model(zeros))  # ranges come from the state below
-    inputs = _quantizers(module, "input_quantizer")
-    for name in record["unsigned_inputs"]:
-        if name not in inputs:
-            raise RunError(f"the checkpoint's QAT record names a layer {name!r} this model does not have; run the QAT again")
-        inputs[name].unsigned = True
+        mtq.quantize(module, _config(mtq, outputs), lambda model: model(zeros))  # ranges come from the state below
+    for kind, names in (("input", record["unsigned_inputs"]), ("output", unsigned_outputs)):
+        quantizers = _quantizers(module, f"{kind}_quantizer")
+        for name in names:
+            if name not in quantizers:
+                raise RunError(f"the checkpoint's QAT record names a layer {name!r} this model does not have; run the QAT again")
+            quantizers[name].unsigned = True
+    _share(module, [tuple(pair) for pair in shared])
 
 
 def _inplace_off(module: nn.Module) -> None:
@@ -542,8 +688,9 @@ def logits_of(module: nn.Module, images: np.ndarray, batch: int = 64) -> np.ndar
 # Export: the fake-quantised module as a QDQ ONNX model
 
 
-def export_qdq(built, path: Path, opset: int) -> Any:
-    """The fake-quantised module as a QDQ ONNX model (``input`` NCHW float, ``logits``).
+def export_qdq(built, path: Path, opset: int, record: dict[str, Any]) -> Any:
+    """The fake-quantised module as a QDQ ONNX model (``input`` NCHW float, ``logits``), with the
+    placement ONNX Runtime fuses completely (:func:`~edgetransfer.optimize.qdq.complete_placement`).
 
     torch's TorchScript exporter is used: it writes each ModelOpt quantizer as the
     QuantizeLinear/DequantizeLinear pair ModelOpt defines for it, which the dynamo exporter does
@@ -569,7 +716,22 @@ def export_qdq(built, path: Path, opset: int) -> Any:
                               input_names=[INPUT], output_names=[OUTPUT], dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}})
     except Exception as exc:
         raise ExportError(f"cannot export the QAT model of {built.arch.name} to ONNX: {first_line(exc)}") from exc
-    return onnx.load(str(path))
+    model = onnx.load(str(path))
+    # every reader of a quantized tensor reads it quantized, biases in int32, one activation type: ONNX Runtime fuses every layer
+    complete_placement(model, unsigned_activations=_scheme(record).unsigned_activations)
+    return model
+
+
+def _scheme(record: dict[str, Any]) -> QatScheme:
+    """The scheme a QAT record was trained with (its activation types depend on the target alone).
+
+    Raises:
+        RunError: the record names no target.
+    """
+    target = record.get("options", {}).get("target") if isinstance(record.get("options"), dict) else None
+    if target not in QAT_TARGETS:
+        raise RunError("the checkpoint's QAT record names no target; run the QAT again")
+    return qat_scheme(target, cpu_features())
 
 
 def qdq_limit(module: nn.Module, images: np.ndarray, eager: np.ndarray) -> tuple[float, float]:

@@ -67,7 +67,33 @@ def test_a_qat_run_is_a_child_of_its_float_run(parent, child):
     assert metrics["history"][metrics["best_epoch"]]["val_top1"] == metrics["val_top1"]
 
 
+def unfusable(graph) -> list[str]:
+    """The compute nodes and Adds of a QDQ graph that ONNX Runtime's QDQ rules cannot fuse into an
+    integer kernel: an input that is not dequantised, or an output not read by exactly one
+    QuantizeLinear (a Clip or Relu between them allowed). The logits are left float on purpose."""
+    dequantized = {node.output[0] for node in graph.node if node.op_type == "DequantizeLinear"}
+    readers = lambda tensor: [n for n in graph.node if tensor in n.input]  # noqa: E731
+    outputs = {o.name for o in graph.output}
+    found = []
+    for node in graph.node:
+        if node.op_type not in ("Conv", "Gemm", "MatMul", "Add"):
+            continue
+        activations = node.input[:1] if node.op_type in ("Conv", "Gemm", "MatMul") else node.input
+        weights = node.input[1:2] if node.op_type != "Add" else []
+        if not all(t in dequantized for t in [*activations, *weights]):
+            found.append(node.name)
+            continue
+        after = readers(node.output[0])
+        if len(after) == 1 and after[0].op_type in ("Clip", "Relu"):
+            after = readers(after[0].output[0])
+        if node.output[0] not in outputs and not (len(after) == 1 and after[0].op_type == "QuantizeLinear"):
+            found.append(node.name)
+    return found
+
+
 def test_every_conv_and_linear_is_quantised_in_the_exported_model(child):
+    """...and placed so that ONNX Runtime fuses each one: the residual Adds read the quantised
+    shortcut, every projection's output is quantised once, the classifier's bias is int32."""
     import onnx
 
     graph = onnx.load(str(RunDir(child).onnx)).graph
@@ -75,7 +101,11 @@ def test_every_conv_and_linear_is_quantised_in_the_exported_model(child):
     compute = [node for node in graph.node if node.op_type in ("Conv", "Gemm", "MatMul")]
     assert len(compute) == 50  # EfficientNet-Lite0: 49 convolutions and the classifier
     assert all(node.input[0] in dequantized and node.input[1] in dequantized for node in compute)
+    assert all(node.input[2] in dequantized for node in compute)  # int32 biases
+    assert sum(node.op_type == "Add" for node in graph.node) == 9 and unfusable(graph) == []
     assert not [node for node in graph.node if node.op_type == "BatchNormalization"]  # folded before training
+    record = json.loads((child / "config.json").read_text())["qat"]
+    assert len(record["output_quantizers"]) == 9 and all(name.endswith("conv_pwl") for name in record["output_quantizers"])
 
 
 def test_the_exported_qdq_model_matches_the_fake_quantised_pytorch_model(child):
@@ -197,7 +227,9 @@ def test_int8_variants_ship_the_qat_model_as_it_is(child, parent):
     assert report.accuracy.top1_agreement < 1.0 or report.accuracy.max_abs_diff > 1e-3
     shipped = onnx.load(str(variant.path)).graph
     assert not any(node.op_type == "BatchNormalization" for node in shipped.node)
-    assert sum(node.op_type == "QLinearConv" for node in shipped.node) >= 30  # uint8 inputs let ONNX Runtime fuse
+    assert sum(node.op_type == "QLinearConv" for node in shipped.node) == 49
+    coverage = report.coverage  # read from the graph ONNX Runtime runs: every multiply-accumulate in an integer kernel
+    assert coverage.share == 1.0 and coverage.float_layers == () and coverage.dequantize_nodes == 0 and coverage.quantize_nodes == 1
     assert variant.path.stat().st_size < 0.4 * run.onnx.stat().st_size  # int8 weights, not float ones behind QuantizeLinear
     entry = run.manifest().artifacts["ort-cpu-int8"]
     assert entry["settings"]["precision"] == "int8"
@@ -307,3 +339,25 @@ def test_bench_measures_the_qat_variants_beside_the_parents(parent, child):
     assert qat.accuracy.top1_change_interval is not None  # paired with eager on the same images
     shipped = next(v for v in RunDir(child).manifest().artifacts.values() if v["path"] == "ort-cpu-int8.onnx")
     assert abs(qat.accuracy.top1 - shipped["report"]["top1"]) < 1e-9  # the same test images as export measured
+
+
+def test_tensorrt_receives_the_same_complete_placement_in_int8(parent, tmp_path, monkeypatch):
+    """A QAT run for TensorRT (symmetric int8 everywhere, calibrated only): the model the engine is
+    built from quantises both inputs of every residual Add, as NVIDIA's explicit-quantisation
+    guidance asks, and has no uint8 activation (TensorRT takes int8 only)."""
+    import onnx
+    from onnx import numpy_helper
+
+    from test_tensorrt import FakeTensorRT, install, pretend_gpu
+
+    child = run_qat(parent, QatOptions(target="tensorrt", epochs=0), tmp_path / "qat-trt").run_dir
+    pretend_gpu(monkeypatch)
+    trt = install(monkeypatch, FakeTensorRT())
+    (variant,) = build_variants(child, [Target.TENSORRT], [Precision.INT8], QuantOptions(max_accuracy_drop=100))
+    assert variant.path.read_bytes() == b"ENGINE"
+    graph = onnx.load_from_string(trt.parsed).graph
+    assert unfusable(graph) == [] and sum(node.op_type == "Add" for node in graph.node) == 9
+    constants = {n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in graph.node if n.op_type == "Constant"}
+    constants.update({i.name: numpy_helper.to_array(i) for i in graph.initializer})
+    zero_points = [constants[n.input[2]] for n in graph.node if n.op_type == "QuantizeLinear"]
+    assert zero_points and all(z.dtype == np.int8 and not z.any() for z in zero_points)

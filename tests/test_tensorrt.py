@@ -31,6 +31,7 @@ class FakeTensorRT(types.ModuleType):
         super().__init__("tensorrt")
         self.__version__ = version
         self.calls: list[tuple] = []
+        self.parsed: bytes | None = None
         fake = self
 
         class Logger:
@@ -67,6 +68,7 @@ class FakeTensorRT(types.ModuleType):
 
             def parse(self, data):
                 fake.calls.append(("parse", len(data)))
+                fake.parsed = bytes(data)  # the ONNX model TensorRT was given
                 return not parse_errors
 
             def get_error(self, index):
