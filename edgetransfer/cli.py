@@ -310,7 +310,7 @@ def info(run_dir: Path | None, include_timm: bool) -> None:
 @field_option(QuantOptions, "max_accuracy_drop", "--max-accuracy-drop", help="INT8: the share of images (points) whose top-1 may change against float, measured without labels on validation images; sensitive layers stay in float to hold it.")
 @field_option(QuantOptions, "guard_images", "--guard-images", help="INT8: at most N validation images for the accuracy guard (no labels; reported accuracy comes from the test split).")
 @field_option(QuantOptions, "max_float_layers", "--max-float-layers", help="INT8: the most layers the accuracy guard may keep in float.")
-@field_option(QuantOptions, "adaround_layers", "--adaround-layers", help="ONNX Runtime INT8: before keeping layers in float, re-round the weights of the N layers the guard ranks most damaging with AdaRound (AIMET; pip install 'edgetransfer[adaround]'). 0: off.")
+@field_option(QuantOptions, "rounding", "--rounding", help="ONNX Runtime INT8 weight rounding. auto: when nearest rounding misses the budget, every layer is re-rounded with AdaRound (AMD Quark; pip install 'edgetransfer[quark]') before any goes back to float; adaround: always; nearest: never.")
 @field_option(QuantOptions, "adaround_iterations", "--adaround-iterations", help="ONNX Runtime INT8: AdaRound's optimisation steps per layer.")
 @field_option(QuantOptions, "adaround_images", "--adaround-images", help="ONNX Runtime INT8: calibration images AdaRound optimises on.")
 @field_option(QuantOptions, "dynamic", "--dynamic-int8", help="INT8 by dynamic quantisation (usually slower for CNNs).")

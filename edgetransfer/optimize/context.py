@@ -18,6 +18,7 @@ from ..rundir import RunDir
 from .calibration import BatchStream, balanced_sample, folder_samples
 from .guard import Selection
 from .ort import CalibMethod
+from .rounding import Rounding
 
 __all__ = ["QuantOptions", "TensorRTOptions", "BuildContext", "open_context", "run_onnx"]
 
@@ -38,8 +39,9 @@ class QuantOptions:
         eval_images: cap on held-out images for the accuracy check (all by default).
         guard_images: cap on the validation images the guard chooses on, without labels (they
             are held in memory at the model's input size: 1000 at 224 px are 600 MB).
-        adaround_layers: ONNX Runtime INT8: before keeping any layer in float, re-round the weights
-            of this many of the layers the guard ranks most damaging with AdaRound (AIMET); 0: off.
+        rounding: ONNX Runtime INT8's weight rounding: ``auto`` re-rounds every layer with AdaRound
+            (AMD Quark) when nearest rounding misses the budget, before any layer goes back to
+            float; ``adaround`` always; ``nearest`` never (:mod:`.rounding`).
         adaround_iterations: AdaRound's optimisation steps per layer.
         adaround_images: calibration images AdaRound optimises on (the first of the calibration set).
     """
@@ -53,12 +55,13 @@ class QuantOptions:
     dynamic: bool = False
     eval_images: int | None = None
     guard_images: int | None = 1000
-    adaround_layers: int = 0
+    rounding: Rounding = Rounding.AUTO
     adaround_iterations: int = 200
     adaround_images: int = 64
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "method", CalibMethod.parse(self.method))
+        object.__setattr__(self, "rounding", Rounding.parse(self.rounding))
         if self.calib_size < 1 or self.calib_batch < 1:
             raise OptionError(f"calibration size and batch must be at least 1 (got {self.calib_size}, {self.calib_batch})")
         if self.max_accuracy_drop < 0:
@@ -67,16 +70,15 @@ class QuantOptions:
             raise OptionError(f"guard images must be at least 1, got {self.guard_images}")
         if self.max_float_layers < 0:
             raise OptionError(f"max float layers must be 0 or more, got {self.max_float_layers}")
-        if self.adaround_layers < 0 or self.adaround_iterations < 1 or self.adaround_images < 1:
-            raise OptionError(f"AdaRound needs 0 or more layers, and at least 1 iteration and 1 image (got {self.adaround_layers},"
-                              f" {self.adaround_iterations}, {self.adaround_images})")
+        if self.adaround_iterations < 1 or self.adaround_images < 1:
+            raise OptionError(f"AdaRound needs at least 1 iteration and 1 image (got {self.adaround_iterations}, {self.adaround_images})")
 
     def settings(self) -> dict:
         """The options as the manifest records them."""
         return {"calib": str(self.calib) if self.calib else None, "calib_size": self.calib_size, "calib_batch": self.calib_batch,
                 "method": self.method.value, "max_accuracy_drop": self.max_accuracy_drop,
                 "max_float_layers": self.max_float_layers, "dynamic": self.dynamic, "eval_images": self.eval_images,
-                "guard_images": self.guard_images, "adaround_layers": self.adaround_layers,
+                "guard_images": self.guard_images, "rounding": self.rounding.value,
                 "adaround_iterations": self.adaround_iterations, "adaround_images": self.adaround_images}
 
 

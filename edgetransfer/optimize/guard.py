@@ -17,8 +17,9 @@ How it decides:
   quantisation debuggers (ONNX Runtime's ``qdq_loss_debug``, NNCF's accuracy control) look at.
   Putting layers back in float needs no new calibration (a graph edit), so one layer costs one
   short inference run.
-* **Recovery before float** (optional). The quantiser may first quantise its top-ranked layers
-  better (ONNX Runtime: AdaRound, :mod:`.rounding`); the model is then measured and ranked again.
+* **Recovery before float** (optional). The quantiser may first quantise the whole model better
+  (ONNX Runtime: AdaRound on every layer, :mod:`.rounding`); the model is then measured again,
+  and ranked only if it still misses the budget.
 * **Bisection along the ranking.** The number of layers kept in float is found by bisection over
   the ranked list, each candidate measured on every selection image: about log2(``max_float``)
   measurements instead of one per layer per pass.
@@ -97,7 +98,7 @@ class GuardResult:
     ranking: list[tuple[str, float]] = field(default_factory=list)  # (layer, logit error when it alone is quantised)
     seconds: float = 0.0
     labelled_drop: float | None = None  # a QAT model's criterion (see hold_prequantized)
-    recovery: dict | None = None  # what the quantiser did to its top-ranked layers before any went back to float
+    recovery: dict | None = None  # what the quantiser did to the model before any layer went back to float
 
     def record(self, selection: Selection, budget: float, max_float: int) -> dict:
         """The guard's entry in the manifest."""
@@ -108,7 +109,7 @@ class GuardResult:
                                   "names": list(selection.names)},
                     "disagreement_points": round(self.final[0], 3), "logit_mse": round(self.final[1], 6)}
         return {
-            "method": METHOD if self.ranking else "none needed",
+            "method": METHOD if self.ranking else "learned rounding" if self.recovery else "none needed",
             "seconds": round(self.seconds, 2),
             "budget_points": budget,
             "max_float_layers": max_float,
@@ -152,15 +153,16 @@ def rank_layers(subject: GuardSubject, layers: Sequence[str], images: np.ndarray
 
 
 def hold_budget(subject: GuardSubject, selection: Selection, budget: float, max_float: int,
-                report: Callable[[str], None], recover: Callable[[list[str]], dict | None] | None = None) -> GuardResult:
+                report: Callable[[str], None], recover: Callable[[], dict | None] | None = None) -> GuardResult:
     """Measure ``subject`` fully quantised on the selection images; when its top-1 disagreement
     with float is over ``budget`` points, keep its highest-ranked layers in float, as few as
     bisection along the ranking finds.
 
     Args:
-        recover: called once with the layers ranked, most damaging first, before any goes back to
-            float: the quantiser may quantise them better (learned rounding) and returns its
-            record, or None when it changed nothing. The model is then measured and ranked again.
+        recover: called once when the fully quantised model misses the budget, before any layer
+            goes back to float: the quantiser may quantise it better (learned rounding) and
+            returns its record, or None when it changed nothing. The model is then measured again,
+            and ranked only if it still misses the budget.
 
     Raises:
         QuantizationError: the budget cannot be held with at most ``max_float`` layers in float.
@@ -176,24 +178,21 @@ def hold_budget(subject: GuardSubject, selection: Selection, budget: float, max_
     full = measure([])
     if full[0] <= budget:
         return GuardResult([], full, steps, seconds=time.perf_counter() - started)
-    report(f"{subject.name} changes the top-1 of {full[0]:.2f}% of {len(selection.images)} selection images (budget {budget}):"
-           " ranking its layers")
-    layers = subject.layers()
-    limit = min(max_float, len(layers))
-    ranking = rank_layers(subject, layers, *selection.ranking(), report) if limit or recover else []
-    recovery = recover([name for name, _ in ranking]) if recover else None
+    report(f"{subject.name} changes the top-1 of {full[0]:.2f}% of {len(selection.images)} selection images (budget {budget})")
+    recovery = recover() if recover else None
     if recovery is not None:
         full = measure([])
         report(f"{subject.name} after {recovery.get('method', 'recovery')}: {full[0]:.2f}% disagreement")
-        if full[0] > budget and not limit:
-            _refuse(subject, full[0], 0, budget, started)
         if full[0] <= budget:
-            return GuardResult([], full, steps, ranking, time.perf_counter() - started, recovery=recovery)
-        ranking = rank_layers(subject, layers, *selection.ranking(), report)
+            return GuardResult([], full, steps, [], time.perf_counter() - started, recovery=recovery)
+    layers = subject.layers()
+    limit = min(max_float, len(layers))
+    if not limit:
+        _refuse(subject, full[0], 0, budget, started)
+    report(f"{subject.name} guard: ranking its layers")
+    ranking = rank_layers(subject, layers, *selection.ranking(), report)
     ranked = [name for name, _ in ranking]
-    outcome = {0: full}
-    if limit:
-        outcome[limit] = measure(ranked[:limit])
+    outcome = {0: full, limit: measure(ranked[:limit])}
     if outcome[limit][0] > budget:
         _refuse(subject, outcome[limit][0], limit, budget, started)
     low, high = 0, limit  # low misses the budget, high holds it

@@ -40,6 +40,7 @@ from ..runtime import openvino_ir
 from ..runtime.openvino_ir import EXTRA, INFERENCE_PRECISION, compile_config, import_openvino, one_line, save_ir
 from .calibration import describe_samples
 from .guard import hold_budget, hold_prequantized
+from .rounding import Rounding
 from .targets import Precision, Target, TargetSpec, Variant, register
 
 if TYPE_CHECKING:
@@ -243,8 +244,8 @@ def _int8(context: BuildContext, model, report: VariantReport) -> Any:
     batches = [feed[context.input_name] for feed in iter(stream.get_next, None)]
     if quant.method is not CalibMethod.MINMAX:
         report.warnings.append(f"--calib-method {quant.method.value} applies to ONNX Runtime INT8; NNCF chooses OpenVINO's ranges itself")
-    if quant.adaround_layers:
-        report.warnings.append("--adaround-layers applies to ONNX Runtime INT8; NNCF corrects OpenVINO's biases itself")
+    if quant.rounding is Rounding.ADAROUND:
+        report.warnings.append("--rounding adaround applies to ONNX Runtime INT8; NNCF corrects OpenVINO's biases itself")
     cpu = cpu_features()
     overflow = overflow_fix(cpu)
     console.print(f"CPU: {cpu.summary()}; NNCF overflow fix: {overflow}")

@@ -16,12 +16,14 @@ from .._enums import Choice
 from .._io import atomic_path
 from ..cpu import CpuFeatures, cpu_features
 from ..errors import MissingDependencyError, QuantizationError
-from ..progress import console
+from ..progress import console, progress
 from ..results import VariantReport
 from .calibration import BatchStream, describe_samples
 from .coverage import integer_coverage
 from .guard import hold_budget, hold_prequantized, quantized_nodes
+from . import rounding
 from .qdq import prune, sort_nodes
+from .rounding import Rounding
 from .targets import Precision, Target, TargetSpec, Variant, register
 
 if TYPE_CHECKING:
@@ -296,10 +298,7 @@ def _int8(context: BuildContext, target: Target, output: Path, work: Path, repor
         quantize_dynamic(context.base, output)
         report.details["mode"] = "dynamic"
         return
-    if quant.adaround_layers:
-        from . import rounding
-
-        rounding.require()  # before minutes of calibration, not after
+    rounding = _rounding(quant.rounding, report)  # before minutes of calibration, not after
     scheme = quant_scheme(target.value, cpu_features())
     report.warnings.extend(scheme.warnings)
     samples, source = context.calibration_samples()
@@ -310,11 +309,13 @@ def _int8(context: BuildContext, target: Target, output: Path, work: Path, repor
         cache = calibrate(prepared, stream, quant.method, scheme.symmetric_activations, work / "calibration.json")
         quantize_qdq(prepared, output, cache, quant.method, scheme, prototype_nodes(prepared))
     subject = _OrtQuantized(prepared, output)
-    recover = _adaround(context, samples, scheme, subject) if quant.adaround_layers else None
+    adaround = _adaround(context, samples, scheme, subject)
+    rounded = adaround() if rounding is Rounding.ADAROUND else None  # always; with auto, only when the budget is missed
     selection = context.selection()
     held = hold_budget(subject, selection, quant.max_accuracy_drop, quant.max_float_layers, lambda text: console.print(text, markup=False),
-                       recover)
-    if held.kept or held.recovery:  # the model the guard measured is the one that ships
+                       adaround if rounding is Rounding.AUTO else None)
+    rounded = rounded or held.recovery
+    if held.kept or rounded:  # the model the guard measured is the one that ships
         import onnx
 
         onnx.save_model(subject.candidate(held.kept), str(output))
@@ -324,31 +325,44 @@ def _int8(context: BuildContext, target: Target, output: Path, work: Path, repor
         mode="static QDQ", scheme=scheme.to_dict(), max_accuracy_drop_points=quant.max_accuracy_drop,
         calibration={"source": source, "method": quant.method.value, "images": stream.used, "batch": quant.calib_batch,
                      "files": describe_samples(samples)},
+        rounding=rounded or {"method": "nearest", "asked": quant.rounding.value},
         guard=held.record(selection, quant.max_accuracy_drop, quant.max_float_layers),
     )
 
 
+def _rounding(asked: Rounding, report: VariantReport) -> Rounding:
+    """The rounding this build uses: ``auto`` without AMD Quark rounds to nearest and says so.
+
+    Raises:
+        MissingDependencyError: ``adaround`` asked for, and AMD Quark is not installed.
+    """
+    if asked is Rounding.ADAROUND:
+        rounding.require()
+    if asked is Rounding.AUTO and not rounding.available():
+        report.warnings.append(f"learned rounding (AdaRound) needs AMD Quark ({rounding.INSTALL}); weights are rounded to nearest,"
+                               " so more layers may have to stay in float")
+        return Rounding.NEAREST
+    return asked
+
+
 def _adaround(context: BuildContext, samples, scheme: QuantScheme, subject: _OrtQuantized):
-    """The guard's recovery step: AdaRound on the ``adaround_layers`` Convs it ranks first."""
+    """AdaRound on every quantised layer of ``subject``'s model, which it then holds; returns the record."""
     from onnx import TensorProto
     from onnxruntime.quantization.quant_utils import get_qmin_qmax_for_qType
-
-    from .rounding import adaround, weight_steps
 
     quant = context.quant
     limits = tuple(int(v) for v in get_qmin_qmax_for_qType(TensorProto.INT8, reduce_range=scheme.reduce_range, symmetric=True))
 
-    def recover(ranked: list[str]) -> dict | None:
-        roundable = weight_steps(subject.quantized, ranked)
-        chosen = [name for name in ranked if name in roundable][: quant.adaround_layers]
-        if not chosen:
-            return None
+    def recover() -> dict:
         images = samples[: max(quant.adaround_images, quant.calib_batch)]
         batches = list(iter(context.stream(images, quant.calib_batch).get_next, None))
-        with console.status(f"AdaRound: re-rounding the weights of {len(chosen)} layer(s), {quant.adaround_iterations} iterations each"):
-            result = adaround(subject.float_model, subject.quantized, chosen, batches, quant.adaround_iterations, limits)
+        with progress() as bar:
+            task = bar.add_task("AdaRound (AMD Quark)", total=None, status=f"{quant.adaround_iterations} iterations a layer")
+            result = rounding.adaround(subject.float_model, subject.quantized, batches, quant.adaround_iterations, limits,
+                                       lambda done, total: bar.update(task, completed=done, total=total))
+            bar.update(task, completed=result.layers, total=result.layers)
         subject.quantized = result.model
-        console.print(f"AdaRound: {result.moved} of {result.weights} weights in {len(result.layers)} layer(s) moved one step"
+        console.print(f"AdaRound: {result.moved} of {result.weights} weights in {result.layers} layers moved one step"
                       f" ({result.seconds:.0f} s)", markup=False)
         return result.record()
 
