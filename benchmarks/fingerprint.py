@@ -9,11 +9,20 @@ from edgetransfer.rundir import versions
 from edgetransfer.cpu import cpu_features
 
 
+# the /proc/cpuinfo flags that decide INT8 and bf16 speed, listed as the kernel names them
+CPUINFO_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16", "asimddp")
+
+
 def cpu() -> dict:
-    """CPU model and its int8-relevant features, read by edgetransfer itself."""
+    """CPU model and its int8-relevant features, read by edgetransfer itself, and the raw flags."""
     features = cpu_features()
     flags = [name for name in ("avx2", "avx512", "vnni", "amx", "arm_dotprod") if getattr(features, name)]
-    return {"model": features.model, "flags": flags}
+    try:
+        listed = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                       if line.lower().startswith(("flags", "features"))), [])
+    except OSError:
+        listed = []
+    return {"model": features.model, "flags": flags, "cpuinfo_flags": [f for f in CPUINFO_FLAGS if f in listed]}
 
 
 def fingerprint(torch_threads: int) -> dict:
