@@ -223,13 +223,13 @@ def enrolment_cost(work: Path, held_out: int = 9, shots: int = 5, repeats: int =
     test = dataset.test
     predicted = [int(enrolled.labels[int(np.argmax(row))]) for row in enrolled.logits([s.source for s in test])]
     truth = [s.label for s in test]
-    new = [p == t for p, t in zip(predicted, truth) if t == held_out]
-    old = [p == t for p, t in zip(predicted, truth) if t != held_out]
+    new = [p == t for p, t in zip(predicted, truth, strict=True) if t == held_out]
+    old = [p == t for p, t in zip(predicted, truth, strict=True) if t != held_out]
     cli = _cli_seconds(run / "model.onnx", files, work)
     return {
         "image_size": 224, "shots": shots, "held_out_class": str(held_out), "repeats": repeats,
         "enrol_s": statistics.median(timings["enrol"]), "save_s": statistics.median(timings["save"]),
-        "total_s": statistics.median(a + b for a, b in zip(timings["enrol"], timings["save"])),
+        "total_s": statistics.median(a + b for a, b in zip(timings["enrol"], timings["save"], strict=True)),
         "model_mb": (work / "enrolled.onnx").stat().st_size / 1e6,
         "recognised_support": done.recognised,
         "new_class_test_top1": 100 * statistics.fmean(new), "new_class_test_images": len(new),

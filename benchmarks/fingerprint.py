@@ -5,9 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from edgetransfer.rundir import versions
 from edgetransfer.cpu import cpu_features
-
+from edgetransfer.rundir import versions
 
 # the /proc/cpuinfo flags that decide INT8 and bf16 speed, listed as the kernel names them
 CPUINFO_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16", "asimddp")

@@ -27,11 +27,11 @@ import tempfile
 from pathlib import Path
 
 from edgetransfer.bench import BenchOptions, bench_run
+from edgetransfer.cpu import cpu_features
 from edgetransfer.errors import EdgeTransferError
 from edgetransfer.export import export_onnx
 from edgetransfer.finetune import FinetuneConfig, Mode, finetune
 from edgetransfer.optimize import Precision, Target, build_variants
-from edgetransfer.cpu import cpu_features
 from edgetransfer.progress import set_quiet
 from edgetransfer.report import recommendation_line
 from edgetransfer.runtime.openvino_ir import bf16_problem

@@ -23,20 +23,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edgetransfer._io import write_json
 from edgetransfer.checkpoint import load_checkpoint, save_checkpoint
 from edgetransfer.data import DataSpec
+from edgetransfer.errors import QuantizationError
 from edgetransfer.export import ExportOptions, export_onnx
-from edgetransfer.rundir import RunDir
 from edgetransfer.finetune import FinetuneConfig, Mode, finetune
 from edgetransfer.models import build
 from edgetransfer.optimize import Precision, QuantOptions, Target, build_variants
-from edgetransfer.errors import QuantizationError
 from edgetransfer.progress import set_quiet
+from edgetransfer.rundir import RunDir
+from edgetransfer.runtime.files import write_json
 
 sys.path.insert(0, str(Path(__file__).parent))
 from fingerprint import fingerprint, save_results  # noqa: E402
-
 
 
 def accuracy_case(work: Path, name: str, config: FinetuneConfig) -> dict:

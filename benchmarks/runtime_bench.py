@@ -141,8 +141,8 @@ def photos(folder: Path) -> dict[str, Path]:
 def overhead(model: Path, image: Path, batch: int, rounds: int = 7, per_round: int = 20) -> dict:
     """Predictor.predict against session.run on the same input; the Predictor's parts timed alone."""
     from edgetransfer.runtime import Predictor
-    from edgetransfer.runtime.preprocessing import load_rgb
     from edgetransfer.runtime._predictor import _softmax
+    from edgetransfer.runtime.preprocessing import load_rgb
 
     predictor = Predictor(model, threads=THREADS)
     fast = Predictor(model, threads=THREADS, fast_jpeg=True)

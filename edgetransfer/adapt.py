@@ -36,7 +36,16 @@ import torch
 from torch import nn
 
 from .config import AdaptMethod
-from .data import DEMO, DEMO_M, IMAGE_EXTENSIONS, DataSpec, Sample, check_images, load_dataset
+from .data import (
+    DEMO,
+    DEMO_M,
+    IMAGE_EXTENSIONS,
+    DataSpec,
+    Sample,
+    check_images,
+    load_dataset,
+    scan_classes,
+)
 from .errors import DataError, ModelError
 
 __all__ = [
@@ -190,7 +199,6 @@ def target_eval_images(source: str, spec: DataSpec, classes: list[str], workers:
         if spec.source not in (DEMO, DEMO_M):
             raise DataError("--adapt-eval digits-m measures the digits demo; give a labelled folder of target images")
         return load_dataset(DataSpec(DEMO_M, spec.val_fraction, spec.test_fraction or 0.1, spec.seed)).test
-    from .data import scan_classes
 
     root = Path(source).expanduser()
     if not root.is_dir():

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import platform
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -19,19 +20,31 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnxruntime as ort
+import torch
 from rich.markup import escape
 
-from ._io import write_bytes, write_json
 from .backends import EagerRunner, Runner, SkipVariant
 from .cpu import cpu_features
 from .data import DataSpec, load_dataset, load_image
 from .errors import DataError, OptionError, RunError, first_line, unknown_name
-from .metadata import UINT8_NHWC
+from .optimize import spec
 from .optimize.coverage import integer_coverage, is_quantized
-from .preprocessing import Preprocessing
+from .optimize.targets import spec_for_artifact
 from .progress import console, progress
-from .results import BenchAccuracy, BenchReport, BenchRow, Latency, Machine, Recommendation
+from .report import bench_markdown, plot_bench
+from .results import (
+    BenchAccuracy,
+    BenchReport,
+    BenchRow,
+    Latency,
+    Machine,
+    Recommendation,
+)
 from .rundir import RunDir, now, versions
+from .runtime.files import write_bytes, write_json
+from .runtime.metadata import UINT8_NHWC
+from .runtime.preprocessing import Preprocessing
 
 __all__ = ["BenchOptions", "bench_run", "machine_fingerprint", "recommend"]
 
@@ -128,15 +141,11 @@ class _Data:
 
 def machine_fingerprint(threads: int) -> Machine:
     """CPU model and int8 features, cores, memory, OS, library versions, providers, GPU."""
-    import platform
-
-    import onnxruntime as ort
-    import torch
 
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30 if hasattr(os, "sysconf") else None
     found_versions = versions()
     try:
-        import tensorrt
+        import tensorrt  # optional heavy dependency (the tensorrt extra): its version, when installed
 
         found_versions["tensorrt"] = tensorrt.__version__
     except ImportError:
@@ -161,14 +170,14 @@ def _rss_mb() -> float:
         pages = int(Path("/proc/self/statm").read_text().split()[1])
         return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
     except (OSError, ValueError, IndexError):
-        import resource
+        import resource  # POSIX only: imported where it is used
 
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _peak_rss_mb() -> float:
     """The process's peak resident memory so far (it only grows), in MiB."""
-    import resource
+    import resource  # POSIX only: imported where it is used
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -176,8 +185,6 @@ def _peak_rss_mb() -> float:
 def _gpu_memory_reset():
     """torch.cuda with its peak counter reset, or None without a GPU. It sees the memory torch
     allocates (eager, TensorRT I/O), not ONNX Runtime's own CUDA arena."""
-    import torch
-
     if not torch.cuda.is_available():
         return None
     torch.cuda.reset_peak_memory_stats()
@@ -187,8 +194,6 @@ def _gpu_memory_reset():
 def _variants(run: RunDir, options: BenchOptions) -> list[_Variant]:
     """Eager, then every model the run's manifest records (its runner chosen by the target the
     manifest records for it), then the ``--model`` files."""
-    from .optimize import spec
-    from .optimize.targets import spec_for_artifact
 
     found = [_Variant("eager", run.checkpoint, "torch-checkpoint", lambda path, threads: EagerRunner(path), [run.checkpoint])]
     for name, entry in run.manifest().artifacts.items():
@@ -213,8 +218,6 @@ def _variants(run: RunDir, options: BenchOptions) -> list[_Variant]:
 def _qat_variants(run: RunDir) -> list[_Variant]:
     """The variants of the run's QAT children (``qat-TARGET/NAME``), so that PTQ and QAT models are
     measured side by side on the same images; a child trained from an older checkpoint is left out."""
-    from .optimize.targets import spec_for_artifact
-
     found = []
     for entry in run.manifest().artifacts.values():
         if entry.get("kind") != "qat-run" or not isinstance(entry.get("run"), str):
@@ -268,7 +271,6 @@ def bench_run(run_dir: str | Path | RunDir, options: BenchOptions = BenchOptions
 
 def _bench(run: RunDir, options: BenchOptions, out_dir: Path | None) -> BenchReport:
     run.require_complete()
-    import torch
 
     out_dir = Path(out_dir or run.path)
     built, payload = run.load_checkpoint()
@@ -358,8 +360,6 @@ def _measure(variant: _Variant, data: _Data, options: BenchOptions, threads: int
 def _time_in_rounds(timed: list[_Timed], batch: int, options: BenchOptions) -> None:
     """Time every open variant at ``batch``, in turn, round after round, on batches cut from the
     inputs in advance (nothing else is timed); a variant that fails while timed is marked failed."""
-    import torch
-
     per_round = -(-options.iterations // options.rounds)
     pools = {id(t): _batches(t.inputs, batch) for t in timed}
     rounds: dict[int, list[list[float]]] = {id(t): [] for t in timed}
@@ -422,8 +422,6 @@ def _choose_threads(variant: _Variant, data: _Data, options: BenchOptions, cores
     best, best_ms = cores, float("inf")
     for count in range(1, (os.cpu_count() or 1) + 1):
         try:
-            import torch
-
             torch.set_num_threads(count)
             with variant.runner(count) as runner:
                 inputs = data.inputs(runner.input_format)
@@ -432,7 +430,6 @@ def _choose_threads(variant: _Variant, data: _Data, options: BenchOptions, cores
                 best, best_ms = count, quick.p50_ms
         except SkipVariant:
             return cores
-    import torch
 
     torch.set_num_threads(best)
     return best
@@ -478,8 +475,6 @@ def recommend(report: BenchReport, budget: float) -> Recommendation | None:
 
 
 def _finish(report: BenchReport, options: BenchOptions, out_dir: Path, final: bool) -> None:
-    from .report import bench_markdown, plot_bench
-
     report.complete = final
     report.recommendation = recommend(report, options.max_accuracy_drop)
     write_json(out_dir / RunDir.BENCH_JSON, report.to_dict())

@@ -7,12 +7,15 @@ from typing import Any
 
 import torch
 
-from ._io import write_bytes
-from .errors import EdgeTransferError, RunError, first_line
+from .errors import RunError
 from .models import BuiltModel, build
-from .preprocessing import Preprocessing
+from .prototype import PrototypeHead, install_prototype_head
+from .qat_scheme import restore
+from .runtime.files import write_bytes
+from .runtime.preprocessing import Preprocessing
+from .safeload import safe_load
 
-__all__ = ["save_checkpoint", "load_checkpoint", "safe_load", "FORMAT"]
+__all__ = ["save_checkpoint", "load_checkpoint", "FORMAT"]
 
 FORMAT = "edgetransfer.checkpoint/1"
 
@@ -41,31 +44,6 @@ def _cpu_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return cpu
 
 
-def safe_load(path: str | Path, error: type[EdgeTransferError] = RunError) -> Any:
-    """``torch.load`` that never runs code: tensors, numbers, strings and containers only.
-
-    Every file edgetransfer reads goes through here. A pickle that asks for anything else (a
-    planted ``__reduce__`` included) is refused without being run, and the message does not
-    repeat torch's advice to turn the weights-only check off.
-
-    Raises:
-        error: the file is missing, truncated or corrupt, or holds more than tensors and plain values.
-    """
-    import pickle
-
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError as exc:
-        raise error(f"file not found: {path}") from exc
-    except pickle.UnpicklingError as exc:
-        if "GLOBAL" not in str(exc):  # torch names the global it refused; anything else is not a torch file
-            raise error(f"cannot read {path}: it is not a file torch saved ({first_line(exc)})") from exc
-        raise error(f"{path} holds Python objects besides tensors and plain values; edgetransfer loads neither"
-                    " those nor files that need them. Use a file of tensors (a state_dict), or rebuild it") from exc
-    except Exception as exc:  # zip and storage errors of a truncated or corrupt file
-        raise error(f"cannot read {path}: {first_line(exc)}") from exc
-
-
 def load_checkpoint(path: str | Path) -> tuple[BuiltModel, dict[str, Any]]:
     """Rebuild the model saved at ``path`` (CPU, eval mode) and return it with the payload.
 
@@ -87,13 +65,9 @@ def load_checkpoint(path: str | Path) -> tuple[BuiltModel, dict[str, Any]]:
     built.preprocessing = pre
     built.weights = payload["weights"]
     if payload.get("head") == "prototype":
-        from .prototype import PrototypeHead, install_prototype_head
-
         width = payload["state_dict"].get(_prototype_key(built), torch.zeros(0, 0)).shape[-1]
         install_prototype_head(built, PrototypeHead.empty(width, payload["num_classes"]))
     if "qat" in payload:  # fake-quantised: BatchNorm folded and quantizers in place before the state fits
-        from .qat import restore
-
         restore(built, payload)
     try:
         built.module.load_state_dict(payload["state_dict"], strict=True)

@@ -9,20 +9,43 @@ traceback under ``--debug`` or ``EDGETRANSFER_DEBUG=1``.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import json
 import sys
 from datetime import datetime
 from pathlib import Path
 
 import click
+import torch
 
 from . import __version__
-from .bench import BenchOptions
+from .bench import BenchOptions, bench_run
 from .clioptions import field_default, field_option, from_options
 from .config import QAT_TARGETS, ExportOptions, FinetuneConfig, QatOptions
 from .data import DataSpec
 from .errors import EdgeTransferError, OptionError, first_line
-from .optimize import Precision, QuantOptions, Target, TensorRTOptions
+from .export import export_onnx, needs_export
+from .finetune import finetune as run_finetune
+from .models import DEFAULT_ARCH, list_architectures
+from .optimize import Precision, QuantOptions, Target, TensorRTOptions, build_variants, check_combinations, cpu_features
+from .progress import console, out, set_quiet
+from .progress import out as stdout
+from .qat import resume_qat, run_qat
+from .report import (
+    bench_table,
+    epochs_table,
+    finetune_summary_table,
+    parity_table,
+    predictions_table,
+    qat_summary_table,
+    recommendation_line,
+    variants_table,
+)
+from .rundir import RunDir
+from .runtime import Predictor
+from .runtime.cli import enrolment_line
+from .runtime.enrol import enrol_file
 
 RESUME_EXIT = 130
 _debug = False
@@ -116,14 +139,9 @@ def finetune(ctx: click.Context, **options) -> None:
       edgetransfer finetune --resume runs/20261128-101500-efficientnet_lite0-head
       edgetransfer finetune --from runs/20261128-101500-efficientnet_lite0-head --qat --qat-target openvino
     """
-    from .finetune import finetune as run_finetune
-    from .progress import console, out, set_quiet
-    from .report import epochs_table, finetune_summary_table
 
     set_quiet(options["quiet"])
     if options["threads"]:
-        import torch
-
         torch.set_num_threads(options["threads"])
     if options["qat"] or options["from_run"] is not None:
         _qat(ctx, options)
@@ -152,15 +170,10 @@ def finetune(ctx: click.Context, **options) -> None:
 
 
 def _is_qat_run(run_dir: Path) -> bool:
-    from .rundir import RunDir
-
     return isinstance(RunDir(run_dir).read_config().get("qat"), dict)
 
 
 def _qat(ctx: click.Context, options: dict, resume: Path | None = None) -> None:
-    from .progress import console, out
-    from .qat import resume_qat, run_qat
-    from .report import qat_summary_table
 
     if resume is not None:
         try:
@@ -249,10 +262,6 @@ def bench(run_dir: Path, threads: str | None, fail_over_budget: bool, out: Path 
       edgetransfer bench runs/demo --batch-sizes 1,8,32 --threads auto --min-seconds 2
       edgetransfer bench runs/demo --max-accuracy-drop 0.5 --fail-over-budget   # gate your CI
     """
-    from .bench import bench_run
-    from .progress import console, out as stdout, set_quiet
-    from .report import bench_table, recommendation_line
-    from .rundir import RunDir
 
     set_quiet(quiet)
     auto = threads == "auto"
@@ -278,15 +287,10 @@ def info(run_dir: Path | None, include_timm: bool) -> None:
       edgetransfer info runs/20261128-101500-efficientnet_lite0-head
     """
     if run_dir is None:
-        from .models import DEFAULT_ARCH, list_architectures
-
         names = list_architectures(include_timm=include_timm)
         click.echo(f"{DEFAULT_ARCH} (default, embedded offline weights)")
         click.echo("\n".join(names if include_timm else names + ["timm:<any timm model> (edgetransfer info --timm)"]))
         return
-    import json
-
-    from .rundir import RunDir
 
     click.echo(json.dumps(RunDir(run_dir).manifest().data, indent=2))
 
@@ -331,10 +335,6 @@ def export(ctx: click.Context, run_dir: Path, targets, precisions, trt_batch, **
       edgetransfer export runs/demo --target tensorrt --precision fp16 --trt-batch 1 8 32
       edgetransfer export runs/demo --target openvino --precision fp32 --precision bf16 --precision int8
     """
-    from .export import export_onnx, needs_export
-    from .optimize import build_variants, check_combinations, cpu_features
-    from .progress import console, out
-    from .report import parity_table, variants_table
 
     if precisions and not targets:
         raise OptionError("--precision goes with --target (ort-cpu, ort-cuda, ort-trt, tensorrt or openvino)")
@@ -359,8 +359,6 @@ def export(ctx: click.Context, run_dir: Path, targets, precisions, trt_batch, **
 
 def _any_given(ctx: click.Context, cls: type) -> bool:
     """Whether any option made from ``cls``'s fields was given on the command line."""
-    import dataclasses
-
     names = {f.name for f in dataclasses.fields(cls)}
     return any(ctx.get_parameter_source(n) is not click.core.ParameterSource.DEFAULT for n in ctx.params if n in names)
 
@@ -384,21 +382,15 @@ def predict(model: Path, images: tuple[Path, ...], top_k: int, providers, allow_
       edgetransfer predict model.onnx img.png --provider cuda --provider cpu --allow-fallback
       edgetransfer predict runs/demo/openvino-int8.xml cat.jpg     # OpenVINO IR (edgetransfer[openvino])
     """
-    import json
-
-    from .runtime import Predictor
-
     predictor = Predictor(model, providers=list(providers) or None, allow_fallback=allow_fallback, device=device)
     results = predictor.predict([str(p) for p in images], top_k=top_k)
     if as_json:
         rows = [
             {"image": str(path), "predictions": [{"label": p.label, "index": p.index, "probability": p.probability} for p in preds]}
-            for path, preds in zip(images, results)
+            for path, preds in zip(images, results, strict=True)
         ]
         click.echo(json.dumps({"provider": predictor.provider, "results": rows}, indent=2))
         return
-    from .progress import out
-    from .report import predictions_table
 
     out.print(predictions_table(images, results, predictor.provider), soft_wrap=True)
 
@@ -424,8 +416,6 @@ def enrol(model: Path, images: tuple[Path, ...], label: str | None, remove_label
       edgetransfer enrol runs/shop/model-enrolled.onnx --label teapot new/*.jpg --replace --in-place
       edgetransfer enrol runs/shop/model-enrolled.onnx --remove teapot --in-place
     """
-    from .runtime.cli import enrolment_line
-    from .runtime.enrolment import enrol_file
 
     if (label is None) == (remove_label is None):
         raise OptionError("give either --label NAME with images, or --remove NAME")

@@ -5,19 +5,16 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ._enums import Choice
-from .data import DEMO_M, EMBEDDED, Augment, DataSpec
+from .data import DEMO_M, EMBEDDED, Augment, DataSpec, default_workers
 from .errors import OptionError
-from .preprocessing import MAX_INPUT_SIZE
+from .models import DEFAULT_ARCH, default_weights
+from .runtime.preprocessing import MAX_INPUT_SIZE
 
-if TYPE_CHECKING:
-    from .rundir import RunDir
+__all__ = ["QatOptions", "QAT_TARGETS", "Mode", "AdaptMethod", "OptimizerName", "FinetuneConfig", "ExportOptions", "DEFAULT_OPSET", "DEMO_IMAGE_SIZE"]
 
-__all__ = ["QatOptions", "QAT_TARGETS", "Mode", "AdaptMethod", "OptimizerName", "FinetuneConfig", "ExportOptions", "DEFAULT_ARCH", "DEFAULT_OPSET", "DEMO_IMAGE_SIZE"]
-
-DEFAULT_ARCH = "timm:efficientnet_lite0"
 DEFAULT_OPSET = 18  # the dynamo exporter's native opset; ONNX Runtime >= 1.14 and TensorRT 10 run it
 DEMO_IMAGE_SIZE = 64
 DANN_EPOCHS = 20  # the adversarial game is slower than plain fine-tuning: on digits -> digits-M, 10 epochs recovered 50% of the gap, 20 epochs 73%
@@ -123,9 +120,6 @@ class FinetuneConfig:
 
     def resolved(self) -> "FinetuneConfig":
         """Fill the defaults that depend on other fields (weights, size, epochs, lr, workers)."""
-        from .data import default_workers
-        from .models import default_weights
-
         weights = self.weights if self.weights is not None else default_weights(self.arch)
         scratch = weights.lower() == "none"  # nothing pretrained: no probe, one lr, live BatchNorm
         return replace(
@@ -192,9 +186,6 @@ class ExportOptions:
     @property
     def artifact(self) -> str:
         return "onnx-uint8" if self.fuse_preprocess else "onnx"
-
-    def default_output(self, run: RunDir) -> Path:
-        return Path(self.output) if self.output else run / (run.ONNX_UINT8 if self.fuse_preprocess else run.ONNX)
 
     def settings(self) -> dict[str, Any]:
         data = asdict(self)

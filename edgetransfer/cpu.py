@@ -30,6 +30,13 @@ class CpuFeatures:
         """INT8 convolutions are expected to beat FP32 here."""
         return self.vnni or self.amx or self.arm_dotprod
 
+    @property
+    def int8_saturates(self) -> bool:
+        """ONNX Runtime's and OpenVINO's integer kernels here multiply u8 activations by s8 weights
+        and add pairs of products in 16 bits (x86 without VNNI or AMX): with 8-bit weights the sums
+        saturate, so only 7-bit weights give the exact int8 result."""
+        return self.x86 and not self.int8_fast
+
     def summary(self) -> str:
         flags = [name for name in ("avx2", "avx512", "vnni", "amx", "arm_dotprod") if getattr(self, name)]
         return f"{self.model} ({self.machine}; {', '.join(flags) or 'no SIMD int8 features found'})"

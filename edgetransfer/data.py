@@ -17,13 +17,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torchvision.transforms as T
 from PIL import Image
 from rich.markup import escape
+from sklearn.datasets import load_digits, load_sample_images
 
 from ._enums import Choice
 from .errors import DataError
-from .preprocessing import Preprocessing, check_shape, load_rgb, to_rgb
 from .progress import console, progress
+from .runtime.preprocessing import Preprocessing, check_shape, load_rgb, to_rgb
 
 __all__ = [
     "DEMO",
@@ -160,11 +162,9 @@ def load_dataset(spec: DataSpec, workers: int = 4) -> Dataset:
 
 
 def _digits() -> tuple[list[str], list[Sample]]:
-    from sklearn.datasets import load_digits
-
     digits = load_digits()
     pixels = (digits.images * (255.0 / 16.0)).round().astype(np.uint8)
-    samples = [Sample(img, int(y), f"digits/{i:04d}") for i, (img, y) in enumerate(zip(pixels, digits.target))]
+    samples = [Sample(img, int(y), f"digits/{i:04d}") for i, (img, y) in enumerate(zip(pixels, digits.target, strict=True))]
     return [str(c) for c in digits.target_names], samples
 
 
@@ -174,8 +174,6 @@ def _digits_m(seed: int = 0) -> tuple[list[str], list[Sample]]:
     absolute difference ``|patch - digit|`` per channel. Deterministic from ``seed`` (fixed, so
     that "digits-m" is one data set whatever the split's seed); the same labels, names and
     split as the digits."""
-    from sklearn.datasets import load_sample_images
-
     classes, digits = _digits()
     photos = [np.asarray(photo, dtype=np.int16) for photo in load_sample_images().images]
     rng = np.random.default_rng(seed)
@@ -230,7 +228,7 @@ def _check(samples: list[Sample], strict: bool, workers: int) -> tuple[list[Samp
     good, bad = [], []
     with progress() as bar, ThreadPoolExecutor(max(1, workers)) as pool:
         task = bar.add_task("checking images", total=len(samples), status="")
-        for sample, problem in zip(samples, pool.map(reason, samples)):
+        for sample, problem in zip(samples, pool.map(reason, samples), strict=True):
             bar.advance(task)
             (bad if problem else good).append((sample, problem))
     if bad and strict:
@@ -316,8 +314,6 @@ class Augment(Choice):
 
 def eval_transform(pre: Preprocessing):
     """torchvision transform equal to ``pre``: resize, centre crop, scale, normalise."""
-    import torchvision.transforms as T
-
     return T.Compose([
         T.Resize(pre.resize_size, interpolation=T.InterpolationMode(pre.interpolation.value)),
         T.CenterCrop(pre.input_size),
@@ -328,8 +324,6 @@ def eval_transform(pre: Preprocessing):
 
 def train_transform(pre: Preprocessing, augment: Augment):
     """Train-time transform; ``Augment.NONE`` is the eval transform."""
-    import torchvision.transforms as T
-
     if augment is Augment.NONE:
         return eval_transform(pre)
     steps = [

@@ -14,24 +14,31 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
+from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from . import __version__
-from ._io import atomic_path
+from .config import ExportOptions
 from .data import load_image
 from .errors import ExportError, ParityError, RunError, first_line
-from .metadata import FLOAT_NCHW, UINT8_NHWC, ModelInfo
 from .models import BuiltModel
-from .preprocessing import Preprocessing
+from .progress import console
+from .prototype import PrototypeHead
+from .qat_export import PARITY_IMAGES, export_qdq, verify_qdq
 from .results import Parity, compare
-from .config import DEFAULT_OPSET, ExportOptions
 from .rundir import RunDir
+from .runtime.enrolment import FEATURES, PROTOTYPES
+from .runtime.files import atomic_path
+from .runtime.metadata import FLOAT_NCHW, UINT8_NHWC, ModelInfo
+from .runtime.preprocessing import Preprocessing
+from .runtime.sessions import fixed_batch, open_session, run_batched
 
-__all__ = ["ExportOptions", "ExportResult", "export_onnx", "needs_export", "DEFAULT_OPSET"]
+__all__ = ["ExportResult", "export_onnx", "needs_export", "run_onnx", "parent_onnx", "INPUT", "OUTPUT", "PROTOTYPE_NODE"]
 
 INPUT, OUTPUT = "input", "logits"
-FEATURES, POOLED, PROTOTYPES, PROTOTYPE_NODE = "features", "pooled", "edgetransfer.prototypes", "edgetransfer.prototype"
+POOLED, PROTOTYPE_NODE = "pooled", "edgetransfer.prototype"  # the prototype head's input, and its nodes' name prefix
 
 
 @dataclass
@@ -82,7 +89,7 @@ def export_onnx(run_dir: str | Path | RunDir, options: ExportOptions = ExportOpt
     run = RunDir(run_dir)
     if not run.path.is_dir():
         raise RunError(f"no run at {run}; run edgetransfer finetune first")
-    output = options.default_output(run)
+    output = Path(options.output) if options.output else run / (run.ONNX_UINT8 if options.fuse_preprocess else run.ONNX)
     _check_writable(output)
     with run.lock():
         return _export_run(run, options, output, started)
@@ -109,15 +116,57 @@ def _export_run(run: RunDir, options: ExportOptions, output: Path, started: floa
     with atomic_path(output) as tmp:
         _export(built, options, info, tmp, payload.get("qat") if quantized else None)
         if options.verify and quantized:
-            from .qat import PARITY_IMAGES, verify_qdq
-
             images = [load_image(s) for s in run.validation(max(options.verify_images, PARITY_IMAGES))]
-            parity = verify_qdq(built, tmp, images)
+            parity = verify_qdq(built, tmp, images, payload["qat"])
         else:
             images = [load_image(s) for s in run.validation(options.verify_images)] if options.verify else []
             parity = _verify(built, tmp, options, images) if options.verify else None
     _record(run, output, options, parity)
     return ExportResult(output, parity, info, time.perf_counter() - started)
+
+
+def run_onnx(run: RunDir) -> Path:
+    """The run's exported model (exported first when there is none), checked to come from the
+    run's checkpoint.
+
+    Raises:
+        RunError: no fine-tuned run, or a ``model.onnx`` exported from another checkpoint.
+    """
+    if run.has_manifest():
+        run.require_complete()
+    checkpoint_sha256 = run.checkpoint_sha256()
+    if not run.onnx.is_file():
+        console.print(f"no {run.ONNX} yet: exporting it first")
+        export_onnx(run)
+    try:
+        props = {p.key: p.value for p in onnx.load(str(run.onnx), load_external_data=False).metadata_props}
+    except Exception:  # unreadable: the manifest check below, or the message after it, says so
+        props = None
+    if props is not None and props.get("checkpoint_sha256") != checkpoint_sha256:
+        raise RunError(f"{run.onnx} was not exported from this run's checkpoint; re-export it with: edgetransfer export {run}")
+    recorded = run.manifest().artifacts.get("onnx", {}) if run.has_manifest() else {}
+    if recorded.get("path") == run.ONNX:
+        run.verify("onnx", run.rebuild_hint("onnx"))
+    if props is None:
+        raise RunError(f"{run.onnx} is not a readable ONNX model; export it again with: edgetransfer export {run}")
+    return run.onnx
+
+
+def parent_onnx(run: RunDir) -> Path | None:
+    """For a QAT run, its parent's float ONNX model (checked against the parent's manifest); else ``None``.
+
+    Raises:
+        RunError: the parent run is gone, or its model no longer is the one recorded.
+    """
+    record = run.qat_record()
+    if record is None:
+        return None
+    parent = RunDir(record.get("parent", ""))
+    if not parent.has_manifest():
+        raise RunError(f"{run} is a QAT run of {parent}, which is gone; its float model is the reference INT8 is measured against")
+    if parent.checkpoint_sha256() != record.get("parent_checkpoint_sha256"):
+        raise RunError(f"{parent}'s checkpoint has changed since {run} was trained from it; run the QAT again")
+    return run_onnx(parent)
 
 
 def needs_export(run_dir: str | Path | RunDir, building_variants: bool, export_options_given: bool) -> bool:
@@ -136,12 +185,8 @@ def _check_writable(output: Path) -> None:
 
 
 def _export(built: BuiltModel, options: ExportOptions, info: ModelInfo, path: Path, qat: dict | None = None) -> None:
-    from .prototype import PrototypeHead
-
     if qat is not None:
-        from .qat import export_qdq
-
-        model = export_qdq(built, path, options.opset, qat)
+        model = export_qdq(built, path, options.opset, qat, (INPUT, OUTPUT))
         _finish(model, built, info, path)
         return
 
@@ -160,8 +205,6 @@ def _export(built: BuiltModel, options: ExportOptions, info: ModelInfo, path: Pa
 
 def _finish(model, built: BuiltModel, info: ModelInfo, path: Path) -> None:
     """Metadata in, checked, saved."""
-    import onnx
-
     onnx.helper.set_model_props(model, info.to_props())
     model.doc_string = f"{built.arch.name} fine-tuned with edgetransfer {__version__}"
     try:
@@ -185,8 +228,6 @@ def _append_prototype_head(model, head) -> None:
     enrolment rewrites, with the labels, so the runtime can do it on the serialised model without
     onnx or torch; the class dimension of the logits is named, not fixed, for the same reason.
     """
-    from onnx import TensorProto, helper, numpy_helper
-
     graph = model.graph
     pooled = graph.output.pop()
     batch = pooled.type.tensor_type.shape.dim[0]
@@ -263,8 +304,6 @@ def _verify(built: BuiltModel, path: Path, options: ExportOptions, images: list)
     Raises:
         ParityError: some output differs by more than ``atol + rtol * |torch|``.
     """
-    from .runtime.sessions import fixed_batch, open_session, run_batched
-
     pre = built.preprocessing
     pixels = [np.asarray(pre.resize_crop(img), dtype=np.uint8) for img in images]  # resized once
     normalized = np.stack([pre.normalize(p) for p in pixels])

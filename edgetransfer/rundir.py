@@ -21,12 +21,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import __version__
-from ._io import read_json, sha256_file, write_json
-from .metadata import MANIFEST_FILE
+from .checkpoint import load_checkpoint
+from .data import DataSpec, load_dataset
 from .errors import RunError
+from .runtime.files import read_json, sha256_file, write_json
+from .runtime.metadata import MANIFEST_FILE
 
 if TYPE_CHECKING:
-    from .data import DataSpec, Dataset, Sample
+    from .data import Dataset, DataSpec, Sample
 
 __all__ = ["RunDir", "Manifest", "versions", "now"]
 
@@ -145,8 +147,6 @@ class RunDir:
 
     def load_checkpoint(self):
         """The fine-tuned model (CPU, eval mode) and its checkpoint payload."""
-        from .checkpoint import load_checkpoint
-
         return load_checkpoint(self.require_checkpoint())
 
     def read_config(self) -> dict[str, Any]:
@@ -163,14 +163,21 @@ class RunDir:
             raise RunError(f"{path} is not an edgetransfer run config; restore it, or fine-tune again")
         return config
 
+    def qat_record(self) -> dict[str, Any] | None:
+        """The ``qat`` section of a QAT run's config (its parent, scheme and options), or ``None``
+        for any other run, or for a folder with no readable config."""
+        try:
+            record = self.read_config().get("qat")
+        except RunError:
+            return None
+        return record if isinstance(record, dict) else None
+
     def data_spec(self) -> DataSpec:
         """The data the run was trained on, as its config records it.
 
         Raises:
             RunError: the config's data section is not one this version reads.
         """
-        from .data import DataSpec
-
         try:
             return DataSpec.from_dict(self.read_config()["data"])
         except TypeError as exc:
@@ -179,8 +186,6 @@ class RunDir:
     @cached_property
     def dataset(self) -> Dataset:
         """The run's data, split exactly as it was for training."""
-        from .data import load_dataset
-
         return load_dataset(self.data_spec())
 
     def validation(self, limit: int | None = None) -> list[Sample]:
@@ -290,7 +295,7 @@ _HELD: set[str] = set()  # run directories this process holds
 
 def _acquire(handle, run_dir: Path) -> None:
     try:
-        import fcntl
+        import fcntl  # POSIX only: imported where it is used
     except ImportError:  # no flock here (Windows): one writer at a time is the user's to keep
         return
     try:

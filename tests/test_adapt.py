@@ -19,7 +19,6 @@ from edgetransfer.finetune import finetune
 
 from conftest import write_folder
 
-
 # ---------------------------------------------------------------------------------------------
 # Gradient reversal and the paper's schedules
 
@@ -232,7 +231,7 @@ def test_an_adapted_run_exports_the_same_graph_as_an_unadapted_one(shift_runs):
 def test_adabn_run_ships_the_target_statistics_and_measures_before_and_after(tmp_path):
     """Head mode: the head trains on cached features of the frozen backbone; AdaBN then gives the
     checkpoint the target's BatchNorm statistics, and validation is measured on the adapted model."""
-    from edgetransfer.checkpoint import safe_load
+    from edgetransfer.safeload import safe_load
 
     config = FinetuneConfig(**{**TINY, "epochs": 3}, adapt="digits-m", adapt_method="adabn")
     result = finetune(config, tmp_path / "run")

@@ -5,21 +5,19 @@ import os
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 
-import torch
-
-from edgetransfer._io import sha256_file
 from edgetransfer.bench import BenchOptions, bench_run
-from edgetransfer.cpu import cpu_features
-from edgetransfer.results import BENCH_SCHEMA, BenchReport, Latency
-from edgetransfer.rundir import Manifest
 from edgetransfer.cli import main
+from edgetransfer.cpu import cpu_features
 from edgetransfer.errors import DataError, EdgeTransferError, RunError, UnknownNameError
 from edgetransfer.export import ExportOptions, export_onnx
 from edgetransfer.optimize import Precision, QuantOptions, Target, build_variants
-
 from edgetransfer.report import bench_markdown, recommendation_line
+from edgetransfer.results import BENCH_SCHEMA, BenchReport, Latency
+from edgetransfer.rundir import Manifest
+from edgetransfer.runtime.files import sha256_file
 
 from conftest import copy_run, write_folder
 
@@ -48,7 +46,7 @@ def test_every_variant_is_measured_against_eager_in_the_same_run(run_dir, report
     results = rows(report)
     assert list(results) == ["eager", "onnx", "onnx-uint8", "ort-cpu-fp32", "ort-cpu-int8"]
     eager = results["eager"]
-    for name, row in results.items():
+    for row in results.values():
         assert row.status == "measured", row
         assert row.threads == os.cpu_count()
         for batch in ("1", "4"):

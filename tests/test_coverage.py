@@ -7,10 +7,11 @@ import numpy as np
 import onnx
 import pytest
 
-from conftest import depthwise_cnn, digits_pixels
 from edgetransfer.optimize import ort as ortq
 from edgetransfer.optimize.coverage import integer_coverage, is_quantized
 from edgetransfer.results import IntegerCoverage
+
+from conftest import depthwise_cnn, digits_pixels
 
 SIZE = 24
 # stem 3x3 (3 -> 16), depthwise 3x3 (16), pointwise 1x1 (16 -> 24) at 24x24, classifier 24 -> 10

@@ -9,7 +9,7 @@ from PIL import Image
 
 from edgetransfer.data import DataSpec, load_dataset, load_image
 from edgetransfer.errors import DataError
-from edgetransfer.preprocessing import load_rgb, to_rgb
+from edgetransfer.runtime.preprocessing import load_rgb, to_rgb
 
 from conftest import write_folder
 

@@ -8,22 +8,20 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from test_models import FAMILY_MEMBERS
 from torch import nn
 
-from edgetransfer._io import sha256_file, write_json
 from edgetransfer.checkpoint import load_checkpoint, save_checkpoint
 from edgetransfer.data import DataSpec, load_image
-from edgetransfer.errors import RunError
-from edgetransfer.errors import ExportError, ParityError
+from edgetransfer.errors import ExportError, ParityError, RunError
 from edgetransfer.export import ExportOptions, _export, export_onnx
-from edgetransfer.rundir import Manifest
-from edgetransfer.metadata import ModelInfo
 from edgetransfer.models import BuiltModel, build
 from edgetransfer.results import Parity
-from edgetransfer.rundir import RunDir
+from edgetransfer.rundir import Manifest, RunDir
+from edgetransfer.runtime.files import sha256_file, write_json
+from edgetransfer.runtime.metadata import ModelInfo
 
 from conftest import copy_run
-from test_models import FAMILY_MEMBERS
 
 
 @pytest.fixture(scope="module")

@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from edgetransfer._io import sha256_file
+from edgetransfer import finetune as finetune_module
 from edgetransfer.checkpoint import load_checkpoint
 from edgetransfer.data import DataSpec, eval_transform, load_dataset, load_image
 from edgetransfer.errors import EdgeTransferError, RunError
-from edgetransfer import finetune as finetune_module
 from edgetransfer.finetune import FinetuneConfig, finetune
-from edgetransfer.rundir import Manifest
 from edgetransfer.models import build, trunk_blocks
+from edgetransfer.rundir import Manifest
+from edgetransfer.runtime.files import sha256_file
 
 SMALL = DataSpec(limit_per_class=40)  # 320 train / 80 val real digits
 HEAD = FinetuneConfig(data=SMALL, epochs=20)

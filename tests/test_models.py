@@ -8,7 +8,7 @@ from torch import nn
 
 from edgetransfer import models
 from edgetransfer.errors import ModelError, UnknownNameError, WeightsError
-from edgetransfer.models import DEFAULT_ARCH, CLASSIFIER_RULES, build, list_architectures, trunk_blocks
+from edgetransfer.models import CLASSIFIER_RULES, DEFAULT_ARCH, build, list_architectures, trunk_blocks
 
 
 @contextmanager
@@ -66,7 +66,7 @@ def test_head_on_captured_features_reproduces_the_full_forward(name):
     size = FAMILY_MEMBERS[name]
     x = torch.randn(2, 3, size, size)
     captured = [[] for _ in built.heads]
-    hooks = [h.register_forward_pre_hook(lambda m, args, into=into: into.append(args[0])) for h, into in zip(built.heads, captured)]
+    hooks = [h.register_forward_pre_hook(lambda m, args, into=into: into.append(args[0])) for h, into in zip(built.heads, captured, strict=True)]
     with torch.no_grad():
         logits = built.module(x)
         for hook in hooks:

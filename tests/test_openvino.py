@@ -18,19 +18,23 @@ pytest.importorskip("nncf", reason="NNCF is not installed: pip install 'edgetran
 
 import openvino as ov  # noqa: E402
 
-from edgetransfer._io import read_json, sha256_file  # noqa: E402
 from edgetransfer.bench import BenchOptions, bench_run  # noqa: E402
 from edgetransfer.cli import main  # noqa: E402
 from edgetransfer.data import DataSpec, load_dataset, load_image  # noqa: E402
-from edgetransfer.errors import EdgeTransferError  # noqa: E402
+from edgetransfer.errors import (  # noqa: E402
+    EdgeTransferError,  # noqa: E402
+    ExportError,
+    QuantizationError,
+)
 from edgetransfer.export import export_onnx  # noqa: E402
-from conftest import copy_run  # noqa: E402
-from edgetransfer.rundir import RunDir  # noqa: E402
 from edgetransfer.optimize import Precision, QuantOptions, Target, build_variants, cpu_features  # noqa: E402
 from edgetransfer.optimize import openvino as ovq  # noqa: E402
-from edgetransfer.errors import ExportError, QuantizationError  # noqa: E402
+from edgetransfer.rundir import RunDir  # noqa: E402
 from edgetransfer.runtime import Predictor, PredictorError  # noqa: E402
+from edgetransfer.runtime.files import read_json, sha256_file  # noqa: E402
 from edgetransfer.runtime.openvino_ir import bf16_problem, read_ir, save_ir  # noqa: E402
+
+from conftest import copy_run  # noqa: E402
 
 HAS_BF16 = bf16_problem() is None
 

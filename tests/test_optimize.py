@@ -10,15 +10,14 @@ from click.testing import CliRunner
 
 from edgetransfer.cli import main
 from edgetransfer.data import DataSpec, Sample, load_dataset
-from edgetransfer.errors import DataError, EdgeTransferError, RunError, UnknownNameError
+from edgetransfer.errors import DataError, EdgeTransferError, QuantizationError, RunError, UnknownNameError
 from edgetransfer.export import export_onnx
-from edgetransfer.rundir import Manifest, RunDir
-from edgetransfer.optimize import CalibMethod, Precision, QuantOptions, Target, build_variants, cpu_features
+from edgetransfer.optimize import CalibMethod, CpuFeatures, Precision, QuantOptions, Target, build_variants, cpu_features, ort_target
 from edgetransfer.optimize import ort as ortq
 from edgetransfer.optimize.calibration import BatchStream, balanced_sample, folder_samples
 from edgetransfer.optimize.guard import RANKING_IMAGES, Selection, hold_budget, rank_layers
-from edgetransfer.errors import QuantizationError
 from edgetransfer.results import VariantReport, compare, paired_interval
+from edgetransfer.rundir import Manifest, RunDir
 from edgetransfer.runtime import Predictor, probe_provider
 
 from conftest import copy_run, depthwise_cnn, write_folder
@@ -180,7 +179,7 @@ def test_ranking_puts_the_layer_behind_an_outlier_channel_first(tmp_path):
     calibrator.collect_data(Reader())
     cache = save_tensors_data(calibrator.compute_data(), tmp_path / "ranges.json") or tmp_path / "ranges.json"
     ortq.quantize_qdq(prepared, quantized, cache, CalibMethod.MINMAX, ortq.QuantScheme("uint8"), [])
-    subject = ortq._OrtQuantized(prepared, quantized)
+    subject = ort_target.OrtQuantized(prepared, quantized)
     float_logits = ortq.run_logits(prepared, images)
     ranking = rank_layers(subject, subject.layers(), images, float_logits)
     graph = onnx.load(str(prepared)).graph
@@ -213,7 +212,7 @@ def test_paired_interval_is_honest_about_few_images():
 def test_calibration_methods_give_different_scales(run_dir, tmp_path):
     """Real digits, prepared as the run's model takes them, through a small CNN (ONNX Runtime's
     entropy search costs over a second per tensor: two minutes on EfficientNet-Lite0)."""
-    from edgetransfer.metadata import ModelInfo
+    from edgetransfer.runtime.metadata import ModelInfo
 
     info = ModelInfo.from_props({p.key: p.value for p in onnx.load(run_dir / "model.onnx").metadata_props})
     prepared = tmp_path / "prepared.onnx"
@@ -246,7 +245,7 @@ def test_calibration_streams_batches_without_loading_everything(monkeypatch):
 
     real = calibration.load_image
     monkeypatch.setattr(calibration, "load_image", lambda s: loaded.append(s) or real(s))
-    from edgetransfer.preprocessing import Preprocessing
+    from edgetransfer.runtime.preprocessing import Preprocessing
 
     stream = BatchStream(samples, Preprocessing(32, 36), "input", "float32-nchw-normalized", 8)
     chunks = stream.chunks(2)
@@ -326,8 +325,8 @@ def test_tensorrt_engine_build_and_record(run_dir):
 
     if not torch.cuda.is_available():
         pytest.skip("no CUDA GPU")
+    from edgetransfer.backends.tensorrt import check_engine
     from edgetransfer.errors import EngineMismatchError
-    from edgetransfer.optimize.tensorrt import check_engine
 
     (variant,) = build_variants(run_dir, [Target.TENSORRT], [Precision.FP16])
     record = check_engine(variant.path)
@@ -349,3 +348,15 @@ def test_committed_demo_calibration_set_is_balanced_training_data():
     assert not held_out & {Path(s.name).stem for s in samples}  # never validation or test images
     expected = {Path(s.name).name for s in balanced_sample(dataset.train, 200)}
     assert {Path(s.name).stem for s in samples} == expected
+
+
+@pytest.mark.parametrize("vnni, target, reference", [
+    (False, Target.TENSORRT, True),  # 8-bit weights saturate on AVX2: measured as the GPU computes
+    (False, Target.ORT_CUDA, True),
+    (False, Target.ORT_CPU, False),  # this CPU's own kernels, on its 7-bit scheme
+    (True, Target.TENSORRT, False),  # exact here: the real kernels
+])
+def test_a_gpu_int8_model_is_measured_as_the_gpu_computes_where_this_cpu_saturates(monkeypatch, vnni, target, reference):
+    monkeypatch.setattr(ort_target, "cpu_features", lambda: CpuFeatures("an x86 CPU", "x86_64", avx2=True, avx512=vnni, vnni=vnni))
+    assert ort_target.gpu_reference(target, Precision.INT8) is reference
+    assert ort_target.gpu_reference(target, Precision.FP16) is False

@@ -27,8 +27,7 @@ from edgetransfer.export import ExportOptions, export_onnx
 from edgetransfer.finetune import finetune
 from edgetransfer.models import build
 from edgetransfer.prototype import PrototypeHead, embed, fit_head, install_prototype_head, l2_normalize
-from edgetransfer.runtime import Predictor, PredictorError
-from edgetransfer.runtime import _wire
+from edgetransfer.runtime import Predictor, PredictorError, _wire
 from edgetransfer.runtime.cli import main as runtime_main
 from edgetransfer.runtime.enrolment import ENROLMENT_KEY, PROTOTYPES
 

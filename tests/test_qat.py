@@ -11,7 +11,6 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import copy_run
 from edgetransfer.checkpoint import load_checkpoint
 from edgetransfer.cli import main
 from edgetransfer.config import QatOptions
@@ -19,8 +18,12 @@ from edgetransfer.cpu import CpuFeatures
 from edgetransfer.errors import OptionError, QuantizationError, RunError
 from edgetransfer.optimize import Precision, QuantOptions, Target, build_variants
 from edgetransfer.optimize.guard import Selection, hold_prequantized
-from edgetransfer.qat import fold_batchnorm, logits_of, qat_scheme, qdq_limit, resume_qat, run_qat, verify_qdq
+from edgetransfer.qat import resume_qat, run_qat
+from edgetransfer.qat_export import logits_of, qdq_limit, verify_qdq
+from edgetransfer.qat_scheme import fold_batchnorm, qat_scheme
 from edgetransfer.rundir import RunDir
+
+from conftest import copy_run
 
 
 @pytest.fixture(scope="module")
@@ -160,11 +163,12 @@ def test_a_qdq_model_that_computes_something_else_fails_the_check(child, tmp_pat
         attribute.t.CopyFrom(numpy_helper.from_array((scale * 1.3).astype(scale.dtype)))
     tampered = tmp_path / "tampered.onnx"
     onnx.save(model, str(tampered))
-    built, _ = load_checkpoint(run.checkpoint)
+    built, payload = load_checkpoint(run.checkpoint)
     images = [load_image(s) for s in run.dataset.val]
-    verify_qdq(built, run.onnx, images)  # the real one passes
+    record = payload["qat"]
+    verify_qdq(built, run.onnx, images, record)  # the real one passes
     with pytest.raises(ParityError, match="differ by up to"):
-        verify_qdq(built, tampered, images)
+        verify_qdq(built, tampered, images, record)
 
 
 def test_a_rebuilt_checkpoint_gives_the_same_logits_as_the_trained_module(child, parent):

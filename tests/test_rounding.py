@@ -13,9 +13,8 @@ import pytest
 from onnx import numpy_helper
 
 from edgetransfer.errors import MissingDependencyError
-from edgetransfer.optimize import Precision, QuantOptions, Target, build_variants
+from edgetransfer.optimize import Precision, QuantOptions, Target, build_variants, rounding
 from edgetransfer.optimize import ort as ortq
-from edgetransfer.optimize import rounding
 from edgetransfer.optimize.guard import Selection, hold_budget
 from edgetransfer.optimize.ort import CalibMethod
 from edgetransfer.optimize.rounding import Rounding, adaround

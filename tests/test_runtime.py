@@ -14,8 +14,8 @@ from PIL import Image
 from edgetransfer.checkpoint import load_checkpoint
 from edgetransfer.data import DataSpec, eval_transform, load_dataset, load_image
 from edgetransfer.export import ExportOptions, export_onnx
-from edgetransfer.preprocessing import Interpolation, Preprocessing
 from edgetransfer.runtime import Prediction, Predictor, PredictorError
+from edgetransfer.runtime.preprocessing import Interpolation, Preprocessing
 
 from conftest import copy_run
 

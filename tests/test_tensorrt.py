@@ -12,13 +12,14 @@ import types
 import pytest
 import torch
 
-from edgetransfer.export import export_onnx
+from edgetransfer.backends import tensorrt as trt_runtime
 from edgetransfer.errors import EdgeTransferError, EngineMismatchError, MissingDependencyError
-from edgetransfer.metadata import FLOAT_NCHW, UINT8_NHWC, ModelInfo
+from edgetransfer.export import export_onnx
 from edgetransfer.optimize import Precision, QuantOptions, Target, TensorRTOptions, build_variants
 from edgetransfer.optimize import tensorrt as trt_build
-from edgetransfer.preprocessing import Preprocessing
 from edgetransfer.rundir import Manifest
+from edgetransfer.runtime.metadata import FLOAT_NCHW, UINT8_NHWC, ModelInfo
+from edgetransfer.runtime.preprocessing import Preprocessing
 
 from conftest import copy_run
 
@@ -200,28 +201,28 @@ def test_an_engine_is_refused_on_another_gpu_or_tensorrt(monkeypatch, fake_gpu, 
     (tmp_path / "m.onnx").write_bytes(b"x")
     engine = tmp_path / "m.engine"
     trt_build.build_engine(tmp_path / "m.onnx", engine, Precision.FP16, TensorRTOptions(), info())
-    assert trt_build.check_engine(engine)["gpu"] == "NVIDIA H200"
+    assert trt_runtime.check_engine(engine)["gpu"] == "NVIDIA H200"
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=0: "NVIDIA L4")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=0: (8, 9))
     with pytest.raises(EngineMismatchError, match=r"m.engine was built for gpu NVIDIA H200, this machine has NVIDIA L4; rebuild it here"):
-        trt_build.check_engine(engine)
+        trt_runtime.check_engine(engine)
     install(monkeypatch, FakeTensorRT(version="11.1.0"))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=0: GPU["name"])
     with pytest.raises(EngineMismatchError, match=r"built for tensorrt 11.0.0, this machine has 11.1.0"):
-        trt_build.check_engine(engine)
+        trt_runtime.check_engine(engine)
     (tmp_path / "m.json").unlink()
     with pytest.raises(EdgeTransferError, match=r"m.engine has no build record \(m.json\); rebuild it"):
-        trt_build.check_engine(engine)
+        trt_runtime.check_engine(engine)
 
 
 def test_no_tensorrt_or_no_gpu_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", None)
     with pytest.raises(MissingDependencyError, match=r"needs TensorRT, which is not installed: pip install 'edgetransfer\[tensorrt\]'"):
-        trt_build.require()
+        trt_runtime.require()
     install(monkeypatch, FakeTensorRT())
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(EdgeTransferError, match=r"TensorRT engines are built on the GPU they run on, and torch sees no CUDA GPU here"):
-        trt_build.environment()
+        trt_runtime.environment()
 
 
 def test_the_tensorrt_target_builds_records_and_benches_through_the_registry(monkeypatch, trained_run, tmp_path_factory):

@@ -17,7 +17,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from edgetransfer._io import sha256_file
 from edgetransfer.bench import BenchOptions, bench_run
 from edgetransfer.checkpoint import load_checkpoint, save_checkpoint
 from edgetransfer.cli import main
@@ -27,9 +26,10 @@ from edgetransfer.errors import DataError, ImageError, ParityError, PredictorErr
 from edgetransfer.export import export_onnx
 from edgetransfer.finetune import finetune
 from edgetransfer.optimize import Precision, Target, build_variants
-from edgetransfer.preprocessing import Preprocessing
 from edgetransfer.rundir import RunDir
 from edgetransfer.runtime import Predictor
+from edgetransfer.runtime.files import sha256_file
+from edgetransfer.runtime.preprocessing import Preprocessing
 
 from conftest import copy_run
 
@@ -92,8 +92,8 @@ def test_a_planted_pickle_as_checkpoint_or_weights_never_runs(tmp_path):
     torch.save({"format": Planted(marker)}, tmp_path / "model.pt")
     with pytest.raises(RunError, match=r"holds Python objects besides tensors and plain values"):
         load_checkpoint(tmp_path / "model.pt")
-    from edgetransfer.models import build
     from edgetransfer.errors import WeightsError
+    from edgetransfer.models import build
 
     with pytest.raises(WeightsError, match=r"holds Python objects besides tensors") as caught:
         build("resnet18", 3, weights=str(tmp_path / "model.pt"))

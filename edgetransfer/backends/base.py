@@ -42,5 +42,5 @@ class Runner(ABC):
     def infer(self, batch: np.ndarray) -> np.ndarray:
         """Logits for a prepared batch, synchronised (GPU work finished) on return."""
 
-    def deactivate(self) -> None:
-        pass
+    def deactivate(self) -> None:  # noqa: B027 - an optional hook: most runners hold nothing to release
+        """Release what :meth:`activate` took."""

@@ -3,7 +3,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 
+from ..checkpoint import load_checkpoint
 from .base import Runner
 
 __all__ = ["EagerRunner"]
@@ -18,10 +20,6 @@ class EagerRunner(Runner):
         self.provider = f"torch-{device}"
 
     def activate(self) -> None:
-        import torch
-
-        from ..checkpoint import load_checkpoint
-
         self.torch = torch
         built, _ = load_checkpoint(self.checkpoint)
         self.model = built.module.to(self.device).eval()

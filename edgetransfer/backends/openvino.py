@@ -4,7 +4,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..metadata import FLOAT_NCHW, UINT8_NHWC
+from ..runtime.metadata import FLOAT_NCHW, UINT8_NHWC
+from ..runtime.openvino_ir import EXTRA, compile_ir, read_ir
 from .base import Runner, SkipVariant
 
 __all__ = ["OpenVinoRunner"]
@@ -22,10 +23,8 @@ class OpenVinoRunner(Runner):
         self.props: dict[str, str] = {}
 
     def activate(self) -> None:
-        from ..runtime.openvino_ir import EXTRA, compile_ir, read_ir
-
         try:
-            import openvino as ov
+            import openvino as ov  # optional heavy dependency (the openvino extra): imported here
         except ImportError:
             raise SkipVariant(f"OpenVINO is not installed: {EXTRA}") from None
         core = ov.Core()

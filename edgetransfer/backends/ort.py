@@ -4,6 +4,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..runtime import probe_provider
+from ..runtime.sessions import open_session
 from .base import Runner, SkipVariant
 
 __all__ = ["OrtRunner"]
@@ -17,8 +19,6 @@ class OrtRunner(Runner):
         self.model, self.wanted, self.threads = model, provider, threads
 
     def activate(self) -> None:
-        from ..runtime import probe_provider
-        from ..runtime.sessions import open_session
 
         if self.wanted != "CPUExecutionProvider":
             problem = probe_provider(self.wanted)

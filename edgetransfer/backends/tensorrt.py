@@ -1,13 +1,70 @@
+"""TensorRT engines on this machine: the runner bench times them with, and the check that an engine
+was built for this TensorRT and GPU."""
+
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import torch
 
-from ..errors import EdgeTransferError
+from ..errors import EdgeTransferError, EngineMismatchError, MissingDependencyError
+from ..runtime.files import read_json
 from .base import Runner, SkipVariant
 
-__all__ = ["TensorRTRunner"]
+__all__ = ["TensorRTRunner", "EXTRA", "require", "environment", "record_path", "check_engine"]
+
+EXTRA = "pip install 'edgetransfer[tensorrt]' on a machine with an NVIDIA GPU and driver"
+
+
+def require():
+    """Import TensorRT, or say which extra installs it."""
+    try:
+        import tensorrt as trt  # optional heavy dependency (the tensorrt extra): imported here
+    except ImportError:
+        raise MissingDependencyError(f"target tensorrt needs TensorRT, which is not installed: {EXTRA}") from None
+    return trt
+
+
+def environment() -> dict[str, Any]:
+    """TensorRT and CUDA versions, GPU name and compute capability of this machine."""
+    trt = require()
+    if not torch.cuda.is_available():
+        raise EdgeTransferError("TensorRT engines are built on the GPU they run on, and torch sees no CUDA GPU here")
+    major, minor = torch.cuda.get_device_capability(0)
+    return {
+        "tensorrt": trt.__version__,
+        "cuda": torch.version.cuda,
+        "gpu": torch.cuda.get_device_name(0),
+        "compute_capability": f"{major}.{minor}",
+    }
+
+
+def record_path(engine_path: Path) -> Path:
+    """The JSON build record beside an engine (TensorRT, CUDA and GPU it was built with)."""
+    return engine_path.with_suffix(".json")
+
+
+def check_engine(engine_path: Path) -> dict[str, Any]:
+    """The engine's build record, after checking it matches this machine.
+
+    Raises:
+        EngineMismatchError: built with another TensorRT version or for another GPU.
+        EdgeTransferError: the record is missing.
+    """
+    path = record_path(Path(engine_path))
+    if not path.is_file():
+        raise EdgeTransferError(f"{engine_path} has no build record ({path.name}); rebuild it with edgetransfer export")
+    record = read_json(path)
+    here = environment()
+    for key in ("tensorrt", "gpu", "compute_capability"):
+        if record.get(key) != here.get(key):
+            raise EngineMismatchError(
+                f"{Path(engine_path).name} was built for {key} {record.get(key)}, this machine has {here.get(key)};"
+                " rebuild it here with: edgetransfer export RUN --target tensorrt"
+            )
+    return record
 
 
 class TensorRTRunner(Runner):
@@ -21,14 +78,11 @@ class TensorRTRunner(Runner):
 
     def activate(self) -> None:
         try:
-            import tensorrt as trt
-            import torch
+            import tensorrt as trt  # optional heavy dependency (the tensorrt extra): imported here
         except ImportError:
             raise SkipVariant("TensorRT is not installed (pip install 'edgetransfer[tensorrt]')") from None
         if not torch.cuda.is_available():
             raise SkipVariant("no CUDA GPU")
-        from ..optimize.tensorrt import check_engine
-
         try:
             check_engine(self.engine_path)
         except EdgeTransferError as exc:

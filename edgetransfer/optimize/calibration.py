@@ -13,8 +13,8 @@ import numpy as np
 
 from ..data import IMAGE_EXTENSIONS, Sample, load_image
 from ..errors import DataError
-from ..metadata import UINT8_NHWC
-from ..preprocessing import Preprocessing
+from ..runtime.metadata import UINT8_NHWC
+from ..runtime.preprocessing import Preprocessing
 
 __all__ = ["balanced_sample", "folder_samples", "BatchStream", "describe_samples"]
 

@@ -8,19 +8,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import onnx
 
 from ..data import Sample
-from ..errors import OptionError, QuantizationError, RunError
-from ..metadata import ModelInfo
-from ..progress import console
+from ..errors import OptionError, QuantizationError
+from ..export import parent_onnx, run_onnx
 from ..results import Comparison, compare
 from ..rundir import RunDir
+from ..runtime.metadata import ModelInfo
 from .calibration import BatchStream, balanced_sample, folder_samples
 from .guard import Selection
-from .ort import CalibMethod
+from .ort import CalibMethod, run_logits
 from .rounding import Rounding
 
-__all__ = ["QuantOptions", "TensorRTOptions", "BuildContext", "open_context", "run_onnx"]
+__all__ = ["QuantOptions", "TensorRTOptions", "BuildContext", "open_context"]
 
 
 @dataclass(frozen=True)
@@ -144,8 +145,6 @@ class BuildContext:
         """The images the INT8 guard chooses on (labels unused): :meth:`RunDir.selection`, never
         a held-out image."""
         if self._selection is None:
-            from .ort import run_logits
-
             samples = self.run.selection(self.quant.guard_images)
             source = "validation images" if self.run.dataset.test else "every other validation image"
             stream = self.stream(samples, max(1, len(samples)))
@@ -184,11 +183,6 @@ def open_context(run: RunDir, quant: QuantOptions, tensorrt: TensorRTOptions) ->
     Raises:
         RunError: no fine-tuned run, or its ONNX model is not from its checkpoint.
     """
-    import onnx
-
-    from ..qat import parent_onnx
-    from .ort import run_logits
-
     base = run_onnx(run)
     reference = parent_onnx(run)
     model = onnx.load(str(base), load_external_data=False)
@@ -201,33 +195,3 @@ def open_context(run: RunDir, quant: QuantOptions, tensorrt: TensorRTOptions) ->
     return BuildContext(run, base, info, input_name, images, labels, run_logits(reference or base, images), quant, tensorrt, split,
                         reference)
 
-
-def run_onnx(run: RunDir) -> Path:
-    """The run's exported model (exported first when there is none), checked to come from the
-    run's checkpoint.
-
-    Raises:
-        RunError: no fine-tuned run, or a ``model.onnx`` exported from another checkpoint.
-    """
-    import onnx
-
-    if run.has_manifest():
-        run.require_complete()
-    checkpoint_sha256 = run.checkpoint_sha256()
-    if not run.onnx.is_file():
-        from ..export import export_onnx
-
-        console.print(f"no {run.ONNX} yet: exporting it first")
-        export_onnx(run)
-    try:
-        props = {p.key: p.value for p in onnx.load(str(run.onnx), load_external_data=False).metadata_props}
-    except Exception:  # unreadable: the manifest check below, or the message after it, says so
-        props = None
-    if props is not None and props.get("checkpoint_sha256") != checkpoint_sha256:
-        raise RunError(f"{run.onnx} was not exported from this run's checkpoint; re-export it with: edgetransfer export {run}")
-    recorded = run.manifest().artifacts.get("onnx", {}) if run.has_manifest() else {}
-    if recorded.get("path") == run.ONNX:
-        run.verify("onnx", run.rebuild_hint("onnx"))
-    if props is None:
-        raise RunError(f"{run.onnx} is not a readable ONNX model; export it again with: edgetransfer export {run}")
-    return run.onnx

@@ -23,6 +23,8 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import onnx
+import onnxruntime as ort
 
 from ..errors import QuantizationError, first_line
 from ..results import FloatLayer, IntegerCoverage
@@ -40,8 +42,6 @@ _SKIPPED = ["NchwcTransformer"]
 
 def is_quantized(model) -> bool:
     """Whether an ONNX model (a path or ModelProto) has quantisation in it: Q/DQ pairs or integer kernels."""
-    import onnx
-
     graph = (model if isinstance(model, onnx.ModelProto) else onnx.load(str(model), load_external_data=False)).graph
     return any(node.op_type in _QDQ or node.op_type in INTEGER_OPS for node in graph.node)
 
@@ -54,8 +54,6 @@ def integer_coverage(model: str | Path | bytes) -> IntegerCoverage:
     Raises:
         QuantizationError: ONNX Runtime cannot load or run the model.
     """
-    import onnxruntime as ort
-
     optimised = _optimised(model)
     shapes = _shapes(optimised)
     weights = {init.name: tuple(init.dims) for init in optimised.graph.initializer}
@@ -80,8 +78,6 @@ def integer_coverage(model: str | Path | bytes) -> IntegerCoverage:
 
 def _optimised(model: str | Path | bytes):
     """The graph ONNX Runtime's CPU provider runs for ``model``, as it writes it out."""
-    import onnx
-    import onnxruntime as ort
 
     with tempfile.TemporaryDirectory(prefix="edgetransfer-coverage-") as work:
         options = ort.SessionOptions()
@@ -98,8 +94,6 @@ def _optimised(model: str | Path | bytes):
 def _shapes(optimised) -> dict[str, tuple[int, ...]]:
     """The shape of every tensor of the optimised graph in one run at batch 1 (every other free
     dimension 1), the graph run as written (no further optimisation)."""
-    import onnx
-    import onnxruntime as ort
 
     probe = onnx.ModelProto()
     probe.CopyFrom(optimised)
@@ -117,7 +111,7 @@ def _shapes(optimised) -> dict[str, tuple[int, ...]]:
     for given in session.get_inputs():
         shape = [d if isinstance(d, int) and d > 0 else 1 for d in given.shape]
         feeds[given.name] = np.zeros(shape, dtype=np.uint8 if given.type == "tensor(uint8)" else np.float32)
-    return {out.name: value.shape for out, value in zip(session.get_outputs(), session.run(None, feeds))}
+    return {out.name: value.shape for out, value in zip(session.get_outputs(), session.run(None, feeds), strict=True)}
 
 
 def _macs(node, shapes: dict, weights: dict) -> int:

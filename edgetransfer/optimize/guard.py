@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
+import onnx
 
 from ..errors import QuantizationError
 from ..results import GuardStep
@@ -245,8 +246,6 @@ def hold_prequantized(name: str, run: Callable[[np.ndarray], np.ndarray], select
 def quantized_nodes(qdq_model) -> list[str]:
     """Names of the compute nodes of a QDQ model (a path or ModelProto) that read a dequantised
     tensor (what quantisation touched), in graph order."""
-    import onnx
-
     graph = (qdq_model if isinstance(qdq_model, onnx.ModelProto) else onnx.load(str(qdq_model))).graph
     dequantized = {out for node in graph.node if node.op_type == "DequantizeLinear" for out in node.output}
     return [

@@ -27,24 +27,38 @@ import io
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-from .._io import sha256_file
+from ..backends import OpenVinoRunner
 from ..cpu import CpuFeatures, cpu_features
-from ..errors import EdgeTransferError, ExportError, MissingDependencyError, OptionError, QuantizationError
+from ..errors import (
+    EdgeTransferError,
+    ExportError,
+    MissingDependencyError,
+    OptionError,
+    QuantizationError,
+)
+from ..export import PROTOTYPE_NODE
 from ..progress import console
 from ..results import VariantReport
 from ..runtime import openvino_ir
-from ..runtime.openvino_ir import EXTRA, INFERENCE_PRECISION, compile_config, import_openvino, one_line, save_ir
+from ..runtime.files import sha256_file
+from ..runtime.openvino_ir import (
+    EXTRA,
+    INFERENCE_PRECISION,
+    compile_config,
+    import_openvino,
+    one_line,
+    save_ir,
+)
 from .calibration import describe_samples
+from .context import BuildContext
 from .guard import hold_budget, hold_prequantized
+from .ort import CalibMethod
 from .rounding import Rounding
 from .targets import Precision, Target, TargetSpec, Variant, register
-
-if TYPE_CHECKING:
-    from .context import BuildContext
 
 __all__ = ["require", "build_variant", "convert", "logits", "overflow_fix", "quantize", "quantized_ops", "keep_in_float", "compress_weights"]
 
@@ -54,7 +68,7 @@ def require(nncf: bool = False) -> None:
     import_openvino()
     if nncf:
         try:
-            import nncf  # noqa: F401
+            import nncf  # noqa: F401  (optional heavy dependency, the openvino extra: imported here)
         except ImportError:
             raise MissingDependencyError(f"INT8 for OpenVINO needs NNCF, which is not installed: {EXTRA}") from None
 
@@ -102,8 +116,11 @@ def quantize(model, batches: Sequence[np.ndarray], ignored: Sequence[str] = (), 
         QuantizationError: NNCF fails on the model (its reason, on one line).
     """
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # NNCF imports it; no CUDA is fine
-    import nncf
-    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
+    import nncf  # optional heavy dependency (the openvino extra): imported here
+    from nncf.quantization.advanced_parameters import (
+        AdvancedQuantizationParameters,
+        OverflowFix,
+    )
 
     nncf.set_log_level(logging.ERROR)
     try:
@@ -127,8 +144,6 @@ def quantize(model, batches: Sequence[np.ndarray], ignored: Sequence[str] = (), 
 
 def prototype_ops(model) -> list[str]:
     """The prototype head's operations, kept in float (see ``ort.prototype_nodes``)."""
-    from ..export import PROTOTYPE_NODE
-
     return [op.get_friendly_name() for op in model.get_ordered_ops() if op.get_friendly_name().startswith(PROTOTYPE_NODE + "/")
             and op.get_type_name() not in ("Constant", "Result", "Parameter")]
 
@@ -190,7 +205,7 @@ def _restore_bias(op, originals: dict) -> None:
         twin = originals.get(add.get_friendly_name())
         if add.get_type_name() != "Add" or twin is None or twin.get_type_name() != "Add":
             continue
-        for port, twin_port in zip(add.inputs(), twin.inputs()):
+        for port, twin_port in zip(add.inputs(), twin.inputs(), strict=True):
             if _source(port).get_type_name() == "Constant" and _source(twin_port).get_type_name() == "Constant":
                 port.replace_source_output(twin_port.get_source_output())
 
@@ -201,6 +216,7 @@ def _source(port):
 
 def compress_weights(model):
     """Store the float weights behind FakeQuantize nodes as int8 (what NNCF does by default)."""
+    # optional heavy dependency (the openvino extra): imported here
     from openvino._offline_transformations import compress_quantize_weights_transformation
 
     compress_quantize_weights_transformation(model)
@@ -229,14 +245,12 @@ def build_variant(context: BuildContext, target: Target, precision: Precision) -
 def _int8(context: BuildContext, model, report: VariantReport) -> Any:
     """NNCF INT8 under the accuracy guard; the layers it keeps go to NNCF's ignored scope, and the
     measured reverted model ships where that scope misses the budget."""
-    from .ort import CalibMethod
-
     quant = context.quant
     if context.prequantized:  # a QAT run's QDQ model: OpenVINO reads its QDQ pairs as FakeQuantize; nothing is quantised again
         selection = context.selection()
         held = hold_prequantized("OpenVINO INT8 (QAT)", lambda images: logits(model, images), selection, quant.max_accuracy_drop)
         report.kept_in_float, report.guard_steps = [], held.steps
-        report.details.update(mode="QDQ from quantisation-aware training, converted as it is", qat=context.run.read_config()["qat"],
+        report.details.update(mode="QDQ from quantisation-aware training, converted as it is", qat=context.run.qat_record(),
                               guard=held.record(selection, quant.max_accuracy_drop, 0))
         return compress_weights(model)
     samples, source = context.calibration_samples()
@@ -299,8 +313,6 @@ def _check_available(precisions: list[Precision]) -> None:
 
 
 def _runner(path: Path, threads: int | None):
-    from ..backends import OpenVinoRunner
-
     return OpenVinoRunner(path, threads)
 
 

@@ -1,33 +1,39 @@
-"""ONNX Runtime variants: offline graph optimisation, FP16 conversion, static INT8 (QDQ)."""
+"""ONNX Runtime's operations on a model: offline graph optimisation, FP16 conversion, calibration and
+static INT8 (QDQ), a layer back in float, logits. The target that builds variants with them is
+:mod:`.ort_target`."""
 
 from __future__ import annotations
 
-import shutil
 import tempfile
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
+import onnx
+import onnxruntime as ort
+from onnxruntime.quantization import (
+    CalibrationMethod,
+    QuantFormat,
+    QuantType,
+    quantize_static,
+)
+from onnxruntime.quantization import quantize_dynamic as ort_quantize_dynamic
+from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
+from onnxruntime.quantization.shape_inference import quant_pre_process
+from onnxruntime.transformers.float16 import (
+    DEFAULT_OP_BLOCK_LIST,
+    convert_float_to_float16,
+)
 
 from .._enums import Choice
-from .._io import atomic_path
-from ..cpu import CpuFeatures, cpu_features
-from ..errors import MissingDependencyError, QuantizationError
-from ..progress import console, progress
-from ..results import VariantReport
-from .calibration import BatchStream, describe_samples
-from .coverage import integer_coverage
-from .guard import hold_budget, hold_prequantized, quantized_nodes
-from . import rounding
-from .qdq import prune, sort_nodes
-from .rounding import Rounding
-from .targets import Precision, Target, TargetSpec, Variant, register
-
-if TYPE_CHECKING:
-    from .context import BuildContext
+from ..cpu import CpuFeatures
+from ..errors import QuantizationError
+from ..export import PROTOTYPE_NODE
+from ..qdq import prune, sort_nodes
+from ..runtime.sessions import fixed_batch, open_session, run_batched
+from .calibration import BatchStream
 
 __all__ = [
     "CalibMethod",
@@ -42,8 +48,6 @@ __all__ = [
     "run_logits",
     "copy_metadata",
     "keep_in_float",
-    "build_variant",
-    "build_onnx",
 ]
 
 # Ops kept in float32 in FP16 models: they overflow (65504) or lose too much in half precision.
@@ -63,8 +67,6 @@ class CalibMethod(Choice):
         return "calibration method"
 
     def ort(self):
-        from onnxruntime.quantization import CalibrationMethod
-
         return {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                 "percentile": CalibrationMethod.Percentile}[self.value]
 
@@ -104,8 +106,6 @@ def quant_scheme(target: str, cpu: CpuFeatures) -> QuantScheme:
 
 def copy_metadata(src, dst: Path) -> None:
     """Carry ``metadata_props`` from ``src`` (a path or ModelProto) over to the model at ``dst``."""
-    import onnx
-
     source = src if isinstance(src, onnx.ModelProto) else onnx.load(str(src), load_external_data=False)
     target = onnx.load(str(dst))
     onnx.helper.set_model_props(target, {p.key: p.value for p in source.metadata_props})
@@ -114,8 +114,6 @@ def copy_metadata(src, dst: Path) -> None:
 
 def optimize_graph(src: Path, dst: Path) -> None:
     """ONNX Runtime's offline graph optimisation (extended level: portable across x86 CPUs)."""
-    import onnxruntime as ort
-
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     options.optimized_model_filepath = str(dst)
@@ -125,8 +123,6 @@ def optimize_graph(src: Path, dst: Path) -> None:
 
 def to_fp16(src: Path, dst: Path) -> None:
     """Float16 weights and compute; float32 inputs and outputs; overflow-prone ops kept in float."""
-    import onnx
-    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
     model = onnx.load(str(src))
     half = convert_float_to_float16(model, keep_io_types=True, op_block_list=DEFAULT_OP_BLOCK_LIST + FP16_KEEP_FLOAT,
@@ -136,8 +132,6 @@ def to_fp16(src: Path, dst: Path) -> None:
 
 def preprocess_for_quantization(src: Path, dst: Path) -> None:
     """ONNX Runtime's quantisation pre-processing: shape inference and fusions (Conv+BN…)."""
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
     quant_pre_process(str(src), str(dst), skip_symbolic_shape=False)
 
 
@@ -147,8 +141,6 @@ def calibrate(model: Path, stream: BatchStream, method: CalibMethod, symmetric: 
     Raises:
         EdgeTransferError: no readable calibration image.
     """
-    from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
-
     options: dict = {"symmetric": symmetric}
     if method is not CalibMethod.MINMAX:
         # With quantize_static's defaults the histogram has as many bins as the quantised range
@@ -171,8 +163,6 @@ def calibrate(model: Path, stream: BatchStream, method: CalibMethod, symmetric: 
 
 def quantize_qdq(model: Path, dst: Path, cache: Path, method: CalibMethod, scheme: QuantScheme, exclude: list[str]) -> None:
     """Static QDQ quantisation with ranges from ``cache``; ``exclude`` nodes stay in float."""
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
-
     types = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
     quantize_static(
         model, dst, None,
@@ -186,7 +176,6 @@ def quantize_qdq(model: Path, dst: Path, cache: Path, method: CalibMethod, schem
         calibration_cache_path=cache,
         extra_options={"ActivationSymmetric": scheme.symmetric_activations, "WeightSymmetric": True},
     )
-    import onnx
 
     model = onnx.load(str(dst))
     if float_outputs(model):
@@ -224,167 +213,22 @@ def prototype_nodes(model: Path) -> list[str]:
     """The prototype head's nodes, where the model has one: they stay in float. Its cosines are
     close to each other, so INT8 there would flip predictions, and enrolment rewrites a float
     prototype matrix."""
-    import onnx
-
-    from ..export import PROTOTYPE_NODE
-
     return [node.name for node in onnx.load(str(model), load_external_data=False).graph.node if node.name.startswith(PROTOTYPE_NODE + "/")]
 
 
 def quantize_dynamic(model: Path, dst: Path) -> None:
     """Dynamic (weights-only) quantisation: only when asked; usually slower for CNNs."""
-    from onnxruntime.quantization import QuantType
-    from onnxruntime.quantization import quantize_dynamic as ort_quantize_dynamic
 
     ort_quantize_dynamic(model, dst, weight_type=QuantType.QInt8, nodes_to_exclude=prototype_nodes(model))
 
 
-def run_logits(model: Path | bytes, arrays: np.ndarray, batch: int = 64, threads: int | None = None) -> np.ndarray:
-    """Logits of an ONNX model on CPU for prepared inputs, in batches."""
-    from ..runtime.sessions import fixed_batch, open_session, run_batched
-
-    session = open_session(model, threads=threads)
+def run_logits(model: Path | bytes, arrays: np.ndarray, batch: int = 64, threads: int | None = None, reference: bool = False) -> np.ndarray:
+    """Logits of an ONNX model on CPU for prepared inputs, in batches; with ``reference``, a QDQ
+    model in its reference semantics (graph optimisation off: exact int8 rounding computed in
+    float, what a GPU's integer kernels give) rather than this CPU's integer kernels."""
+    session = open_session(model, threads=threads, optimized=not reference)
     name = session.get_inputs()[0].name
     return run_batched(lambda chunk: session.run(None, {name: chunk})[0], arrays, batch, fixed_batch(session))
-
-
-def build_variant(context: BuildContext, target: Target, precision: Precision) -> Variant:
-    """An ONNX Runtime variant of the run's model: ``<target>-<precision>.onnx`` in the run."""
-    return build_onnx(context, target, precision, context.run / f"{target.value}-{precision.value}.onnx")
-
-
-def build_onnx(context: BuildContext, target: Target, precision: Precision, output: Path) -> Variant:
-    """Optimise (fp32), convert (fp16) or quantise (int8) the run's ONNX model into ``output``,
-    measured against the float model on the held-out images (CPU)."""
-    report = VariantReport(evaluated_on="CPUExecutionProvider")
-    with atomic_path(output) as tmp, tempfile.TemporaryDirectory(prefix="edgetransfer-opt-") as work:
-        if precision is Precision.FP32:
-            if target is Target.ORT_CPU:
-                optimize_graph(context.base, tmp)
-            else:
-                shutil.copyfile(context.base, tmp)
-        elif precision is Precision.FP16:
-            if target is Target.ORT_CPU:
-                report.warnings.append("FP16 will not be faster on a CPU: ONNX Runtime's CPU kernels compute most ops in FP32")
-            to_fp16(context.base, tmp)
-            report.kept_in_float = list(FP16_KEEP_FLOAT)
-        else:
-            _int8(context, target, tmp, Path(work), report)
-            if target is Target.ORT_CPU:
-                report.coverage = _coverage(tmp, report)
-        report.accuracy = context.compare(run_logits(tmp, context.held_out))
-    return Variant(output.name.removesuffix(".onnx"), target, precision, output, report)
-
-
-COVERAGE_WARNING = 0.99  # below this share of MACs in integer kernels, say which layers run in float
-
-
-def _coverage(model: Path, report: VariantReport):
-    """The INT8 model's integer coverage in ONNX Runtime, with a warning naming the float layers
-    when much of it runs in float (those cost more than FP32: a DQ before and a Q after each)."""
-    coverage = integer_coverage(model)
-    if coverage.share < COVERAGE_WARNING:
-        report.warnings.append(f"ONNX Runtime runs only {coverage.summary()}")
-    return coverage
-
-
-def _int8(context: BuildContext, target: Target, output: Path, work: Path, report: VariantReport) -> None:
-    quant = context.quant
-    if context.prequantized:
-        _prequantized(context, target, output, report)
-        return
-    if quant.dynamic:
-        report.warnings.append("dynamic quantisation of a CNN is usually slower than FP32; static INT8 is the default for a reason")
-        quantize_dynamic(context.base, output)
-        report.details["mode"] = "dynamic"
-        return
-    rounding = _rounding(quant.rounding, report)  # before minutes of calibration, not after
-    scheme = quant_scheme(target.value, cpu_features())
-    report.warnings.extend(scheme.warnings)
-    samples, source = context.calibration_samples()
-    prepared = work / "prepared.onnx"
-    preprocess_for_quantization(context.base, prepared)
-    stream = context.stream(samples, quant.calib_batch)
-    with console.status("ONNX Runtime: calibrating"):
-        cache = calibrate(prepared, stream, quant.method, scheme.symmetric_activations, work / "calibration.json")
-        quantize_qdq(prepared, output, cache, quant.method, scheme, prototype_nodes(prepared))
-    subject = _OrtQuantized(prepared, output)
-    adaround = _adaround(context, samples, scheme, subject)
-    rounded = adaround() if rounding is Rounding.ADAROUND else None  # always; with auto, only when the budget is missed
-    selection = context.selection()
-    held = hold_budget(subject, selection, quant.max_accuracy_drop, quant.max_float_layers, lambda text: console.print(text, markup=False),
-                       adaround if rounding is Rounding.AUTO else None)
-    rounded = rounded or held.recovery
-    if held.kept or rounded:  # the model the guard measured is the one that ships
-        import onnx
-
-        onnx.save_model(subject.candidate(held.kept), str(output))
-    copy_metadata(context.base, output)
-    report.kept_in_float, report.guard_steps = held.kept, held.steps
-    report.details.update(
-        mode="static QDQ", scheme=scheme.to_dict(), max_accuracy_drop_points=quant.max_accuracy_drop,
-        calibration={"source": source, "method": quant.method.value, "images": stream.used, "batch": quant.calib_batch,
-                     "files": describe_samples(samples)},
-        rounding=rounded or {"method": "nearest", "asked": quant.rounding.value},
-        guard=held.record(selection, quant.max_accuracy_drop, quant.max_float_layers),
-    )
-
-
-def _rounding(asked: Rounding, report: VariantReport) -> Rounding:
-    """The rounding this build uses: ``auto`` without AMD Quark rounds to nearest and says so.
-
-    Raises:
-        MissingDependencyError: ``adaround`` asked for, and AMD Quark is not installed.
-    """
-    if asked is Rounding.ADAROUND:
-        rounding.require()
-    if asked is Rounding.AUTO and not rounding.available():
-        report.warnings.append(f"learned rounding (AdaRound) needs AMD Quark ({rounding.INSTALL}); weights are rounded to nearest,"
-                               " so more layers may have to stay in float")
-        return Rounding.NEAREST
-    return asked
-
-
-def _adaround(context: BuildContext, samples, scheme: QuantScheme, subject: _OrtQuantized):
-    """AdaRound on every quantised layer of ``subject``'s model, which it then holds; returns the record."""
-    from onnx import TensorProto
-    from onnxruntime.quantization.quant_utils import get_qmin_qmax_for_qType
-
-    quant = context.quant
-    limits = tuple(int(v) for v in get_qmin_qmax_for_qType(TensorProto.INT8, reduce_range=scheme.reduce_range, symmetric=True))
-
-    def recover() -> dict:
-        images = samples[: max(quant.adaround_images, quant.calib_batch)]
-        batches = list(iter(context.stream(images, quant.calib_batch).get_next, None))
-        with progress() as bar:
-            task = bar.add_task("AdaRound (AMD Quark)", total=None, status=f"{quant.adaround_iterations} iterations a layer")
-            result = rounding.adaround(subject.float_model, subject.quantized, batches, quant.adaround_iterations, limits,
-                                       lambda done, total: bar.update(task, completed=done, total=total))
-            bar.update(task, completed=result.layers, total=result.layers)
-        subject.quantized = result.model
-        console.print(f"AdaRound: {result.moved} of {result.weights} weights in {result.layers} layers moved one step"
-                      f" ({result.seconds:.0f} s)", markup=False)
-        return result.record()
-
-    return recover
-
-
-def _prequantized(context: BuildContext, target: Target, output: Path, report: VariantReport) -> None:
-    """A QAT run's QDQ model, shipped as it is (not quantised again) once the guard has measured it."""
-    quant = context.quant
-    if target is Target.ORT_CPU:  # weights folded to int8 initializers and integer kernels fused: 13.1 -> 3.7 MB on the demo
-        optimize_graph(context.base, output)
-    else:
-        shutil.copyfile(context.base, output)
-    selection = context.selection()
-    held = hold_prequantized("INT8 (QAT)", lambda images: run_logits(output, images), selection, quant.max_accuracy_drop)
-    report.kept_in_float, report.guard_steps = [], held.steps
-    trained_for = context.run.read_config()["qat"]["options"]["target"]
-    if target is Target.ORT_CPU and trained_for in ("tensorrt", "ort-cuda", "ort-trt"):
-        report.warnings.append(f"this QAT run was trained for {trained_for} (int8 activations): ONNX Runtime's CPU kernels fuse few of its"
-                               " convolutions; run the QAT with --qat-target ort-cpu for this target")
-    report.details.update(mode="static QDQ from quantisation-aware training, shipped as it is",
-                          qat=context.run.read_config()["qat"], guard=held.record(selection, quant.max_accuracy_drop, 0))
 
 
 def keep_in_float(qdq, float_model, names: Sequence[str]):
@@ -396,8 +240,6 @@ def keep_in_float(qdq, float_model, names: Sequence[str]):
     Raises:
         QuantizationError: a name that is not a node of both models.
     """
-    import onnx
-
     model = onnx.ModelProto()
     model.CopyFrom(qdq)
     graph = model.graph
@@ -443,59 +285,3 @@ def keep_in_float(qdq, float_model, names: Sequence[str]):
     prune(graph)
     sort_nodes(graph)
     return model
-
-
-class _OrtQuantized:
-    """ONNX Runtime's static QDQ model under the guard: a layer is kept in float by
-    :func:`keep_in_float` (a graph edit on the quantised model, no new calibration)."""
-
-    name = "INT8"
-    fallback = "fp32/fp16"
-
-    def __init__(self, prepared: Path, quantized: Path) -> None:
-        import onnx
-
-        self.float_model = onnx.load(str(prepared))
-        self.quantized = onnx.load(str(quantized))
-
-    def layers(self) -> list[str]:
-        return quantized_nodes(self.quantized)
-
-    def candidate(self, kept: Sequence[str]):
-        return keep_in_float(self.quantized, self.float_model, kept) if kept else self.quantized
-
-    def logits(self, kept: Sequence[str], images: np.ndarray) -> np.ndarray:
-        return run_logits(self.candidate(kept).SerializeToString(), images)
-
-
-def _check_provider(target: Target, provider: str | None):
-    def check(precisions: list[Precision]) -> None:
-        if provider is None:
-            return
-        from ..runtime import probe_provider
-
-        problem = probe_provider(provider)
-        if problem:
-            raise MissingDependencyError(
-                f"target {target.value} needs ONNX Runtime's {provider}, but {problem};"
-                " build it on the machine with the NVIDIA GPU it will run on (onnxruntime-gpu)"
-            )
-
-    return check
-
-
-def _runner(provider: str):
-    def open_runner(path: Path, threads: int | None):
-        from ..backends import OrtRunner
-
-        return OrtRunner(path, provider, threads)
-
-    return open_runner
-
-
-_HINTS = {Precision.BF16: "bf16 is built for --target openvino"}
-for _target, _provider in ((Target.ORT_CPU, None), (Target.ORT_CUDA, "CUDAExecutionProvider"), (Target.ORT_TRT, "TensorrtExecutionProvider")):
-    register(TargetSpec(
-        _target, (Precision.FP32, Precision.FP16, Precision.INT8), "onnx", (".onnx",), build_variant,
-        _runner(_provider or "CPUExecutionProvider"), _check_provider(_target, _provider), _provider or "CPUExecutionProvider", _HINTS,
-    ))

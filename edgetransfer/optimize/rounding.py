@@ -30,8 +30,13 @@ import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from importlib.util import find_spec
 
 import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
 
 from .._enums import Choice
 from ..errors import MissingDependencyError, QuantizationError, first_line
@@ -57,8 +62,6 @@ class Rounding(Choice):
 
 def available() -> bool:
     """Whether AMD Quark can be imported (found without importing it: that takes seconds)."""
-    from importlib.util import find_spec
-
     return find_spec("quark") is not None
 
 
@@ -104,8 +107,6 @@ def adaround(prepared, qdq, batches: list[dict[str, np.ndarray]], iterations: in
         QuantizationError: Quark fails on the model (its reason, on one line), or moves a weight
             further than one step.
     """
-    import onnx
-    from onnx import numpy_helper
 
     require()
     started = time.perf_counter()
@@ -137,8 +138,6 @@ def adaround(prepared, qdq, batches: list[dict[str, np.ndarray]], iterations: in
 
 def _int8_weights(qdq) -> dict[str, np.ndarray]:
     """The int8 weight initializers of the quantised Conv/Gemm/MatMul layers, by name."""
-    from onnx import numpy_helper
-
     inits = {init.name: init for init in qdq.graph.initializer}
     producers = {out: node for node in qdq.graph.node for out in node.output}
     found = {}
@@ -184,7 +183,8 @@ def _quark_quiet(on_layer: Callable[[int], None]):
     console.file = pinned
     try:
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            from quark.onnx.algorithm.finetuning import fast_finetune  # optional and heavy (torch, a compiled extension): imported here
+            # optional heavy dependency (the quark extra: torch and a compiled extension): imported here
+            from quark.onnx.algorithm.finetuning import fast_finetune
             from quark.onnx.utils import file_utils
 
             take_over()
@@ -200,8 +200,6 @@ def _quark_quiet(on_layer: Callable[[int], None]):
 
 
 def _fast_finetune(prepared, qdq, batches: Sequence[dict], iterations: int, on_layer: Callable[[int], None]):
-    import torch
-
     class Reader:  # ONNX Runtime's calibration protocol, from the start again when Quark asks
         def __init__(self) -> None:
             self.rewind()
@@ -228,8 +226,6 @@ def _fast_finetune(prepared, qdq, batches: Sequence[dict], iterations: int, on_l
 
 
 def _version() -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         return version("amd-quark")
     except PackageNotFoundError:

@@ -1,6 +1,7 @@
 """The registry of deployment targets: one record per target says which precisions it has, how a
 variant is built, which runner benchmarks it, which ONNX Runtime provider it needs and which
-files one artifact is made of. Adding a target is one record and one module.
+files one artifact is made of. Adding a target is one record and one module, which registers
+its record when the package imports it (``edgetransfer/optimize/__init__.py``).
 """
 
 from __future__ import annotations
@@ -8,14 +9,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .._enums import Choice
+from ..backends import Runner
 from ..errors import OptionError, unknown_name
 from ..results import VariantReport
-
-if TYPE_CHECKING:
-    from ..backends import Runner
 
 __all__ = ["Target", "Precision", "Variant", "TargetSpec", "register", "spec", "registered", "spec_for_artifact"]
 
@@ -124,7 +123,6 @@ def spec(target: Target | str) -> TargetSpec:
     Raises:
         UnknownNameError: no such target, with close matches.
     """
-    _load_targets()
     name = target.value if isinstance(target, Target) else str(target)
     found = next((s for t, s in _REGISTRY.items() if t.value == name), None)
     if found is None:
@@ -134,7 +132,6 @@ def spec(target: Target | str) -> TargetSpec:
 
 def registered() -> list[TargetSpec]:
     """Every target's record, in registration order."""
-    _load_targets()
     return list(_REGISTRY.values())
 
 
@@ -147,7 +144,3 @@ def spec_for_artifact(entry: dict[str, Any]) -> TargetSpec | None:
         return spec(recorded)
     return spec(Target.ORT_CPU) if entry.get("kind") == "onnx" else None
 
-
-def _load_targets() -> None:
-    """Importing the target modules registers their records."""
-    from . import openvino, ort, tensorrt  # noqa: F401

@@ -3,54 +3,26 @@
 Written for TensorRT 11 (strongly typed networks: an engine's precision comes from the ONNX
 model, an FP16 model for FP16 and a QDQ model for INT8) and kept working on 10.x by asking for a
 strongly typed network there too. Beside each engine, a JSON record of the TensorRT, CUDA and
-GPU it was built with; :func:`check_engine` refuses an engine built for another setup.
+GPU it was built with; :func:`~edgetransfer.backends.tensorrt.check_engine` refuses an engine built for another setup.
 """
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from .._io import read_json, write_bytes, write_json
-from ..errors import EdgeTransferError, EngineMismatchError, MissingDependencyError
-from ..metadata import ModelInfo
+from ..backends.tensorrt import TensorRTRunner, environment, record_path, require
+from ..errors import EdgeTransferError
 from ..progress import console
 from ..rundir import RunDir
+from ..runtime.files import write_bytes, write_json
+from ..runtime.metadata import ModelInfo
+from .context import BuildContext
+from .ort_target import build_onnx
 from .targets import Precision, Target, TargetSpec, Variant, register
 
-if TYPE_CHECKING:
-    from .context import BuildContext
-
-__all__ = ["require", "build_engine", "build_variant", "check_engine", "environment"]
-
-EXTRA = "pip install 'edgetransfer[tensorrt]' on a machine with an NVIDIA GPU and driver"
-
-
-def require():
-    """Import TensorRT, or say which extra installs it."""
-    try:
-        import tensorrt as trt
-    except ImportError:
-        raise MissingDependencyError(f"target tensorrt needs TensorRT, which is not installed: {EXTRA}") from None
-    return trt
-
-
-def environment() -> dict[str, Any]:
-    """TensorRT and CUDA versions, GPU name and compute capability of this machine."""
-    trt = require()
-    import torch
-
-    if not torch.cuda.is_available():
-        raise EdgeTransferError("TensorRT engines are built on the GPU they run on, and torch sees no CUDA GPU here")
-    major, minor = torch.cuda.get_device_capability(0)
-    return {
-        "tensorrt": trt.__version__,
-        "cuda": torch.version.cuda,
-        "gpu": torch.cuda.get_device_name(0),
-        "compute_capability": f"{major}.{minor}",
-    }
-
+__all__ = ["build_engine", "build_variant"]
 
 def _network_flags(trt) -> int:
     flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
@@ -116,7 +88,7 @@ def build_engine(onnx_path: Path, engine_path: Path, precision, options, info: M
     record = {**env, "precision": precision.value, "profile": [options.min_batch, options.opt_batch, options.max_batch],
               "workspace_mib": options.workspace_mib, "build_s": round(time.perf_counter() - started, 1),
               "timing_cache": cache_path.name, "onnx": onnx_path.name}
-    write_json(_record_path(engine_path), record)
+    write_json(record_path(engine_path), record)
     return record
 
 
@@ -129,36 +101,9 @@ def _add_profile(builder, config, network, info: ModelInfo, options) -> None:
     config.add_optimization_profile(profile)
 
 
-def _record_path(engine_path: Path) -> Path:
-    return engine_path.with_suffix(".json")
-
-
-def check_engine(engine_path: Path) -> dict[str, Any]:
-    """The engine's build record, after checking it matches this machine.
-
-    Raises:
-        EngineMismatchError: built with another TensorRT version or for another GPU.
-        EdgeTransferError: the record is missing.
-    """
-    record_path = _record_path(Path(engine_path))
-    if not record_path.is_file():
-        raise EdgeTransferError(f"{engine_path} has no build record ({record_path.name}); rebuild it with edgetransfer export")
-    record = read_json(record_path)
-    here = environment()
-    for key in ("tensorrt", "gpu", "compute_capability"):
-        if record.get(key) != here.get(key):
-            raise EngineMismatchError(
-                f"{Path(engine_path).name} was built for {key} {record.get(key)}, this machine has {here.get(key)};"
-                " rebuild it here with: edgetransfer export RUN --target tensorrt"
-            )
-    return record
-
-
 def build_variant(context: BuildContext, target: Target, precision: Precision) -> Variant:
     """A TensorRT engine built from an ONNX model in ``precision`` (TensorRT 11 is strongly typed:
     an FP16 model for FP16, a symmetric QDQ model for INT8), the ONNX model checked on the CPU first."""
-    from .ort import build_onnx
-
     name = f"{target.value}-{precision.value}"
     source = build_onnx(context, target, precision, context.run / f"{name}.onnx")
     engine = context.run / f"{name}.engine"
@@ -170,8 +115,6 @@ def build_variant(context: BuildContext, target: Target, precision: Precision) -
 
 
 def _runner(path: Path, threads: int | None):
-    from ..backends import TensorRTRunner
-
     return TensorRTRunner(path)
 
 

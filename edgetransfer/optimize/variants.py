@@ -12,10 +12,10 @@ from pathlib import Path
 
 from rich.markup import escape
 
-from .._io import sha256_file
 from ..errors import OptionError
 from ..progress import console
 from ..rundir import RunDir
+from ..runtime.files import sha256_file
 from .context import QuantOptions, TensorRTOptions, open_context
 from .targets import Precision, Target, Variant, spec
 
@@ -79,19 +79,19 @@ def check_combinations(targets: list[Target], precisions: list[Precision], quant
 
 def _check_qat(run: RunDir, targets: list[Target], precisions: list[Precision]) -> None:
     """A QAT run's model is INT8 already: its variants are INT8 ones, for targets that take its scheme."""
-    record = run.read_config().get("qat") if (run / RunDir.CONFIG).is_file() else None
-    if isinstance(record, dict):
-        run.require_complete()  # an interrupted QAT run says how to finish it
+    record = run.qat_record()
+    if record is None:
+        return
+    run.require_complete()  # an interrupted QAT run says how to finish it
     others = [p.value for p in precisions if p is not Precision.INT8]
-    if isinstance(record, dict) and others:
+    if others:
         raise OptionError(f"{run} is a QAT run: its model is INT8 already, so it has no {'/'.join(others)} variant;"
                           f" build those from its parent run, {record.get('parent')}, or use --precision int8 here")
-    if isinstance(record, dict):
-        trained_for = record.get("options", {}).get("target")
-        for target in targets:
-            if target.value in GPU_TARGETS and trained_for not in GPU_TARGETS:
-                raise OptionError(f"{run} was trained for {trained_for}, with uint8 activations, which {target.value} does not take;"
-                                  f" run the QAT again with --qat-target {target.value}")
+    trained_for = record.get("options", {}).get("target")
+    for target in targets:
+        if target.value in GPU_TARGETS and trained_for not in GPU_TARGETS:
+            raise OptionError(f"{run} was trained for {trained_for}, with uint8 activations, which {target.value} does not take;"
+                              f" run the QAT again with --qat-target {target.value}")
 
 
 def _record(run: RunDir, variant: Variant, quant: QuantOptions, tensorrt: TensorRTOptions) -> None:

@@ -1,10 +1,10 @@
 from __future__ import annotations
 
-import json
 import os
 import time
 import warnings
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
@@ -15,9 +15,10 @@ from PIL import Image
 from . import _wire
 from .enrolment import FEATURES, PROTOTYPES, Enrolment, check_label, enrolled_model, image_record, now, prototype_of
 from .errors import ImageError, PredictorError, first_line
-from .metadata import FLOAT_NCHW, MANIFEST_FILE, PREPROCESSING_KEYS, UINT8_NHWC, ModelInfo
+from .files import write_bytes
+from .metadata import FLOAT_NCHW, PREPROCESSING_KEYS, UINT8_NHWC, ModelInfo, verify_recorded
+from .openvino_ir import OpenVinoSession
 from .preprocessing import Preprocessing, load_rgb, to_rgb
-from ._io import sha256_file
 from .sessions import fixed_batch, mixed_builds, open_session, run_batched
 
 __all__ = ["Predictor", "Prediction", "PredictorError", "ImageInput"]
@@ -160,7 +161,6 @@ class Predictor:
     def _feed(self, images: Sequence[ImageInput]) -> np.ndarray:
         if len(images) == 1 or self._decoders == 1:
             return np.stack([self._prepare(image) for image in images])
-        from concurrent.futures import ThreadPoolExecutor  # Pillow releases the GIL while it decodes and resizes
 
         with ThreadPoolExecutor(max_workers=min(self._decoders, len(images))) as pool:
             return np.stack(list(pool.map(self._prepare, images)))
@@ -232,8 +232,6 @@ class Predictor:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the model this Predictor runs (after :meth:`enrol`, the enrolled one) atomically."""
-        from ._io import write_bytes
-
         data = self.model_bytes()
         try:
             return write_bytes(path, lambda f: f.write(data))
@@ -287,34 +285,6 @@ class Predictor:
         return pixels if self.info.input_format == UINT8_NHWC else pre.normalize(pixels)
 
 
-def verify_recorded(model: Path) -> str | None:
-    """A model inside a run directory must still be the file its manifest recorded.
-
-    Returns:
-        The manifest that records the model (and so was checked), or ``None`` for a model with
-        no manifest beside it, or one its manifest does not list.
-
-    Raises:
-        PredictorError: the manifest beside the model is unreadable, or records another sha256.
-    """
-    manifest = model.parent / MANIFEST_FILE
-    if not manifest.is_file() or not model.is_file():
-        return None  # a model copied on its own: nothing recorded to check against
-    try:
-        artifacts = json.loads(manifest.read_text(encoding="utf-8")).get("artifacts", {})
-    except (ValueError, UnicodeDecodeError, AttributeError) as exc:
-        raise PredictorError(f"{manifest} beside the model is not a valid manifest: {exc}") from exc
-    for entry in artifacts.values() if isinstance(artifacts, dict) else []:
-        if isinstance(entry, dict) and (model.parent / str(entry.get("path", ""))).resolve() == model.resolve():
-            if sha256_file(model) != entry.get("sha256"):
-                raise PredictorError(
-                    f"{model} has changed since it was recorded in {manifest.name} (its sha256 differs);"
-                    " export it again, or copy the model and its manifest again"
-                )
-            return str(manifest)
-    return None
-
-
 def _provider_name(name: str) -> str:
     return PROVIDER_ALIASES.get(name.lower(), name)
 
@@ -323,7 +293,7 @@ class _OrtSession:
     """An ONNX Runtime session behind the small surface Predictor uses (shared with OpenVINO's)."""
 
     def __init__(self, model, wanted: list[str], threads: int | None, spinning: bool) -> None:
-        import onnxruntime as ort
+        import onnxruntime as ort  # imported when a session is made: a broken install (two builds at once) must not stop the runtime saying so
 
         self.wanted = wanted
         self.session = _session(ort, model, wanted, threads, spinning)
@@ -362,7 +332,6 @@ def _openvino_session(xml: Path, providers: Sequence[str] | None, device: str, t
             f"{xml.name} is an OpenVINO model: it runs on OpenVINO devices, not ONNX Runtime providers"
             f" ({', '.join(wanted)}); pass device='CPU', 'GPU' or 'AUTO' instead"
         )
-    from .openvino_ir import OpenVinoSession
 
     return OpenVinoSession(xml, device, threads)
 
@@ -419,7 +388,7 @@ def probe_provider(provider: str) -> str | None:
     onnxruntime-gpu lists CUDA and TensorRT on machines without a GPU; only a session built with
     them tells the truth.
     """
-    import onnxruntime as ort
+    import onnxruntime as ort  # imported when a session is made: a broken install (two builds at once) must not stop the runtime saying so
 
     name = _provider_name(provider)
     if name not in ort.get_available_providers():
@@ -491,7 +460,7 @@ def _check_input(info: ModelInfo, session) -> None:
     size = info.preprocessing.input_size
     expected = [size, size, 3] if fused else [3, size, size]
     shape = session.input_shape
-    if len(shape) != 4 or any(d is not None and d != e for d, e in zip(shape[1:], expected)):
+    if len(shape) != 4 or any(d is not None and d != e for d, e in zip(shape[1:], expected, strict=True)):
         raise PredictorError(f"the model's metadata says input_size {size} ({'NHWC' if fused else 'NCHW'}), but its graph"
                              f" takes {shape}; its metadata belongs to another export: export again")
 

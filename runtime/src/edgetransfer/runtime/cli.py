@@ -17,10 +17,16 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from .errors import EdgeTransferError, first_line
+import numpy as np
+
+from ._predictor import Predictor
+from .enrol import enrol_file
+from .errors import EdgeTransferError, PredictorError, first_line
+from .sessions import mixed_builds, onnxruntime_builds
 
 __all__ = ["main", "printable"]
 
@@ -110,8 +116,6 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _enrol(args: argparse.Namespace) -> int:
-    from .enrolment import enrol_file
-    from .errors import PredictorError
 
     if args.remove is not None and args.images:
         raise PredictorError("--remove takes no images")
@@ -150,8 +154,6 @@ def _session_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _predictor(args: argparse.Namespace):
-    from ._predictor import Predictor
-
     return Predictor(args.model, providers=args.providers, allow_fallback=args.allow_fallback, device=args.device,
                      threads=args.threads, fast_jpeg=args.fast_jpeg)
 
@@ -162,11 +164,11 @@ def _predict(args: argparse.Namespace) -> int:
     if args.json:
         rows = [
             {"image": str(path), "predictions": [{"label": p.label, "index": p.index, "probability": p.probability} for p in preds]}
-            for path, preds in zip(args.images, results)
+            for path, preds in zip(args.images, results, strict=True)
         ]
         print(json.dumps({"provider": predictor.provider, "results": rows}, indent=2))
         return 0
-    for path, preds in zip(args.images, results):
+    for path, preds in zip(args.images, results, strict=True):
         best = ", ".join(f"{printable(p.label)} {100 * p.probability:.2f}%" for p in preds)
         print(f"{printable(path)}: {best}")
     print(f"(on {printable(predictor.provider)})", file=sys.stderr)
@@ -175,8 +177,6 @@ def _predict(args: argparse.Namespace) -> int:
 
 def describe(model: Path) -> dict[str, Any]:
     """What ``info`` shows: labels, preprocessing, provenance and the input/output signature."""
-    from ._predictor import Predictor
-
     predictor = Predictor(model)
     info, session = predictor.info, predictor._session
     pre = info.preprocessing
@@ -225,10 +225,6 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    import numpy as np
-
-    from .sessions import mixed_builds, onnxruntime_builds
-
     started = time.perf_counter()
     predictor = _predictor(args)
     load_s = time.perf_counter() - started
@@ -281,8 +277,6 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _openvino_build() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         return {"openvino": version("openvino")}
     except PackageNotFoundError:
@@ -299,7 +293,7 @@ def peak_rss_mb() -> float:
     except OSError:
         pass
     try:
-        import resource
+        import resource  # POSIX only: imported where it is used
     except ImportError:  # Windows
         return float("nan")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -25,8 +25,8 @@ import numpy as np
 from . import _wire
 from .errors import PredictorError
 
-__all__ = ["PROTOTYPES", "FEATURES", "ENROLMENT_KEY", "Enrolment", "enrol_file", "prototype_of", "check_label", "enrolled_model",
-           "image_record", "writable_output"]
+__all__ = ["PROTOTYPES", "FEATURES", "ENROLMENT_KEY", "Enrolment", "prototype_of", "check_label", "enrolled_model",
+           "image_record"]
 
 PROTOTYPES = "edgetransfer.prototypes"  # the initializer: one row per class
 FEATURES = "features"  # the graph output enrolment reads
@@ -107,64 +107,3 @@ def _history(props: dict[str, str]) -> list[Any]:
 
 def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-
-
-def enrol_file(
-    model: str | os.PathLike,
-    label: str,
-    images: list[Any] | None = None,
-    *,
-    remove: bool = False,
-    replace: bool = False,
-    output: str | os.PathLike | None = None,
-    in_place: bool = False,
-    threads: int | None = None,
-) -> tuple[Enrolment, Path]:
-    """Enrol ``label`` from ``images`` into the model file (or ``remove`` it), and write the result
-    atomically to :func:`writable_output`'s path. On any error no file is written or changed.
-
-    Returns:
-        What was done, and the file written.
-    """
-    from ._predictor import Predictor
-
-    model = Path(model)
-    target = writable_output(model, Path(output) if output is not None else None, in_place)
-    predictor = Predictor(model, threads=threads)
-    done = predictor.remove(label) if remove else predictor.enrol(label, list(images or []), replace=replace)
-    started = time.perf_counter()
-    predictor.save(target)
-    return Enrolment(done.action, done.label, done.images, done.classes, done.seconds + time.perf_counter() - started,
-                     done.recognised), target
-
-
-def writable_output(model: Path, output: Path | None, in_place: bool) -> Path:
-    """Where an enrolment of ``model`` goes: ``output``, the model itself with ``in_place``, or
-    ``<stem>-enrolled<suffix>`` beside it; checked before any work, so that a refusal costs nothing.
-
-    Raises:
-        PredictorError: both ``output`` and ``in_place``; the default copy exists already; the
-            model is recorded in a run's manifest (in place would break its sha256); the folder
-            or file is not writable.
-    """
-    from ._predictor import verify_recorded
-
-    if output is not None and in_place:
-        raise PredictorError("give either an output path or in_place, not both")
-    if in_place:
-        if verify_recorded(model) is not None:
-            raise PredictorError(f"{model} is recorded in its run's manifest, and changing it in place would break the"
-                                 " sha256 recorded there; write a copy (--output PATH) instead")
-        target = model
-    elif output is not None:
-        target = Path(output)
-    else:
-        target = model.with_name(f"{model.stem}-enrolled{model.suffix}")
-        if target.exists():
-            raise PredictorError(f"{target} exists already; enrol into it with --in-place, or choose --output PATH")
-    folder = target.parent if str(target.parent) else Path(".")
-    if not folder.is_dir():
-        raise PredictorError(f"cannot write {target}: folder {folder} does not exist")
-    if not os.access(folder, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
-        raise PredictorError(f"cannot write {target}: permission denied; choose another --output")
-    return target

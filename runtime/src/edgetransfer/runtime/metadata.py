@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from .errors import DataError, PredictorError, UnknownNameError
+from .files import sha256_file
 from .preprocessing import Preprocessing
 
-__all__ = ["ModelInfo", "InputFormat", "FLOAT_NCHW", "UINT8_NHWC", "MANIFEST_FILE", "PREPROCESSING_KEYS"]
+__all__ = ["ModelInfo", "InputFormat", "FLOAT_NCHW", "UINT8_NHWC", "MANIFEST_FILE", "PREPROCESSING_KEYS", "verify_recorded"]
 
 MANIFEST_FILE = "manifest.json"  # beside a model in a run directory: what was recorded about it
 # the metadata keys that describe labels and preprocessing (ModelInfo.to_props); the others are provenance
@@ -123,3 +125,30 @@ def _labels(props: dict[str, str]) -> tuple[str, ...]:
         raise PredictorError(f"invalid edgetransfer metadata in the model: labels must be a non-empty list of strings, got {value!r}"[:300])
     return tuple(value)
 
+
+def verify_recorded(model: Path) -> str | None:
+    """A model inside a run directory must still be the file its manifest recorded.
+
+    Returns:
+        The manifest that records the model (and so was checked), or ``None`` for a model with
+        no manifest beside it, or one its manifest does not list.
+
+    Raises:
+        PredictorError: the manifest beside the model is unreadable, or records another sha256.
+    """
+    manifest = model.parent / MANIFEST_FILE
+    if not manifest.is_file() or not model.is_file():
+        return None  # a model copied on its own: nothing recorded to check against
+    try:
+        artifacts = json.loads(manifest.read_text(encoding="utf-8")).get("artifacts", {})
+    except (ValueError, UnicodeDecodeError, AttributeError) as exc:
+        raise PredictorError(f"{manifest} beside the model is not a valid manifest: {exc}") from exc
+    for entry in artifacts.values() if isinstance(artifacts, dict) else []:
+        if isinstance(entry, dict) and (model.parent / str(entry.get("path", ""))).resolve() == model.resolve():
+            if sha256_file(model) != entry.get("sha256"):
+                raise PredictorError(
+                    f"{model} has changed since it was recorded in {manifest.name} (its sha256 differs);"
+                    " export it again, or copy the model and its manifest again"
+                )
+            return str(manifest)
+    return None

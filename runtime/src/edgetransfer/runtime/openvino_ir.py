@@ -13,9 +13,10 @@ import tempfile
 import threading
 from pathlib import Path
 from typing import Any
+from xml.etree import ElementTree
 
-from ._io import sha256_file
 from .errors import MissingDependencyError, OpenVinoError
+from .files import sha256_file
 from .metadata import PREPROCESSING_KEYS
 
 __all__ = [
@@ -40,7 +41,7 @@ WEIGHTS_SHA256 = "weights_sha256"
 def import_openvino():
     """The ``openvino`` module, or an error naming the extra to install."""
     try:
-        import openvino
+        import openvino  # optional heavy dependency (the openvino extra): imported here
     except ImportError:
         raise MissingDependencyError(f"OpenVINO is not installed: {EXTRA}") from None
     return openvino
@@ -109,8 +110,6 @@ def read_ir(xml: str | os.PathLike, core=None):
 
 def _recorded_weights_sha256(xml: Path) -> str | None:
     """The .bin sha256 the xml records, read before OpenVINO touches the weights."""
-    from xml.etree import ElementTree
-
     try:
         node = ElementTree.parse(xml).getroot().find(f"rt_info/{SECTION}/{WEIGHTS_SHA256}")
     except ElementTree.ParseError:

@@ -82,7 +82,7 @@ class Preprocessing:
                 raise DataError(f"preprocessing {name} needs 3 finite numbers (one per RGB channel), got {list(values)}")
         if min(self.std) <= 0:
             raise DataError(f"preprocessing std must be positive in every channel, got {list(self.std)}")
-        reach = max(abs(v - m) / s for m, s in zip(self.mean, self.std) for v in (0.0, 1.0))
+        reach = max(abs(v - m) / s for m, s in zip(self.mean, self.std, strict=True) for v in (0.0, 1.0))
         if not reach <= MAX_NORMALIZED:
             raise DataError(
                 f"preprocessing mean {list(self.mean)} and std {list(self.std)} map pixels in [0, 1] to values up to"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
+from importlib.util import find_spec
 from pathlib import Path
 
 import numpy as np
@@ -37,8 +38,6 @@ def onnxruntime_builds() -> dict[str, str]:
 
 def _onnxruntime_folder() -> Path | None:
     """The site-packages folder the ``onnxruntime`` module is imported from."""
-    from importlib.util import find_spec
-
     spec = find_spec("onnxruntime")
     return Path(spec.origin).parent.parent if spec is not None and spec.origin else None
 
@@ -55,12 +54,16 @@ def mixed_builds() -> str | None:
             f" {' '.join(builds)} && pip install {keep}")
 
 
-def session_options(threads: int | None = None, spinning: bool = False):
+def session_options(threads: int | None = None, spinning: bool = False, optimized: bool = True):
     """``SessionOptions`` with ``threads`` intra-op threads (one inter-op thread when given) and
-    spinning on or off."""
-    import onnxruntime as ort
+    spinning on or off; ``optimized=False`` turns ONNX Runtime's graph optimisation off, so that a
+    QDQ model runs in its reference semantics (each DequantizeLinear, the float operator, then
+    QuantizeLinear) instead of this CPU's integer kernels."""
+    import onnxruntime as ort  # imported when a session is made: a broken install (two builds at once) must not stop the runtime saying so
 
     options = ort.SessionOptions()
+    if not optimized:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if threads:
         options.intra_op_num_threads = int(threads)
         options.inter_op_num_threads = 1
@@ -73,20 +76,22 @@ def open_session(
     providers: Sequence[str | tuple[str, dict]] = ("CPUExecutionProvider",),
     threads: int | None = None,
     spinning: bool = False,
+    optimized: bool = True,
 ):
-    """An ``InferenceSession`` for ``model`` (a path or the model's bytes).
+    """An ``InferenceSession`` for ``model`` (a path or the model's bytes); ``optimized``: see
+    :func:`session_options`.
 
     Raises:
         PredictorError: the file is missing or is not a model ONNX Runtime can load.
     """
-    import onnxruntime as ort
+    import onnxruntime as ort  # imported when a session is made: a broken install (two builds at once) must not stop the runtime saying so
 
     source = model if isinstance(model, bytes) else str(model)
     name = "<bytes>" if isinstance(model, bytes) else source
     if not isinstance(model, bytes) and not Path(source).is_file():
         raise PredictorError(f"model not found: {source}")
     try:
-        return ort.InferenceSession(source, sess_options=session_options(threads, spinning), providers=list(providers))
+        return ort.InferenceSession(source, sess_options=session_options(threads, spinning, optimized), providers=list(providers))
     except Exception as exc:  # InvalidProtobuf, Fail, NoSuchFile, InvalidGraph: all "not a usable model"
         raise PredictorError(f"cannot load model {name}: {first_line(exc)}") from exc
 

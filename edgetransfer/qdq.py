@@ -19,8 +19,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import onnx
+from onnx import numpy_helper
 
-from ..errors import QuantizationError
+from .errors import QuantizationError
 
 __all__ = ["Placement", "complete_placement", "sort_nodes", "prune", "constant_value"]
 
@@ -43,8 +45,6 @@ class Placement:
 
 def constant_value(graph, name: str) -> np.ndarray | None:
     """The value of ``name`` when it is an initializer or a Constant node's output, else ``None``."""
-    from onnx import numpy_helper
-
     for init in graph.initializer:
         if init.name == name:
             return numpy_helper.to_array(init)
@@ -98,8 +98,6 @@ def _as_uint8(graph) -> int:
     """Each activation QuantizeLinear with an int8 zero point, and the DequantizeLinear nodes of
     its output, get a uint8 zero point 128 higher: int8 [-128, 127] becomes uint8 [0, 255] on the
     same scale."""
-    from onnx import numpy_helper
-
     activations = set(_quantized_tensors(graph))
     done = 0
     for q in [n for n in graph.node if n.op_type == Q and n.input[0] in activations and len(n.input) > 2]:
@@ -119,8 +117,6 @@ def _drop_float_casts(graph) -> None:
     """Remove each Cast to float32 that reads a DequantizeLinear's float32 output: it changes
     nothing, and an Add behind it would not read a dequantised tensor (ModelOpt's quantizer casts its
     output back to its input's type)."""
-    import onnx
-
     producers = {out: node for node in graph.node for out in node.output}
     outputs = {o.name for o in graph.output}
     for cast in [n for n in graph.node if n.op_type == "Cast"]:
@@ -163,8 +159,6 @@ def _largest(graph, quantizers: list):
 
 def _dequantizer(graph, quantizer) -> str:
     """The output of a DequantizeLinear of ``quantizer`` with its own scale and zero point (made if missing)."""
-    import onnx
-
     for node in graph.node:
         if node.op_type == DQ and node.input[0] == quantizer.output[0] and list(node.input[1:]) == list(quantizer.input[1:]):
             return node.output[0]
@@ -201,8 +195,6 @@ def _quantize_biases(graph) -> int:
     scale is widened until the bias fits (as ONNX Runtime's quantiser does): its weights, which
     round to zero either way, are all that change.
     """
-    import onnx
-    from onnx import numpy_helper
 
     producers = {out: node for node in graph.node for out in node.output}
     initializers = {init.name: init for init in graph.initializer}
@@ -249,8 +241,6 @@ def _owns(graph, dequantize, scale: str) -> bool:
 
 def _set_constant(graph, name: str, value: np.ndarray) -> None:
     """Give the initializer or Constant node output ``name`` a new value."""
-    from onnx import numpy_helper
-
     for init in graph.initializer:
         if init.name == name:
             init.CopyFrom(numpy_helper.from_array(value, name))
@@ -270,8 +260,6 @@ def sort_nodes(graph) -> None:
     Raises:
         QuantizationError: the graph has a cycle or reads a tensor nothing makes.
     """
-    import onnx
-
     ready = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
     pending, ordered = list(graph.node), []
     while pending:

@@ -1,0 +1,97 @@
+"""The package's layers are a checked contract: import-linter holds the toolkit and the runtime to
+the layers their pyproject.toml files write down, and fails on a planted upward import or cycle,
+naming it. An import inside a function is only for an optional heavy dependency, and says so."""
+
+from __future__ import annotations
+
+import ast
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+RUNTIME = ROOT / "runtime"
+LINT = "import sys; from importlinter.cli import lint_imports_command; sys.argv = ['lint-imports', '--no-cache']; lint_imports_command()"
+# What a function may import for itself: the optional extras (imported where they are used, so that
+# the package works without them) and the POSIX-only standard modules. The runtime imports ONNX
+# Runtime when it opens a session, so that a broken install (two builds at once) can still be named.
+LAZY = {"openvino", "nncf", "tensorrt", "modelopt", "quark", "aimet_onnx", "resource", "fcntl"}
+RUNTIME_LAZY = LAZY | {"onnxruntime"}
+
+
+def lint(cwd: Path, path: list[Path] | None = None) -> subprocess.CompletedProcess:
+    """``lint-imports`` on the contracts in ``cwd/pyproject.toml``; with ``path``, in a Python that
+    sees only those folders and the installed packages (the toolkit's own checkout hidden)."""
+    if path is None:
+        command = [sys.executable, "-c", LINT]
+    else:
+        roots = [str(p) for p in path] + [sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]
+        command = [sys.executable, "-I", "-S", "-c", f"import sys; sys.path[:0] = {roots!r}; {LINT}"]
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def test_the_toolkit_keeps_its_layers_and_has_no_import_cycle():
+    result = lint(ROOT)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Contracts: 2 kept, 0 broken." in result.stdout
+
+
+def test_the_runtime_keeps_its_layers_and_imports_neither_torch_nor_onnx():
+    # only the runtime's sources are importable as edgetransfer.runtime: the toolkit is not there
+    result = lint(RUNTIME, [RUNTIME / "src"])
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Contracts: 2 kept, 0 broken." in result.stdout
+
+
+@pytest.fixture
+def planted(tmp_path: Path):
+    """A copy of the toolkit's sources and contracts, to plant imports in."""
+    shutil.copytree(ROOT / "edgetransfer", tmp_path / "edgetransfer", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copyfile(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
+
+    def plant(module: str, line: str) -> subprocess.CompletedProcess:
+        path = tmp_path / "edgetransfer" / module
+        path.write_text(path.read_text() + f"\n{line}\n")
+        return lint(tmp_path, [tmp_path])
+
+    return plant
+
+
+def test_an_upward_import_breaks_the_layers_and_is_named(planted):
+    result = planted("rundir.py", "from .bench import bench_run  # noqa: E402,F401")
+    assert result.returncode == 1
+    assert "Layers: the CLI, the stages" in result.stdout and "BROKEN" in result.stdout
+    assert "edgetransfer.rundir -> edgetransfer.bench" in result.stdout
+
+
+def test_a_cycle_inside_one_layer_is_found(planted):
+    # guard is below context in the optimize package; the layers contract does not look inside it
+    result = planted("optimize/guard.py", "from . import context  # noqa: E402,F401")
+    assert result.returncode == 1
+    assert "No import cycles among the modules of any package BROKEN" in result.stdout
+    assert ".guard -> .context" in result.stdout
+
+
+def test_an_import_inside_a_function_is_an_optional_dependency_that_says_so():
+    found = []
+    for root, lazy in ((ROOT / "edgetransfer", LAZY), (RUNTIME / "src" / "edgetransfer" / "runtime", RUNTIME_LAZY)):
+        for path in sorted(root.rglob("*.py")):
+            lines = path.read_text().splitlines()
+            said_until = 0  # the last line of an import that said why (the ones right after it share its comment)
+            for node in sorted(_function_imports(ast.parse("\n".join(lines))), key=lambda n: n.lineno):
+                module = node.names[0].name if isinstance(node, ast.Import) else ("." * node.level + (node.module or ""))
+                said = "#" in lines[node.lineno - 1] or lines[node.lineno - 2].lstrip().startswith("#") or said_until == node.lineno - 1
+                if module.split(".")[0] in lazy and said:
+                    said_until = node.end_lineno
+                else:
+                    found.append(f"{path.relative_to(ROOT)}:{node.lineno} imports {module}")
+    assert found == []
+
+
+def _function_imports(tree: ast.AST) -> set[ast.stmt]:
+    return {node for function in ast.walk(tree) if isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef))
+            for node in ast.walk(function) if isinstance(node, (ast.Import, ast.ImportFrom))}
