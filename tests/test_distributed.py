@@ -89,5 +89,5 @@ def test_a_lost_rank_ends_the_job_instead_of_hanging(tmp_path):
         if process.poll() is None:
             kill_job(process)
     assert process.returncode != 0
-    assert "SIGKILL" in stderr or "failed" in stderr.lower()
+    assert f"Signal 9 (SIGKILL) received by PID {workers[-1]}" in stderr  # torchrun names the worker that was killed
     assert Manifest.load(out).data["status"] == "training"  # resumable, not marked complete

@@ -253,12 +253,15 @@ def test_the_runtime_wheel_installs_alone_without_torch_and_predicts_like_the_to
     there = [[(p["label"], p["probability"]) for p in row["predictions"]] for row in json.loads(done.stdout)["results"]]
     here = [[(p.label, p.probability) for p in preds] for preds in Predictor(model).predict([str(p) for p in images], top_k=10)]
     assert there == here  # to the last bit
+    results = []
     for args in (["info", str(model), "--json"], ["check", str(model), "--runs", "3", "--json"]):
         done = subprocess.run([str(command), *args], capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
         assert done.returncode == 0, done.stderr[-2000:]
-        result = json.loads(done.stdout)
-        assert "labels" in result or result["provider"] == "CPUExecutionProvider"
-    assert "matches the sha256 recorded" in result["sha256"]
+        results.append(json.loads(done.stdout))
+    info, check = results
+    assert info["labels"] == list(Predictor(model).labels) and "matches the sha256 recorded" in info["recorded"]
+    assert check["provider"] == "CPUExecutionProvider" and check["runs"] == 3 and check["mixed_builds"] is None
+    assert "matches the sha256 recorded" in check["sha256"]
 
 
 def test_two_onnxruntime_builds_in_one_environment_are_named_with_the_fix(monkeypatch, tmp_path):

@@ -208,7 +208,8 @@ def test_fuzzed_metadata_loads_or_is_refused_with_a_predictor_error(run, tmp_pat
     except PredictorError as exc:
         assert "\n" not in str(exc)
         return
-    assert predictor.predict(np.zeros((20, 20, 3), np.uint8), top_k=1)[0].probability >= 0
+    (best,) = predictor.predict(np.zeros((20, 20, 3), np.uint8), top_k=1)
+    assert best.label == predictor.labels[best.index] and 0.0 <= best.probability <= 1.0  # a class of the model, a probability
 
 
 # --- images -----------------------------------------------------------------------------------
