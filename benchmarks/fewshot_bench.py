@@ -76,15 +76,16 @@ def prototype_predict(support_x, support_y, query_x, ways: int, whiten: bool = T
 def linear_predict(support_x, support_y, query_x, ways: int, seed: int) -> tuple[torch.Tensor, float]:
     """``finetune --mode head``'s training on cached features, with its resolved defaults."""
     from edgetransfer.config import FinetuneConfig
-    from edgetransfer.finetune import _cosine_with_warmup, _optimizer
+    from edgetransfer.train.trainer import make_optimizer
+    from edgetransfer.training import cosine_with_warmup
 
     started = time.perf_counter()
     config = FinetuneConfig(mode="head").resolved()
     torch.manual_seed(seed)
     head = torch.nn.Linear(support_x.shape[1], ways)
-    optimizer = _optimizer(config, [{"params": list(head.parameters()), "lr": config.lr, "name": "head"}])
+    optimizer = make_optimizer(config, [{"params": list(head.parameters()), "lr": config.lr, "name": "head"}])
     steps = math.ceil(len(support_y) / config.batch_size)
-    schedule = _cosine_with_warmup(optimizer, config, steps)
+    schedule = cosine_with_warmup(optimizer, config.epochs, config.warmup_epochs, steps)
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     generator = torch.Generator().manual_seed(seed)
     for _ in range(config.epochs):

@@ -149,7 +149,7 @@ def finetune(ctx: click.Context, **options) -> None:
     resume_dir = options["resume_dir"]
     if resume_dir is not None:
         _refuse_options_with_resume(ctx)
-        if (Path(resume_dir) / "config.json").is_file() and _is_qat_run(Path(resume_dir)):
+        if RunDir(resume_dir).qat_record() is not None:
             _qat(ctx, options, resume=Path(resume_dir))
             return
         config, run_dir = FinetuneConfig(), resume_dir
@@ -167,10 +167,6 @@ def finetune(ctx: click.Context, **options) -> None:
         out.print(epochs_table(result.metrics["epochs"]))
     out.print(finetune_summary_table(result.metrics, result.run_dir))
     click.echo(str(result.run_dir))
-
-
-def _is_qat_run(run_dir: Path) -> bool:
-    return isinstance(RunDir(run_dir).read_config().get("qat"), dict)
 
 
 def _qat(ctx: click.Context, options: dict, resume: Path | None = None) -> None:

@@ -13,11 +13,33 @@ from .errors import OptionError
 from .models import DEFAULT_ARCH, default_weights
 from .runtime.preprocessing import MAX_INPUT_SIZE
 
-__all__ = ["QatOptions", "QAT_TARGETS", "Mode", "AdaptMethod", "OptimizerName", "FinetuneConfig", "ExportOptions", "DEFAULT_OPSET", "DEMO_IMAGE_SIZE"]
+__all__ = ["Target", "Precision", "QatOptions", "QAT_TARGETS", "GPU_TARGETS", "Mode", "AdaptMethod", "OptimizerName", "FinetuneConfig", "ExportOptions", "DEFAULT_OPSET", "DEMO_IMAGE_SIZE"]
 
 DEFAULT_OPSET = 18  # the dynamo exporter's native opset; ONNX Runtime >= 1.14 and TensorRT 10 run it
 DEMO_IMAGE_SIZE = 64
 DANN_EPOCHS = 20  # the adversarial game is slower than plain fine-tuning: on digits -> digits-M, 10 epochs recovered 50% of the gap, 20 epochs 73%
+
+
+class Target(Choice):
+    """Where a variant runs."""
+
+    ORT_CPU = "ort-cpu"
+    ORT_CUDA = "ort-cuda"
+    ORT_TRT = "ort-trt"
+    TENSORRT = "tensorrt"
+    OPENVINO = "openvino"
+
+    @property
+    def on_gpu(self) -> bool:
+        """An NVIDIA GPU's target: symmetric int8 activations and 8-bit weights, no uint8."""
+        return self in (Target.ORT_CUDA, Target.ORT_TRT, Target.TENSORRT)
+
+
+class Precision(Choice):
+    FP32 = "fp32"
+    FP16 = "fp16"
+    BF16 = "bf16"
+    INT8 = "int8"
 
 
 class Mode(Choice):
@@ -193,7 +215,8 @@ class ExportOptions:
         return data
 
 
-QAT_TARGETS = ("ort-cpu", "openvino", "tensorrt", "ort-cuda", "ort-trt")
+QAT_TARGETS = tuple(target.value for target in Target)
+GPU_TARGETS = tuple(target.value for target in Target if target.on_gpu)  # names, as a QAT record holds them
 
 
 @dataclass(frozen=True)

@@ -113,8 +113,8 @@ def run_qat(parent_dir: str | Path, options: QatOptions = QatOptions(), out: str
     parent = RunDir(parent_dir)
     parent.require_complete()
     config = parent.read_config()
-    if isinstance(config.get("qat"), dict):
-        raise RunError(f"{parent} is already a QAT run; run QAT from its parent, {config['qat'].get('parent')}")
+    if parent.qat_record() is not None:
+        raise RunError(f"{parent} is already a QAT run; run QAT from its parent, {parent.qat_record().get('parent')}")
     child = RunDir(out if out is not None else parent / f"qat-{options.target}")
     if child.path.exists():
         raise RunError(f"{child} exists; remove it, or choose another --out (an interrupted one continues with --resume {child})")
@@ -140,9 +140,8 @@ def resume_qat(child_dir: str | Path, on_epoch: Callable[[int], None] | None = N
         RunError: not a QAT run, already finished, nothing to continue from, or its parent changed.
     """
     child = RunDir(child_dir)
-    config = child.read_config()
-    record = config.get("qat")
-    if not isinstance(record, dict):
+    config, record = child.read_config(), child.qat_record()
+    if record is None:
         raise RunError(f"{child} is not a QAT run")
     if child.has_manifest() and child.manifest().data.get("status") == "complete":
         raise RunError(f"{child} has finished; nothing to resume")
@@ -299,7 +298,7 @@ def _library() -> dict:
 
 def _batches(samples, transform, batch: int, shuffle: bool = False, seed: int = 0):
     return DataLoader(TorchImages(samples, transform), batch_size=batch, shuffle=shuffle,
-                      generator=torch.Generator().manualseed_stage(seed))
+                      generator=torch.Generator().manual_seed(seed))
 
 
 def _train_epoch(module: nn.Module, optimizer, scheduler, samples, transform, batch: int, smoothing: float, seed: int) -> float:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from .config import QAT_TARGETS
+from .config import QAT_TARGETS, Target
 from .cpu import CpuFeatures, cpu_features
 from .errors import MissingDependencyError, RunError
 
@@ -42,7 +42,7 @@ class QatScheme:
 
 def qat_scheme(target: str, cpu: CpuFeatures) -> QatScheme:
     """The fake quantisation that matches what ``target``'s INT8 kernels compute on ``cpu``."""
-    if target in ("tensorrt", "ort-cuda", "ort-trt"):
+    if Target(target).on_gpu:
         return QatScheme(reasons=("TensorRT and CUDA take symmetric int8 activations and weights",))
     reasons = ["uint8 activations where never negative: the CPU runtimes fuse Conv+Clip into an integer convolution then"]
     if cpu.x86 and not cpu.int8_fast:

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-from edgetransfer import finetune as finetune_module
 from edgetransfer.checkpoint import load_checkpoint
 from edgetransfer.data import DataSpec, eval_transform, load_dataset, load_image
 from edgetransfer.errors import EdgeTransferError, RunError
@@ -16,6 +15,8 @@ from edgetransfer.finetune import FinetuneConfig, finetune
 from edgetransfer.models import build, trunk_blocks
 from edgetransfer.rundir import Manifest
 from edgetransfer.runtime.files import sha256_file
+from edgetransfer.train.loops import CachedHeadLoop, ImageLoop
+from edgetransfer.training import seed_stage
 
 SMALL = DataSpec(limit_per_class=40)  # 320 train / 80 val real digits
 HEAD = FinetuneConfig(data=SMALL, epochs=20)
@@ -114,7 +115,7 @@ def uninterrupted(tmp_path_factory):
 
 def kill_during(monkeypatch, epoch: int, batch: int) -> None:
     """Kill the run as it reaches ``batch`` of ``epoch``; epoch 0 is the linear probe of a full run."""
-    for cls in (finetune_module._CachedHeadLoop, finetune_module._ImageLoop):
+    for cls in (CachedHeadLoop, ImageLoop):
 
         def train_batches(self, original=cls.train_batches):
             for index, item in enumerate(original(self)):
@@ -126,13 +127,13 @@ def kill_during(monkeypatch, epoch: int, batch: int) -> None:
 
 
 def kill_after_features(monkeypatch) -> None:
-    original = finetune_module._CachedHeadLoop._features
+    original = CachedHeadLoop._features
 
     def features(self, dataset, run_dir):
         original(self, dataset, run_dir)
         raise Killed()
 
-    monkeypatch.setattr(finetune_module._CachedHeadLoop, "_features", features)
+    monkeypatch.setattr(CachedHeadLoop, "_features", features)
 
 
 @pytest.mark.parametrize(
@@ -177,9 +178,9 @@ def test_each_epoch_draws_different_batches_and_augmentation(uninterrupted):
     """Reseeding per epoch must not replay epoch 1's randomness in every epoch."""
     losses = [row["train_loss"] for row in uninterrupted("head").metrics["epochs"]]
     assert len(set(losses)) == len(losses)
-    order = [torch.randperm(100, generator=torch.Generator().manual_seed(finetune_module._seed(0, epoch, 0))) for epoch in (1, 2)]
+    order = [torch.randperm(100, generator=torch.Generator().manual_seed(seed_stage(0, epoch, 0))) for epoch in (1, 2)]
     assert not torch.equal(*order)
-    assert finetune_module._seed(0, 1, 0) == finetune_module._seed(0, 1, 0) != finetune_module._seed(0, 1, 1)
+    assert seed_stage(0, 1, 0) == seed_stage(0, 1, 0) != seed_stage(0, 1, 1)
 
 
 @pytest.mark.slow

@@ -14,6 +14,7 @@ from onnx import TensorProto
 from onnxruntime.quantization.quant_utils import get_qmin_qmax_for_qType
 
 from ..backends import OrtRunner
+from ..config import GPU_TARGETS
 from ..cpu import cpu_features
 from ..errors import MissingDependencyError
 from ..progress import console, progress
@@ -182,7 +183,7 @@ def _prequantized(context: BuildContext, target: Target, output: Path, report: V
     held = hold_prequantized("INT8 (QAT)", lambda images: run_logits(output, images, reference=reference), selection, quant.max_accuracy_drop)
     report.kept_in_float, report.guard_steps = [], held.steps
     trained_for = context.run.qat_record()["options"]["target"]
-    if target is Target.ORT_CPU and trained_for in ("tensorrt", "ort-cuda", "ort-trt"):
+    if target is Target.ORT_CPU and trained_for in GPU_TARGETS:
         report.warnings.append(f"this QAT run was trained for {trained_for} (int8 activations): ONNX Runtime's CPU kernels fuse few of its"
                                " convolutions; run the QAT with --qat-target ort-cpu for this target")
     report.details.update(mode="static QDQ from quantisation-aware training, shipped as it is",

@@ -11,27 +11,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .._enums import Choice
 from ..backends import Runner
+from ..config import Precision, Target
 from ..errors import OptionError, unknown_name
 from ..results import VariantReport
 
 __all__ = ["Target", "Precision", "Variant", "TargetSpec", "register", "spec", "registered", "spec_for_artifact"]
-
-
-class Target(Choice):
-    ORT_CPU = "ort-cpu"
-    ORT_CUDA = "ort-cuda"
-    ORT_TRT = "ort-trt"
-    TENSORRT = "tensorrt"
-    OPENVINO = "openvino"
-
-
-class Precision(Choice):
-    FP32 = "fp32"
-    FP16 = "fp16"
-    BF16 = "bf16"
-    INT8 = "int8"
 
 
 @dataclass

@@ -12,14 +12,13 @@ from pathlib import Path
 
 from rich.markup import escape
 
+from ..config import GPU_TARGETS
 from ..errors import OptionError
 from ..progress import console
 from ..rundir import RunDir
 from ..runtime.files import sha256_file
 from .context import QuantOptions, TensorRTOptions, open_context
 from .targets import Precision, Target, Variant, spec
-
-GPU_TARGETS = ("tensorrt", "ort-cuda", "ort-trt")  # symmetric int8 activations only
 
 __all__ = ["Variant", "build_variants", "check_combinations"]
 
@@ -89,7 +88,7 @@ def _check_qat(run: RunDir, targets: list[Target], precisions: list[Precision]) 
                           f" build those from its parent run, {record.get('parent')}, or use --precision int8 here")
     trained_for = record.get("options", {}).get("target")
     for target in targets:
-        if target.value in GPU_TARGETS and trained_for not in GPU_TARGETS:
+        if target.on_gpu and trained_for not in GPU_TARGETS:
             raise OptionError(f"{run} was trained for {trained_for}, with uint8 activations, which {target.value} does not take;"
                               f" run the QAT again with --qat-target {target.value}")
 

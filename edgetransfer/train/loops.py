@@ -1,0 +1,280 @@
+"""What an epoch iterates over: cached features of the frozen backbone (head mode), or images
+through the network (full mode, or head mode with unfrozen blocks); and the device, autocast and
+data loaders every loop uses."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.markup import escape
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
+
+from ..config import FinetuneConfig, Mode
+from ..data import Dataset, TorchImages, eval_transform, train_transform
+from ..distributed import SINGLE, Context
+from ..errors import EdgeTransferError, ModelError, RunError, unknown_name
+from ..models import BuiltModel, trunk_blocks
+from ..progress import console, progress
+from ..rundir import RunDir
+from ..runtime.files import write_bytes
+from ..safeload import safe_load
+
+__all__ = ["device_for", "autocast_for", "image_loader", "make_loop", "CachedHeadLoop", "ImageLoop"]
+
+FEATURES = RunDir.FEATURES
+
+
+def device_for(name: str, dist: Context = SINGLE) -> torch.device:
+    if name == "auto" or (dist.active and name == "cuda"):
+        if torch.cuda.is_available():
+            return torch.device("cuda", dist.local_rank) if dist.active else torch.device("cuda")
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise EdgeTransferError(f"device {name!r} asked for, but torch sees no CUDA GPU; use --device cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise unknown_name("device", name, ["auto", "cpu", "cuda", "cuda:0"]) from None
+
+
+def autocast_for(device: torch.device, enabled: bool):
+    return torch.autocast(device.type, dtype=torch.float16, enabled=enabled and device.type == "cuda")
+
+
+def image_loader(samples, transform, config: FinetuneConfig, shuffle: bool, generator: torch.Generator | None = None):
+    """A DataLoader that draws only from ``generator`` (a fixed one when none is given), never from
+    torch's global generator. A shuffling loader's workers start afresh each epoch, so that they
+    are seeded from the epoch's generator and not from the epochs before."""
+    return DataLoader(
+        TorchImages(samples, transform),
+        batch_size=config.batch_size,
+        shuffle=shuffle,
+        num_workers=config.workers,
+        generator=generator if generator is not None else torch.Generator().manual_seed(0),
+        persistent_workers=config.workers > 0 and not shuffle,
+        pin_memory=torch.cuda.is_available(),
+    )
+
+
+def make_loop(config, built, dataset, device, run_dir, dist: Context = SINGLE):
+    if config.caches_features:
+        return CachedHeadLoop(config, built, dataset, device, run_dir, dist)
+    return ImageLoop(config, built, dataset, device, dist)
+
+
+class CachedHeadLoop:
+    """Head mode: the frozen backbone runs once per image; epochs train the head on features."""
+
+    def __init__(self, config, built: BuiltModel, dataset: Dataset, device, run_dir: Path, dist: Context = SINGLE) -> None:
+        self.config, self.built, self.device, self.dist = config, built, device, dist
+        for param in built.module.parameters():
+            param.requires_grad_(False)
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.train_pass_s = 0.0  # one backbone pass over the training images (0 when cached)
+        started = time.perf_counter()
+        self.train_x, self.train_y, self.val_x, self.val_y, widths = self._features(dataset, run_dir)
+        self.features_s = time.perf_counter() - started
+        self.head = built.head(widths)
+        for param in self.head.parameters():
+            param.requires_grad_(True)
+        self._other: tuple[list, torch.Tensor] | None = None
+
+    def _features(self, dataset: Dataset, run_dir: Path):
+        path = run_dir / FEATURES
+        key = {"train": [s.name for s in dataset.train], "val": [s.name for s in dataset.val]}
+        if path.is_file():
+            try:
+                cached = safe_load(path)
+            except RunError as exc:  # a cache is only a cache: a corrupt one is computed again
+                console.print("[yellow]warning:[/]", escape(f"{exc}; computing the features again"))
+                cached = {}
+            if isinstance(cached, dict) and cached.get("key") == key:
+                widths = cached.get("widths", [cached["train_x"].shape[1]])
+                return cached["train_x"], cached["train_y"], cached["val_x"], cached["val_y"], widths
+        transform = eval_transform(self.built.preprocessing)
+        started = time.perf_counter()
+        train_x, train_y, widths = self._extract(dataset.train, transform, "features (train)")
+        self.train_pass_s = time.perf_counter() - started
+        val_x, val_y, _ = self._extract(dataset.val, transform, "features (val)")
+        payload = {"key": key, "train_x": train_x, "train_y": train_y, "val_x": val_x, "val_y": val_y, "widths": widths}
+        if self.dist.main:
+            write_bytes(path, lambda f: torch.save(payload, f))
+        return train_x, train_y, val_x, val_y, widths
+
+    def _extract(self, samples, transform, label: str) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """What the heads read for ``samples`` (side by side, for several heads), the labels and
+        each head's width; under torchrun each rank computes its share and all gather."""
+        total, samples = len(samples), self.dist.shard(samples)
+        heads = self.built.heads
+        captured: list[list[torch.Tensor]] = [[] for _ in heads]
+        hooks = [
+            head.register_forward_pre_hook(lambda m, args, into=into: into.append(args[0].float().cpu()))
+            for head, into in zip(heads, captured, strict=True)
+        ]
+        labels, first_logits = [], None
+        self.built.module.eval()
+        try:
+            with progress() as bar, torch.no_grad():
+                task = bar.add_task(label, total=len(samples), status="")
+                for x, y in image_loader(samples, transform, self.config, shuffle=False):
+                    with autocast_for(self.device, self.config.amp):
+                        logits = self.built.module(x.to(self.device, non_blocking=True))
+                    first_logits = logits.float().cpu() if first_logits is None else first_logits
+                    labels.append(y)
+                    bar.advance(task, len(y))
+        finally:
+            for hook in hooks:
+                hook.remove()
+        if first_logits is not None:  # the check runs the heads: only once their hooks are gone
+            self._check_head([part[0] for part in captured], first_logits)
+        widths = [part[0].shape[1] for part in captured]
+        features = torch.cat([torch.cat(part) for part in captured], dim=1)
+        return self.dist.unshard(features, total), self.dist.unshard(torch.cat(labels), total), widths
+
+    def _check_head(self, inputs: list[torch.Tensor], logits: torch.Tensor) -> None:
+        """Refuse a model whose logits are not what its heads make of their cached inputs (a
+        model that changes the logits after its classifier): training on cached features would
+        train something else than the model that is exported."""
+        head = self.built.head([x.shape[1] for x in inputs])
+        with torch.no_grad():
+            remade = head.to(self.device)(torch.cat(inputs, dim=1).to(self.device)).float().cpu()
+        tolerance = (2e-2 if self.config.amp and self.device.type == "cuda" else 1e-3) * max(1.0, float(logits.abs().max()))
+        if remade.shape != logits.shape or not torch.allclose(remade, logits, rtol=0, atol=tolerance):
+            raise ModelError(
+                f"{self.config.arch}'s logits are not its classifier's output on cached features, so head mode cannot"
+                " train it on them; use --unfreeze-blocks 1 or --mode full"
+            )
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(len(self.train_y) / self.config.batch_size)
+
+    def logits_of(self, samples) -> torch.Tensor:
+        """The head's logits for other images (the labelled target images); their frozen features
+        are computed once."""
+        if self._other is None or self._other[0] is not samples:
+            features, _, _ = self._extract(samples, eval_transform(self.built.preprocessing), "features (target eval)")
+            self._other = (samples, features)
+        self.head.eval()
+        with torch.no_grad():
+            return torch.cat([self.head(x.to(self.device)).float().cpu() for x in self._other[1].split(1024)])
+
+    def backbone_changed(self, dataset: Dataset) -> None:
+        """The backbone's BatchNorm statistics were adapted: validation features are computed again."""
+        self.val_x, self.val_y, _ = self._extract(dataset.val, eval_transform(self.built.preprocessing), "features (val, adapted)")
+        self._other = None
+
+    def param_groups(self, lr: float) -> list[dict[str, Any]]:
+        return [{"params": list(self.head.parameters()), "lr": lr, "name": "head"}]
+
+    def train_batches(self):
+        self.head.train()
+        order = torch.randperm(len(self.train_y), generator=self.generator)
+        for start in range(0, len(order), self.config.batch_size):
+            index = order[start : start + self.config.batch_size]
+            yield self.train_x[index].to(self.device), self.train_y[index].to(self.device), self.head
+
+    def val_logits(self) -> tuple[torch.Tensor, torch.Tensor]:
+        self.head.eval()
+        with torch.no_grad():
+            logits = [self.head(x.to(self.device)).float().cpu() for x in self.val_x.split(1024)]
+        return torch.cat(logits), self.val_y
+
+
+
+class ImageLoop:
+    """Full mode, or head mode with unfrozen blocks: images go through the network every epoch."""
+
+    def __init__(self, config, built: BuiltModel, dataset: Dataset, device, dist: Context = SINGLE) -> None:
+        self.config, self.built, self.device, self.dist = config, built, device, dist
+        self.features_s = 0.0
+        self.epoch = 0
+        self.generator = torch.Generator().manual_seed(config.seed)
+        transform = train_transform(built.preprocessing, config.augment)
+        if dist.active:
+            images = TorchImages(dataset.train, transform)
+            self.sampler = DistributedSampler(images, dist.world, dist.rank, shuffle=True, seed=config.seed)
+            self.train = DataLoader(images, batch_size=config.batch_size, sampler=self.sampler, num_workers=config.workers,
+                                    generator=self.generator, pin_memory=torch.cuda.is_available())
+        else:
+            self.train = image_loader(dataset.train, transform, config, True, self.generator)
+        self.val_total = len(dataset.val)
+        self.val = image_loader(dist.shard(dataset.val), eval_transform(built.preprocessing), config, False)
+        self.trainable = self._select_trainable()
+        self.model = built.module
+        if dist.active:  # gradients averaged over ranks; parameters start from rank 0's
+
+            ids = [device.index] if device.type == "cuda" else None
+            self.model = DistributedDataParallel(built.module, device_ids=ids)
+
+    def _select_trainable(self) -> list[nn.Module]:
+        """Modules that train (and so run BatchNorm in train mode); all others stay frozen."""
+        module, heads = self.built.module, self.built.heads
+        if self.config.mode is Mode.FULL:
+            for param in module.parameters():
+                param.requires_grad_(True)
+            return [module]
+        blocks = trunk_blocks(self.built)
+        unfrozen = blocks[-self.config.unfreeze_blocks :] if self.config.unfreeze_blocks else []
+        for param in module.parameters():
+            param.requires_grad_(False)
+        for part in [*unfrozen, *heads]:
+            for param in part.parameters():
+                param.requires_grad_(True)
+        return [*unfrozen, *heads]
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.train)
+
+    def param_groups(self, lr: float) -> list[dict[str, Any]]:
+        head = [p for layer in self.built.heads for p in layer.parameters()]
+        head_ids = {id(p) for p in head}
+        backbone = [p for p in self.built.module.parameters() if p.requires_grad and id(p) not in head_ids]
+        groups = [{"params": head, "lr": lr, "name": "head"}]
+        if backbone:
+            groups.append({"params": backbone, "lr": lr * self.config.backbone_lr_scale, "name": "backbone"})
+        return groups
+
+    def train_batches(self):
+        self.built.module.eval()
+        for part in self.trainable:
+            part.train()
+        if not self.config.train_bn_stats:
+            # Batch statistics of a small, shifted dataset wreck pretrained features; BatchNorm
+            # keeps its running statistics and only its affine parameters train.
+            for layer in self.built.module.modules():
+                if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+                    layer.eval()
+        if self.dist.active:
+            self.sampler.set_epoch(self.epoch)
+        for x, y in self.train:
+            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True), self.model
+
+    def logits_of(self, samples) -> torch.Tensor:
+        """The model's logits for other images (the labelled target images)."""
+        self.built.module.eval()
+        with torch.no_grad():
+            return torch.cat([
+                self.built.module(x.to(self.device)).float().cpu()
+                for x, _ in image_loader(samples, eval_transform(self.built.preprocessing), self.config, False)
+            ])
+
+    def backbone_changed(self, dataset: Dataset) -> None:
+        pass  # images go through the network for every measurement
+
+    def val_logits(self) -> tuple[torch.Tensor, torch.Tensor]:
+        self.built.module.eval()
+        logits, labels = [], []
+        with torch.no_grad():
+            for x, y in self.val:
+                with autocast_for(self.device, self.config.amp):
+                    logits.append(self.built.module(x.to(self.device)).float().cpu())
+                labels.append(y)
+        return self.dist.unshard(torch.cat(logits), self.val_total), self.dist.unshard(torch.cat(labels), self.val_total)
