@@ -69,6 +69,16 @@ def load_modelopt():
     return mtq
 
 
+def _run_once(module: nn.Module, size: int, hooks: list) -> None:
+    """One zero image through ``module`` with ``hooks`` in place; they are removed after."""
+    try:
+        with torch.no_grad():
+            module(torch.zeros(1, 3, size, size))
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
 def fold_batchnorm(module: nn.Module, size: int) -> int:
     """Fold every BatchNorm that reads a convolution's output alone into that convolution
     (torch's ``fuse_conv_bn_eval``), in place; returns how many. timm's BatchNormAct2d leaves its
@@ -78,12 +88,7 @@ def fold_batchnorm(module: nn.Module, size: int) -> int:
     hooks = [m.register_forward_hook(lambda m, i, o: produced.__setitem__(id(o), (m, o))) for m in module.modules() if isinstance(m, nn.Conv2d)]
     hooks += [m.register_forward_hook(lambda m, i, o: pairs.append((produced[id(i[0])][0], m)) if id(i[0]) in produced else None)
               for m in module.modules() if isinstance(m, nn.BatchNorm2d)]
-    try:
-        with torch.no_grad():
-            module(torch.zeros(1, 3, size, size))
-    finally:
-        for hook in hooks:
-            hook.remove()
+    _run_once(module, size, hooks)
     readers: dict[int, int] = {}
     for conv, _ in pairs:
         readers[id(conv)] = readers.get(id(conv), 0) + 1
@@ -206,12 +211,7 @@ def shared_quantizers(module: nn.Module, size: int) -> list[tuple[str, str]]:
 
     hooks = [m.register_forward_pre_hook(before) for m in module.modules()]
     hooks += [m.register_forward_hook(after) for m in module.modules()]
-    try:
-        with torch.no_grad():
-            module(torch.zeros(1, 3, size, size))
-    finally:
-        for hook in hooks:
-            hook.remove()
+    _run_once(module, size, hooks)
     def producer_of(tensor: int) -> int | None:
         return next((m for m in returned_by.get(tensor, []) if calls.get(m) == 1 and m != id(module) and m not in quantizers), None)
 
