@@ -104,7 +104,7 @@ def markdown(rows: list[dict], machine: dict, qat: QatOptions) -> str:
         "",
         f"Machine: {machine['cpu']}, {machine['cores']} cores, torch threads {machine['torch_threads']}.",
         f"QAT: `finetune --from RUN --qat`, {qat.epochs} epochs at lr {qat.lr:g} (the defaults), target {qat.target}"
-        " (its scheme: see edgetransfer/qat.py). PTQ: the default guard, "
+        " (its scheme: see edgetransfer/qat_scheme.py). PTQ: the default guard, "
         f"{BUDGET} point on the validation images, at most 32 layers in float.",
         "Top-1 and its change against the float ONNX model are on the test split (no stage chose on it), with the"
         " paired 95% interval; agreement is with the float model's top-1. QAT's time is its whole run (calibration,"
