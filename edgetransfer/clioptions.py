@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import types
 import typing
 from pathlib import Path
@@ -19,7 +20,9 @@ from typing import Any
 
 import click
 
-__all__ = ["field_option", "field_default", "from_options"]
+from .errors import EdgeTransferError, first_line
+
+__all__ = ["field_option", "field_default", "from_options", "friendly"]
 
 
 def field_default(cls: type, name: str) -> Any:
@@ -79,3 +82,34 @@ def _unwrap(annotation: Any) -> tuple[Any, bool]:
         args = [a for a in typing.get_args(annotation) if a is not type(None)]
         return (args[0] if len(args) == 1 else str), True
     return annotation, False
+
+
+def friendly(command):
+    """Library errors become one clean line, library bugs one line that says so, Ctrl-C a hint."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except EdgeTransferError as exc:
+            if _debug():
+                raise
+            raise click.ClickException(str(exc)) from exc
+        except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort, KeyboardInterrupt):
+            raise
+        except Exception as exc:
+            if _debug():
+                raise
+            raise click.ClickException(
+                f"internal error ({type(exc).__name__}: {first_line(exc, 200)}). This is a bug in edgetransfer, not in"
+                " your input: run again with --debug (or EDGETRANSFER_DEBUG=1) and report the traceback"
+            ) from exc
+
+    return wrapper
+
+
+
+def _debug() -> bool:
+    """``--debug`` (or ``EDGETRANSFER_DEBUG=1``) given to the ``edgetransfer`` group."""
+    context = click.get_current_context(silent=True)
+    return bool(context is not None and context.find_root().params.get("debug"))

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 
+import click
 import pytest
 from click.testing import CliRunner
 
@@ -99,10 +100,10 @@ def test_defaults_and_choices_come_from_the_options_dataclasses():
     from edgetransfer.config import FinetuneConfig
     from edgetransfer.optimize import QuantOptions
 
-    params = {p.name: p for p in main.commands["finetune"].params}
+    params = {p.name: p for p in main.get_command(click.Context(main), "finetune").params}
     assert params["batch_size"].default == FinetuneConfig.batch_size and params["optimizer"].default == "adamw"
     assert list(params["augment"].type.choices) == ["none", "crop", "crop-flip"]
-    params = {p.name: p for p in main.commands["export"].params}
+    params = {p.name: p for p in main.get_command(click.Context(main), "export").params}
     assert list(params["method"].type.choices) == ["minmax", "entropy", "percentile"]
     assert params["max_float_layers"].default == QuantOptions.max_float_layers
 
@@ -134,3 +135,26 @@ def test_results_go_to_stdout_and_progress_to_stderr(trained_run, tmp_path, tmp_
     result = CliRunner().invoke(main, ["predict", str(model), str(tmp_path / "digit.png"), "-k", "1"])
     assert result.exit_code == 0 and result.stderr == ""
     assert "predictions (CPUExecutionProvider)" in result.stdout and "digit.png" in result.stdout
+
+
+def test_the_command_list_is_each_command_s_own_first_paragraph():
+    from edgetransfer.cli import COMMANDS
+
+    assert sorted(COMMANDS) == ["bench", "enrol", "export", "finetune", "info", "predict"]
+    for name, (_, line) in COMMANDS.items():
+        command = main.get_command(click.Context(main), name)
+        assert command.name == name and line == " ".join(command.help.split("\n\n")[0].split()), name
+
+
+def test_help_and_the_runtime_commands_start_without_torch():
+    """``edgetransfer --help`` lists the commands without importing any; predict and enrol load
+    only the torch-free runtime."""
+    code = ("import sys; from edgetransfer.cli import main\n"
+            "for args in (['--help'], ['predict', '--help'], ['enrol', '--help']):\n"
+            "    try: main(args)\n"
+            "    except SystemExit as exc: assert exc.code == 0, args\n"
+            "heavy = sorted(m for m in ('torch', 'timm', 'sklearn', 'onnx') if m in sys.modules)\n"
+            "print('heavy:', heavy)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "heavy: []" in done.stdout and "predict" in done.stdout and "Classify images" in done.stdout
