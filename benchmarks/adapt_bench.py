@@ -23,15 +23,13 @@ import argparse
 import json
 import resource
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from fingerprint import fingerprint, save_results  # noqa: E402
+from fingerprint import fingerprint, save_results
 
 THREADS = 2
 BUSY = 0.9  # a run that got less than this share of THREADS cores shared the machine (alone: 0.96): its wall time is not reported

@@ -16,8 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from fingerprint import fingerprint, save_results  # noqa: E402
+from fingerprint import fingerprint, save_results
 
 JOB = ["finetune", "-q", "--mode", "full", "--epochs", "3"]
 

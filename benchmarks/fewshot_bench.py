@@ -34,8 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from fingerprint import fingerprint, save_results  # noqa: E402
+from fingerprint import fingerprint, save_results
 
 QUERIES = 15
 SETTINGS = [(5, 1), (5, 5), (10, 5)]  # (ways, shots); 10 ways is every demo class

@@ -22,8 +22,7 @@ from edgetransfer.data import DataSpec
 from edgetransfer.finetune import FinetuneConfig, Mode, finetune
 from edgetransfer.progress import set_quiet
 
-sys.path.insert(0, str(Path(__file__).parent))
-from fingerprint import fingerprint, save_results  # noqa: E402
+from fingerprint import fingerprint, save_results
 
 
 def cli_default_job(work: Path) -> dict:

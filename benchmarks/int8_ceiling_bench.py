@@ -16,7 +16,6 @@ and are left out. Writes benchmarks/results/int8_ceiling.{md,json}.
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 from pathlib import Path
 
@@ -24,9 +23,8 @@ from edgetransfer.bench import BenchOptions, bench_run
 from edgetransfer.optimize import Precision, QuantOptions, Target, build_variants
 from edgetransfer.progress import set_quiet
 
-sys.path.insert(0, str(Path(__file__).parent))
-from fingerprint import fingerprint, save_results  # noqa: E402
-from quantize_bench import untrained_run  # noqa: E402
+from fingerprint import fingerprint, save_results
+from quantize_bench import untrained_run
 
 ARCHS = {"efficientnet_lite0": ("timm:efficientnet_lite0", None), "resnet18": ("resnet18", "none")}
 TARGETS = (Target.ORT_CPU, Target.OPENVINO)

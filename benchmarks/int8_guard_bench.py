@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 from edgetransfer.bench import BenchOptions, bench_run
+from edgetransfer.benchreport import BenchReport
 from edgetransfer.config import QatOptions
 from edgetransfer.errors import EdgeTransferError
 from edgetransfer.export import export_onnx
@@ -40,10 +41,8 @@ from edgetransfer.optimize.rounding import Rounding
 from edgetransfer.progress import set_quiet
 from edgetransfer.qat import run_qat
 from edgetransfer.report import noisy_baseline, recommendation_line
-from edgetransfer.results import BenchReport
 
-sys.path.insert(0, str(Path(__file__).parent))
-from fingerprint import fingerprint, save_results  # noqa: E402
+from fingerprint import fingerprint, save_results
 
 RESULTS = Path(__file__).parent / "results"
 # the issue's goals: guard and build time, accuracy, layers in float, coverage, INT8 against the same runtime's FP32
@@ -249,15 +248,15 @@ def main() -> None:
         bench = bench_run(run_dir, BenchOptions(threads=args.threads, batch_sizes=(1, 8), iterations=140, warmup=10, rounds=7))
         for suffix in ("md", "json", "png"):
             shutil.copyfile(run_dir / f"bench.{suffix}", RESULTS / f"bench-{args.name.replace('_', '-')}.{suffix}")
-        run = _float_run(run_dir)
+        run = float_run(run_dir)
     machine = fingerprint(args.threads)
-    command = _command_line()
+    command = command_line()
     save_results(args.name, {"machine": machine, "args": vars(args) | {"work": str(args.work)}, "command": command, "run": run,
                              "built": built, "bench": bench.to_dict()}, markdown(built, bench, machine, args, run, command))
     (RESULTS / "int8_coverage.md").write_text(coverage_markdown())
 
 
-def _command_line() -> str:
+def command_line() -> str:
     """The options that shaped the result (not --work, a local path)."""
     words, shown = sys.argv[1:], []
     while words:
@@ -269,7 +268,7 @@ def _command_line() -> str:
     return " ".join(shown)
 
 
-def _float_run(run_dir: Path) -> dict:
+def float_run(run_dir: Path) -> dict:
     metrics, config = json.loads((run_dir / "metrics.json").read_text()), json.loads((run_dir / "config.json").read_text())
     return {"weights": config["weights"], "mode": config["mode"], "epochs": config["epochs"], "val_top1": 100 * metrics["final"]["top1"],
             "val_images": metrics["val_images"], "test_top1": 100 * metrics["test"]["top1"], "test_images": metrics["test"]["images"],

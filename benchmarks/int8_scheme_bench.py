@@ -24,7 +24,6 @@ benchmarks/results/int8_scheme.{md,json}.
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -39,9 +38,8 @@ from edgetransfer.results import paired_interval
 from edgetransfer.rundir import RunDir
 from edgetransfer.runtime.sessions import open_session
 
-sys.path.insert(0, str(Path(__file__).parent))
-from fingerprint import fingerprint, save_results  # noqa: E402
-from int8_guard_bench import _command_line, _float_run, prepare  # noqa: E402
+from fingerprint import fingerprint, save_results
+from int8_guard_bench import command_line, float_run, prepare
 
 THREADS, ROUNDS, PER_ROUND = 2, 7, 20
 
@@ -162,10 +160,10 @@ def main() -> None:
             row.update(ms=round(ms, 2), spread_ms=[round(min(timed[row["key"]]), 2), round(max(timed[row["key"]]), 2)],
                        vs_fp32=round(fp32 / ms, 2))
 
-    run = _float_run(run_dir)
+    run = float_run(run_dir)
     lines = [f"# ONNX Runtime INT8 number formats on a CPU without VNNI: {args.arch} at 224 px", "",
              f"The float model: {run['val_top1']:.2f}% top-1 on {run['val_images']} validation images, {run['test_top1']:.2f}% on "
-             f"{run['test_images']} test images. Command: `{' '.join(['python benchmarks/int8_scheme_bench.py', _command_line()]).strip()}`.", "",
+             f"{run['test_images']} test images. Command: `{' '.join(['python benchmarks/int8_scheme_bench.py', command_line()]).strip()}`.", "",
              f"Every layer quantised, nearest rounding, {len(samples)} calibration images. Top-1 changed: share of the "
              f"{len(selection.images)} {selection.source} the guard selects on. Test: {rows[0]['test_images']} images no stage chose on. "
              f"Batch 1, {THREADS} threads, median of {ROUNDS} interleaved rounds; ONNX Runtime FP32 {fp32:.2f} ms.", "",
@@ -177,7 +175,7 @@ def main() -> None:
                      f"{row['test_change_points']:+.2f} ({row['test_interval'][0]:+.2f} to {row['test_interval'][1]:+.2f}) | {speed} | {ratio} |")
     machine = fingerprint(THREADS)
     lines += ["", f"CPU: {machine['cpu']['model']}, flags {', '.join(machine['cpu']['flags'])}; {machine['cores']} cores.", ""]
-    save_results("int8_scheme", {"machine": machine, "run": run, "fp32_ms": round(fp32, 2), "rows": rows, "command": _command_line()},
+    save_results("int8_scheme", {"machine": machine, "run": run, "fp32_ms": round(fp32, 2), "rows": rows, "command": command_line()},
                  "\n".join(lines))
 
 

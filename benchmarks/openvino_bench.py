@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
@@ -36,8 +35,7 @@ from edgetransfer.progress import set_quiet
 from edgetransfer.report import recommendation_line
 from edgetransfer.runtime.openvino_ir import bf16_problem
 
-sys.path.insert(0, str(Path(__file__).parent))
-from fingerprint import fingerprint, save_results  # noqa: E402
+from fingerprint import fingerprint, save_results
 
 RESULTS = Path(__file__).parent / "results"
 CASES = {

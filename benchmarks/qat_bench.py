@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -35,8 +34,7 @@ from edgetransfer.optimize import Precision, QuantOptions, Target, build_variant
 from edgetransfer.progress import set_quiet
 from edgetransfer.qat import run_qat
 
-sys.path.insert(0, str(Path(__file__).parent))
-from fingerprint import fingerprint, save_results  # noqa: E402
+from fingerprint import fingerprint, save_results
 
 CASES = {
     "lite0-64": ("EfficientNet-Lite0, head, 64 px (the demo)", FinetuneConfig()),

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -34,8 +33,7 @@ from edgetransfer.progress import set_quiet
 from edgetransfer.rundir import RunDir
 from edgetransfer.runtime.files import write_json
 
-sys.path.insert(0, str(Path(__file__).parent))
-from fingerprint import fingerprint, save_results  # noqa: E402
+from fingerprint import fingerprint, save_results
 
 
 def accuracy_case(work: Path, name: str, config: FinetuneConfig) -> dict:

@@ -28,9 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
+from fingerprint import fingerprint, save_results
+
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(Path(__file__).parent))
-from fingerprint import fingerprint, save_results  # noqa: E402
 
 GOALS = {"venv_mb": 150, "import_s": 0.3, "first_prediction_s": 1.0}
 THREADS = 2
@@ -141,12 +141,12 @@ def photos(folder: Path) -> dict[str, Path]:
 def overhead(model: Path, image: Path, batch: int, rounds: int = 7, per_round: int = 20) -> dict:
     """Predictor.predict against session.run on the same input; the Predictor's parts timed alone."""
     from edgetransfer.runtime import Predictor
-    from edgetransfer.runtime._predictor import _softmax
+    from edgetransfer.runtime.predictor import softmax
     from edgetransfer.runtime.preprocessing import load_rgb
 
     predictor = Predictor(model, threads=THREADS)
     fast = Predictor(model, threads=THREADS, fast_jpeg=True)
-    session = predictor._session
+    session = predictor.session
     pre = predictor.info.preprocessing
     paths = [str(image)] * batch
     encoded = image.read_bytes()
@@ -161,7 +161,7 @@ def overhead(model: Path, image: Path, batch: int, rounds: int = 7, per_round: i
         "decode_ms": lambda: [load_rgb(encoded) for _ in range(batch)],
         "resize_crop_ms": lambda: [pre.resize_crop(decoded) for _ in range(batch)],
         "normalize_ms": lambda: [pre.normalize(np.asarray(cropped, dtype=np.uint8)) for _ in range(batch)],
-        "softmax_ms": lambda: _softmax(logits),
+        "softmax_ms": lambda: softmax(logits),
     }
     for work in parts.values():
         work()

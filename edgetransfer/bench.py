@@ -12,96 +12,32 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import platform
-import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 import torch
 from rich.markup import escape
 
 from .backends import EagerRunner, Runner, SkipVariant
-from .cpu import cpu_features
+from .benchreport import BenchAccuracy, BenchReport, BenchRow, Recommendation
+from .config import BenchOptions
 from .data import DataSpec, load_dataset, load_image
-from .errors import DataError, OptionError, RunError, first_line, unknown_name
+from .errors import DataError, RunError, first_line, unknown_name
+from .machine import gpu_memory_reset, machine_fingerprint, peak_rss_mb, rss_mb
 from .optimize import spec
 from .optimize.coverage import integer_coverage, is_quantized
 from .optimize.targets import spec_for_artifact
 from .progress import console, progress
 from .report import bench_markdown, plot_bench
-from .results import (
-    BenchAccuracy,
-    BenchReport,
-    BenchRow,
-    Latency,
-    Machine,
-    Recommendation,
-)
-from .rundir import RunDir, now, versions
+from .rundir import RunDir, now
 from .runtime.files import write_bytes, write_json
 from .runtime.metadata import UINT8_NHWC
 from .runtime.preprocessing import Preprocessing
+from .timing import Timed, batched_logits, time_alone, time_in_rounds
 
 __all__ = ["BenchOptions", "bench_run", "machine_fingerprint", "recommend"]
-
-
-@dataclass(frozen=True)
-class BenchOptions:
-    """How to measure.
-
-    Attributes:
-        batch_sizes: batch sizes to time.
-        threads: CPU threads for torch and ONNX Runtime (default: the machine's cores).
-        auto_threads: try 1..cores per variant and keep the fastest at the first batch size.
-        warmup: untimed runs before timing.
-        iterations: timed runs (at least), per variant and batch size, spread over the rounds.
-        min_seconds: keep timing (whole rounds) until each variant has run this long as well.
-        rounds: the variants are timed in turn, ``rounds`` times over (A B C A B C ...), so that
-            a machine that slows down or speeds up affects them all alike; each variant's spread
-            across rounds is reported.
-        max_accuracy_drop: top-1 points a recommended variant may lose against eager.
-        variants: names to bench (manifest artifacts); empty: all.
-        models: extra ONNX files to bench on the CPU.
-        data: image folder to evaluate on (its classes must be the model's); default: the run's test split.
-        eval_images: cap on evaluation images.
-    """
-
-    batch_sizes: tuple[int, ...] = (1, 8)
-    threads: int | None = None
-    auto_threads: bool = False
-    warmup: int = 5
-    iterations: int = 30
-    min_seconds: float = 0.0
-    rounds: int = 5
-    max_accuracy_drop: float = 1.0
-    variants: tuple[str, ...] = ()
-    models: tuple[Path, ...] = ()
-    data: Path | None = None
-    eval_images: int | None = None
-
-    def __post_init__(self) -> None:
-        if not self.batch_sizes or min(self.batch_sizes) < 1:
-            raise OptionError(f"batch sizes must be at least 1, got {list(self.batch_sizes)}")
-        if self.threads is not None and self.threads < 1:
-            raise OptionError(f"threads must be at least 1, got {self.threads}")
-        if self.iterations < 1 or self.warmup < 0:
-            raise OptionError("iterations must be at least 1 and warm-up 0 or more")
-        if self.rounds < 1:
-            raise OptionError(f"rounds must be at least 1, got {self.rounds}")
-        if self.eval_images is not None and self.eval_images < 1:
-            raise OptionError(f"eval images must be at least 1, got {self.eval_images}")
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["batch_sizes"] = list(self.batch_sizes)
-        data["variants"] = list(self.variants)
-        data["models"] = [str(m) for m in self.models]
-        data["data"] = str(self.data) if self.data else None
-        return data
 
 
 @dataclass
@@ -137,58 +73,6 @@ class _Data:
             pixels = [np.asarray(self.pre.resize_crop(img), dtype=np.uint8) for img in self.images]
             self.cache[input_format] = np.stack(pixels if input_format == UINT8_NHWC else [self.pre.normalize(p) for p in pixels])
         return self.cache[input_format]
-
-
-def machine_fingerprint(threads: int) -> Machine:
-    """CPU model and int8 features, cores, memory, OS, library versions, providers, GPU."""
-
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30 if hasattr(os, "sysconf") else None
-    found_versions = versions()
-    try:
-        import tensorrt  # optional heavy dependency (the tensorrt extra): its version, when installed
-
-        found_versions["tensorrt"] = tensorrt.__version__
-    except ImportError:
-        pass
-    gpu = None
-    if torch.cuda.is_available():
-        gpu = {"name": torch.cuda.get_device_name(0), "cuda": torch.version.cuda, "driver": _nvidia_driver()}
-    return Machine(cpu_features(), os.cpu_count(), round(memory, 1) if memory else None, platform.platform(), found_versions,
-                   ort.get_available_providers(), threads, False, gpu)
-
-
-def _nvidia_driver() -> str | None:
-    try:
-        return Path("/proc/driver/nvidia/version").read_text().split("Kernel Module")[1].split()[0]
-    except (OSError, IndexError):
-        return None
-
-
-def _rss_mb() -> float:
-    """Resident memory of this process now (Linux), in MiB."""
-    try:
-        pages = int(Path("/proc/self/statm").read_text().split()[1])
-        return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except (OSError, ValueError, IndexError):
-        import resource  # POSIX only: imported where it is used
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _peak_rss_mb() -> float:
-    """The process's peak resident memory so far (it only grows), in MiB."""
-    import resource  # POSIX only: imported where it is used
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _gpu_memory_reset():
-    """torch.cuda with its peak counter reset, or None without a GPU. It sees the memory torch
-    allocates (eager, TensorRT I/O), not ONNX Runtime's own CUDA arena."""
-    if not torch.cuda.is_available():
-        return None
-    torch.cuda.reset_peak_memory_stats()
-    return torch.cuda
 
 
 def _variants(run: RunDir, options: BenchOptions) -> list[_Variant]:
@@ -283,31 +167,24 @@ def _bench(run: RunDir, options: BenchOptions, out_dir: Path | None) -> BenchRep
     eager_logits: dict[str, np.ndarray] = {}
     with progress() as bar, contextlib.ExitStack() as open_runners:
         task = bar.add_task("bench", total=len(variants) + len(options.batch_sizes), status="")
-        timed: list[_Timed] = []
+        timed: list[Timed] = []
         for variant in variants:
             bar.update(task, status=f"{variant.name}: accuracy")
             row, runner = _measure(variant, data, options, threads, eager_logits, report, open_runners)
             report.results.append(row)
             if runner is not None:
-                timed.append(_Timed(row, runner, data.inputs(runner.input_format)))
+                timed.append(Timed(row, runner, data.inputs(runner.input_format)))
             _finish(report, options, out_dir, final=False)
             bar.advance(task)
         for batch in options.batch_sizes:
             bar.update(task, status=f"timing batch {batch} in {options.rounds} rounds")
-            _time_in_rounds(timed, batch, options)
+            time_in_rounds(timed, batch, options)
             bar.advance(task)
     for row in report.results:
         _speedups(row, report)
     _finish(report, options, out_dir, final=True)
     _record(run, out_dir)
     return report
-
-
-@dataclass
-class _Timed:
-    row: BenchRow
-    runner: Runner
-    inputs: np.ndarray
 
 
 def _record(run: RunDir, out_dir: Path) -> None:
@@ -327,8 +204,8 @@ def _measure(variant: _Variant, data: _Data, options: BenchOptions, threads: int
     row = BenchRow(variant.name, str(variant.path), variant.kind, variant.size_bytes())
     timed = variant.kind != "engine" and options.auto_threads
     row.threads = _choose_threads(variant, data, options, threads) if timed else threads
-    rss_before = _rss_mb()
-    gpu = _gpu_memory_reset()
+    rss_before = rss_mb()
+    gpu = gpu_memory_reset()
     runner = None
     try:
         if variant.verify is not None:
@@ -341,13 +218,13 @@ def _measure(variant: _Variant, data: _Data, options: BenchOptions, threads: int
         if variant.kind == "onnx" and runner.provider == "CPUExecutionProvider" and is_quantized(variant.path):
             row.coverage = integer_coverage(variant.path)
         inputs = data.inputs(runner.input_format)
-        logits = _logits(runner, inputs, max(options.batch_sizes))
+        logits = batched_logits(runner, inputs, max(options.batch_sizes))
         row.accuracy = BenchAccuracy.measure(logits, data.labels, eager.get("logits"))
         if variant.name == "eager":
             eager["logits"] = logits
-        row.rss_mb = round(_rss_mb(), 1)
+        row.rss_mb = round(rss_mb(), 1)
         row.rss_increase_mb = round(row.rss_mb - rss_before, 1)
-        row.process_peak_rss_mb = round(_peak_rss_mb(), 1)
+        row.process_peak_rss_mb = round(peak_rss_mb(), 1)
         if gpu:
             row.gpu_peak_torch_mb = round(gpu.max_memory_allocated() / 2**20, 1)
     except SkipVariant as exc:
@@ -355,57 +232,6 @@ def _measure(variant: _Variant, data: _Data, options: BenchOptions, threads: int
     except Exception as exc:  # one broken variant never stops the rest; its error is reported
         row.status, row.reason, runner = "failed", f"{type(exc).__name__}: {first_line(exc)}", None
     return row, runner
-
-
-def _time_in_rounds(timed: list[_Timed], batch: int, options: BenchOptions) -> None:
-    """Time every open variant at ``batch``, in turn, round after round, on batches cut from the
-    inputs in advance (nothing else is timed); a variant that fails while timed is marked failed."""
-    per_round = -(-options.iterations // options.rounds)
-    pools = {id(t): _batches(t.inputs, batch) for t in timed}
-    rounds: dict[int, list[list[float]]] = {id(t): [] for t in timed}
-    spent: dict[int, float] = {id(t): 0.0 for t in timed}
-
-    def live() -> list[_Timed]:
-        return [t for t in timed if t.row.measured]
-
-    for t in live():
-        _guarded(t, lambda t=t: [t.runner.infer(pools[id(t)][i % len(pools[id(t)])]) for i in range(options.warmup)])
-    done = 0
-    while live() and (done < options.rounds or min(spent[id(t)] for t in live()) < options.min_seconds):
-        for t in live():
-            if t.row.kind == "torch-checkpoint" and t.row.threads:
-                torch.set_num_threads(t.row.threads)  # torch's pool is the process's: each eager row gets its own setting
-            times = _guarded(t, lambda t=t: _timed_runs(t.runner, pools[id(t)], per_round, len(rounds[id(t)]) * per_round))
-            if times:
-                rounds[id(t)].append(times)
-                spent[id(t)] += sum(times)
-        done += 1
-    for t in live():
-        t.row.latency[str(batch)] = Latency.from_times(batch, [x for r in rounds[id(t)] for x in r], rounds[id(t)])
-
-
-def _guarded(t: _Timed, work: Callable[[], Any]) -> Any:
-    try:
-        return work()
-    except Exception as exc:  # a variant that breaks while timed is reported, the others go on
-        t.row.status, t.row.reason = "failed", f"{type(exc).__name__}: {first_line(exc)}"
-        return None
-
-
-def _batches(inputs: np.ndarray, batch: int) -> list[np.ndarray]:
-    reps = -(-batch // len(inputs))
-    pool = np.concatenate([inputs] * reps) if reps > 1 else inputs
-    return [np.ascontiguousarray(pool[i : i + batch]) for i in range(0, len(pool) - batch + 1, batch)][:16]
-
-
-def _timed_runs(runner: Runner, batches: list[np.ndarray], count: int, start: int) -> list[float]:
-    times = []
-    for i in range(start, start + count):
-        chunk = batches[i % len(batches)]
-        t0 = time.perf_counter()
-        runner.infer(chunk)
-        times.append(time.perf_counter() - t0)
-    return times
 
 
 def _check_checkpoint(runner: Runner, report: BenchReport) -> None:
@@ -425,7 +251,7 @@ def _choose_threads(variant: _Variant, data: _Data, options: BenchOptions, cores
             torch.set_num_threads(count)
             with variant.runner(count) as runner:
                 inputs = data.inputs(runner.input_format)
-                quick = _time(runner, inputs, options.batch_sizes[0], BenchOptions(warmup=2, iterations=10))
+                quick = time_alone(runner, inputs, options.batch_sizes[0], BenchOptions(warmup=2, iterations=10))
             if quick.p50_ms < best_ms:
                 best, best_ms = count, quick.p50_ms
         except SkipVariant:
@@ -433,22 +259,6 @@ def _choose_threads(variant: _Variant, data: _Data, options: BenchOptions, cores
 
     torch.set_num_threads(best)
     return best
-
-
-def _logits(runner: Runner, inputs: np.ndarray, batch: int) -> np.ndarray:
-    return np.concatenate([runner.infer(inputs[i : i + batch]) for i in range(0, len(inputs), batch)])
-
-
-def _time(runner: Runner, inputs: np.ndarray, batch: int, options: BenchOptions) -> Latency:
-    """Latency of one ``runner`` alone (the thread-count probe); benches time in rounds instead."""
-    batches = _batches(inputs, batch)
-    for i in range(options.warmup):
-        runner.infer(batches[i % len(batches)])
-    times: list[float] = []
-    started = time.perf_counter()
-    while len(times) < options.iterations or time.perf_counter() - started < options.min_seconds:
-        times += _timed_runs(runner, batches, 1, len(times))
-    return Latency.from_times(batch, times)
 
 
 def _speedups(row: BenchRow, report: BenchReport) -> None:

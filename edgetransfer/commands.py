@@ -19,13 +19,14 @@ from .data import DataSpec
 from .errors import OptionError
 from .export import export_onnx, needs_export
 from .finetune import finetune as run_finetune
-from .models import DEFAULT_ARCH, list_architectures
+from .models import list_architectures
 from .optimize import Precision, QuantOptions, Target, TensorRTOptions, build_variants, check_combinations, cpu_features
 from .progress import console, out, set_quiet
 from .progress import out as stdout
 from .qat import resume_qat, run_qat
 from .report import bench_table, epochs_table, finetune_summary_table, parity_table, qat_summary_table, recommendation_line, variants_table
 from .rundir import RunDir
+from .weights import DEFAULT_ARCH
 
 __all__ = ["finetune", "export", "bench", "info"]
 

@@ -7,11 +7,11 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ._enums import Choice
+from .choice import Choice
 from .data import DEMO_M, EMBEDDED, Augment, DataSpec, default_workers
 from .errors import OptionError
-from .models import DEFAULT_ARCH, default_weights
 from .runtime.preprocessing import MAX_INPUT_SIZE
+from .weights import DEFAULT_ARCH, default_weights
 
 __all__ = ["Target", "Precision", "QatOptions", "QAT_TARGETS", "GPU_TARGETS", "Mode", "AdaptMethod", "OptimizerName", "FinetuneConfig", "ExportOptions", "DEFAULT_OPSET", "DEMO_IMAGE_SIZE"]
 
@@ -251,3 +251,58 @@ class QatOptions:
             raise OptionError(f"--qat-lr must be between 0 and 1, got {self.lr}")
         if self.calib_size < 1 or (self.batch_size is not None and self.batch_size < 1):
             raise OptionError("QAT calibration size and batch size must be at least 1")
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    """How to measure.
+
+    Attributes:
+        batch_sizes: batch sizes to time.
+        threads: CPU threads for torch and ONNX Runtime (default: the machine's cores).
+        auto_threads: try 1..cores per variant and keep the fastest at the first batch size.
+        warmup: untimed runs before timing.
+        iterations: timed runs (at least), per variant and batch size, spread over the rounds.
+        min_seconds: keep timing (whole rounds) until each variant has run this long as well.
+        rounds: the variants are timed in turn, ``rounds`` times over (A B C A B C ...), so that
+            a machine that slows down or speeds up affects them all alike; each variant's spread
+            across rounds is reported.
+        max_accuracy_drop: top-1 points a recommended variant may lose against eager.
+        variants: names to bench (manifest artifacts); empty: all.
+        models: extra ONNX files to bench on the CPU.
+        data: image folder to evaluate on (its classes must be the model's); default: the run's test split.
+        eval_images: cap on evaluation images.
+    """
+
+    batch_sizes: tuple[int, ...] = (1, 8)
+    threads: int | None = None
+    auto_threads: bool = False
+    warmup: int = 5
+    iterations: int = 30
+    min_seconds: float = 0.0
+    rounds: int = 5
+    max_accuracy_drop: float = 1.0
+    variants: tuple[str, ...] = ()
+    models: tuple[Path, ...] = ()
+    data: Path | None = None
+    eval_images: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.batch_sizes or min(self.batch_sizes) < 1:
+            raise OptionError(f"batch sizes must be at least 1, got {list(self.batch_sizes)}")
+        if self.threads is not None and self.threads < 1:
+            raise OptionError(f"threads must be at least 1, got {self.threads}")
+        if self.iterations < 1 or self.warmup < 0:
+            raise OptionError("iterations must be at least 1 and warm-up 0 or more")
+        if self.rounds < 1:
+            raise OptionError(f"rounds must be at least 1, got {self.rounds}")
+        if self.eval_images is not None and self.eval_images < 1:
+            raise OptionError(f"eval images must be at least 1, got {self.eval_images}")
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["batch_sizes"] = list(self.batch_sizes)
+        data["variants"] = list(self.variants)
+        data["models"] = [str(m) for m in self.models]
+        data["data"] = str(self.data) if self.data else None
+        return data

@@ -22,7 +22,7 @@ from PIL import Image
 from rich.markup import escape
 from sklearn.datasets import load_digits, load_sample_images
 
-from ._enums import Choice
+from .choice import Choice
 from .errors import DataError
 from .progress import console, progress
 from .runtime.preprocessing import Preprocessing, check_shape, load_rgb, to_rgb

@@ -35,7 +35,7 @@ from .runtime.metadata import FLOAT_NCHW, UINT8_NHWC, ModelInfo
 from .runtime.preprocessing import Preprocessing
 from .runtime.sessions import fixed_batch, open_session, run_batched
 
-__all__ = ["ExportResult", "export_onnx", "needs_export", "run_onnx", "parent_onnx", "INPUT", "OUTPUT", "PROTOTYPE_NODE"]
+__all__ = ["ExportResult", "export_onnx", "write_onnx", "verify_onnx", "needs_export", "run_onnx", "parent_onnx", "INPUT", "OUTPUT", "PROTOTYPE_NODE"]
 
 INPUT, OUTPUT = "input", "logits"
 POOLED, PROTOTYPE_NODE = "pooled", "edgetransfer.prototype"  # the prototype head's input, and its nodes' name prefix
@@ -114,13 +114,13 @@ def _export_run(run: RunDir, options: ExportOptions, output: Path, started: floa
     if quantized and options.fuse_preprocess:
         raise ExportError("a QAT model is exported with float NCHW input only; drop --fuse-preprocess")
     with atomic_path(output) as tmp:
-        _export(built, options, info, tmp, payload.get("qat") if quantized else None)
+        write_onnx(built, options, info, tmp, payload.get("qat") if quantized else None)
         if options.verify and quantized:
             images = [load_image(s) for s in run.validation(max(options.verify_images, PARITY_IMAGES))]
             parity = verify_qdq(built, tmp, images, payload["qat"])
         else:
             images = [load_image(s) for s in run.validation(options.verify_images)] if options.verify else []
-            parity = _verify(built, tmp, options, images) if options.verify else None
+            parity = verify_onnx(built, tmp, options, images) if options.verify else None
     _record(run, output, options, parity)
     return ExportResult(output, parity, info, time.perf_counter() - started)
 
@@ -184,7 +184,7 @@ def _check_writable(output: Path) -> None:
         raise ExportError(f"cannot write {output}: permission denied; choose another --output")
 
 
-def _export(built: BuiltModel, options: ExportOptions, info: ModelInfo, path: Path, qat: dict | None = None) -> None:
+def write_onnx(built: BuiltModel, options: ExportOptions, info: ModelInfo, path: Path, qat: dict | None = None) -> None:
     if qat is not None:
         model = export_qdq(built, path, options.opset, qat, (INPUT, OUTPUT))
         _finish(model, built, info, path)
@@ -215,6 +215,18 @@ def _finish(model, built: BuiltModel, info: ModelInfo, path: Path) -> None:
     onnx.save_model(model, path)
 
 
+def _l2_nodes(prefix: str, source: str, output: str, axes: str, eps: str) -> list:
+    """ONNX nodes for ``output = source / sqrt(max(sum(source * source, axes), eps))``, named under ``prefix``."""
+    inner = prefix.replace("/", ".")
+    return [
+        helper.make_node("Mul", [source, source], [f"{inner}.squares"], name=f"{prefix}/square"),
+        helper.make_node("ReduceSum", [f"{inner}.squares", axes], [f"{inner}.sum"], name=f"{prefix}/sum", keepdims=1),
+        helper.make_node("Max", [f"{inner}.sum", eps], [f"{inner}.safe"], name=f"{prefix}/max"),
+        helper.make_node("Sqrt", [f"{inner}.safe"], [f"{inner}.norm"], name=f"{prefix}/sqrt"),
+        helper.make_node("Div", [source, f"{inner}.norm"], [output], name=f"{prefix}/divide"),
+    ]
+
+
 def _append_prototype_head(model, head) -> None:
     """A prototype head in plain ONNX after the classifier's input (``POOLED``), as
     :class:`~edgetransfer.prototype.PrototypeHead` computes it:
@@ -242,13 +254,7 @@ def _append_prototype_head(model, head) -> None:
     axes, eps = constant(np.array([1], dtype=np.int64), "axes"), constant(np.array(1e-24, dtype=np.float32), "eps")
 
     def l2(source: str, output: str, step: str) -> list:
-        return [
-            helper.make_node("Mul", [source, source], [f"{name}.{step}.squares"], name=f"{name}/{step}/square"),
-            helper.make_node("ReduceSum", [f"{name}.{step}.squares", axes], [f"{name}.{step}.sum"], name=f"{name}/{step}/sum", keepdims=1),
-            helper.make_node("Max", [f"{name}.{step}.sum", eps], [f"{name}.{step}.safe"], name=f"{name}/{step}/max"),
-            helper.make_node("Sqrt", [f"{name}.{step}.safe"], [f"{name}.{step}.norm"], name=f"{name}/{step}/sqrt"),
-            helper.make_node("Div", [source, f"{name}.{step}.norm"], [output], name=f"{name}/{step}/divide"),
-        ]
+        return _l2_nodes(f"{name}/{step}", source, output, axes, eps)
 
     center = constant(head.center.detach().cpu().numpy().astype(np.float32), "center")
     nodes = [helper.make_node("Sub", [POOLED, center], [f"{name}.shifted"], name=f"{name}/centre")]
@@ -297,7 +303,7 @@ def _unsupported(exc: Exception) -> str:
     return first_line(Exception(text)) if text.strip() else type(exc).__name__
 
 
-def _verify(built: BuiltModel, path: Path, options: ExportOptions, images: list) -> Parity:
+def verify_onnx(built: BuiltModel, path: Path, options: ExportOptions, images: list) -> Parity:
     """ONNX Runtime (CPU) against eager PyTorch on the same images, in batches (the last one
     partial, or padded for a static batch), every image counted.
 

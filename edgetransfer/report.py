@@ -9,7 +9,7 @@ from matplotlib.figure import Figure
 from rich.table import Table
 from rich.text import Text
 
-from .results import BenchReport
+from .benchreport import BenchReport
 from .runtime.files import atomic_path
 
 __all__ = ["epochs_table", "finetune_summary_table", "plot_training", "parity_table", "predictions_table", "variants_table",

@@ -9,13 +9,13 @@ import torch
 from click.testing import CliRunner
 
 from edgetransfer.bench import BenchOptions, bench_run
+from edgetransfer.benchreport import BENCH_SCHEMA, BenchReport, Latency
 from edgetransfer.cli import main
 from edgetransfer.cpu import cpu_features
 from edgetransfer.errors import DataError, EdgeTransferError, RunError, UnknownNameError
 from edgetransfer.export import ExportOptions, export_onnx
 from edgetransfer.optimize import Precision, QuantOptions, Target, build_variants
 from edgetransfer.report import bench_markdown, recommendation_line
-from edgetransfer.results import BENCH_SCHEMA, BenchReport, Latency
 from edgetransfer.rundir import Manifest
 from edgetransfer.runtime.files import sha256_file
 
@@ -152,9 +152,9 @@ def test_cli_gate_fails_when_nothing_is_within_budget(run_dir, tmp_path):
 
 
 def test_variants_are_timed_in_turn_round_after_round_and_a_noisy_baseline_is_flagged():
-    from edgetransfer.bench import _time_in_rounds, _Timed
+    from edgetransfer.benchreport import BenchRow
     from edgetransfer.report import noisy_baseline
-    from edgetransfer.results import BenchRow
+    from edgetransfer.timing import Timed, time_in_rounds
 
     calls = []
 
@@ -169,8 +169,8 @@ def test_variants_are_timed_in_turn_round_after_round_and_a_noisy_baseline_is_fl
             calls.append(self.name)
 
     inputs = np.zeros((4, 3), np.float32)
-    timed = [_Timed(BenchRow(n, n, "onnx", status="measured"), Fake(n, fail_at=4 if n == "c" else None), inputs) for n in "abc"]
-    _time_in_rounds(timed, 1, BenchOptions(warmup=1, iterations=4, rounds=2))
+    timed = [Timed(BenchRow(n, n, "onnx", status="measured"), Fake(n, fail_at=4 if n == "c" else None), inputs) for n in "abc"]
+    time_in_rounds(timed, 1, BenchOptions(warmup=1, iterations=4, rounds=2))
     assert calls[:3] == ["a", "b", "c"]  # warm-up, each once
     assert calls[3:] == ["a", "a", "b", "b", "c", "c", "a", "a", "b", "b"]  # round 1, then round 2, where c broke
     a, b, c = (t.row for t in timed)

@@ -8,13 +8,12 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from test_models import FAMILY_MEMBERS
 from torch import nn
 
 from edgetransfer.checkpoint import load_checkpoint, save_checkpoint
 from edgetransfer.data import DataSpec, load_image
 from edgetransfer.errors import ExportError, ParityError, RunError
-from edgetransfer.export import ExportOptions, _export, export_onnx
+from edgetransfer.export import ExportOptions, export_onnx, write_onnx
 from edgetransfer.models import BuiltModel, build
 from edgetransfer.results import Parity
 from edgetransfer.rundir import Manifest, RunDir
@@ -22,6 +21,7 @@ from edgetransfer.runtime.files import sha256_file, write_json
 from edgetransfer.runtime.metadata import ModelInfo
 
 from conftest import copy_run
+from test_models import FAMILY_MEMBERS
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +125,7 @@ def test_an_operator_onnx_cannot_express_is_named(tmp_path):
     odd = BuiltModel(Eig(), built.arch, "none", 4, built.preprocessing)
     info = ModelInfo(("a", "b", "c", "d"), built.preprocessing)
     with pytest.raises(ExportError, match=r"unsupported operator aten.linalg_eig"):
-        _export(odd, ExportOptions(), info, tmp_path / "odd.onnx")
+        write_onnx(odd, ExportOptions(), info, tmp_path / "odd.onnx")
 
 
 def _fake_run(root: Path, name: str, size: int) -> Path:

@@ -95,3 +95,54 @@ def test_an_import_inside_a_function_is_an_optional_dependency_that_says_so():
 def _function_imports(tree: ast.AST) -> set[ast.stmt]:
     return {node for function in ast.walk(tree) if isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef))
             for node in ast.walk(function) if isinstance(node, (ast.Import, ast.ImportFrom))}
+
+
+# --- rooms a reader can hold in mind ----------------------------------------------------------
+
+SOURCES = (ROOT / "edgetransfer", RUNTIME / "src" / "edgetransfer" / "runtime")
+MAX_MODULE_LINES, MAX_FUNCTION_LINES = 400, 50  # a function from its def line to its last, docstring included
+
+
+def _oversized(path: Path) -> list[str]:
+    text = path.read_text()
+    found = [f"{path.name}: {len(text.splitlines())} lines"] if len(text.splitlines()) > MAX_MODULE_LINES else []
+    for node in ast.walk(ast.parse(text)):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES:
+            found.append(f"{path.name}:{node.lineno} {node.name}(): {node.end_lineno - node.lineno + 1} lines")
+    return found
+
+
+def test_no_module_or_function_outgrows_one_reading(tmp_path):
+    assert [line for root in SOURCES for path in sorted(root.rglob("*.py")) for line in _oversized(path)] == []
+    planted = tmp_path / "planted.py"
+    planted.write_text("def long():\n" + "    x = 1\n" * 50 + "\n" * 350)
+    assert _oversized(planted) == ["planted.py: 401 lines", "planted.py:1 long(): 51 lines"]
+
+
+def _private_imports(source: str, local: set[str]) -> list[str]:
+    """``from M import _name`` and imports of a module ``_m`` (dunders aside), where M is this
+    package, a relative import, or one of the ``local`` modules (the benchmarks' own)."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom):
+            module = node.module or ""
+            ours = node.level > 0 or module.split(".")[0] in {"edgetransfer", *local}
+            private = [p for p in module.split(".") if p.startswith("_") and not p.startswith("__")]
+            private += [a.name for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
+            if ours and private:
+                found.append(f"{node.lineno}: from {'.' * node.level}{module} import {', '.join(private)}")
+        elif isinstance(node, ast.Import):
+            found += [f"{node.lineno}: import {a.name}" for a in node.names if a.name.split(".")[0] == "edgetransfer"
+                      and any(p.startswith("_") and not p.startswith("__") for p in a.name.split("."))]
+    return found
+
+
+def test_no_private_name_is_imported_from_another_module():
+    local = {p.stem for p in (ROOT / "benchmarks").glob("*.py")} | {p.stem for p in (ROOT / "tests").glob("*.py")}
+    found = [f"{path.relative_to(ROOT)}:{line}" for root in (*SOURCES, ROOT / "tests", ROOT / "benchmarks")
+             for path in sorted(root.rglob("*.py")) for line in _private_imports(path.read_text(), local)]
+    assert found == []
+    planted = "from edgetransfer.bench import _measure\nfrom . import _wire\nimport edgetransfer.runtime._predictor\nfrom fingerprint import _x\n"
+    assert _private_imports(planted, {"fingerprint"}) == [
+        "1: from edgetransfer.bench import _measure", "2: from . import _wire", "3: import edgetransfer.runtime._predictor",
+        "4: from fingerprint import _x"]

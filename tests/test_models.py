@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from edgetransfer import models
+from edgetransfer import models, weights
 from edgetransfer.errors import ModelError, UnknownNameError, WeightsError
 from edgetransfer.models import CLASSIFIER_RULES, DEFAULT_ARCH, build, list_architectures, trunk_blocks
 
@@ -96,7 +96,7 @@ def test_embedded_default_weights_are_real_imagenet_weights():
 def test_embedded_key_mapping_covers_every_parameter():
     import timm
 
-    state = models._EMBEDDED[DEFAULT_ARCH].load_state_dict()
+    state = weights.EMBEDDED[DEFAULT_ARCH].load_state_dict()
     assert set(state) == set(timm.create_model("efficientnet_lite0").state_dict())
 
 

@@ -27,7 +27,7 @@ from edgetransfer.export import ExportOptions, export_onnx
 from edgetransfer.finetune import finetune
 from edgetransfer.models import build
 from edgetransfer.prototype import PrototypeHead, embed, fit_head, install_prototype_head, l2_normalize
-from edgetransfer.runtime import Predictor, PredictorError, _wire
+from edgetransfer.runtime import Predictor, PredictorError, wire
 from edgetransfer.runtime.cli import main as runtime_main
 from edgetransfer.runtime.enrolment import ENROLMENT_KEY, PROTOTYPES
 
@@ -163,7 +163,7 @@ def test_an_enrolled_class_is_recognised_and_the_old_ones_are_untouched(run, new
     # the new prototype is the normalised mean of the PyTorch head's embeddings of the support images
     embedded, head, _ = torch_embeddings(run, support)
     expected = l2_normalize(embedded.mean(0, keepdim=True))[0].numpy()
-    matrix = _wire.read_initializer(out.read_bytes(), PROTOTYPES)
+    matrix = wire.read_initializer(out.read_bytes(), PROTOTYPES)
     assert np.abs(matrix[-1] - expected).max() < 1e-4
     # on the old classes the enrolled model agrees with the PyTorch prototype head, within export parity
     probe = [str(p) for p in held_out]
@@ -171,23 +171,23 @@ def test_an_enrolled_class_is_recognised_and_the_old_ones_are_untouched(run, new
     assert np.abs(enrolled.logits(probe)[:, :3] - torch_logits.numpy()).max() < 1e-3
     # the file is a valid ONNX model whose metadata records what was enrolled, with the images' sha256
     onnx.checker.check_model(onnx.load(out), full_check=True)
-    history = json.loads(enrolled._session.props[ENROLMENT_KEY])
+    history = json.loads(enrolled.session.props[ENROLMENT_KEY])
     assert history[-1]["label"] == "three" and [i["sha256"] for i in history[-1]["images"]] == [sha(p) for p in support]
 
 
 def test_replace_and_remove(run, new_images, tmp_path):
     predictor = Predictor(run / "model.onnx")
     predictor.enrol("three", [str(new_images[0])])
-    one_shot = _wire.read_initializer(predictor.model_bytes(), PROTOTYPES)[-1].copy()
+    one_shot = wire.read_initializer(predictor.model_bytes(), PROTOTYPES)[-1].copy()
     done = predictor.enrol("three", [str(p) for p in new_images[:5]], replace=True)
     assert done.action == "replace" and done.classes == 4
-    assert not np.allclose(_wire.read_initializer(predictor.model_bytes(), PROTOTYPES)[-1], one_shot)
+    assert not np.allclose(wire.read_initializer(predictor.model_bytes(), PROTOTYPES)[-1], one_shot)
     first = predictor.labels[0]
-    before = _wire.read_initializer(predictor.model_bytes(), PROTOTYPES)
+    before = wire.read_initializer(predictor.model_bytes(), PROTOTYPES)
     done = predictor.remove(first)
     assert done.classes == 3 and first not in predictor.labels
-    assert np.array_equal(_wire.read_initializer(predictor.model_bytes(), PROTOTYPES), before[1:])
-    actions = [r["action"] for r in json.loads(_wire.metadata(predictor.model_bytes())[ENROLMENT_KEY])]
+    assert np.array_equal(wire.read_initializer(predictor.model_bytes(), PROTOTYPES), before[1:])
+    actions = [r["action"] for r in json.loads(wire.metadata(predictor.model_bytes())[ENROLMENT_KEY])]
     assert actions == ["add", "replace", "remove"]
 
 
@@ -261,7 +261,7 @@ def test_enrolment_into_an_int8_model_uses_its_features_and_keeps_the_prototypes
     features = predictor.features([str(p) for p in new_images[:5]])
     predictor.enrol("three", [str(p) for p in new_images[:5]])
     mean = features.mean(0)
-    assert np.abs(_wire.read_initializer(predictor.model_bytes(), PROTOTYPES)[-1] - mean / np.linalg.norm(mean)).max() < 1e-5
+    assert np.abs(wire.read_initializer(predictor.model_bytes(), PROTOTYPES)[-1] - mean / np.linalg.norm(mean)).max() < 1e-5
     assert [p[0].label for p in predictor.predict([str(p) for p in new_images[:5]])] == ["three"] * 5
 
 
@@ -270,7 +270,7 @@ def test_the_optimised_and_fp16_variants_keep_a_float_head_that_enrols(run, new_
 
     for variant in build_variants(run, [Target.ORT_CPU], [Precision.FP32, Precision.FP16]):
         predictor = Predictor(variant.path)
-        assert _wire.read_initializer(predictor.model_bytes(), PROTOTYPES).dtype == np.float32, variant.name
+        assert wire.read_initializer(predictor.model_bytes(), PROTOTYPES).dtype == np.float32, variant.name
         done = predictor.enrol("three", [str(p) for p in new_images[:5]])
         assert done.recognised == 5 and predictor.labels[-1] == "three", variant.name
 
@@ -281,13 +281,13 @@ def test_the_wire_reader_refuses_any_bytes_in_one_error(data):
     """Random bytes hold no prototype matrix: the reader finds none, or refuses the bytes with one
     line of PredictorError; never another exception, never a matrix made of garbage."""
     try:
-        props = _wire.metadata(data)
+        props = wire.metadata(data)
     except PredictorError as exc:
         assert "\n" not in str(exc)
     else:
         assert all(isinstance(key, str) and isinstance(value, str) for key, value in props.items())
     try:
-        found = _wire.read_initializer(data, PROTOTYPES)
+        found = wire.read_initializer(data, PROTOTYPES)
     except PredictorError as exc:
         assert "\n" not in str(exc)
     else:
@@ -297,7 +297,7 @@ def test_the_wire_reader_refuses_any_bytes_in_one_error(data):
 def test_a_truncated_model_is_refused_in_one_line(run, tmp_path):
     data = (run / "model.onnx").read_bytes()
     with pytest.raises(PredictorError):
-        _wire.replace_initializer(data[: len(data) // 2], PROTOTYPES, np.zeros((2, 2), np.float32))
+        wire.replace_initializer(data[: len(data) // 2], PROTOTYPES, np.zeros((2, 2), np.float32))
 
 
 def test_an_openvino_ir_of_a_prototype_model_predicts_like_its_onnx_and_refuses_enrolment(run, new_images):

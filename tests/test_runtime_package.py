@@ -70,7 +70,7 @@ def test_the_runtime_imports_only_numpy_pillow_onnxruntime_and_the_standard_libr
 def test_the_provider_probe_model_is_the_identity_model_onnx_would_make():
     from onnx import TensorProto, helper
 
-    from edgetransfer.runtime._predictor import PROBE_MODEL
+    from edgetransfer.runtime.providers import PROBE_MODEL
 
     tensor = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
     graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe", [tensor],
@@ -207,7 +207,7 @@ def test_the_runtime_wheel_installs_alone_without_torch_and_predicts_like_the_to
 
     with zipfile.ZipFile(runtime_wheel) as archive:
         files = [n for n in archive.namelist() if not n.startswith("edgetransfer_runtime-")]
-    assert "edgetransfer/runtime/_predictor.py" in files and "edgetransfer/runtime/cli.py" in files
+    assert "edgetransfer/runtime/predictor.py" in files and "edgetransfer/runtime/cli.py" in files
     assert all(n.startswith("edgetransfer/runtime/") for n in files), files  # no edgetransfer/__init__.py: a namespace
     with zipfile.ZipFile(toolkit_wheel) as archive:
         assert not [n for n in archive.namelist() if n.startswith("edgetransfer/runtime/")]

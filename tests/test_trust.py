@@ -320,11 +320,11 @@ def test_large_logits_pass_parity_with_a_relative_tolerance(trained_run, tmp_pat
     result = export_onnx(run, ExportOptions(verify_images=8))
     assert result.parity.max_abs_diff > 1e-3 and result.parity.max_rel_diff < 1e-4 and result.parity.within_tolerance
     from edgetransfer.data import load_image
-    from edgetransfer.export import _verify
+    from edgetransfer.export import verify_onnx
 
     images = [load_image(s) for s in RunDir(trained_run).validation(8)]
     with pytest.raises(ParityError, match=r"relative; atol 0.001, rtol 0,"):  # the same model, absolute tolerance only
-        _verify(built, result.path, ExportOptions(rtol=0.0), images)
+        verify_onnx(built, result.path, ExportOptions(rtol=0.0), images)
 
 
 def test_elongated_training_images_are_skipped_and_counted(tmp_path):

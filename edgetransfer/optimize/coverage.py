@@ -28,6 +28,7 @@ import onnxruntime as ort
 
 from ..errors import QuantizationError, first_line
 from ..results import FloatLayer, IntegerCoverage
+from ..runtime.sessions import open_session
 
 __all__ = ["INTEGER_OPS", "FLOAT_OPS", "integer_coverage", "is_quantized"]
 
@@ -103,10 +104,7 @@ def _shapes(optimised) -> dict[str, tuple[int, ...]]:
             if out and out not in listed:
                 probe.graph.output.append(onnx.ValueInfoProto(name=out))
                 listed.add(out)
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 3
-    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = open_session(probe.SerializeToString(), optimized=False)
     feeds = {}
     for given in session.get_inputs():
         shape = [d if isinstance(d, int) and d > 0 else 1 for d in given.shape]

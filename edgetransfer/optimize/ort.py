@@ -27,7 +27,7 @@ from onnxruntime.transformers.float16 import (
     convert_float_to_float16,
 )
 
-from .._enums import Choice
+from ..choice import Choice
 from ..cpu import CpuFeatures
 from ..errors import QuantizationError
 from ..export import PROTOTYPE_NODE
@@ -242,46 +242,59 @@ def keep_in_float(qdq, float_model, names: Sequence[str]):
     """
     model = onnx.ModelProto()
     model.CopyFrom(qdq)
-    graph = model.graph
-    nodes = {node.name: node for node in graph.node}
+    nodes = {node.name: node for node in model.graph.node}
     twins = {node.name: node for node in float_model.graph.node}
-    float_weights = {init.name: init for init in float_model.graph.initializer}
-    float_producers = {out: node for node in float_model.graph.node for out in node.output}
-    present = {init.name for init in graph.initializer}
-    producers = {out: node for node in graph.node for out in node.output}
-
-    def float_weight(tensor: str) -> str:
-        # ONNX Runtime names a weight's dequantised output after the weight: the float copy needs its own name
-        renamed = f"{tensor}_float" if tensor in producers else tensor
-        if renamed not in present:
-            weight = onnx.TensorProto()
-            weight.CopyFrom(float_weights[tensor])
-            weight.name = renamed
-            graph.initializer.append(weight)
-            present.add(renamed)
-        return renamed
-
-    def float_activation(tensor: str) -> str:
-        # The quantiser drops a Relu or Clip whose range the quantised tensor already enforces, and
-        # the layer before it writes the dropped node's output: put the dropped node back for this reader.
-        twin, here = float_producers.get(tensor), producers.get(tensor)
-        if twin is None or here is None or here.name == twin.name:
-            return tensor
-        restored = f"{tensor}_float"
-        if restored not in producers:
-            extra = [float_weight(t) if t in float_weights else t for t in twin.input[1:]]
-            node = onnx.helper.make_node(twin.op_type, [tensor, *extra], [restored], name=f"{twin.name}_float")
-            node.attribute.extend(twin.attribute)
-            graph.node.append(node)
-            producers[restored] = node
-        return restored
-
+    inputs = _FloatInputs(model.graph, float_model)
     for name in names:
         if name not in nodes or name not in twins:
             raise QuantizationError(f"no node named {name!r} in the quantised model")
-        inputs = [float_weight(t) if t in float_weights else float_activation(t) if t else t for t in twins[name].input]
+        floats = [inputs.of(t) for t in twins[name].input]
         del nodes[name].input[:]
-        nodes[name].input.extend(inputs)
-    prune(graph)
-    sort_nodes(graph)
+        nodes[name].input.extend(floats)
+    prune(model.graph)
+    sort_nodes(model.graph)
     return model
+
+
+class _FloatInputs:
+    """The float tensors a node put back in float reads, added to ``graph`` (a QDQ model's) from
+    ``float_model`` (the model that was quantised) as they are asked for."""
+
+    def __init__(self, graph, float_model) -> None:
+        self.graph = graph
+        self.float_weights = {init.name: init for init in float_model.graph.initializer}
+        self.float_producers = {out: node for node in float_model.graph.node for out in node.output}
+        self.present = {init.name for init in graph.initializer}
+        self.producers = {out: node for node in graph.node for out in node.output}
+
+    def of(self, tensor: str) -> str:
+        """The float counterpart of the twin's input ``tensor`` (empty: an absent optional input)."""
+        if not tensor:
+            return tensor
+        return self.weight(tensor) if tensor in self.float_weights else self.activation(tensor)
+
+    def weight(self, tensor: str) -> str:
+        # ONNX Runtime names a weight's dequantised output after the weight: the float copy needs its own name
+        renamed = f"{tensor}_float" if tensor in self.producers else tensor
+        if renamed not in self.present:
+            weight = onnx.TensorProto()
+            weight.CopyFrom(self.float_weights[tensor])
+            weight.name = renamed
+            self.graph.initializer.append(weight)
+            self.present.add(renamed)
+        return renamed
+
+    def activation(self, tensor: str) -> str:
+        # The quantiser drops a Relu or Clip whose range the quantised tensor already enforces, and
+        # the layer before it writes the dropped node's output: put the dropped node back for this reader.
+        twin, here = self.float_producers.get(tensor), self.producers.get(tensor)
+        if twin is None or here is None or here.name == twin.name:
+            return tensor
+        restored = f"{tensor}_float"
+        if restored not in self.producers:
+            extra = [self.weight(t) if t in self.float_weights else t for t in twin.input[1:]]
+            node = onnx.helper.make_node(twin.op_type, [tensor, *extra], [restored], name=f"{twin.name}_float")
+            node.attribute.extend(twin.attribute)
+            self.graph.node.append(node)
+            self.producers[restored] = node
+        return restored

@@ -38,7 +38,7 @@ import onnx
 import torch
 from onnx import numpy_helper
 
-from .._enums import Choice
+from ..choice import Choice
 from ..errors import MissingDependencyError, QuantizationError, first_line
 from ..progress import console
 

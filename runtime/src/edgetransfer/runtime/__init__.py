@@ -7,6 +7,6 @@
         print(prediction.label, prediction.probability)
 """
 
-from ._predictor import Prediction, Predictor, PredictorError, probe_provider
+from .predictor import Prediction, Predictor, PredictorError, probe_provider
 
 __all__ = ["Predictor", "Prediction", "PredictorError", "probe_provider"]

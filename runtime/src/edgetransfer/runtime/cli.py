@@ -23,9 +23,9 @@ from typing import Any
 
 import numpy as np
 
-from ._predictor import Predictor
 from .enrol import enrol_file
 from .errors import EdgeTransferError, PredictorError, first_line
+from .predictor import Predictor
 from .sessions import mixed_builds, onnxruntime_builds
 
 __all__ = ["main", "printable"]
@@ -178,7 +178,7 @@ def _predict(args: argparse.Namespace) -> int:
 def describe(model: Path) -> dict[str, Any]:
     """What ``info`` shows: labels, preprocessing, provenance and the input/output signature."""
     predictor = Predictor(model)
-    info, session = predictor.info, predictor._session
+    info, session = predictor.info, predictor.session
     pre = info.preprocessing
     return {
         "model": str(model),

@@ -8,10 +8,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ._predictor import Predictor
 from .enrolment import Enrolment
 from .errors import PredictorError
 from .metadata import verify_recorded
+from .predictor import Predictor
 
 __all__ = ["enrol_file", "writable_output"]
 

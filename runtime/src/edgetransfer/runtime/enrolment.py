@@ -6,7 +6,7 @@ are the backbone's features centred and L2-normalised, and the initializer
 ``edgetransfer.prototypes`` holds one unit-length row per class. A class's prototype is the
 normalised mean of its images' features, so enrolling is one forward pass over a few images and
 one row of that matrix: no training, no torch, no ``onnx`` package. The file is rewritten with
-only that tensor, the labels and an enrolment record changed (:mod:`._wire`), and a model that
+only that tensor, the labels and an enrolment record changed (:mod:`.wire`), and a model that
 was quantised keeps its prototype matrix in float.
 """
 
@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _wire
+from . import wire
 from .errors import PredictorError
 
 __all__ = ["PROTOTYPES", "FEATURES", "ENROLMENT_KEY", "Enrolment", "prototype_of", "check_label", "enrolled_model",
@@ -89,12 +89,12 @@ def image_record(image: Any, index: int) -> dict[str, str]:
 def enrolled_model(model: bytes, labels: list[str], matrix: np.ndarray, record: dict[str, Any]) -> bytes:
     """``model`` with ``matrix`` as its prototypes, ``labels`` as its labels and ``record`` appended
     to its enrolment history; every other byte as it was."""
-    updated = _wire.replace_initializer(model, PROTOTYPES, matrix)
-    props = _wire.metadata(updated)
+    updated = wire.replace_initializer(model, PROTOTYPES, matrix)
+    props = wire.metadata(updated)
     history = _history(props)
     props["labels"] = json.dumps(labels)
     props[ENROLMENT_KEY] = json.dumps([*history, record])
-    return _wire.with_metadata(updated, props)
+    return wire.with_metadata(updated, props)
 
 
 def _history(props: dict[str, str]) -> list[Any]:

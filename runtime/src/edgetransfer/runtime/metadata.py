@@ -4,6 +4,7 @@ read by the runtime. numpy-free and torch-free."""
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ from .errors import DataError, PredictorError, UnknownNameError
 from .files import sha256_file
 from .preprocessing import Preprocessing
 
-__all__ = ["ModelInfo", "InputFormat", "FLOAT_NCHW", "UINT8_NHWC", "MANIFEST_FILE", "PREPROCESSING_KEYS", "verify_recorded"]
+__all__ = ["ModelInfo", "InputFormat", "FLOAT_NCHW", "UINT8_NHWC", "MANIFEST_FILE", "PREPROCESSING_KEYS", "verify_recorded", "model_info"]
 
 MANIFEST_FILE = "manifest.json"  # beside a model in a run directory: what was recorded about it
 # the metadata keys that describe labels and preprocessing (ModelInfo.to_props); the others are provenance
@@ -152,3 +153,55 @@ def verify_recorded(model: Path) -> str | None:
                 )
             return str(manifest)
     return None
+
+
+def model_info(session, preprocessing: Preprocessing | None, labels: Sequence[str] | None) -> ModelInfo:
+    """What ``session``'s model is: its metadata, checked against its graph, or (for a model
+    without edgetransfer metadata) the ``preprocessing`` and ``labels`` given.
+
+    Raises:
+        PredictorError: metadata that does not fit the graph, or none and no preprocessing given.
+    """
+    props = session.props
+    if "labels" in props and "input_size" in props:
+        info = ModelInfo.from_props(props)
+        _check_input(info, session)
+        if session.classes is not None and len(info.labels) != session.classes:
+            raise PredictorError(
+                f"the model's metadata names {len(info.labels)} labels but it outputs {session.classes} classes;"
+                " its metadata belongs to another model: export again"
+            )
+        if preprocessing is not None:
+            info = ModelInfo(info.labels, preprocessing, info.input_format, info.arch, info.checkpoint_sha256)
+        return info
+    if preprocessing is None:
+        raise PredictorError(
+            "the model has no edgetransfer metadata; pass preprocessing=Preprocessing(input_size=…,"
+            " resize_size=…, mean=…, std=…) and labels=[…]"
+        )
+    outputs = session.classes
+    count = outputs if outputs is not None else len(labels or [])
+    names = tuple(labels) if labels is not None else tuple(str(i) for i in range(count))
+    if outputs is not None and len(names) != outputs:
+        raise PredictorError(f"{len(names)} labels given for a model with {outputs} outputs")
+    return ModelInfo(names, preprocessing, UINT8_NHWC if session.uint8_input else FLOAT_NCHW)
+
+
+def _check_input(info: ModelInfo, session) -> None:
+    """The metadata's input format and size must be what the graph takes.
+
+    Raises:
+        PredictorError: naming the field that disagrees with the graph.
+    """
+    fused = info.input_format == UINT8_NHWC
+    if fused != session.uint8_input:
+        raise PredictorError(
+            f"the model's metadata says input_format {info.input_format!r} but its graph takes"
+            f" {'uint8' if session.uint8_input else 'float'} input; its metadata belongs to another export: export again"
+        )
+    size = info.preprocessing.input_size
+    expected = [size, size, 3] if fused else [3, size, size]
+    shape = session.input_shape
+    if len(shape) != 4 or any(d is not None and d != e for d, e in zip(shape[1:], expected, strict=True)):
+        raise PredictorError(f"the model's metadata says input_size {size} ({'NHWC' if fused else 'NCHW'}), but its graph"
+                             f" takes {shape}; its metadata belongs to another export: export again")

@@ -11,14 +11,17 @@ import math
 import os
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import DataError, ImageError, unknown_name
 
-__all__ = ["Interpolation", "Preprocessing", "to_rgb", "load_rgb", "check_shape", "IMAGENET_MEAN", "IMAGENET_STD"]
+__all__ = ["Interpolation", "Preprocessing", "ImageInput", "to_rgb", "load_rgb", "to_image", "is_single", "check_shape", "IMAGENET_MEAN", "IMAGENET_STD"]
+
+# what the Predictor accepts as one image: a path, encoded bytes, a Pillow image, or an HxWx3 uint8 array
+ImageInput = Union[str, os.PathLike, bytes, Image.Image, np.ndarray]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -212,3 +215,33 @@ def load_rgb(source: str | os.PathLike | bytes, draft_side: int | None = None) -
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ImageError(f"cannot read image {name}: {reason}") from exc
+
+
+def is_single(images: Any) -> bool:
+    """A list, tuple or 4-D array holds many images; anything else is one (or a mistake that
+    :func:`to_image` reports)."""
+    if isinstance(images, np.ndarray):
+        return images.ndim != 4
+    return not isinstance(images, (list, tuple))
+
+
+def to_image(image: ImageInput, draft_side: int | None = None) -> Image.Image:
+    if isinstance(image, Image.Image):
+        return to_rgb(image)
+    if isinstance(image, np.ndarray):
+        return _array_image(image)
+    if isinstance(image, (str, os.PathLike, bytes)):
+        return load_rgb(image, draft_side)
+    raise ImageError(f"cannot use a {type(image).__name__} as an image: pass a path, bytes, a Pillow image or an array")
+
+
+def _array_image(array: np.ndarray) -> Image.Image:
+    if array.dtype != np.uint8:
+        raise ImageError(f"image arrays must be uint8 (HxWx3 RGB), got dtype {array.dtype}")
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    if array.ndim == 2:
+        return Image.fromarray(array, mode="L").convert("RGB")
+    if array.ndim == 3 and array.shape[2] in (3, 4) and min(array.shape[:2]) > 0:
+        return Image.fromarray(np.ascontiguousarray(array[:, :, :3]), mode="RGB")
+    raise ImageError(f"image arrays must be HxWx3 RGB (or HxW grey), got shape {array.shape}")
