@@ -82,11 +82,18 @@ def run_row(name: str, seed: int, root: Path) -> dict:
     if adapt_metrics.get("target_top1") is not None:  # the run's own report must agree with this measurement
         assert abs(adapt_metrics["target_top1"] - top1) < 1e-9, (adapt_metrics["target_top1"], top1)
     return {
-        "row": name, "label": label, "seed": seed, "mode": mode, "method": method,
-        "target_top1": top1, "target_images": images,
+        "row": name,
+        "label": label,
+        "seed": seed,
+        "mode": mode,
+        "method": method,
+        "target_top1": top1,
+        "target_images": images,
         "source_val_top1": result.metrics["final"]["top1"] if data == "digits" else None,
-        "seconds": seconds, "epochs": len(result.metrics["epochs"]),
-        "cpu_share": round(share, 3), "contended": share < BUSY,
+        "seconds": seconds,
+        "epochs": len(result.metrics["epochs"]),
+        "cpu_share": round(share, 3),
+        "contended": share < BUSY,
     }
 
 
@@ -138,8 +145,12 @@ def markdown(report: dict) -> str:
         "",
     ]
     fair_shown = any(r["row"] == "source-full-20" for r in rows)
-    lines += ["| run | epochs | target top-1 | source val top-1 | gap recovered |" + (" gap recovered against 20-epoch baselines |" if fair_shown else "")
-              + " wall time |", "|---|---|---|---|---|" + ("---|" if fair_shown else "") + "---|"]
+    lines += [
+        "| run | epochs | target top-1 | source val top-1 | gap recovered |"
+        + (" gap recovered against 20-epoch baselines |" if fair_shown else "")
+        + " wall time |",
+        "|---|---|---|---|---|" + ("---|" if fair_shown else "") + "---|",
+    ]
     for name, (label, mode, _, method, _) in ROWS.items():
         mine = [r for r in rows if r["row"] == name]
         if not mine:
@@ -150,21 +161,34 @@ def markdown(report: dict) -> str:
         timed = [r["seconds"] for r in mine if alone(r)]
         time_s = f"{statistics.mean(timed):.0f} s" if timed else "see below"
         time_s += f" ({len(timed)} of {len(mine)} seeds)" if timed and len(timed) < len(mine) else ""
-        lines.append(f"| {label} | {mine[0]['epochs']} | {spread([r['target_top1'] for r in mine])} | {spread(source_val) if source_val else '-'} |"
-                     f" {ratio(recovered)} |" + (f" {ratio(fair)} |" if fair_shown else "") + f" {time_s} |")
-    lines += ["", "Anchor, MNIST -> MNIST-M (Ganin et al. 2016, JMLR, table 2; a small CNN trained from scratch):"
-              f" source only {ANCHOR['source only']}%, DANN {ANCHOR['dann']}%, train on target {ANCHOR['train on target']}%,"
-              f" {100 * (ANCHOR['dann'] - ANCHOR['source only']) / (ANCHOR['train on target'] - ANCHOR['source only']):.0f}% of the gap.", ""]
+        lines.append(
+            f"| {label} | {mine[0]['epochs']} | {spread([r['target_top1'] for r in mine])} | {spread(source_val) if source_val else '-'} |"
+            f" {ratio(recovered)} |" + (f" {ratio(fair)} |" if fair_shown else "") + f" {time_s} |"
+        )
+    lines += [
+        "",
+        "Anchor, MNIST -> MNIST-M (Ganin et al. 2016, JMLR, table 2; a small CNN trained from scratch):"
+        f" source only {ANCHOR['source only']}%, DANN {ANCHOR['dann']}%, train on target {ANCHOR['train on target']}%,"
+        f" {100 * (ANCHOR['dann'] - ANCHOR['source only']) / (ANCHOR['train on target'] - ANCHOR['source only']):.0f}% of the gap.",
+        "",
+    ]
     costs = []
     for name in ("dann", "adabn-head", "adabn-full"):
         base = f"source-{ROWS[name][1]}"
         if name == "dann" and fair_shown:
             base = "source-full-20"  # the same number of epochs
-        pairs = [(r["seconds"], b["seconds"]) for r in rows if r["row"] == name and alone(r)
-                 for b in rows if b["row"] == base and b["seed"] == r["seed"] and alone(b)]
+        pairs = [
+            (r["seconds"], b["seconds"])
+            for r in rows
+            if r["row"] == name and alone(r)
+            for b in rows
+            if b["row"] == base and b["seed"] == r["seed"] and alone(b)
+        ]
         if pairs:
-            costs.append(f"{ROWS[name][0]}: {statistics.mean(a for a, _ in pairs):.0f} s against {statistics.mean(b for _, b in pairs):.0f} s"
-                         f" for {ROWS[base][0]}, without --adapt ({statistics.mean(a / b for a, b in pairs):.2f}×, {len(pairs)} seed(s))")
+            costs.append(
+                f"{ROWS[name][0]}: {statistics.mean(a for a, _ in pairs):.0f} s against {statistics.mean(b for _, b in pairs):.0f} s"
+                f" for {ROWS[base][0]}, without --adapt ({statistics.mean(a / b for a, b in pairs):.2f}×, {len(pairs)} seed(s))"
+            )
     if costs:
         lines += ["Cost of `--adapt` on this machine (whole run, same seed): " + "; ".join(costs) + ".", ""]
     for r in rows:

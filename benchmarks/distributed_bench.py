@@ -30,9 +30,13 @@ def timed(command: list[str], out: Path, env_threads: str | None = None) -> dict
     started = time.perf_counter()
     subprocess.run([*command, "--out", str(out)], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     metrics = json.loads((out / "metrics.json").read_text())
-    return {"wall_s": round(time.perf_counter() - started, 1), "val_top1": metrics["final"]["top1"],
-            "epochs_s": round(metrics["timing"]["epochs_s"], 1), "processes": metrics["timing"]["processes"],
-            "threads_per_process": metrics["timing"]["torch_threads"]}
+    return {
+        "wall_s": round(time.perf_counter() - started, 1),
+        "val_top1": metrics["final"]["top1"],
+        "epochs_s": round(metrics["timing"]["epochs_s"], 1),
+        "processes": metrics["timing"]["processes"],
+        "threads_per_process": metrics["timing"]["torch_threads"],
+    }
 
 
 def main() -> None:
@@ -48,11 +52,19 @@ def main() -> None:
             "two_processes": timed(double, work / "two"),
         }
     rows = [(k, v) for k, v in report.items() if isinstance(v, dict) and "wall_s" in v]
-    lines = ["# 1 and 2 processes, same job", "", f"`{report['job']}` on {report['machine']['cpu']['model']},"
-             f" {report['machine']['cores']} cores. Produced by `python benchmarks/distributed_bench.py`.", "",
-             "| launch | processes × threads | wall (s) | epochs (s) | val top-1 |", "|---|---|---|---|---|"]
-    lines += [f"| {name} | {r['processes']} × {r['threads_per_process']} | {r['wall_s']} | {r['epochs_s']} | {100 * r['val_top1']:.2f}% |"
-              for name, r in rows]
+    lines = [
+        "# 1 and 2 processes, same job",
+        "",
+        f"`{report['job']}` on {report['machine']['cpu']['model']},"
+        f" {report['machine']['cores']} cores. Produced by `python benchmarks/distributed_bench.py`.",
+        "",
+        "| launch | processes × threads | wall (s) | epochs (s) | val top-1 |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {name} | {r['processes']} × {r['threads_per_process']} | {r['wall_s']} | {r['epochs_s']} | {100 * r['val_top1']:.2f}% |"
+        for name, r in rows
+    ]
     save_results("distributed", report, "\n".join(lines) + "\n")
 
 

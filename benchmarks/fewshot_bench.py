@@ -132,9 +132,16 @@ def episodes(x: torch.Tensor, y: torch.Tensor, ways: int, shots: int, count: int
         difference.append(p - lin)
         train_s.append(seconds)
     return {
-        "ways": ways, "shots": shots, "queries_per_class": QUERIES, "episodes": count,
-        "prototype": interval(proto), "cl2n": interval(plain), "linear": interval(linear), "difference": interval(difference),
-        "linear_train_ms": 1000 * statistics.median(train_s), "prototype_ms": 1000 * statistics.median(proto_s),
+        "ways": ways,
+        "shots": shots,
+        "queries_per_class": QUERIES,
+        "episodes": count,
+        "prototype": interval(proto),
+        "cl2n": interval(plain),
+        "linear": interval(linear),
+        "difference": interval(difference),
+        "linear_train_ms": 1000 * statistics.median(train_s),
+        "prototype_ms": 1000 * statistics.median(proto_s),
     }
 
 
@@ -145,8 +152,15 @@ def full_data(x: torch.Tensor, y: torch.Tensor, train: int, test: int, size: int
     proto = float((prototype_predict(tx, ty, qx, 10) == qy).float().mean())
     plain = float((prototype_predict(tx, ty, qx, 10, whiten=False) == qy).float().mean())
     predicted, seconds = linear_predict(tx, ty, qx, 10, 0)
-    return {"size": size, "train_images": len(ty), "test_images": len(qy), "prototype": 100 * proto, "cl2n": 100 * plain,
-            "linear": 100 * float((predicted == qy).float().mean()), "linear_train_s": seconds}
+    return {
+        "size": size,
+        "train_images": len(ty),
+        "test_images": len(qy),
+        "prototype": 100 * proto,
+        "cl2n": 100 * plain,
+        "linear": 100 * float((predicted == qy).float().mean()),
+        "linear_train_s": seconds,
+    }
 
 
 def enrolment_by_digit(x: torch.Tensor, y: torch.Tensor, train: int, test: int, shots_list=(1, 5, 20), draws: int = 20) -> dict:
@@ -179,8 +193,12 @@ def enrolment_by_digit(x: torch.Tensor, y: torch.Tensor, train: int, test: int, 
     summary = {}
     for shots in shots_list:
         chosen = [r for r in rows if r["shots"] == shots]
-        summary[shots] = {"new": statistics.fmean(r["new"] for r in chosen), "new_min": min(r["new"] for r in chosen),
-                          "new_max": max(r["new"] for r in chosen), "old": statistics.fmean(r["old"] for r in chosen)}
+        summary[shots] = {
+            "new": statistics.fmean(r["new"] for r in chosen),
+            "new_min": min(r["new"] for r in chosen),
+            "new_max": max(r["new"] for r in chosen),
+            "old": statistics.fmean(r["old"] for r in chosen),
+        }
     return {"draws": draws, "rows": rows, "summary": summary}
 
 
@@ -227,13 +245,19 @@ def enrolment_cost(work: Path, held_out: int = 9, shots: int = 5, repeats: int =
     old = [p == t for p, t in zip(predicted, truth, strict=True) if t != held_out]
     cli = _cli_seconds(run / "model.onnx", files, work)
     return {
-        "image_size": 224, "shots": shots, "held_out_class": str(held_out), "repeats": repeats,
-        "enrol_s": statistics.median(timings["enrol"]), "save_s": statistics.median(timings["save"]),
+        "image_size": 224,
+        "shots": shots,
+        "held_out_class": str(held_out),
+        "repeats": repeats,
+        "enrol_s": statistics.median(timings["enrol"]),
+        "save_s": statistics.median(timings["save"]),
         "total_s": statistics.median(a + b for a, b in zip(timings["enrol"], timings["save"], strict=True)),
         "model_mb": (work / "enrolled.onnx").stat().st_size / 1e6,
         "recognised_support": done.recognised,
-        "new_class_test_top1": 100 * statistics.fmean(new), "new_class_test_images": len(new),
-        "old_classes_test_top1": 100 * statistics.fmean(old), "old_classes_test_images": len(old),
+        "new_class_test_top1": 100 * statistics.fmean(new),
+        "new_class_test_images": len(new),
+        "old_classes_test_top1": 100 * statistics.fmean(old),
+        "old_classes_test_images": len(old),
         "cli_s": cli,
     }
 
@@ -249,8 +273,11 @@ def _cli_seconds(model: Path, files: list[Path], work: Path) -> float:
         out = work / "cli-enrolled.onnx"
         out.unlink(missing_ok=True)
         tick = time.perf_counter()
-        subprocess.run([str(runtime), "enrol", str(model), "--label", "9", *map(str, files), "--output", str(out),
-                        "--threads", str(THREADS)], check=True, capture_output=True)
+        subprocess.run(
+            [str(runtime), "enrol", str(model), "--label", "9", *map(str, files), "--output", str(out), "--threads", str(THREADS)],
+            check=True,
+            capture_output=True,
+        )
         times.append(time.perf_counter() - tick)
     shutil.rmtree(work / "ort-trt-cache", ignore_errors=True)
     return statistics.median(times)
@@ -281,19 +308,28 @@ def markdown(report: dict) -> str:
             f" {lin[0]:.2f}% ({lin[1]:.2f}…{lin[2]:.2f}) | {d[0]:+.2f} ({d[1]:+.2f}…{d[2]:+.2f}) |"
             f" {row['linear_train_ms']:.0f} ms (prototype {row['prototype_ms']:.2f} ms) |"
         )
-    lines += ["", "## Full data (the demo's split; test images no stage chose on)", "",
-              "| size | train images | test images | prototype | (CL2N only) | linear head | prototype − linear |",
-              "|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## Full data (the demo's split; test images no stage chose on)",
+        "",
+        "| size | train images | test images | prototype | (CL2N only) | linear head | prototype − linear |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for row in report["full_data"]:
-        lines.append(f"| {row['size']} px | {row['train_images']} | {row['test_images']} | {row['prototype']:.2f}% | {row['cl2n']:.2f}% |"
-                     f" {row['linear']:.2f}% | {row['prototype'] - row['linear']:+.2f} |")
+        lines.append(
+            f"| {row['size']} px | {row['train_images']} | {row['test_images']} | {row['prototype']:.2f}% | {row['cl2n']:.2f}% |"
+            f" {row['linear']:.2f}% | {row['prototype'] - row['linear']:+.2f} |"
+        )
     e = report["enrolment"]
     lines += [
-        "", "## Enrolment in the runtime (224 px, 2 threads)", "",
+        "",
+        "## Enrolment in the runtime (224 px, 2 threads)",
+        "",
         f"A prototype model trained without digit {e['held_out_class']}; that digit enrolled from {e['shots']} of its"
         f" training images with `Predictor.enrol` and `save` (median of {e['repeats']}).",
         "",
-        "| step | seconds |", "|---|---|",
+        "| step | seconds |",
+        "|---|---|",
         f"| decode, features, prototype, new model in memory (`enrol`) | {e['enrol_s']:.3f} |",
         f"| write the {e['model_mb']:.1f} MB model atomically (`save`) | {e['save_s']:.3f} |",
         f"| **total (goal ≤ 1 s)** | **{e['total_s']:.3f}** |",
@@ -306,10 +342,13 @@ def markdown(report: dict) -> str:
     ]
     d = report["enrolment_by_digit"]
     lines += [
-        "## Enrolment, every digit in turn (224 px features, the runtime's arithmetic)", "",
+        "## Enrolment, every digit in turn (224 px features, the runtime's arithmetic)",
+        "",
         "Each digit left out of a full-data prototype head, then enrolled from K of its training images"
-        f" ({d['draws']} random draws per digit); top-1 on the 179 test images.", "",
-        "| K | enrolled digit: mean over digits (worst…best) | the other nine digits |", "|---|---|---|",
+        f" ({d['draws']} random draws per digit); top-1 on the 179 test images.",
+        "",
+        "| K | enrolled digit: mean over digits (worst…best) | the other nine digits |",
+        "|---|---|---|",
     ]
     for shots, row in d["summary"].items():
         lines.append(f"| {shots} | {row['new']:.1f}% ({row['new_min']:.1f}…{row['new_max']:.1f}) | {row['old']:.1f}% |")
@@ -362,8 +401,7 @@ def main() -> None:
             row = episodes(x, y, ways, shots, args.episodes, seed + 1)
             table.append({"size": size, **row})
             print(f"{size} px {ways}-way {shots}-shot: prototype {row['prototype'][0]:.2f}%, linear {row['linear'][0]:.2f}%", flush=True)
-    report = {"machine": fingerprint(THREADS), "episodes": args.episodes, "episodes_table": table,
-              "full_data": full, "enrolment_by_digit": by_digit}
+    report = {"machine": fingerprint(THREADS), "episodes": args.episodes, "episodes_table": table, "full_data": full, "enrolment_by_digit": by_digit}
     with tempfile.TemporaryDirectory(prefix="fewshot-") as tmp:
         work = args.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)

@@ -28,8 +28,7 @@ from fingerprint import fingerprint, save_results
 def cli_default_job(work: Path) -> dict:
     """`edgetransfer finetune` with no arguments, end to end, as a user runs it."""
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "edgetransfer", "finetune", "-q", "--out", str(work / "cli")], check=True,
-                   stdout=subprocess.DEVNULL)
+    subprocess.run([sys.executable, "-m", "edgetransfer", "finetune", "-q", "--out", str(work / "cli")], check=True, stdout=subprocess.DEVNULL)
     seconds = time.perf_counter() - started
     metrics = json.loads((work / "cli" / "metrics.json").read_text())
     return {"command": "edgetransfer finetune", "end_to_end_s": seconds, "val_top1": metrics["final"]["top1"]}

@@ -17,8 +17,14 @@ def cpu() -> dict:
     features = cpu_features()
     flags = [name for name in ("avx2", "avx512", "vnni", "amx", "arm_dotprod") if getattr(features, name)]
     try:
-        listed = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                       if line.lower().startswith(("flags", "features"))), [])
+        listed = next(
+            (
+                line.split(":", 1)[1].split()
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.lower().startswith(("flags", "features"))
+            ),
+            [],
+        )
     except OSError:
         listed = []
     return {"model": features.model, "flags": flags, "cpuinfo_flags": [f for f in CPUINFO_FLAGS if f in listed]}

@@ -53,8 +53,10 @@ def markdown(report: dict) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for row in report["rows"]:
-        lines.append(f"| {row['model']} | {row['runtime']} | {row['batch']} | {row['fp32_ms']:.2f} (±{row['fp32_spread']:.0f}%)"
-                     f" | {row['int8_ms']:.2f} (±{row['int8_spread']:.0f}%) | **{row['ratio']:.2f}×** | {row['kept_in_float']} |")
+        lines.append(
+            f"| {row['model']} | {row['runtime']} | {row['batch']} | {row['fp32_ms']:.2f} (±{row['fp32_spread']:.0f}%)"
+            f" | {row['int8_ms']:.2f} (±{row['int8_spread']:.0f}%) | **{row['ratio']:.2f}×** | {row['kept_in_float']} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -69,18 +71,28 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
             run_dir, kept = speed_run(Path(tmp), name)
-            bench = bench_run(run_dir, BenchOptions(threads=args.threads, batch_sizes=(1, 8), iterations=140, warmup=10,
-                                                    rounds=args.rounds, eval_images=16))
+            bench = bench_run(
+                run_dir, BenchOptions(threads=args.threads, batch_sizes=(1, 8), iterations=140, warmup=10, rounds=args.rounds, eval_images=16)
+            )
             for target in TARGETS:
                 fp32, int8 = bench.row(f"{target.value}-fp32"), bench.row(f"{target.value}-int8")
                 if not (fp32 and int8 and fp32.measured and int8.measured):
                     continue
                 for batch in ("1", "8"):
                     a, b = fp32.latency[batch], int8.latency[batch]
-                    rows.append({"model": name, "runtime": target.value, "batch": int(batch),
-                                 "fp32_ms": a.mean_ms, "fp32_spread": 50 * (a.spread or 0), "int8_ms": b.mean_ms,
-                                 "int8_spread": 50 * (b.spread or 0), "ratio": a.mean_ms / b.mean_ms,
-                                 "kept_in_float": len(kept.get(f"{target.value}-int8", []))})
+                    rows.append(
+                        {
+                            "model": name,
+                            "runtime": target.value,
+                            "batch": int(batch),
+                            "fp32_ms": a.mean_ms,
+                            "fp32_spread": 50 * (a.spread or 0),
+                            "int8_ms": b.mean_ms,
+                            "int8_spread": 50 * (b.spread or 0),
+                            "ratio": a.mean_ms / b.mean_ms,
+                            "kept_in_float": len(kept.get(f"{target.value}-int8", [])),
+                        }
+                    )
     report = {"machine": fingerprint(args.threads), "threads": args.threads, "rounds": args.rounds, "rows": rows}
     save_results("int8_ceiling", report, markdown(report))
 

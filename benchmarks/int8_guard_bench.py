@@ -72,9 +72,15 @@ def qat_child(run_dir: Path) -> Path:
 
 def _built(report, seconds: float) -> dict:
     guard = report.details.get("guard", {})
-    return {"seconds": round(seconds, 1), "guard_s": guard.get("seconds"), "guard_steps": len(report.guard_steps),
-            "kept_in_float": report.kept_in_float, "rounding": report.details.get("rounding"),
-            "coverage": report.coverage.to_dict() if report.coverage else None, "report": report.to_dict()}
+    return {
+        "seconds": round(seconds, 1),
+        "guard_s": guard.get("seconds"),
+        "guard_steps": len(report.guard_steps),
+        "kept_in_float": report.kept_in_float,
+        "rounding": report.details.get("rounding"),
+        "coverage": report.coverage.to_dict() if report.coverage else None,
+        "report": report.to_dict(),
+    }
 
 
 def build(run_dir: Path, quant: QuantOptions, prefix: str = "", precisions=(Precision.FP32, Precision.INT8)) -> dict[str, dict]:
@@ -120,9 +126,12 @@ def _change(bench: BenchReport, row_name: str, float_row: str) -> str:
 def target_rows(built: dict, bench: BenchReport, arch: str) -> list[str]:
     rows = []
     speed_goal = SPEED_GOALS.get(arch, GOALS["int8_vs_fp32"])
-    for key, fp32, goal in (("ort-cpu-int8", "ort-cpu-fp32", speed_goal), ("openvino-int8", "openvino-fp32", speed_goal),
-                            ("qat-ort-cpu/ort-cpu-int8", "ort-cpu-fp32", QAT_SPEED_GOAL),
-                            ("qat-ort-cpu/openvino-int8", "openvino-fp32", QAT_SPEED_GOAL)):
+    for key, fp32, goal in (
+        ("ort-cpu-int8", "ort-cpu-fp32", speed_goal),
+        ("openvino-int8", "openvino-fp32", speed_goal),
+        ("qat-ort-cpu/ort-cpu-int8", "ort-cpu-fp32", QAT_SPEED_GOAL),
+        ("qat-ort-cpu/openvino-int8", "openvino-fp32", QAT_SPEED_GOAL),
+    ):
         if key not in built:
             continue
         entry = built[key]
@@ -178,8 +187,12 @@ def markdown(built: dict, bench: BenchReport, machine: dict, args: argparse.Name
     warning = noisy_baseline(bench)
     if warning:
         lines += [f"Note: {warning}.", ""]
-    lines += ["## Every variant", "", "| variant | batch 1 ms | ± rounds | batch 8 ms | vs eager (batch 1) | int8 MACs | Δ top-1 (95% interval) |",
-              "|---|---|---|---|---|---|---|"]
+    lines += [
+        "## Every variant",
+        "",
+        "| variant | batch 1 ms | ± rounds | batch 8 ms | vs eager (batch 1) | int8 MACs | Δ top-1 (95% interval) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for row in bench.results:
         if not row.measured:
             lines.append(f"| {row.variant} | {row.status}: {row.reason} | | | | | |")
@@ -189,19 +202,26 @@ def markdown(built: dict, bench: BenchReport, machine: dict, args: argparse.Name
         interval = f" ({a.top1_change_interval[0]:+.2f} to {a.top1_change_interval[1]:+.2f})" if a.top1_change_interval else ""
         spread = f"±{50 * t.spread:.0f}%" if t.spread is not None else "—"
         share = f"{100 * row.coverage.share:.1f}%" if row.coverage else "—"
-        lines.append(f"| {row.variant} | {t.mean_ms:.2f} | {spread} | {t8.mean_ms:.2f} | {row.speedup_vs_eager.get('1', float('nan')):.2f}×"
-                     f" | {share} | {a.top1_change_points or 0.0:+.2f}{interval} |" if t8 else
-                     f"| {row.variant} | {t.mean_ms:.2f} | {spread} | — | — | {share} | {a.top1_change_points or 0.0:+.2f}{interval} |")
+        lines.append(
+            f"| {row.variant} | {t.mean_ms:.2f} | {spread} | {t8.mean_ms:.2f} | {row.speedup_vs_eager.get('1', float('nan')):.2f}×"
+            f" | {share} | {a.top1_change_points or 0.0:+.2f}{interval} |"
+            if t8
+            else f"| {row.variant} | {t.mean_ms:.2f} | {spread} | — | — | {share} | {a.top1_change_points or 0.0:+.2f}{interval} |"
+        )
     return "\n".join(lines) + "\n"
 
 
 def coverage_markdown() -> str:
     """results/int8_coverage.md: integer coverage of every INT8 variant in results/int8_guard*.json."""
-    lines = ["# Integer coverage of the shipped INT8 models, every architecture measured", "",
-             "The share of multiply-accumulates that ONNX Runtime's optimised graph (CPU provider) runs in integer kernels,"
-             " the same on every x86 CPU; from `benchmarks/results/int8_guard*.json`, written by `benchmarks/int8_guard_bench.py`.",
-             "", "| architecture | variant | int8 MACs | MACs at batch 1 | float Conv/Gemm left | Q, DQ left | layers kept in float | CPU |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "# Integer coverage of the shipped INT8 models, every architecture measured",
+        "",
+        "The share of multiply-accumulates that ONNX Runtime's optimised graph (CPU provider) runs in integer kernels,"
+        " the same on every x86 CPU; from `benchmarks/results/int8_guard*.json`, written by `benchmarks/int8_guard_bench.py`.",
+        "",
+        "| architecture | variant | int8 MACs | MACs at batch 1 | float Conv/Gemm left | Q, DQ left | layers kept in float | CPU |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for path in sorted(RESULTS.glob("int8_guard*.json")):
         data = json.loads(path.read_text())
         arch = data.get("args", {}).get("arch", "?")
@@ -211,9 +231,11 @@ def coverage_markdown() -> str:
             if not coverage or not key.endswith("int8"):
                 continue
             floats = ", ".join(f"{f['name']} ({f['macs'] / 1e6:.1f} M)" for f in coverage["float_layers"][:3]) or "none"
-            lines.append(f"| {arch} | {key} | {100 * coverage['integer_share']:.2f}% | {coverage['macs'] / 1e6:.1f} M | {floats}"
-                         f" | {coverage['quantize_nodes']}, {coverage['dequantize_nodes']} | {len(entry['kept_in_float'])}"
-                         f" | {cpu.get('model', '?')} ({', '.join(cpu.get('flags', []))}) |")
+            lines.append(
+                f"| {arch} | {key} | {100 * coverage['integer_share']:.2f}% | {coverage['macs'] / 1e6:.1f} M | {floats}"
+                f" | {coverage['quantize_nodes']}, {coverage['dequantize_nodes']} | {len(entry['kept_in_float'])}"
+                f" | {cpu.get('model', '?')} ({', '.join(cpu.get('flags', []))}) |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -233,8 +255,9 @@ def main() -> None:
     if args.report_only:
         saved = json.loads((RESULTS / f"{args.name}.json").read_text())
         recorded = argparse.Namespace(**(saved["args"] | {"report_only": False}))
-        (RESULTS / f"{args.name}.md").write_text(markdown(saved["built"], BenchReport.from_dict(saved["bench"]), saved["machine"], recorded,
-                                                          saved["run"], saved.get("command", "")))
+        (RESULTS / f"{args.name}.md").write_text(
+            markdown(saved["built"], BenchReport.from_dict(saved["bench"]), saved["machine"], recorded, saved["run"], saved.get("command", ""))
+        )
         (RESULTS / "int8_coverage.md").write_text(coverage_markdown())
         return
     set_quiet(True)
@@ -251,8 +274,11 @@ def main() -> None:
         run = float_run(run_dir)
     machine = fingerprint(args.threads)
     command = command_line()
-    save_results(args.name, {"machine": machine, "args": vars(args) | {"work": str(args.work)}, "command": command, "run": run,
-                             "built": built, "bench": bench.to_dict()}, markdown(built, bench, machine, args, run, command))
+    save_results(
+        args.name,
+        {"machine": machine, "args": vars(args) | {"work": str(args.work)}, "command": command, "run": run, "built": built, "bench": bench.to_dict()},
+        markdown(built, bench, machine, args, run, command),
+    )
     (RESULTS / "int8_coverage.md").write_text(coverage_markdown())
 
 
@@ -270,9 +296,16 @@ def command_line() -> str:
 
 def float_run(run_dir: Path) -> dict:
     metrics, config = json.loads((run_dir / "metrics.json").read_text()), json.loads((run_dir / "config.json").read_text())
-    return {"weights": config["weights"], "mode": config["mode"], "epochs": config["epochs"], "val_top1": 100 * metrics["final"]["top1"],
-            "val_images": metrics["val_images"], "test_top1": 100 * metrics["test"]["top1"], "test_images": metrics["test"]["images"],
-            "finetune_s": metrics["timing"]["total_s"]}
+    return {
+        "weights": config["weights"],
+        "mode": config["mode"],
+        "epochs": config["epochs"],
+        "val_top1": 100 * metrics["final"]["top1"],
+        "val_images": metrics["val_images"],
+        "test_top1": 100 * metrics["test"]["top1"],
+        "test_images": metrics["test"]["images"],
+        "finetune_s": metrics["timing"]["total_s"],
+    }
 
 
 if __name__ == "__main__":

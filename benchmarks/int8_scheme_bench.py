@@ -68,10 +68,18 @@ def quantize(prepared: Path, dst: Path, cache: Path, weight: str, reduce_range: 
     import onnx
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
-    quantize_static(str(prepared), str(dst), None, quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=reduce_range,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QUInt8 if weight == "uint8" else QuantType.QInt8,
-                    calibration_cache_path=str(cache),
-                    extra_options={"ActivationSymmetric": False, "WeightSymmetric": True, "QDQKeepRemovableActivations": True})
+    quantize_static(
+        str(prepared),
+        str(dst),
+        None,
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        reduce_range=reduce_range,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QUInt8 if weight == "uint8" else QuantType.QInt8,
+        calibration_cache_path=str(cache),
+        extra_options={"ActivationSymmetric": False, "WeightSymmetric": True, "QDQKeepRemovableActivations": True},
+    )
     model = onnx.load(str(dst))
     if ortq.float_outputs(model):
         onnx.save_model(model, str(dst))
@@ -81,12 +89,7 @@ def quantize(prepared: Path, dst: Path, cache: Path, weight: str, reduce_range: 
 def logits(model: Path, images: np.ndarray, fused: bool) -> np.ndarray:
     if fused:
         return ortq.run_logits(model, images, threads=THREADS)
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.intra_op_num_threads = THREADS
-    session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+    session = open_session(model, threads=THREADS, optimized=False)
     name = session.get_inputs()[0].name
     return np.concatenate([session.run(None, {name: images[i : i + 32]})[0] for i in range(0, len(images), 32)])
 
@@ -146,9 +149,19 @@ def main() -> None:
         changed, mse = distance(logits(model, selection.images, fused), selection.float_logits)
         test = context.compare(logits(model, context.held_out, fused))
         low, high = paired_interval(test.lost, test.gained, test.images)
-        rows.append({"key": key, "scheme": label, "selection_changed_pct": round(changed, 2), "logit_mse": round(mse, 3),
-                     "test_images": test.images, "test_change_points": round(100 * (test.top1 - test.reference_top1), 2),
-                     "test_interval": [round(low, 2), round(high, 2)], "lost": test.lost, "gained": test.gained})
+        rows.append(
+            {
+                "key": key,
+                "scheme": label,
+                "selection_changed_pct": round(changed, 2),
+                "logit_mse": round(mse, 3),
+                "test_images": test.images,
+                "test_change_points": round(100 * (test.top1 - test.reference_top1), 2),
+                "test_interval": [round(low, 2), round(high, 2)],
+                "lost": test.lost,
+                "gained": test.gained,
+            }
+        )
         if fused:
             models[key] = model
         print(rows[-1], flush=True)
@@ -157,26 +170,34 @@ def main() -> None:
     for row in rows:
         if row["key"] in timed:
             ms = float(np.median(timed[row["key"]]))
-            row.update(ms=round(ms, 2), spread_ms=[round(min(timed[row["key"]]), 2), round(max(timed[row["key"]]), 2)],
-                       vs_fp32=round(fp32 / ms, 2))
+            row.update(ms=round(ms, 2), spread_ms=[round(min(timed[row["key"]]), 2), round(max(timed[row["key"]]), 2)], vs_fp32=round(fp32 / ms, 2))
 
     run = float_run(run_dir)
-    lines = [f"# ONNX Runtime INT8 number formats on a CPU without VNNI: {args.arch} at 224 px", "",
-             f"The float model: {run['val_top1']:.2f}% top-1 on {run['val_images']} validation images, {run['test_top1']:.2f}% on "
-             f"{run['test_images']} test images. Command: `{' '.join(['python benchmarks/int8_scheme_bench.py', command_line()]).strip()}`.", "",
-             f"Every layer quantised, nearest rounding, {len(samples)} calibration images. Top-1 changed: share of the "
-             f"{len(selection.images)} {selection.source} the guard selects on. Test: {rows[0]['test_images']} images no stage chose on. "
-             f"Batch 1, {THREADS} threads, median of {ROUNDS} interleaved rounds; ONNX Runtime FP32 {fp32:.2f} ms.", "",
-             "| scheme | top-1 changed | logit MSE | test top-1 change (95% interval) | ms, batch 1 | vs FP32 |", "|---|---|---|---|---|---|"]
+    lines = [
+        f"# ONNX Runtime INT8 number formats on a CPU without VNNI: {args.arch} at 224 px",
+        "",
+        f"The float model: {run['val_top1']:.2f}% top-1 on {run['val_images']} validation images, {run['test_top1']:.2f}% on "
+        f"{run['test_images']} test images. Command: `{' '.join(['python benchmarks/int8_scheme_bench.py', command_line()]).strip()}`.",
+        "",
+        f"Every layer quantised, nearest rounding, {len(samples)} calibration images. Top-1 changed: share of the "
+        f"{len(selection.images)} {selection.source} the guard selects on. Test: {rows[0]['test_images']} images no stage chose on. "
+        f"Batch 1, {THREADS} threads, median of {ROUNDS} interleaved rounds; ONNX Runtime FP32 {fp32:.2f} ms.",
+        "",
+        "| scheme | top-1 changed | logit MSE | test top-1 change (95% interval) | ms, batch 1 | vs FP32 |",
+        "|---|---|---|---|---|---|",
+    ]
     for row in rows:
         speed = f"{row['ms']:.2f} ({row['spread_ms'][0]:.2f}-{row['spread_ms'][1]:.2f})" if "ms" in row else "—"
         ratio = f"{row['vs_fp32']:.2f}×" if "vs_fp32" in row else "—"
-        lines.append(f"| {row['scheme']} | {row['selection_changed_pct']:.2f}% | {row['logit_mse']:.3f} | "
-                     f"{row['test_change_points']:+.2f} ({row['test_interval'][0]:+.2f} to {row['test_interval'][1]:+.2f}) | {speed} | {ratio} |")
+        lines.append(
+            f"| {row['scheme']} | {row['selection_changed_pct']:.2f}% | {row['logit_mse']:.3f} | "
+            f"{row['test_change_points']:+.2f} ({row['test_interval'][0]:+.2f} to {row['test_interval'][1]:+.2f}) | {speed} | {ratio} |"
+        )
     machine = fingerprint(THREADS)
     lines += ["", f"CPU: {machine['cpu']['model']}, flags {', '.join(machine['cpu']['flags'])}; {machine['cores']} cores.", ""]
-    save_results("int8_scheme", {"machine": machine, "run": run, "fp32_ms": round(fp32, 2), "rows": rows, "command": command_line()},
-                 "\n".join(lines))
+    save_results(
+        "int8_scheme", {"machine": machine, "run": run, "fp32_ms": round(fp32, 2), "rows": rows, "command": command_line()}, "\n".join(lines)
+    )
 
 
 if __name__ == "__main__":

@@ -58,8 +58,11 @@ def prepare(work: Path, name: str, config: FinetuneConfig) -> tuple[Path, dict]:
             key = f"{target.value}-{precision.value}"
             try:
                 (variant,) = build_variants(run_dir, [target], [precision])
-                built[key] = {"seconds": variant.report.seconds, "top1_drop_points": variant.report.drop_points,
-                              "kept_in_float": variant.report.kept_in_float}
+                built[key] = {
+                    "seconds": variant.report.seconds,
+                    "top1_drop_points": variant.report.drop_points,
+                    "kept_in_float": variant.report.kept_in_float,
+                }
             except EdgeTransferError as exc:
                 built[key] = {"failed": str(exc)}
     return run_dir, built
@@ -86,8 +89,11 @@ def markdown(rows: list[dict], machine: dict) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     if not machine["int8_fast"]:
-        lines[4:4] = ["This CPU has no VNNI or AMX: the speed-ups asked for were set on one that has, so INT8"
-                      " cannot gain as much here and a 'NO' below measures the CPU as much as the toolkit.", ""]
+        lines[4:4] = [
+            "This CPU has no VNNI or AMX: the speed-ups asked for were set on one that has, so INT8"
+            " cannot gain as much here and a 'NO' below measures the CPU as much as the toolkit.",
+            "",
+        ]
     for row in rows:
         rec = row["recommendation"] or {}
         lines.append(
@@ -134,13 +140,25 @@ def main() -> None:
             saved = report.to_dict()
             recommendation = saved["recommendation"]
             met = bool(recommendation and (recommendation["speedup_vs_eager"] or 0) >= required)
-            rows.append({"model": name, "eager_top1": report.row("eager").accuracy.top1, "required_speedup": required, "met": met,
-                         "recommendation": recommendation, "built": built, "results": saved["results"]})
+            rows.append(
+                {
+                    "model": name,
+                    "eager_top1": report.row("eager").accuracy.top1,
+                    "required_speedup": required,
+                    "met": met,
+                    "recommendation": recommendation,
+                    "built": built,
+                    "results": saved["results"],
+                }
+            )
             print(name, recommendation_line(report), "| asked for", f"{required}x:", "met" if met else "NOT MET")
     import openvino
 
-    machine = {**fingerprint(args.threads), "int8_fast": cpu_features().int8_fast,
-               "openvino_capabilities": openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")}
+    machine = {
+        **fingerprint(args.threads),
+        "int8_fast": cpu_features().int8_fast,
+        "openvino_capabilities": openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"),
+    }
     save_results("openvino", {"machine": machine, "rows": rows}, markdown(rows, machine))
 
 

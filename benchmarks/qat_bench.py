@@ -61,11 +61,19 @@ def variant_row(run_dir: Path, target: Target, quant: QuantOptions) -> dict:
     except EdgeTransferError as exc:
         return {"refused": str(exc).split(";")[0], "seconds": round(time.perf_counter() - started, 1)}
     accuracy, guard = variant.report.accuracy, variant.report.details.get("guard", {})
-    return {"top1": accuracy.top1, "float_top1": accuracy.reference_top1, "change_points": accuracy.top1_change_points,
-            "interval": accuracy.change_interval, "images": accuracy.images, "agreement": accuracy.top1_agreement,
-            "float_layers": len(variant.report.kept_in_float), "seconds": round(time.perf_counter() - started, 1),
-            "guard_s": guard.get("seconds"), "labelled_drop_points": guard.get("labelled_drop_points"),
-            "disagreement_points": guard.get("disagreement_points")}
+    return {
+        "top1": accuracy.top1,
+        "float_top1": accuracy.reference_top1,
+        "change_points": accuracy.top1_change_points,
+        "interval": accuracy.change_interval,
+        "images": accuracy.images,
+        "agreement": accuracy.top1_agreement,
+        "float_layers": len(variant.report.kept_in_float),
+        "seconds": round(time.perf_counter() - started, 1),
+        "guard_s": guard.get("seconds"),
+        "labelled_drop_points": guard.get("labelled_drop_points"),
+        "disagreement_points": guard.get("disagreement_points"),
+    }
 
 
 def case(work: Path, key: str, qat: QatOptions) -> dict:
@@ -76,9 +84,15 @@ def case(work: Path, key: str, qat: QatOptions) -> dict:
     child = run_dir / f"qat-{qat.target}"
     shutil.rmtree(child, ignore_errors=True)
     result = run_qat(run_dir, qat)
-    row["qat_run"] = {"seconds": result.metrics["seconds"], "epochs": qat.epochs, "lr": qat.lr, "best_epoch": result.metrics["best_epoch"],
-                      "val_history": [h["val_top1"] for h in result.metrics["history"]], "float": result.metrics["float"],
-                      "parity": json.loads((child / "manifest.json").read_text())["artifacts"]["onnx"]["parity"]}
+    row["qat_run"] = {
+        "seconds": result.metrics["seconds"],
+        "epochs": qat.epochs,
+        "lr": qat.lr,
+        "best_epoch": result.metrics["best_epoch"],
+        "val_history": [h["val_top1"] for h in result.metrics["history"]],
+        "float": result.metrics["float"],
+        "parity": json.loads((child / "manifest.json").read_text())["artifacts"]["onnx"]["parity"],
+    }
     for target in TARGETS:
         row["qat"][target.value] = variant_row(child, target, QuantOptions(max_accuracy_drop=100.0))
     return row
@@ -92,8 +106,13 @@ def _cell(entry: dict) -> list[str]:
     if "refused" in entry:
         return ["refused", "–", "–", "–", f"{entry['seconds']:.0f} s: {entry['refused'].replace('|', '/')}"]
     low, high = entry["interval"]
-    return [_pct(entry["top1"]), f"{entry['change_points']:+.2f} ({low:+.2f} to {high:+.2f})", f"{100 * entry['agreement']:.1f}%",
-            str(entry["float_layers"]), f"{entry['seconds']:.0f} s"]
+    return [
+        _pct(entry["top1"]),
+        f"{entry['change_points']:+.2f} ({low:+.2f} to {high:+.2f})",
+        f"{100 * entry['agreement']:.1f}%",
+        str(entry["float_layers"]),
+        f"{entry['seconds']:.0f} s",
+    ]
 
 
 def markdown(rows: list[dict], machine: dict, qat: QatOptions) -> str:
@@ -120,21 +139,29 @@ def markdown(rows: list[dict], machine: dict, qat: QatOptions) -> str:
                 if method == "qat" and "refused" not in entry:
                     cells[-1] = f"{row['qat_run']['seconds']:.0f} s QAT + {entry['seconds']:.0f} s export"
                 lines.append(f"| {row['model']} | {_pct(float_top1)} of {images} | {target} | {method.upper()} | " + " | ".join(cells) + " |")
-    lines += ["", "QAT runs: validation top-1 of the quantised model per epoch (epoch 0: calibrated, before training); the"
-              " best is kept. Parity: the QDQ export against the fake-quantised PyTorch model on the validation images.", ""]
+    lines += [
+        "",
+        "QAT runs: validation top-1 of the quantised model per epoch (epoch 0: calibrated, before training); the"
+        " best is kept. Parity: the QDQ export against the fake-quantised PyTorch model on the validation images.",
+        "",
+    ]
     for row in rows:
         run = row["qat_run"]
         history = ", ".join(f"{100 * v:.2f}" for v in run["val_history"])
         parity = run["parity"]
-        lines.append(f"- {row['model']}: float val {_pct(run['float']['val_top1'])}; QAT val per epoch [{history}], best epoch"
-                     f" {run['best_epoch']}; parity max logit difference {parity['max_abs_diff']:.3f} (allowed {parity['atol']:.3f},"
-                     f" float64 floor {parity['floor_max_abs_diff']:.3f}), top-1 agreement {100 * parity['top1_agreement']:.1f}% of"
-                     f" {parity['images']}.")
+        lines.append(
+            f"- {row['model']}: float val {_pct(run['float']['val_top1'])}; QAT val per epoch [{history}], best epoch"
+            f" {run['best_epoch']}; parity max logit difference {parity['max_abs_diff']:.3f} (allowed {parity['atol']:.3f},"
+            f" float64 floor {parity['floor_max_abs_diff']:.3f}), top-1 agreement {100 * parity['top1_agreement']:.1f}% of"
+            f" {parity['images']}."
+        )
         for target, entry in row["qat"].items():
             if "labelled_drop_points" in entry and entry["labelled_drop_points"] is not None:
                 verdict = "passes" if entry["labelled_drop_points"] <= BUDGET else "would be refused by"
-                lines.append(f"  - {target}: {-entry['labelled_drop_points']:+.2f} top-1 points against float on the validation images:"
-                             f" {verdict} the default {BUDGET}-point guard.")
+                lines.append(
+                    f"  - {target}: {-entry['labelled_drop_points']:+.2f} top-1 points against float on the validation images:"
+                    f" {verdict} the default {BUDGET}-point guard."
+                )
     return "\n".join(lines) + "\n"
 
 

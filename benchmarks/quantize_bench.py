@@ -32,6 +32,7 @@ from edgetransfer.optimize import Precision, QuantOptions, Target, build_variant
 from edgetransfer.progress import set_quiet
 from edgetransfer.rundir import RunDir
 from edgetransfer.runtime.files import write_json
+from edgetransfer.runtime.sessions import open_session
 
 from fingerprint import fingerprint, save_results
 
@@ -72,8 +73,7 @@ def untrained_run(run_dir: Path, arch: str, weights: str | None) -> Path:
 def speed_run(work: Path, arch: str, weights: str) -> Path:
     """A run directory holding an untrained 224 px checkpoint of ``arch`` with its variants."""
     run_dir = untrained_run(work / f"speed-{arch.replace(':', '_')}", arch, weights)
-    build_variants(run_dir, [Target.ORT_CPU], [Precision.FP32, Precision.INT8],
-                   QuantOptions(calib_size=64, max_accuracy_drop=100.0))
+    build_variants(run_dir, [Target.ORT_CPU], [Precision.FP32, Precision.INT8], QuantOptions(calib_size=64, max_accuracy_drop=100.0))
     return run_dir
 
 
@@ -89,17 +89,12 @@ def latency(run, warmup: int, iterations: int) -> list[float]:
 
 
 def speed_case(run_dir: Path, threads: int, rounds: int, iterations: int) -> dict:
-    import onnxruntime as ort
 
     built, _ = load_checkpoint(run_dir / "model.pt")
     x = torch.randn(1, 3, 224, 224)
     runners = {"eager": lambda: built.module(x)}
     for name, file in (("ort-fp32", "model.onnx"), ("ort-fp32-opt", "ort-cpu-fp32.onnx"), ("ort-int8", "ort-cpu-int8.onnx")):
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        session = ort.InferenceSession(str(run_dir / file), options, providers=["CPUExecutionProvider"])
+        session = open_session(run_dir / file, threads=threads)
         feed = {"input": x.numpy()}
         runners[name] = lambda s=session, f=feed: s.run(None, f)
     samples: dict[str, list[float]] = {name: [] for name in runners}
@@ -138,8 +133,13 @@ def markdown(report: dict) -> str:
             f"| {row['model']} ({row['image_size']} px) | {100 * row['eager_top1']:.2f}% | {100 * row['ort_fp32_top1']:.2f}% |"
             f" {100 * row['int8_top1']:.2f}% | {-row['int8_drop_vs_eager_points']:+.2f} pt | {len(row['kept_in_float'])} |"
         )
-    lines += ["", "## Latency at 224x224, batch 1 (p50, ms; speed-up against eager in the same run)", "",
-              "| model | eager | ORT FP32 | ORT FP32 optimised | ORT INT8 |", "|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## Latency at 224x224, batch 1 (p50, ms; speed-up against eager in the same run)",
+        "",
+        "| model | eager | ORT FP32 | ORT FP32 optimised | ORT INT8 |",
+        "|---|---|---|---|---|",
+    ]
     for name, row in report["speed"].items():
         p, s = row["p50_ms"], row["speedup_vs_eager"]
         lines.append(

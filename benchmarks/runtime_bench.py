@@ -62,8 +62,9 @@ def runtime_venv(work: Path) -> Path:
     if (venv / "bin" / "edgetransfer-runtime").is_file():
         return venv
     dist = work / "dist"
-    subprocess.run([sys.executable, "-m", "build", "--no-isolation", "--wheel", "--outdir", str(dist), str(REPO / "runtime")],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "build", "--no-isolation", "--wheel", "--outdir", str(dist), str(REPO / "runtime")], check=True, capture_output=True
+    )
     wheel = max(dist.glob("edgetransfer_runtime-*.whl"), key=lambda p: p.stat().st_mtime)
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     pins = [f"numpy=={numpy.__version__}", f"pillow=={PIL.__version__}", f"onnxruntime=={onnxruntime.__version__}"]
@@ -87,8 +88,7 @@ def venv_sizes(venv: Path) -> dict:
         parts[owner] = parts.get(owner, 0.0) + (size_mb(entry) if entry.is_dir() else entry.stat().st_size / 1e6)
     total = size_mb(venv)
     baseline = parts.get("pip", 0.0) + parts.get("setuptools", 0.0)
-    return {"total_mb": total, "without_pip_setuptools_mb": total - baseline,
-            "by_package_mb": dict(sorted(parts.items(), key=lambda kv: -kv[1]))}
+    return {"total_mb": total, "without_pip_setuptools_mb": total - baseline, "by_package_mb": dict(sorted(parts.items(), key=lambda kv: -kv[1]))}
 
 
 def in_venv(venv: Path, code: str, repeats: int = 7) -> list[dict]:
@@ -109,19 +109,31 @@ def median_of(rows: list[dict]) -> dict:
 
 def startup(venv: Path, models: dict[str, Path], image: Path) -> dict:
     empty = median_of(in_venv(venv, "import json; print(json.dumps({}))".replace("{}", '{"x": 0}')))["process_s"]
-    imported = median_of(in_venv(venv, (
-        "import time, json; t = time.perf_counter()\n"
-        "from edgetransfer.runtime import Predictor\n"
-        "print(json.dumps({'import_s': time.perf_counter() - t}))")))
+    imported = median_of(
+        in_venv(
+            venv,
+            (
+                "import time, json; t = time.perf_counter()\n"
+                "from edgetransfer.runtime import Predictor\n"
+                "print(json.dumps({'import_s': time.perf_counter() - t}))"
+            ),
+        )
+    )
     cold = {}
     for name, model in models.items():
-        cold[name] = median_of(in_venv(venv, (
-            "import time, json; t0 = time.perf_counter()\n"
-            "from edgetransfer.runtime import Predictor\n"
-            f"t1 = time.perf_counter(); p = Predictor({str(model)!r}, threads={THREADS})\n"
-            f"t2 = time.perf_counter(); p.predict({str(image)!r})\n"
-            "t3 = time.perf_counter()\n"
-            "print(json.dumps({'import_s': t1 - t0, 'session_s': t2 - t1, 'first_predict_s': t3 - t2, 'first_prediction_s': t3 - t0}))")))
+        cold[name] = median_of(
+            in_venv(
+                venv,
+                (
+                    "import time, json; t0 = time.perf_counter()\n"
+                    "from edgetransfer.runtime import Predictor\n"
+                    f"t1 = time.perf_counter(); p = Predictor({str(model)!r}, threads={THREADS})\n"
+                    f"t2 = time.perf_counter(); p.predict({str(image)!r})\n"
+                    "t3 = time.perf_counter()\n"
+                    "print(json.dumps({'import_s': t1 - t0, 'session_s': t2 - t1, 'first_predict_s': t3 - t2, 'first_prediction_s': t3 - t0}))"
+                ),
+            )
+        )
     return {"python_start_s": empty, "import": imported, "cold": cold}
 
 
@@ -209,8 +221,11 @@ def markdown(report: dict) -> str:
         "",
         "| model | import s | session s | first predict s | first prediction, in all | process s |",
         "|---|---:|---:|---:|---:|---:|",
-        *[f"| {name} | {c['import_s']:.3f} | {c['session_s']:.3f} | {c['first_predict_s']:.3f} | **{c['first_prediction_s']:.3f}**"
-          f" (goal <= {GOALS['first_prediction_s']}) | {c['process_s']:.3f} |" for name, c in start["cold"].items()],
+        *[
+            f"| {name} | {c['import_s']:.3f} | {c['session_s']:.3f} | {c['first_predict_s']:.3f} | **{c['first_prediction_s']:.3f}**"
+            f" (goal <= {GOALS['first_prediction_s']}) | {c['process_s']:.3f} |"
+            for name, c in start["cold"].items()
+        ],
         "",
         "## What the Predictor adds to a bare session (ms per call, median of 7 rounds)",
         "",
@@ -221,10 +236,12 @@ def markdown(report: dict) -> str:
         "| model | image | batch | session.run | predict | overhead | decode | resize+crop | normalise | softmax |"
         " predict, `fast_jpeg` | its overhead | its max pixel change |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-        *[f"| {r['model']} | {r['image']} | {r['batch']} | {r['session_run_ms']:.2f} | {r['predict_ms']:.2f} | {r['overhead_ms']:.2f} |"
-          f" {r['decode_ms']:.2f} | {r['resize_crop_ms']:.2f} | {r['normalize_ms']:.2f} | {r['softmax_ms']:.3f} |"
-          f" {r['predict_fast_jpeg_ms']:.2f} | {r['overhead_fast_jpeg_ms']:.2f} | {r['fast_jpeg_max_pixel_diff']} |"
-          for r in report["overhead"]],
+        *[
+            f"| {r['model']} | {r['image']} | {r['batch']} | {r['session_run_ms']:.2f} | {r['predict_ms']:.2f} | {r['overhead_ms']:.2f} |"
+            f" {r['decode_ms']:.2f} | {r['resize_crop_ms']:.2f} | {r['normalize_ms']:.2f} | {r['softmax_ms']:.3f} |"
+            f" {r['predict_fast_jpeg_ms']:.2f} | {r['overhead_fast_jpeg_ms']:.2f} | {r['fast_jpeg_max_pixel_diff']} |"
+            for r in report["overhead"]
+        ],
         "",
         "`fast_jpeg` (`Predictor(fast_jpeg=True)`, `--fast-jpeg`) lets libjpeg decode at 1/2, 1/4 or 1/8 scale while the"
         " shorter side stays at least twice the resize size; the max pixel change is against the exact path, on the"
@@ -258,7 +275,9 @@ def main() -> None:
         "startup": startup(venv, models, images["640x480 JPEG"]),
         "overhead": [
             {"model": name, "image": label, "batch": batch, **overhead(model, path, batch)}
-            for name, model in models.items() for label, path in images.items() for batch in (1, 8)
+            for name, model in models.items()
+            for label, path in images.items()
+            for batch in (1, 8)
         ],
     }
     save_results("runtime", report, markdown(report))

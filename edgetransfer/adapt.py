@@ -101,8 +101,12 @@ class DomainClassifier(nn.Module):
     def __init__(self, width: int, hidden: int = DOMAIN_HIDDEN) -> None:
         super().__init__()
         self.layers = nn.Sequential(
-            nn.Linear(width, hidden), nn.ReLU(), nn.Dropout(DOMAIN_DROPOUT),
-            nn.Linear(hidden, hidden), nn.ReLU(), nn.Dropout(DOMAIN_DROPOUT),
+            nn.Linear(width, hidden),
+            nn.ReLU(),
+            nn.Dropout(DOMAIN_DROPOUT),
+            nn.Linear(hidden, hidden),
+            nn.ReLU(),
+            nn.Dropout(DOMAIN_DROPOUT),
             nn.Linear(hidden, 1),
         )
 
@@ -176,7 +180,8 @@ def target_images(source: str, spec: DataSpec, workers: int = 4) -> TargetImages
     if not root.is_dir():
         raise DataError(f"--adapt takes a folder of images, not a file: {root}")
     files = sorted(
-        p for p in root.rglob("*")
+        p
+        for p in root.rglob("*")
         if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
     )
     if not files:

@@ -29,8 +29,9 @@ from .machine import gpu_memory_reset, machine_fingerprint, peak_rss_mb, rss_mb
 from .optimize import spec
 from .optimize.coverage import integer_coverage, is_quantized
 from .optimize.targets import spec_for_artifact
+from .plots import plot_bench
 from .progress import console, progress
-from .report import bench_markdown, plot_bench
+from .report import bench_markdown
 from .rundir import RunDir, now
 from .runtime.files import write_bytes, write_json
 from .runtime.metadata import UINT8_NHWC
@@ -118,8 +119,9 @@ def _qat_variants(run: RunDir) -> list[_Variant]:
             if target is not None:
                 path = child / child_entry["path"]
                 check = functools.partial(child.verify, name, child.rebuild_hint(name))
-                found.append(_Variant(f"{child.name}/{name}", path, child_entry["kind"], target.runner, target.files(path),
-                                      from_manifest=False, verify=check))
+                found.append(
+                    _Variant(f"{child.name}/{name}", path, child_entry["kind"], target.runner, target.files(path), from_manifest=False, verify=check)
+                )
     return found
 
 
@@ -161,8 +163,9 @@ def _bench(run: RunDir, options: BenchOptions, out_dir: Path | None) -> BenchRep
     data = _evaluation_data(run, options, payload["classes"], built.preprocessing)
     threads = options.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
-    report = BenchReport(now(), str(run), options.to_dict(), machine_fingerprint(threads), int(len(data.labels)), run.checkpoint_sha256(),
-                         eval_split=data.split)
+    report = BenchReport(
+        now(), str(run), options.to_dict(), machine_fingerprint(threads), int(len(data.labels)), run.checkpoint_sha256(), eval_split=data.split
+    )
     variants = _variants(run, options)
     eager_logits: dict[str, np.ndarray] = {}
     with progress() as bar, contextlib.ExitStack() as open_runners:
@@ -197,8 +200,9 @@ def _record(run: RunDir, out_dir: Path) -> None:
     manifest.save()
 
 
-def _measure(variant: _Variant, data: _Data, options: BenchOptions, threads: int, eager: dict, report: BenchReport,
-             open_runners: contextlib.ExitStack) -> tuple[BenchRow, Runner | None]:
+def _measure(
+    variant: _Variant, data: _Data, options: BenchOptions, threads: int, eager: dict, report: BenchReport, open_runners: contextlib.ExitStack
+) -> tuple[BenchRow, Runner | None]:
     """Open the variant, check it and measure its accuracy and memory; the runner stays open (in
     ``open_runners``) for the timing rounds. ``None`` for a variant skipped or failed."""
     row = BenchRow(variant.name, str(variant.path), variant.kind, variant.size_bytes())
@@ -272,16 +276,26 @@ def recommend(report: BenchReport, budget: float) -> Recommendation | None:
     """The fastest measured variant (mean latency at the first batch size) within ``budget`` of eager."""
     first = str(report.batch_sizes[0])
     candidates = [
-        r for r in report.results
-        if r.measured and r.variant != "eager" and first in r.latency and r.accuracy is not None
-        and -(r.accuracy.top1_change_points or 0.0) <= budget
+        r
+        for r in report.results
+        if r.measured and r.variant != "eager" and first in r.latency and r.accuracy is not None and -(r.accuracy.top1_change_points or 0.0) <= budget
     ]
     if not candidates:
         return None
     best = min(candidates, key=lambda r: r.latency[first].mean_ms)
-    return Recommendation(best.variant, int(first), best.latency[first].mean_ms, best.speedup_vs_eager.get(first),
-                          best.accuracy.top1_change_points or 0.0, budget, best.accuracy.top1_change_interval,
-                          report.eval_images, report.eval_split)
+    accuracy = best.accuracy
+    assert accuracy is not None  # the candidates have theirs
+    return Recommendation(
+        best.variant,
+        int(first),
+        best.latency[first].mean_ms,
+        best.speedup_vs_eager.get(first),
+        accuracy.top1_change_points or 0.0,
+        budget,
+        accuracy.top1_change_interval,
+        report.eval_images,
+        report.eval_split,
+    )
 
 
 def _finish(report: BenchReport, options: BenchOptions, out_dir: Path, final: bool) -> None:

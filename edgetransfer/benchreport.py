@@ -43,9 +43,16 @@ class Latency:
     def from_times(cls, batch: int, seconds: list[float], rounds: list[list[float]] | None = None) -> Latency:
         ms = np.array(seconds) * 1000
         medians = [round(float(np.median(r)) * 1000, 4) for r in rounds if r] if rounds else None
-        return cls(batch, len(seconds), round(float(ms.mean()), 4), round(float(np.percentile(ms, 50)), 4),
-                   round(float(np.percentile(ms, 90)), 4), round(float(np.percentile(ms, 99)), 4),
-                   round(float(batch / (ms.mean() / 1000)), 2), medians)
+        return cls(
+            batch,
+            len(seconds),
+            round(float(ms.mean()), 4),
+            round(float(np.percentile(ms, 50)), 4),
+            round(float(np.percentile(ms, 90)), 4),
+            round(float(np.percentile(ms, 99)), 4),
+            round(float(batch / (ms.mean() / 1000)), 2),
+            medians,
+        )
 
 
 @dataclass(frozen=True)
@@ -66,8 +73,7 @@ class BenchAccuracy:
             return cls(top1, top5)
         against = compare(logits, eager, labels)
         interval = against.change_interval
-        return cls(top1, top5, against.top1_change_points, against.top1_agreement, against.max_abs_diff,
-                   list(interval) if interval else None)
+        return cls(top1, top5, against.top1_change_points, against.top1_agreement, against.max_abs_diff, list(interval) if interval else None)
 
 
 @dataclass
@@ -198,10 +204,16 @@ class BenchReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "schema": self.schema, "created": self.created, "run": self.run, "options": self.options,
-            "machine": self.machine.to_dict(), "eval_images": self.eval_images, "eval_split": self.eval_split,
+            "schema": self.schema,
+            "created": self.created,
+            "run": self.run,
+            "options": self.options,
+            "machine": self.machine.to_dict(),
+            "eval_images": self.eval_images,
+            "eval_split": self.eval_split,
             "checkpoint_sha256": self.checkpoint_sha256,
-            "results": [r.to_dict() for r in self.results], "complete": self.complete,
+            "results": [r.to_dict() for r in self.results],
+            "complete": self.complete,
             "recommendation": asdict(self.recommendation) if self.recommendation else None,
         }
 
@@ -209,9 +221,15 @@ class BenchReport:
     def from_dict(cls, data: dict[str, Any]) -> BenchReport:
         recommendation = data.get("recommendation")
         return cls(
-            created=data["created"], run=data["run"], options=data["options"], machine=Machine.from_dict(data["machine"]),
-            eval_images=data["eval_images"], checkpoint_sha256=data["checkpoint_sha256"],
-            results=[BenchRow.from_dict(r) for r in data["results"]], complete=data.get("complete", False),
+            created=data["created"],
+            run=data["run"],
+            options=data["options"],
+            machine=Machine.from_dict(data["machine"]),
+            eval_images=data["eval_images"],
+            checkpoint_sha256=data["checkpoint_sha256"],
+            results=[BenchRow.from_dict(r) for r in data["results"]],
+            complete=data.get("complete", False),
             recommendation=Recommendation(**known_fields(Recommendation, recommendation)) if recommendation else None,
-            schema=data.get("schema", BENCH_SCHEMA), eval_split=data.get("eval_split", "validation"),
+            schema=data.get("schema", BENCH_SCHEMA),
+            eval_split=data.get("eval_split", "validation"),
         )

@@ -40,7 +40,7 @@ def _cpu_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     read their version from it when loading)."""
     state = module.state_dict()
     cpu = type(state)((k, v.detach().cpu()) for k, v in state.items())
-    cpu._metadata = getattr(state, "_metadata", None)
+    setattr(cpu, "_metadata", getattr(state, "_metadata", None))  # noqa: B010  (an OrderedDict attribute torch reads)
     return cpu
 
 
@@ -57,9 +57,7 @@ def load_checkpoint(path: str | Path) -> tuple[BuiltModel, dict[str, Any]]:
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise RunError(f"{path} is not an edgetransfer checkpoint (format {FORMAT})")
     if len(payload["classes"]) != payload["num_classes"]:
-        raise RunError(
-            f"{path}: {len(payload['classes'])} class names for a {payload['num_classes']}-class classifier"
-        )
+        raise RunError(f"{path}: {len(payload['classes'])} class names for a {payload['num_classes']}-class classifier")
     pre = Preprocessing.from_dict(payload["preprocessing"])
     built = build(payload["arch"], payload["num_classes"], weights="none", image_size=pre.input_size)
     built.preprocessing = pre

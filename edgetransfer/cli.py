@@ -23,11 +23,14 @@ __all__ = ["main", "COMMANDS"]
 # (tests/test_cli.py checks that these lines are each command's own).
 COMMANDS = {
     "finetune": ("edgetransfer.commands", "Fine-tune a pretrained CNN on an image folder (or the demo digits) into runs/."),
-    "export": ("edgetransfer.commands", "Export a fine-tuned run to ONNX, check it against PyTorch, and build optimised variants."),
-    "bench": ("edgetransfer.commands", "Benchmark every variant of a run against eager PyTorch, on the same data, in the same run."),
+    "export": ("edgetransfer.deploy_commands", "Export a fine-tuned run to ONNX, check it against PyTorch, and build optimised variants."),
+    "bench": ("edgetransfer.deploy_commands", "Benchmark every variant of a run against eager PyTorch, on the same data, in the same run."),
     "info": ("edgetransfer.commands", "Show a run's manifest, or (without RUN_DIR) the architectures that can be fine-tuned."),
     "predict": ("edgetransfer.runtime_commands", "Classify images with an exported model (torch-free runtime)."),
-    "enrol": ("edgetransfer.runtime_commands", "Add a class to a prototype model from a few images, or replace or remove one (no training, no torch)."),
+    "enrol": (
+        "edgetransfer.runtime_commands",
+        "Add a class to a prototype model from a few images, or replace or remove one (no training, no torch).",
+    ),
 }
 
 

@@ -108,7 +108,6 @@ def friendly(command):
     return wrapper
 
 
-
 def _debug() -> bool:
     """``--debug`` (or ``EDGETRANSFER_DEBUG=1``) given to the ``edgetransfer`` group."""
     context = click.get_current_context(silent=True)

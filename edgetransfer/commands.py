@@ -1,9 +1,8 @@
-"""The ``edgetransfer`` commands that train, export and measure (torch and the stages behind them);
-``edgetransfer.cli`` loads this module when one of them runs."""
+"""The ``edgetransfer`` commands that train and describe runs (``finetune``, ``info``; torch and the
+stages behind them); ``edgetransfer.cli`` loads this module when one of them runs."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 from datetime import datetime
@@ -12,38 +11,71 @@ from pathlib import Path
 import click
 import torch
 
-from .bench import BenchOptions, bench_run
 from .clioptions import field_default, field_option, friendly, from_options
-from .config import QAT_TARGETS, ExportOptions, FinetuneConfig, QatOptions
+from .config import QAT_TARGETS, FinetuneConfig, QatOptions
 from .data import DataSpec
 from .errors import OptionError
-from .export import export_onnx, needs_export
 from .finetune import finetune as run_finetune
 from .models import list_architectures
-from .optimize import Precision, QuantOptions, Target, TensorRTOptions, build_variants, check_combinations, cpu_features
 from .progress import console, out, set_quiet
-from .progress import out as stdout
 from .qat import resume_qat, run_qat
-from .report import bench_table, epochs_table, finetune_summary_table, parity_table, qat_summary_table, recommendation_line, variants_table
+from .report import epochs_table, finetune_summary_table, qat_summary_table
 from .rundir import RunDir
 from .weights import DEFAULT_ARCH
 
-__all__ = ["finetune", "export", "bench", "info"]
+__all__ = ["finetune", "info"]
 
 RESUME_EXIT = 130
 
 
 @click.command()
-@field_option(DataSpec, "source", "--data", help="Image folder (class subfolders, or train/ and val/), 'digits' for the embedded demo, or 'digits-m' for the same digits on photo patches.")
+@field_option(
+    DataSpec,
+    "source",
+    "--data",
+    help="Image folder (class subfolders, or train/ and val/), 'digits' for the embedded demo, or 'digits-m' for the same digits on photo patches.",
+)
 @field_option(FinetuneConfig, "arch", "--arch", help="torchvision builder name (resnet18, …) or timm:NAME.")
-@field_option(FinetuneConfig, "weights", "--weights", help="embedded | DEFAULT | a torchvision weights name | PATH | none. [default: embedded for timm:efficientnet_lite0, else DEFAULT]")
-@field_option(FinetuneConfig, "mode", "--mode", help="[default: head; full with --adapt (dann)] head: frozen features, new classifier; full: train everything; prototype: class means of frozen features, no training (classes can be enrolled later).")
+@field_option(
+    FinetuneConfig,
+    "weights",
+    "--weights",
+    help="embedded | DEFAULT | a torchvision weights name | PATH | none. [default: embedded for timm:efficientnet_lite0, else DEFAULT]",
+)
+@field_option(
+    FinetuneConfig,
+    "mode",
+    "--mode",
+    help="[default: head; full with --adapt (dann)] head: frozen features, new classifier; full: train everything; prototype: class means of frozen features, no training (classes can be enrolled later).",
+)
 @field_option(FinetuneConfig, "shots", "--shots", help="Use only K training images per class (few-shot); validation and test are unchanged.")
-@field_option(FinetuneConfig, "adapt", "--adapt", metavar="TARGET_DIR", help="Adapt to the domain of this folder of unlabelled images (the deployed camera's frames; subfolder names are not read), or 'digits-m' for the demo.")
-@field_option(FinetuneConfig, "adapt_method", "--adapt-method", help="dann: domain-adversarial training (trains the backbone: --mode full is the default with it); adabn: BatchNorm statistics recomputed on the target images. [default: dann]")
-@field_option(FinetuneConfig, "adapt_eval", "--adapt-eval", metavar="LABELLED_DIR", help="Labelled target images (class subfolders) to report target top-1 on per epoch; never chosen on. [default: digits-m's test split with --adapt digits-m]")
+@field_option(
+    FinetuneConfig,
+    "adapt",
+    "--adapt",
+    metavar="TARGET_DIR",
+    help="Adapt to the domain of this folder of unlabelled images (the deployed camera's frames; subfolder names are not read), or 'digits-m' for the demo.",
+)
+@field_option(
+    FinetuneConfig,
+    "adapt_method",
+    "--adapt-method",
+    help="dann: domain-adversarial training (trains the backbone: --mode full is the default with it); adabn: BatchNorm statistics recomputed on the target images. [default: dann]",
+)
+@field_option(
+    FinetuneConfig,
+    "adapt_eval",
+    "--adapt-eval",
+    metavar="LABELLED_DIR",
+    help="Labelled target images (class subfolders) to report target top-1 on per epoch; never chosen on. [default: digits-m's test split with --adapt digits-m]",
+)
 @field_option(FinetuneConfig, "unfreeze_blocks", "--unfreeze", help="With --mode head, also train the last K blocks of the backbone.")
-@field_option(FinetuneConfig, "epochs", "--epochs", help="[default: chosen from the mode (head 30 epochs at 1e-2, full 10 at 1e-3; 20 with --adapt-method dann)]")
+@field_option(
+    FinetuneConfig,
+    "epochs",
+    "--epochs",
+    help="[default: chosen from the mode (head 30 epochs at 1e-2, full 10 at 1e-3; 20 with --adapt-method dann)]",
+)
 @field_option(FinetuneConfig, "lr", "--lr", help="Learning rate of the new classifier (the backbone gets lr x --backbone-lr-scale).")
 @field_option(FinetuneConfig, "backbone_lr_scale", "--backbone-lr-scale", help="[default: 0.1; 1 with --weights none]")
 @field_option(FinetuneConfig, "batch_size", "--batch-size", help="Images per training step.")
@@ -52,11 +84,32 @@ RESUME_EXIT = 130
 @field_option(FinetuneConfig, "warmup_epochs", "--warmup-epochs", help="Linear learning-rate warm-up before the cosine decay.")
 @field_option(FinetuneConfig, "label_smoothing", "--label-smoothing", help="Label smoothing of the cross-entropy loss.")
 @field_option(FinetuneConfig, "augment", "--augment", help="Train-time augmentation when images go through the backbone.")
-@field_option(FinetuneConfig, "probe_epochs", "--probe-epochs", help="Before training images end to end, train the new classifier on frozen features for N epochs. [default: 10; 0 in cached head mode]")
-@field_option(FinetuneConfig, "train_bn_stats", "--train-bn-stats/--freeze-bn-stats", show_default=False, help="Whether BatchNorm updates its running statistics while training images. [default: frozen for pretrained weights, updated with --weights none]")
-@field_option(FinetuneConfig, "image_size", "--image-size", help="Train (and later export and bench) at this size. [default: 64 for the demo, else the weights' size]")
+@field_option(
+    FinetuneConfig,
+    "probe_epochs",
+    "--probe-epochs",
+    help="Before training images end to end, train the new classifier on frozen features for N epochs. [default: 10; 0 in cached head mode]",
+)
+@field_option(
+    FinetuneConfig,
+    "train_bn_stats",
+    "--train-bn-stats/--freeze-bn-stats",
+    show_default=False,
+    help="Whether BatchNorm updates its running statistics while training images. [default: frozen for pretrained weights, updated with --weights none]",
+)
+@field_option(
+    FinetuneConfig,
+    "image_size",
+    "--image-size",
+    help="Train (and later export and bench) at this size. [default: 64 for the demo, else the weights' size]",
+)
 @field_option(DataSpec, "val_fraction", "--val-fraction", help="Validation share per class for a folder without train/ and val/.")
-@field_option(DataSpec, "test_fraction", "--test-fraction", help="Test share per class, held out from every choice; INT8 and bench report on it (a train/+val/ folder uses test/). 0: none.")
+@field_option(
+    DataSpec,
+    "test_fraction",
+    "--test-fraction",
+    help="Test share per class, held out from every choice; INT8 and bench report on it (a train/+val/ folder uses test/). 0: none.",
+)
 @field_option(DataSpec, "limit_per_class", "--limit-per-class", help="Use at most N images per class (quick runs).")
 @field_option(FinetuneConfig, "patience", "--patience", help="Stop after N epochs without a better val top-1.")
 @field_option(FinetuneConfig, "seed", "--seed", help="Seeds the split, the new classifier and training.")
@@ -66,11 +119,37 @@ RESUME_EXIT = 130
 @field_option(DataSpec, "strict", "--strict", help="Fail on unreadable images instead of skipping them.")
 @click.option("--threads", type=int, default=None, help="torch CPU threads (torch.set_num_threads).")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Run directory. [default: runs/<time>-<arch>-<mode>]")
-@click.option("--resume", "resume_dir", type=click.Path(path_type=Path), default=None, help="Continue the interrupted run in this directory (its own settings are used).")
-@click.option("--from", "from_run", type=click.Path(path_type=Path), default=None, help="With --qat: the finished run to fine-tune with INT8 fake quantisation (its data and settings are used).")
-@click.option("--qat", is_flag=True, help="Quantisation-aware fine-tuning of --from RUN into a child run (RUN/qat-TARGET) whose model is a QDQ INT8 ONNX model.")
-@click.option("--qat-target", type=click.Choice(list(QAT_TARGETS)), default=field_default(QatOptions, "target"), show_default=True, help="Where the INT8 model will run; decides the quantisation scheme.")
-@click.option("--qat-epochs", type=click.IntRange(min=0), default=field_default(QatOptions, "epochs"), show_default=True, help="Epochs with fake quantisation; the best by quantised val top-1 is kept.")
+@click.option(
+    "--resume",
+    "resume_dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Continue the interrupted run in this directory (its own settings are used).",
+)
+@click.option(
+    "--from",
+    "from_run",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="With --qat: the finished run to fine-tune with INT8 fake quantisation (its data and settings are used).",
+)
+@click.option(
+    "--qat", is_flag=True, help="Quantisation-aware fine-tuning of --from RUN into a child run (RUN/qat-TARGET) whose model is a QDQ INT8 ONNX model."
+)
+@click.option(
+    "--qat-target",
+    type=click.Choice(list(QAT_TARGETS)),
+    default=field_default(QatOptions, "target"),
+    show_default=True,
+    help="Where the INT8 model will run; decides the quantisation scheme.",
+)
+@click.option(
+    "--qat-epochs",
+    type=click.IntRange(min=0),
+    default=field_default(QatOptions, "epochs"),
+    show_default=True,
+    help="Epochs with fake quantisation; the best by quantised val top-1 is kept.",
+)
 @click.option("--qat-lr", type=float, default=field_default(QatOptions, "lr"), show_default=True, help="Learning rate of QAT (every weight).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @click.pass_context
@@ -131,8 +210,12 @@ def _qat(ctx: click.Context, options: dict, resume: Path | None = None) -> None:
         return
     if not (options["qat"] and options["from_run"] is not None):
         raise OptionError("quantisation-aware fine-tuning needs both: --from RUN --qat")
-    given = [name for name in ctx.params if name not in {"from_run", "qat", "qat_target", "qat_epochs", "qat_lr", "out", "quiet", "threads", "seed"}
-             and ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT]
+    given = [
+        name
+        for name in ctx.params
+        if name not in {"from_run", "qat", "qat_target", "qat_epochs", "qat_lr", "out", "quiet", "threads", "seed"}
+        and ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT
+    ]
     if given:
         raise OptionError(f"--from RUN --qat fine-tunes with RUN's own data and settings; drop {', '.join(_flag(ctx, n) for n in given)}")
     qat_options = QatOptions(target=options["qat_target"], epochs=options["qat_epochs"], lr=options["qat_lr"], seed=options["seed"])
@@ -150,10 +233,7 @@ def _qat(ctx: click.Context, options: dict, resume: Path | None = None) -> None:
 
 def _refuse_options_with_resume(ctx: click.Context) -> None:
     allowed = {"resume_dir", "quiet", "threads"}
-    given = [
-        name for name in ctx.params
-        if name not in allowed and ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT
-    ]
+    given = [name for name in ctx.params if name not in allowed and ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT]
     if given:
         flags = ", ".join(_flag(ctx, n) for n in given)
         raise OptionError(f"--resume continues with the run's own settings; drop {flags}")
@@ -166,57 +246,6 @@ def _flag(ctx: click.Context, name: str) -> str:
 def _default_run_dir(arch: str, mode: str) -> Path:
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     return Path("runs") / f"{stamp}-{arch.removeprefix('timm:')}-{mode}"
-
-
-def _batch_sizes(ctx, param, value: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(b) for b in value.split(",") if b.strip())
-    except ValueError:
-        raise click.BadParameter(f"takes comma-separated whole numbers, got {value!r}") from None
-
-
-def _threads(ctx, param, value: str | None) -> str | None:
-    if value is not None and value != "auto" and not value.isdigit():
-        raise click.BadParameter(f"takes a number or 'auto', got {value!r}")
-    return value
-
-
-@click.command()
-@click.argument("run_dir", type=click.Path(path_type=Path))
-@click.option("--batch-sizes", default=",".join(map(str, field_default(BenchOptions, "batch_sizes"))), show_default=True, callback=_batch_sizes, help="Comma-separated batch sizes to time.")
-@click.option("--threads", default=None, callback=_threads, help="CPU threads for torch and ONNX Runtime, or 'auto' (try 1..cores per variant). [default: the machine's cores]")
-@click.option("--variant", "variants", multiple=True, help="Only these variants from the run's manifest (eager is always measured).")
-@click.option("--model", "models", multiple=True, type=click.Path(path_type=Path), help="Also bench this ONNX file or OpenVINO .xml (CPU).")
-@field_option(BenchOptions, "data", "--data", help="Evaluate on this image folder (same classes as the model). [default: the run's test split]")
-@field_option(BenchOptions, "eval_images", "--eval-images", help="Evaluate on at most N images (spread over the classes).")
-@field_option(BenchOptions, "warmup", "--warmup", help="Untimed runs before timing.")
-@field_option(BenchOptions, "iterations", "--iterations", help="Timed runs per variant and batch size (at least).")
-@field_option(BenchOptions, "min_seconds", "--min-seconds", help="Also keep timing (whole rounds) until each variant has run this long.")
-@field_option(BenchOptions, "rounds", "--rounds", help="Time the variants in turn, this many rounds over (A B C A B C ...); each one's spread across rounds is reported.")
-@field_option(BenchOptions, "max_accuracy_drop", "--max-accuracy-drop", help="Top-1 points a recommended variant may lose against eager.")
-@click.option("--fail-over-budget", is_flag=True, help="Exit with status 2 when no variant is within the budget.")
-@click.option("--out", type=click.Path(path_type=Path), default=None, help="Where bench.json/.md/.png go. [default: RUN_DIR]")
-@click.option("-q", "--quiet", is_flag=True, help="No progress display.")
-@friendly
-def bench(run_dir: Path, threads: str | None, fail_over_budget: bool, out: Path | None, quiet: bool, **options) -> None:
-    """Benchmark every variant of a run against eager PyTorch, on the same data, in the same run.
-
-    \b
-    Examples:
-      edgetransfer bench runs/demo
-      edgetransfer bench runs/demo --batch-sizes 1,8,32 --threads auto --min-seconds 2
-      edgetransfer bench runs/demo --max-accuracy-drop 0.5 --fail-over-budget   # gate your CI
-    """
-
-    set_quiet(quiet)
-    auto = threads == "auto"
-    bench_options = from_options(BenchOptions, options, threads=None if auto or threads is None else int(threads), auto_threads=auto)
-    report = bench_run(run_dir, bench_options, out)
-    stdout.print(bench_table(report))
-    stdout.print(recommendation_line(report), markup=False)
-    console.print(f"written: {Path(out or run_dir) / RunDir.BENCH_JSON}", markup=False)
-    if fail_over_budget and report.recommendation is None:
-        sys.exit(2)
 
 
 @click.command()
@@ -238,71 +267,3 @@ def info(run_dir: Path | None, include_timm: bool) -> None:
         return
 
     click.echo(json.dumps(RunDir(run_dir).manifest().data, indent=2))
-
-
-@click.command()
-@click.argument("run_dir", type=click.Path(path_type=Path))
-@field_option(ExportOptions, "opset", "--opset", help="ONNX opset.")
-@field_option(ExportOptions, "static_batch", "--static-batch", help="Fix the batch dimension to N (default: dynamic).")
-@field_option(ExportOptions, "fuse_preprocess", "--fuse-preprocess", help="Input uint8 NHWC images at the model's size; scaling and normalisation run inside the graph.")
-@field_option(ExportOptions, "atol", "--atol", help="Parity check: absolute logit difference ONNX Runtime may show against PyTorch.")
-@field_option(ExportOptions, "rtol", "--rtol", help="Parity check: relative difference on top (|onnx - torch| <= atol + rtol * |torch|).")
-@field_option(ExportOptions, "verify_images", "--verify-images", help="Validation images the parity check uses.")
-@field_option(ExportOptions, "verify", "--verify/--no-verify", help="Check parity against PyTorch on validation images.")
-@field_option(ExportOptions, "output", "--output", help="Where to write. [default: RUN_DIR/model.onnx]")
-@click.option("--target", "targets", multiple=True, type=click.Choice([t.value for t in Target]), help="Also build variants for this target (repeatable).")
-@click.option("--precision", "precisions", multiple=True, type=click.Choice([p.value for p in Precision]), help="Variant precision (repeatable); bf16 is for openvino. [default: fp32]")
-@field_option(QuantOptions, "calib", "--calib", help="INT8 (every target): calibrate on this image folder (classes optional). [default: the run's training data]")
-@field_option(QuantOptions, "calib_size", "--calib-size", help="INT8: class-balanced images taken from the run's training data.")
-@field_option(QuantOptions, "calib_batch", "--calib-batch", help="INT8: images per calibration batch.")
-@field_option(QuantOptions, "method", "--calib-method", help="ONNX Runtime INT8 ranges (NNCF sets OpenVINO's itself).")
-@field_option(QuantOptions, "max_accuracy_drop", "--max-accuracy-drop", help="INT8: the share of images (points) whose top-1 may change against float, measured without labels on validation images; sensitive layers stay in float to hold it.")
-@field_option(QuantOptions, "guard_images", "--guard-images", help="INT8: at most N validation images for the accuracy guard (no labels; reported accuracy comes from the test split).")
-@field_option(QuantOptions, "max_float_layers", "--max-float-layers", help="INT8: the most layers the accuracy guard may keep in float.")
-@field_option(QuantOptions, "rounding", "--rounding", help="ONNX Runtime INT8 weight rounding. auto: when nearest rounding misses the budget, every layer is re-rounded with AdaRound (AMD Quark; pip install 'edgetransfer[quark]') before any goes back to float; adaround: always; nearest: never.")
-@field_option(QuantOptions, "adaround_iterations", "--adaround-iterations", help="ONNX Runtime INT8: AdaRound's optimisation steps per layer.")
-@field_option(QuantOptions, "adaround_images", "--adaround-images", help="ONNX Runtime INT8: calibration images AdaRound optimises on.")
-@field_option(QuantOptions, "dynamic", "--dynamic-int8", help="INT8 by dynamic quantisation (usually slower for CNNs).")
-@click.option("--trt-batch", nargs=3, type=int, show_default=True,
-              default=tuple(field_default(TensorRTOptions, f) for f in ("min_batch", "opt_batch", "max_batch")), help="TensorRT profile: min opt max batch.")
-@field_option(TensorRTOptions, "workspace_mib", "--trt-workspace-mib", help="TensorRT builder workspace.")
-@field_option(TensorRTOptions, "timing_cache", "--trt-timing-cache", help="Reuse this timing cache. [default: RUN_DIR/tensorrt.timing-cache]")
-@click.pass_context
-@friendly
-def export(ctx: click.Context, run_dir: Path, targets, precisions, trt_batch, **options) -> None:
-    """Export a fine-tuned run to ONNX, check it against PyTorch, and build optimised variants.
-
-    \b
-    Examples:
-      edgetransfer export runs/20261128-101500-efficientnet_lite0-head
-      edgetransfer export runs/demo --fuse-preprocess      # uint8 NHWC input, for apps
-      edgetransfer export runs/demo --target ort-cpu --precision fp32 --precision int8
-      edgetransfer export runs/demo --target tensorrt --precision fp16 --trt-batch 1 8 32
-      edgetransfer export runs/demo --target openvino --precision fp32 --precision bf16 --precision int8
-    """
-
-    if precisions and not targets:
-        raise OptionError("--precision goes with --target (ort-cpu, ort-cuda, ort-trt, tensorrt or openvino)")
-    targets = [Target(t) for t in targets]
-    precisions = [Precision(p) for p in precisions] or [Precision.FP32]
-    quant = from_options(QuantOptions, options)
-    tensorrt = from_options(TensorRTOptions, options, min_batch=trt_batch[0], opt_batch=trt_batch[1], max_batch=trt_batch[2])
-    check_combinations(targets, precisions, quant)
-    export_options = from_options(ExportOptions, options)
-    if needs_export(run_dir, bool(targets), _any_given(ctx, ExportOptions)):
-        with console.status("exporting to ONNX and checking parity"):
-            result = export_onnx(run_dir, export_options)
-        out.print(parity_table(result))
-        click.echo(str(result.path))
-    if targets:
-        console.print(f"CPU: {cpu_features().summary()}")
-        variants = build_variants(run_dir, targets, precisions, quant, tensorrt)
-        out.print(variants_table(variants))
-        for variant in variants:
-            click.echo(str(variant.path))
-
-
-def _any_given(ctx: click.Context, cls: type) -> bool:
-    """Whether any option made from ``cls``'s fields was given on the command line."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    return any(ctx.get_parameter_source(n) is not click.core.ParameterSource.DEFAULT for n in ctx.params if n in names)

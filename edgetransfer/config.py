@@ -13,7 +13,20 @@ from .errors import OptionError
 from .runtime.preprocessing import MAX_INPUT_SIZE
 from .weights import DEFAULT_ARCH, default_weights
 
-__all__ = ["Target", "Precision", "QatOptions", "QAT_TARGETS", "GPU_TARGETS", "Mode", "AdaptMethod", "OptimizerName", "FinetuneConfig", "ExportOptions", "DEFAULT_OPSET", "DEMO_IMAGE_SIZE"]
+__all__ = [
+    "Target",
+    "Precision",
+    "QatOptions",
+    "QAT_TARGETS",
+    "GPU_TARGETS",
+    "Mode",
+    "AdaptMethod",
+    "OptimizerName",
+    "FinetuneConfig",
+    "ExportOptions",
+    "DEFAULT_OPSET",
+    "DEMO_IMAGE_SIZE",
+]
 
 DEFAULT_OPSET = 18  # the dynamo exporter's native opset; ONNX Runtime >= 1.14 and TensorRT 10 run it
 DEMO_IMAGE_SIZE = 64
@@ -121,16 +134,25 @@ class FinetuneConfig:
             (0 <= self.label_smoothing < 1, f"label smoothing must be in [0, 1), got {self.label_smoothing}"),
             (self.probe_epochs is None or self.probe_epochs >= 0, f"probe epochs must be 0 or more, got {self.probe_epochs}"),
             (self.patience is None or self.patience >= 1, f"patience must be at least 1, got {self.patience}"),
-            (self.image_size is None or 16 <= self.image_size <= MAX_INPUT_SIZE,
-             f"image size must be between 16 and {MAX_INPUT_SIZE}, got {self.image_size}"),
+            (
+                self.image_size is None or 16 <= self.image_size <= MAX_INPUT_SIZE,
+                f"image size must be between 16 and {MAX_INPUT_SIZE}, got {self.image_size}",
+            ),
             (self.shots is None or self.shots >= 1, f"shots must be at least 1, got {self.shots}"),
             (self.mode is not Mode.PROTOTYPE or self.unfreeze_blocks == 0, "--unfreeze trains blocks; a prototype head trains nothing"),
             (self.backbone_lr_scale is None or 0 < self.backbone_lr_scale <= 1, f"backbone lr scale must be in (0, 1], got {self.backbone_lr_scale}"),
-            (self.adapt is not None or (self.adapt_method is None and self.adapt_eval is None),
-             "--adapt-method and --adapt-eval go with --adapt TARGET_DIR (the folder of unlabelled target images)"),
-            (self.adapt is None or self.mode is not Mode.PROTOTYPE, "--adapt goes with --mode head or full; a prototype head trains nothing to adapt"),
-            (self.adapt_method is not AdaptMethod.DANN or not self.caches_features,
-             "dann trains the backbone and head mode trains a frozen one's cached features; use --mode full, --unfreeze K, or --adapt-method adabn"),
+            (
+                self.adapt is not None or (self.adapt_method is None and self.adapt_eval is None),
+                "--adapt-method and --adapt-eval go with --adapt TARGET_DIR (the folder of unlabelled target images)",
+            ),
+            (
+                self.adapt is None or self.mode is not Mode.PROTOTYPE,
+                "--adapt goes with --mode head or full; a prototype head trains nothing to adapt",
+            ),
+            (
+                self.adapt_method is not AdaptMethod.DANN or not self.caches_features,
+                "dann trains the backbone and head mode trains a frozen one's cached features; use --mode full, --unfreeze K, or --adapt-method adabn",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -158,8 +180,12 @@ class FinetuneConfig:
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        data.update(mode=self.mode.value, optimizer=self.optimizer.value, augment=self.augment.value,
-                    adapt_method=self.adapt_method.value if self.adapt_method else None)
+        data.update(
+            mode=self.mode.value if self.mode else None,
+            optimizer=self.optimizer.value,
+            augment=self.augment.value,
+            adapt_method=self.adapt_method.value if self.adapt_method else None,
+        )
         return data
 
     @classmethod

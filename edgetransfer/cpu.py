@@ -53,7 +53,7 @@ def cpu_features(cpuinfo: str | None = None) -> CpuFeatures:
             cpuinfo = Path("/proc/cpuinfo").read_text()
         except OSError:
             return CpuFeatures(platform.processor() or "unknown", machine)
-    model, flags = platform.processor() or "unknown", set()
+    model, flags = platform.processor() or "unknown", set[str]()
     for line in cpuinfo.splitlines():
         key, _, value = line.partition(":")
         key = key.strip().lower()

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch.utils.data
 import torchvision.transforms as T
 from PIL import Image
 from rich.markup import escape
@@ -46,9 +47,7 @@ DEMO = "digits"
 DEMO_M = "digits-m"  # the same digits blended with photo patches, made like MNIST-M: a shifted domain
 EMBEDDED = frozenset({DEMO, DEMO_M})  # data sets built in memory, no folder
 DIGITS_M_SIZE = 32
-IMAGE_EXTENSIONS = frozenset(
-    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".jfif", ".jp2"}
-)
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".jfif", ".jp2"})
 
 
 @dataclass(frozen=True)
@@ -77,8 +76,9 @@ class DataSpec:
         if not 0.0 < self.val_fraction < 1.0:
             raise DataError(f"val_fraction must be between 0 and 1 (exclusive), got {self.val_fraction}")
         if not 0.0 <= self.test_fraction < 1.0 or self.val_fraction + self.test_fraction >= 1.0:
-            raise DataError(f"test_fraction must be at least 0 and leave training images beside val_fraction {self.val_fraction},"
-                            f" got {self.test_fraction}")
+            raise DataError(
+                f"test_fraction must be at least 0 and leave training images beside val_fraction {self.val_fraction}, got {self.test_fraction}"
+            )
         if self.limit_per_class is not None and self.limit_per_class < 2:
             raise DataError(f"limit_per_class must be at least 2, got {self.limit_per_class}")
 
@@ -179,7 +179,9 @@ def _digits_m(seed: int = 0) -> tuple[list[str], list[Sample]]:
     rng = np.random.default_rng(seed)
     samples = []
     for sample in digits:
-        digit = np.asarray(Image.fromarray(sample.source).resize((DIGITS_M_SIZE, DIGITS_M_SIZE), Image.Resampling.BILINEAR), dtype=np.int16)
+        digit = np.asarray(
+            Image.fromarray(np.asarray(sample.source)).resize((DIGITS_M_SIZE, DIGITS_M_SIZE), Image.Resampling.BILINEAR), dtype=np.int16
+        )
         photo = photos[int(rng.integers(len(photos)))]
         top, left = (int(rng.integers(photo.shape[i] - DIGITS_M_SIZE)) for i in (0, 1))
         patch = photo[top : top + DIGITS_M_SIZE, left : left + DIGITS_M_SIZE]
@@ -194,20 +196,14 @@ def _scan(root: Path, classes: list[str] | None = None) -> tuple[list[str], list
     if classes is None:
         classes = found
         if len(classes) < 2:
-            raise DataError(
-                f"{root} has {len(classes)} class folder(s); put each class's images in its own subfolder"
-                " (at least two classes)"
-            )
+            raise DataError(f"{root} has {len(classes)} class folder(s); put each class's images in its own subfolder (at least two classes)")
     else:
         extra = sorted(set(found) - set(classes))
         if extra:
             raise DataError(f"{root} has classes that training does not: {', '.join(extra)}")
     samples = []
     for folder in folders:
-        images = sorted(
-            p for p in folder.rglob("*")
-            if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() and not p.name.startswith(".")
-        )
+        images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() and not p.name.startswith("."))
         if not images:
             raise DataError(f"class folder {folder} has no images; add some or remove the folder")
         label = classes.index(folder.name)
@@ -225,7 +221,8 @@ def _check(samples: list[Sample], strict: bool, workers: int) -> tuple[list[Samp
         except DataError as exc:
             return str(exc)
 
-    good, bad = [], []
+    good: list = []
+    bad: list = []
     with progress() as bar, ThreadPoolExecutor(max(1, workers)) as pool:
         task = bar.add_task("checking images", total=len(samples), status="")
         for sample, problem in zip(samples, pool.map(reason, samples), strict=True):
@@ -314,29 +311,27 @@ class Augment(Choice):
 
 def eval_transform(pre: Preprocessing):
     """torchvision transform equal to ``pre``: resize, centre crop, scale, normalise."""
-    return T.Compose([
-        T.Resize(pre.resize_size, interpolation=T.InterpolationMode(pre.interpolation.value)),
-        T.CenterCrop(pre.input_size),
-        T.ToTensor(),
-        T.Normalize(pre.mean, pre.std),
-    ])
+    return T.Compose(
+        [
+            T.Resize(pre.resize_size, interpolation=T.InterpolationMode(pre.interpolation.value)),
+            T.CenterCrop(pre.input_size),
+            T.ToTensor(),
+            T.Normalize(pre.mean, pre.std),
+        ]
+    )
 
 
 def train_transform(pre: Preprocessing, augment: Augment):
     """Train-time transform; ``Augment.NONE`` is the eval transform."""
     if augment is Augment.NONE:
         return eval_transform(pre)
-    steps = [
-        T.RandomResizedCrop(
-            pre.input_size, scale=(0.5, 1.0), interpolation=T.InterpolationMode(pre.interpolation.value)
-        )
-    ]
+    steps = [T.RandomResizedCrop(pre.input_size, scale=(0.5, 1.0), interpolation=T.InterpolationMode(pre.interpolation.value))]
     if augment is Augment.CROP_FLIP:
         steps.append(T.RandomHorizontalFlip())
     return T.Compose([*steps, T.ToTensor(), T.Normalize(pre.mean, pre.std)])
 
 
-class TorchImages:
+class TorchImages(torch.utils.data.Dataset):
     """A map-style torch dataset over samples (an ``__getitem__``/``__len__`` pair)."""
 
     def __init__(self, samples: list[Sample], transform) -> None:

@@ -10,12 +10,32 @@ toolkit's.
 
 from __future__ import annotations
 
-from .runtime import errors as _runtime_errors
-from .runtime.errors import *  # noqa: F401,F403  (the runtime's errors and helpers, re-exported)
-from .runtime.errors import EdgeTransferError
+from .runtime.errors import (
+    DataError,
+    EdgeTransferError,
+    ImageError,
+    MissingDependencyError,
+    OpenVinoError,
+    OptionError,
+    PredictorError,
+    UnknownNameError,
+    first_line,
+    unknown_name,
+)
 
 __all__ = [
-    *_runtime_errors.__all__,
+    # the runtime's errors and helpers, re-exported
+    "EdgeTransferError",
+    "OptionError",
+    "MissingDependencyError",
+    "UnknownNameError",
+    "DataError",
+    "PredictorError",
+    "ImageError",
+    "OpenVinoError",
+    "unknown_name",
+    "first_line",
+    # the toolkit's
     "ModelError",
     "WeightsError",
     "RunError",

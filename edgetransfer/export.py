@@ -65,6 +65,9 @@ class _Logits(nn.Module):
 class _FusedPreprocess(nn.Module):
     """uint8 NHWC in, logits out: scale, normalise and transpose inside the graph."""
 
+    scale: torch.Tensor
+    shift: torch.Tensor
+
     def __init__(self, model: nn.Module, pre: Preprocessing) -> None:
         super().__init__()
         self.model = model
@@ -268,10 +271,12 @@ def _append_prototype_head(model, head) -> None:
     graph.initializer.append(numpy_helper.from_array(head.prototypes.detach().cpu().numpy().astype(np.float32), PROTOTYPES))
     nodes.append(helper.make_node("Gemm", [FEATURES, PROTOTYPES], [OUTPUT], name=f"{name}/gemm", alpha=float(head.scale), transB=1))
     graph.node.extend(nodes)
-    graph.output.extend([
-        helper.make_tensor_value_info(OUTPUT, TensorProto.FLOAT, [batch, "classes"]),
-        helper.make_tensor_value_info(FEATURES, TensorProto.FLOAT, [batch, width]),
-    ])
+    graph.output.extend(
+        [
+            helper.make_tensor_value_info(OUTPUT, TensorProto.FLOAT, [batch, "classes"]),
+            helper.make_tensor_value_info(FEATURES, TensorProto.FLOAT, [batch, width]),
+        ]
+    )
 
 
 def _dynamo_export(built: BuiltModel, options: ExportOptions, output: str):
@@ -285,11 +290,20 @@ def _dynamo_export(built: BuiltModel, options: ExportOptions, output: str):
     dynamic = None if options.static_batch else {INPUT: {0: torch.export.Dim("batch", min=1, max=4096)}}
     try:
         program = torch.onnx.export(
-            wrapper, (example,), dynamo=True, input_names=[INPUT], output_names=[output],
-            dynamic_shapes=dynamic, opset_version=options.opset, optimize=True, verbose=False,
+            wrapper,
+            (example,),
+            dynamo=True,
+            input_names=[INPUT],
+            output_names=[output],
+            dynamic_shapes=dynamic,
+            opset_version=options.opset,
+            optimize=True,
+            verbose=False,
         )
     except Exception as exc:
         raise ExportError(f"cannot export {built.arch.name} to ONNX: {_unsupported(exc)}") from exc
+    if program is None:  # only with dynamo=False, which is not asked for
+        raise ExportError(f"cannot export {built.arch.name} to ONNX: torch.onnx.export returned no program")
     return program.model_proto
 
 
@@ -321,9 +335,17 @@ def verify_onnx(built: BuiltModel, path: Path, options: ExportOptions, images: l
     onnx_logits = run_batched(lambda chunk: session.run([OUTPUT], {INPUT: chunk})[0], feed, batch, fixed_batch(session))
     agreement = compare(onnx_logits, eager)
     difference, scale = np.abs(onnx_logits - eager), np.abs(eager)
-    parity = Parity(agreement.images, int(batch), agreement.max_abs_diff, agreement.top1_agreement, options.atol,
-                    session.get_providers()[0], options.rtol, float((difference / np.maximum(scale, 1e-30)).max()),
-                    bool((difference <= options.atol + options.rtol * scale).all()))
+    parity = Parity(
+        agreement.images,
+        int(batch),
+        agreement.max_abs_diff,
+        agreement.top1_agreement,
+        options.atol,
+        session.get_providers()[0],
+        options.rtol,
+        float((difference / np.maximum(scale, 1e-30)).max()),
+        bool((difference <= options.atol + options.rtol * scale).all()),
+    )
     if not parity.within_tolerance:
         raise ParityError(
             f"ONNX Runtime and PyTorch differ by up to {parity.max_abs_diff:.2e} in the logits ({parity.max_rel_diff:.2e}"

@@ -60,7 +60,6 @@ class FinetuneResult:
     main: bool = True
 
 
-
 def finetune(
     config: FinetuneConfig,
     run_dir: str | Path,
@@ -96,7 +95,7 @@ def _finetune(config: FinetuneConfig, run_dir: Path, resume: bool, on_epoch: Epo
     config, manifest, state = _open_run_everywhere(dist, run_dir, config, resume)
     started = time.perf_counter()
     try:
-        dataset = _with_shots(load_dataset(config.data, workers=max(1, config.workers)), config)
+        dataset = _with_shots(load_dataset(config.data, workers=max(1, config.workers or 0)), config)
         seed_stage(config.seed)  # before building: the new classifier's initial weights come from it
         built = build(config.arch, len(dataset.classes), config.weights, config.image_size)
         if config.image_size is None:
@@ -207,7 +206,7 @@ def _load_state(path: Path) -> dict[str, Any]:
 
 
 def _record(manifest: Manifest, config: FinetuneConfig, metrics: dict[str, Any], run_dir: Path) -> None:
-    settings = {"arch": config.arch, "weights": config.weights, "mode": config.mode.value, "image_size": config.image_size}
+    settings = {"arch": config.arch, "weights": config.weights, "mode": config.mode.value if config.mode else None, "image_size": config.image_size}
     manifest.data["config"] = config.to_dict()
     manifest.record("checkpoint", CHECKPOINT, "torch-checkpoint", parent=None, settings=settings)
     manifest.record("metrics", METRICS, "metrics", parent="checkpoint")
@@ -258,8 +257,7 @@ def _prototype_run(config, built: BuiltModel, dataset: Dataset, device, run_dir:
     shots = torch.bincount(loop.train_y, minlength=classes)
     seconds = time.perf_counter() - prototyping
     if dist.main:
-        save_checkpoint(run_dir / CHECKPOINT, built, dataset.classes, head=PROTOTYPE, scale=scale,
-                        shots_per_class=shots.tolist())
+        save_checkpoint(run_dir / CHECKPOINT, built, dataset.classes, head=PROTOTYPE, scale=scale, shots_per_class=shots.tolist())
     trainer = Trainer(config, built, loop, run_dir, dataset.classes, dist)
     metrics = trainer.finish(dataset, time.perf_counter() - started)
     metrics["prototype"] = {"scale": scale, "whitened": head.whitens, "shots_per_class": shots.tolist(), "seconds": seconds}

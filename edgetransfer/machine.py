@@ -31,8 +31,17 @@ def machine_fingerprint(threads: int) -> Machine:
     gpu = None
     if torch.cuda.is_available():
         gpu = {"name": torch.cuda.get_device_name(0), "cuda": torch.version.cuda, "driver": nvidia_driver()}
-    return Machine(cpu_features(), os.cpu_count(), round(memory, 1) if memory else None, platform.platform(), found_versions,
-                   ort.get_available_providers(), threads, False, gpu)
+    return Machine(
+        cpu_features(),
+        os.cpu_count(),
+        round(memory, 1) if memory else None,
+        platform.platform(),
+        found_versions,
+        ort.get_available_providers(),
+        threads,
+        False,
+        gpu,
+    )
 
 
 def nvidia_driver() -> str | None:

@@ -195,10 +195,6 @@ class MeanOfHeads(nn.Module):
         return torch.stack([head(part) for head, part in zip(self.heads, parts, strict=True)]).mean(0)
 
 
-# ---------------------------------------------------------------------------------------------
-# Building
-
-
 def build(
     name: str,
     num_classes: int | None,
@@ -238,7 +234,7 @@ def build(
     return BuiltModel(module.eval(), arch, weights, num_classes, preprocessing, native)
 
 
-def _classifier_outputs(module: nn.Module, arch: Architecture) -> int:
+def _classifier_outputs(module: Any, arch: Architecture) -> int:
     if arch.source is Source.TIMM:
         return int(module.num_classes)
     parent, key = _locate(module, CLASSIFIER_RULES[arch.family].path)
@@ -308,9 +304,11 @@ def _swap_torchvision(module: nn.Module, arch: Architecture, num_classes: int) -
     parent, key = _locate(module, rule.path)
     old = parent[key] if isinstance(key, int) else getattr(parent, key)
     if rule.kind == "conv":
-        new: nn.Module = nn.Conv2d(old.in_channels, num_classes, kernel_size=1)
-        nn.init.normal_(new.weight, std=0.01)
-        nn.init.zeros_(new.bias)
+        conv = nn.Conv2d(old.in_channels, num_classes, kernel_size=1)
+        nn.init.normal_(conv.weight, std=0.01)
+        if conv.bias is not None:
+            nn.init.zeros_(conv.bias)
+        new: nn.Module = conv
     else:
         new = nn.Linear(old.in_features, num_classes)
     new = new.to(old.weight.device)
@@ -321,6 +319,7 @@ def _swap_torchvision(module: nn.Module, arch: Architecture, num_classes: int) -
 
 
 def _build_timm(arch: Architecture, weights: str, num_classes: int | None) -> tuple[nn.Module, Preprocessing]:
+    module: Any  # a timm model: reset_classifier, get_classifier
     name = arch.source_name
     embedded = EMBEDDED.get(arch.name) if weights == "embedded" else None
     if weights == "embedded" and embedded is None:
@@ -342,7 +341,7 @@ def _build_timm(arch: Architecture, weights: str, num_classes: int | None) -> tu
     return module, preprocessing
 
 
-def _timm_heads(module: nn.Module, name: str = "") -> tuple[nn.Module, ...]:
+def _timm_heads(module: Any, name: str = "") -> tuple[nn.Module, ...]:
     """timm's classifier: one module, or a tuple of them for distilled models.
 
     Raises:
@@ -370,10 +369,6 @@ def _timm_preprocessing(module: nn.Module) -> Preprocessing:
         mean=tuple(config.get("mean", IMAGENET_MEAN)),
         std=tuple(config.get("std", IMAGENET_STD)),
     )
-
-
-# ---------------------------------------------------------------------------------------------
-# Blocks, for unfreezing the last K
 
 
 def trunk_blocks(built: BuiltModel) -> list[nn.Module]:

@@ -32,8 +32,7 @@ from torch import nn
 from .errors import ModelError
 from .models import BuiltModel
 
-__all__ = ["PrototypeHead", "PROTOTYPE", "SHRINKAGE", "install_prototype_head", "fit_head", "embed", "prototypes_from",
-           "fit_scale", "l2_normalize"]
+__all__ = ["PrototypeHead", "PROTOTYPE", "SHRINKAGE", "install_prototype_head", "fit_head", "embed", "prototypes_from", "fit_scale", "l2_normalize"]
 
 PROTOTYPE = "prototype"  # the checkpoint's "head" entry for a model whose classifier is a PrototypeHead
 SHRINKAGE = 0.2  # weight of the identity in the whitening covariance; 0.05 to 0.5 do alike in few-shot episodes
@@ -59,6 +58,10 @@ class PrototypeHead(nn.Module):
     embedding and the prototype ``Gemm`` to the graph itself, as named nodes that quantisation
     leaves in float.
     """
+
+    center: torch.Tensor  # buffers
+    whitening: torch.Tensor
+    prototypes: torch.Tensor
 
     def __init__(self, center: torch.Tensor, whitening: torch.Tensor, prototypes: torch.Tensor, scale: float) -> None:
         super().__init__()
@@ -127,8 +130,14 @@ def prototypes_from(embedded: torch.Tensor, labels: torch.Tensor, classes: int) 
     return l2_normalize(sums / counts[:, None])
 
 
-def fit_head(train_x: torch.Tensor, train_y: torch.Tensor, classes: int, val_x: torch.Tensor | None = None,
-             val_y: torch.Tensor | None = None, shrinkage: float = SHRINKAGE) -> PrototypeHead:
+def fit_head(
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    classes: int,
+    val_x: torch.Tensor | None = None,
+    val_y: torch.Tensor | None = None,
+    shrinkage: float = SHRINKAGE,
+) -> PrototypeHead:
     """A prototype head from the training images' features (the scale fit on the validation ones)."""
     center = train_x.float().mean(0)
     centred = embed(train_x, center)
@@ -151,7 +160,7 @@ def fit_scale(cosines: torch.Tensor, labels: torch.Tensor) -> float:
     return float(SCALES[min(range(len(losses)), key=losses.__getitem__)])
 
 
-def install_prototype_head(built: BuiltModel, head: PrototypeHead) -> None:
+def install_prototype_head(built: BuiltModel, head: nn.Module) -> None:
     """Put ``head`` where the model's classifier is.
 
     Raises:

@@ -67,8 +67,16 @@ def export_qdq(built, path: Path, opset: int, record: dict[str, Any], names: tup
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             warnings.simplefilter("ignore")
-            torch.onnx.export(module, (torch.zeros(1, 3, size, size),), str(path), dynamo=False, opset_version=min(max(opset, 13), 17),
-                              input_names=[inputs], output_names=[outputs], dynamic_axes={inputs: {0: "batch"}, outputs: {0: "batch"}})
+            torch.onnx.export(
+                module,
+                (torch.zeros(1, 3, size, size),),
+                str(path),
+                dynamo=False,
+                opset_version=min(max(opset, 13), 17),
+                input_names=[inputs],
+                output_names=[outputs],
+                dynamic_axes={inputs: {0: "batch"}, outputs: {0: "batch"}},
+            )
     except Exception as exc:
         raise ExportError(f"cannot export the QAT model of {built.arch.name} to ONNX: {first_line(exc)}") from exc
     model = onnx.load(str(path))
@@ -103,16 +111,19 @@ def verify_qdq(built, path: Path, images: list, record: dict[str, Any]) -> Any:
     limit, floor = qdq_limit(built.module, normalized, eager)
     reference = cpu_features().int8_saturates and scheme_of(record).weight_levels > 63
     session = open_session(path, optimized=not reference)
-    onnx_logits = np.concatenate([session.run(None, {session.get_inputs()[0].name: normalized[i : i + 16]})[0]
-                                  for i in range(0, len(normalized), 16)])
+    onnx_logits = np.concatenate(
+        [session.run(None, {session.get_inputs()[0].name: normalized[i : i + 16]})[0] for i in range(0, len(normalized), 16)]
+    )
     agreement = compare(onnx_logits, eager)
     ok = agreement.max_abs_diff <= limit
     provider = session.get_providers()[0] + (" (QDQ reference semantics: this CPU's int8 kernels saturate 8-bit weights)" if reference else "")
-    parity = Parity(agreement.images, 16, agreement.max_abs_diff, agreement.top1_agreement, limit, provider,
-                    within_tolerance=ok, floor_max_abs_diff=floor)
+    parity = Parity(
+        agreement.images, 16, agreement.max_abs_diff, agreement.top1_agreement, limit, provider, within_tolerance=ok, floor_max_abs_diff=floor
+    )
     if not ok:
         raise ParityError(
             f"the QDQ model and the fake-quantised PyTorch model differ by up to {agreement.max_abs_diff:.3f} in the logits on"
             f" {agreement.images} images, over the {limit:.3f} allowed ({QDQ_FLOOR_FACTOR:g}x the {floor:.3f} that float64 alone moves"
-            f" them; top-1 agreement {100 * agreement.top1_agreement:.1f}%); nothing was written. Report it with the model's architecture")
+            f" them; top-1 agreement {100 * agreement.top1_agreement:.1f}%); nothing was written. Report it with the model's architecture"
+        )
     return parity

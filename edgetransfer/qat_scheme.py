@@ -10,7 +10,7 @@ import logging
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -20,8 +20,19 @@ from .config import QAT_TARGETS, Target
 from .cpu import CpuFeatures, cpu_features
 from .errors import MissingDependencyError, RunError
 
-__all__ = ["INSTALL", "QatScheme", "qat_scheme", "scheme_of", "load_modelopt", "fold_batchnorm", "unread_outputs",
-           "shared_quantizers", "quantize", "restore", "inplace_off"]
+__all__ = [
+    "INSTALL",
+    "QatScheme",
+    "qat_scheme",
+    "scheme_of",
+    "load_modelopt",
+    "fold_batchnorm",
+    "unread_outputs",
+    "shared_quantizers",
+    "quantize",
+    "restore",
+    "inplace_off",
+]
 
 INSTALL = "pip install 'edgetransfer[qat]'"
 
@@ -35,9 +46,13 @@ class QatScheme:
     reasons: tuple[str, ...] = field(default_factory=tuple)
 
     def to_dict(self) -> dict:
-        return {"weights": f"int8 symmetric per channel, |w| <= {self.weight_levels}",
-                "activations": "uint8 where never negative, else int8, symmetric per tensor" if self.unsigned_activations
-                else "int8 symmetric per tensor", "reasons": list(self.reasons)}
+        return {
+            "weights": f"int8 symmetric per channel, |w| <= {self.weight_levels}",
+            "activations": "uint8 where never negative, else int8, symmetric per tensor"
+            if self.unsigned_activations
+            else "int8 symmetric per tensor",
+            "reasons": list(self.reasons),
+        }
 
 
 def qat_scheme(target: str, cpu: CpuFeatures) -> QatScheme:
@@ -86,8 +101,11 @@ def fold_batchnorm(module: nn.Module, size: int) -> int:
     produced: dict[int, tuple[nn.Conv2d, torch.Tensor]] = {}
     pairs: list[tuple[nn.Conv2d, nn.BatchNorm2d]] = []
     hooks = [m.register_forward_hook(lambda m, i, o: produced.__setitem__(id(o), (m, o))) for m in module.modules() if isinstance(m, nn.Conv2d)]
-    hooks += [m.register_forward_hook(lambda m, i, o: pairs.append((produced[id(i[0])][0], m)) if id(i[0]) in produced else None)
-              for m in module.modules() if isinstance(m, nn.BatchNorm2d)]
+    hooks += [
+        m.register_forward_hook(lambda m, i, o: pairs.append((produced[id(i[0])][0], m)) if id(i[0]) in produced else None)
+        for m in module.modules()
+        if isinstance(m, nn.BatchNorm2d)
+    ]
     _run_once(module, size, hooks)
     readers: dict[int, int] = {}
     for conv, _ in pairs:
@@ -100,7 +118,7 @@ def fold_batchnorm(module: nn.Module, size: int) -> int:
         parent, name = owners[id(conv)]
         setattr(parent, name, fuse_conv_bn_eval(conv, bn))
         parent, name = owners[id(bn)]
-        setattr(parent, name, nn.Sequential(bn.drop, bn.act) if hasattr(bn, "act") else nn.Identity())
+        setattr(parent, name, nn.Sequential(cast(nn.Module, bn.drop), cast(nn.Module, bn.act)) if hasattr(bn, "act") else nn.Identity())
         folded += 1
     return folded
 
@@ -108,18 +126,25 @@ def fold_batchnorm(module: nn.Module, size: int) -> int:
 def _config(mtq, outputs: Sequence[str] = ()) -> dict:
     """ModelOpt's configuration: weights per output channel and inputs per tensor of every module it
     quantises, and the output quantizers of the ``outputs`` modules (see :func:`unread_outputs`)."""
-    return {"quant_cfg": [{"quantizer_name": "*", "enable": False},
-                          {"quantizer_name": "*weight_quantizer", "cfg": {"num_bits": 8, "axis": 0}},
-                          {"quantizer_name": "*input_quantizer", "cfg": {"num_bits": 8, "axis": None}},
-                          *({"quantizer_name": f"{name}.output_quantizer", "cfg": {"num_bits": 8, "axis": None}} for name in outputs)],
-            "algorithm": "max"}
+    return {
+        "quant_cfg": [
+            {"quantizer_name": "*", "enable": False},
+            {"quantizer_name": "*weight_quantizer", "cfg": {"num_bits": 8, "axis": 0}},
+            {"quantizer_name": "*input_quantizer", "cfg": {"num_bits": 8, "axis": None}},
+            *({"quantizer_name": f"{name}.output_quantizer", "cfg": {"num_bits": 8, "axis": None}} for name in outputs),
+        ],
+        "algorithm": "max",
+    }
 
 
 def _quantizers(module: nn.Module, kind: str) -> dict[str, Any]:
     from modelopt.torch.quantization.nn import TensorQuantizer  # optional heavy dependency (the qat extra)
 
-    return {name: getattr(m, kind) for name, m in module.named_modules()
-            if isinstance(getattr(m, kind, None), TensorQuantizer) and getattr(m, kind).is_enabled}
+    return {
+        name: getattr(m, kind)
+        for name, m in module.named_modules()
+        if isinstance(getattr(m, kind, None), TensorQuantizer) and getattr(m, kind).is_enabled
+    }
 
 
 # Modules that pass a tensor on without a quantizer of their own and whose effect a QuantizeLinear
@@ -170,7 +195,8 @@ def unread_outputs(module: nn.Module, size: int) -> list[str]:
     finally:
         for hook in hooks:
             hook.remove()
-    read.add(made_by.get(id(result)))  # the logits stay float: nothing in the graph reads them
+    if id(result) in made_by:
+        read.add(made_by[id(result)])  # the logits stay float: nothing in the graph reads them
     return sorted(names[layer] for layer in layers - read)
 
 
@@ -212,6 +238,7 @@ def shared_quantizers(module: nn.Module, size: int) -> list[tuple[str, str]]:
     hooks = [m.register_forward_pre_hook(before) for m in module.modules()]
     hooks += [m.register_forward_hook(after) for m in module.modules()]
     _run_once(module, size, hooks)
+
     def producer_of(tensor: int) -> int | None:
         return next((m for m in returned_by.get(tensor, []) if calls.get(m) == 1 and m != id(module) and m not in quantizers), None)
 
@@ -287,8 +314,13 @@ def _apply_scheme(module: nn.Module, scheme: QatScheme, nonnegative: list[str]) 
                 if which == kind and name in quantizers:
                     quantizers[name].unsigned = True
                     unsigned[kind].append(name)
-    return {"layers": len(weights), "unsigned_inputs": sorted(unsigned["input"]), "unsigned_outputs": sorted(unsigned["output"]),
-            "scheme": scheme.to_dict(), "weight_levels": scheme.weight_levels}
+    return {
+        "layers": len(weights),
+        "unsigned_inputs": sorted(unsigned["input"]),
+        "unsigned_outputs": sorted(unsigned["output"]),
+        "scheme": scheme.to_dict(),
+        "weight_levels": scheme.weight_levels,
+    }
 
 
 def restore(built, payload: dict[str, Any]) -> None:
@@ -305,7 +337,8 @@ def restore(built, payload: dict[str, Any]) -> None:
     outputs, unsigned_outputs = record.get("output_quantizers", []), record.get("unsigned_outputs", [])
     shared = record.get("shared_quantizers", [])
     if not all(isinstance(v, list) for v in (outputs, unsigned_outputs, shared)) or not all(
-            isinstance(pair, list) and len(pair) == 2 and all(isinstance(n, str) for n in pair) for pair in shared):
+        isinstance(pair, list) and len(pair) == 2 and all(isinstance(n, str) for n in pair) for pair in shared
+    ):
         raise RunError("the checkpoint's QAT record is unreadable; run the QAT again")
     module = built.module.eval()
     fold_batchnorm(module, built.preprocessing.input_size)
@@ -327,7 +360,7 @@ def inplace_off(module: nn.Module) -> None:
     """In-place activations would change a quantizer's input after it was read."""
     for m in module.modules():
         if hasattr(m, "inplace"):
-            m.inplace = False
+            setattr(m, "inplace", False)  # noqa: B010  (an attribute of some activations only)
 
 
 def scheme_of(record: dict[str, Any]) -> QatScheme:

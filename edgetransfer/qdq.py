@@ -39,8 +39,12 @@ class Placement:
     unsigned: int  # int8 activation quantizers written as uint8 (zero point + 128)
 
     def to_dict(self) -> dict[str, int]:
-        return {"rewired_readers": self.rewired, "merged_quantizers": self.merged, "quantized_biases": self.biases,
-                "int8_activations_as_uint8": self.unsigned}
+        return {
+            "rewired_readers": self.rewired,
+            "merged_quantizers": self.merged,
+            "quantized_biases": self.biases,
+            "int8_activations_as_uint8": self.unsigned,
+        }
 
 
 def constant_value(graph, name: str) -> np.ndarray | None:
@@ -209,12 +213,12 @@ def _quantize_biases(graph) -> int:
         bias = numpy_helper.to_array(initializers[node.input[2]]).astype(np.float64)
         if x_scale is None or w_scale is None or x_scale.size != 1 or w_scale.size not in (1, bias.size):
             continue
-        x_scale = np.float64(x_scale.reshape(()))
-        needed = np.abs(bias) / (x_scale * BIAS_LIMIT)
+        needed = np.abs(bias) / (np.float64(x_scale.reshape(())) * BIAS_LIMIT)
         if np.any(needed > w_scale):
             if w_scale.size == 1 or not _owns(graph, w, w.input[1]):
-                raise QuantizationError(f"the bias of {node.name} does not fit in int32 at its input and weight scales;"
-                                        " the model cannot be quantised")
+                raise QuantizationError(
+                    f"the bias of {node.name} does not fit in int32 at its input and weight scales; the model cannot be quantised"
+                )
             w_scale = np.maximum(w_scale, needed * (1 + 1e-5)).astype(w_scale.dtype)  # stored in float32: a margin
             _set_constant(graph, w.input[1], w_scale)
         scale = (x_scale * w_scale.astype(np.float64)).reshape(-1)
@@ -223,8 +227,13 @@ def _quantize_biases(graph) -> int:
         stem = f"{node.input[2]}_int32"
         graph.initializer.append(numpy_helper.from_array(np.round(bias / scale).astype(np.int32), stem))
         graph.initializer.append(numpy_helper.from_array(scale.astype(np.float32).reshape(w_scale.shape), f"{stem}_scale"))
-        dq = onnx.helper.make_node(DQ, [stem, f"{stem}_scale"], [f"{stem}_dequantized"], name=f"{node.name}_bias_dequantize",
-                                   **({"axis": 0} if scale.size > 1 else {}))
+        dq = onnx.helper.make_node(
+            DQ,
+            [stem, f"{stem}_scale"],
+            [f"{stem}_dequantized"],
+            name=f"{node.name}_bias_dequantize",
+            **({"axis": 0} if scale.size > 1 else {}),  # type: ignore[arg-type]  # attributes as keywords
+        )
         graph.node.append(dq)
         node.input[2] = dq.output[0]
         done += 1
@@ -283,8 +292,7 @@ def prune(graph) -> None:
     """Remove Q/DQ and Constant nodes whose outputs nothing reads, then initializers nothing reads."""
     while True:
         read = {tensor for node in graph.node for tensor in node.input} | {out.name for out in graph.output}
-        dead = [node for node in graph.node
-                if node.op_type in (Q, DQ, "Constant") and not any(out in read for out in node.output)]
+        dead = [node for node in graph.node if node.op_type in (Q, DQ, "Constant") and not any(out in read for out in node.output)]
         if not dead:
             break
         for node in dead:

@@ -5,15 +5,21 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from matplotlib.figure import Figure
 from rich.table import Table
 from rich.text import Text
 
 from .benchreport import BenchReport
-from .runtime.files import atomic_path
 
-__all__ = ["epochs_table", "finetune_summary_table", "plot_training", "parity_table", "predictions_table", "variants_table",
-           "bench_table", "recommendation_line", "bench_markdown", "plot_bench"]
+__all__ = [
+    "epochs_table",
+    "finetune_summary_table",
+    "parity_table",
+    "predictions_table",
+    "variants_table",
+    "bench_table",
+    "recommendation_line",
+    "bench_markdown",
+]
 
 
 def epochs_table(history: list[dict[str, Any]], last: int = 12) -> Table:
@@ -50,14 +56,19 @@ def finetune_summary_table(metrics: dict[str, Any], run_dir: Path) -> Table:
     table.add_column(style="bold")
     table.add_column()
     table.add_row("model", Text(f"{metrics['arch']} ({metrics['mode']}), {metrics['image_size']} px"))
-    table.add_row("data", f"{metrics['train_images']} train / {metrics['val_images']} val / {metrics.get('test_images', 0)} test,"
-                  f" {len(metrics['classes'])} classes")
+    table.add_row(
+        "data",
+        f"{metrics['train_images']} train / {metrics['val_images']} val / {metrics.get('test_images', 0)} test, {len(metrics['classes'])} classes",
+    )
     proto = metrics.get("prototype")
     if proto:
         shots = sorted(set(proto["shots_per_class"]))
         per_class = f"{shots[0]}" if len(shots) == 1 else f"{shots[0]} to {shots[-1]}"
-        table.add_row("head", f"prototypes of {per_class} images per class, {'whitened' if proto['whitened'] else 'not whitened'},"
-                              f" scale {proto['scale']:.1f}; no training")
+        table.add_row(
+            "head",
+            f"prototypes of {per_class} images per class, {'whitened' if proto['whitened'] else 'not whitened'},"
+            f" scale {proto['scale']:.1f}; no training",
+        )
     else:
         table.add_row("best epoch", f"{metrics['best_epoch']} of {len(metrics['epochs'])}")
     table.add_row("val top-1", f"{100 * final['top1']:.2f}%")
@@ -71,8 +82,11 @@ def finetune_summary_table(metrics: dict[str, Any], run_dir: Path) -> Table:
         if adapt.get("target_top1") is not None:
             before = adapt.get("target_top1_before")
             was = f" (before adabn {100 * before:.2f}%)" if before is not None else ""
-            table.add_row("target top-1", f"{100 * adapt['target_top1']:.2f}% of {adapt['eval_images']} labelled target images{was};"
-                                          " reported only, the checkpoint is chosen on source val")
+            table.add_row(
+                "target top-1",
+                f"{100 * adapt['target_top1']:.2f}% of {adapt['eval_images']} labelled target images{was};"
+                " reported only, the checkpoint is chosen on source val",
+            )
     spent = f"prototypes {proto['seconds']:.2f} s" if proto else f"epochs {timing['epochs_s']:.1f} s"
     table.add_row("time", f"{timing['total_s']:.1f} s (features {timing['features_s']:.1f} s, {spent})")
     return table
@@ -92,57 +106,18 @@ def qat_summary_table(metrics: dict[str, Any], run_dir: Path) -> Table:
     table.add_row("scheme", Text(f"{qat['scheme']['weights']}; {qat['scheme']['activations']} ({qat['options']['target']})"))
     table.add_row("layers", f"{qat['layers']} quantised, none in float; {metrics['folded_batchnorm']} BatchNorm folded")
     history = metrics["history"]
-    table.add_row("val top-1", f"{pct(metrics['val_top1'])} quantised (epoch {metrics['best_epoch']} of {len(history) - 1};"
-                                f" calibrated only: {pct(history[0]['val_top1'])}); float {pct(parent.get('val_top1'))}")
+    table.add_row(
+        "val top-1",
+        f"{pct(metrics['val_top1'])} quantised (epoch {metrics['best_epoch']} of {len(history) - 1};"
+        f" calibrated only: {pct(history[0]['val_top1'])}); float {pct(parent.get('val_top1'))}",
+    )
     if metrics.get("test_top1") is not None:
-        table.add_row("test top-1", f"{pct(metrics['test_top1'])} quantised, float {pct(parent.get('test_top1'))},"
-                                    f" on {metrics['test_images']} images no stage chose on")
+        table.add_row(
+            "test top-1",
+            f"{pct(metrics['test_top1'])} quantised, float {pct(parent.get('test_top1'))}, on {metrics['test_images']} images no stage chose on",
+        )
     table.add_row("time", f"{metrics['seconds']:.1f} s")
     return table
-
-
-def plot_training(metrics: dict[str, Any], path: Path) -> Path:
-    """Loss and top-1 per epoch, and the validation confusion matrix, as one PNG."""
-    history = metrics["epochs"]
-    epochs = [row["epoch"] for row in history]
-    fig = Figure(figsize=(15, 4.4))  # no pyplot: no backend, no global state
-    loss_ax, acc_ax, cm_ax = fig.subplots(1, 3)
-    loss_ax.plot(epochs, [r["train_loss"] for r in history], "o-", label="train")
-    loss_ax.plot(epochs, [r["val_loss"] for r in history], "o-", label="val")
-    loss_ax.set(title="loss", xlabel="epoch")
-    acc_ax.plot(epochs, [100 * r["train_top1"] for r in history], "o-", label="train")
-    acc_ax.plot(epochs, [100 * r["val_top1"] for r in history], "o-", label="val")
-    if any(r.get("target_top1") is not None for r in history):
-        acc_ax.plot(epochs, [100 * r["target_top1"] if r.get("target_top1") is not None else float("nan") for r in history],
-                    "o-", label="target (reported, not chosen on)")
-    if any("domain_top1" in r for r in history):
-        acc_ax.plot(epochs, [100 * r.get("domain_top1", float("nan")) for r in history], "--", label="domain classifier")
-    acc_ax.axvline(metrics["best_epoch"], color="grey", linestyle=":", label="best")
-    acc_ax.set(title="top-1 (%)", xlabel="epoch")
-    for ax in (loss_ax, acc_ax):
-        ax.grid(alpha=0.3)
-        ax.legend()
-    _confusion(cm_ax, metrics["final"]["confusion_matrix"], metrics["classes"])
-    fig.suptitle(f"{metrics['arch']} ({metrics['mode']}), val top-1 {100 * metrics['final']['top1']:.2f}%")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    return path
-
-
-def _confusion(ax, matrix: list[list[int]], classes: list[str]) -> None:
-    ax.imshow(matrix, cmap="Blues")
-    ax.set(title="val confusion (rows: true)", xlabel="predicted", ylabel="true")
-    if len(classes) <= 20:
-        ticks = range(len(classes))
-        ax.set_xticks(ticks, classes, rotation=90 if max(map(len, classes)) > 3 else 0)
-        ax.set_yticks(ticks, classes)
-        darkest = max(max(row) for row in matrix) or 1
-        for i, row in enumerate(matrix):
-            for j, count in enumerate(row):
-                if count:
-                    colour = "white" if count > darkest / 2 else "black"
-                    ax.text(j, i, str(count), ha="center", va="center", fontsize=7, color=colour)
 
 
 def parity_table(result) -> Table:
@@ -152,11 +127,17 @@ def parity_table(result) -> Table:
     table.add_column()
     table.add_row("model", Text(f"{result.info.arch}, {len(result.info.labels)} classes, input {result.info.input_format}"))
     pre = result.info.preprocessing
-    table.add_row("preprocessing", f"resize {pre.resize_size} ({pre.interpolation.value}), crop {pre.input_size}, mean {_short(pre.mean)}, std {_short(pre.std)}")
+    table.add_row(
+        "preprocessing",
+        f"resize {pre.resize_size} ({pre.interpolation.value}), crop {pre.input_size}, mean {_short(pre.mean)}, std {_short(pre.std)}",
+    )
     if result.parity:
         p = result.parity
-        table.add_row("parity", f"max |logit diff| {p.max_abs_diff:.2e}, relative {p.max_rel_diff:.2e} (atol {p.atol:g},"
-                      f" rtol {p.rtol:g}), top-1 agreement {100 * p.top1_agreement:.1f}%")
+        table.add_row(
+            "parity",
+            f"max |logit diff| {p.max_abs_diff:.2e}, relative {p.max_rel_diff:.2e} (atol {p.atol:g},"
+            f" rtol {p.rtol:g}), top-1 agreement {100 * p.top1_agreement:.1f}%",
+        )
         table.add_row("checked on", f"{p.images} validation images, batches of {p.batch_size}, {p.provider}")
     else:
         table.add_row("parity", "not checked (--no-verify)")
@@ -199,7 +180,8 @@ def variants_table(variants) -> Table:
         interval = a.change_interval if a else None
         guard = r.details.get("guard", {}).get("seconds")
         table.add_row(
-            Text(v.name), f"{size:.1f}",
+            Text(v.name),
+            f"{size:.1f}",
             f"{100 * a.top1:.2f}%" if a and a.top1 is not None else "—",
             f"{a.top1_change_points:+.2f}" if a and a.top1_change_points is not None else "—",
             f"{interval[0]:+.2f} to {interval[1]:+.2f}" if interval else "—",
@@ -219,22 +201,44 @@ def _bench_rows(report: BenchReport):
             yield [r.variant, "—", r.status] + [""] * (len(_BENCH_COLUMNS) - 3)
             continue
         acc = r.accuracy
+        if acc is None:  # a measured row always has its accuracy
+            continue
         interval = acc.top1_change_interval
         for batch, t in r.latency.items():
             yield [
-                r.variant, batch, (r.provider or "").replace("ExecutionProvider", ""),
-                f"{t.mean_ms:.2f}", f"{t.p50_ms:.2f}", f"{t.p99_ms:.2f}",
-                f"±{50 * t.spread:.0f}%" if t.spread is not None else "—", f"{t.throughput_ips:.0f}",
+                r.variant,
+                batch,
+                (r.provider or "").replace("ExecutionProvider", ""),
+                f"{t.mean_ms:.2f}",
+                f"{t.p50_ms:.2f}",
+                f"{t.p99_ms:.2f}",
+                f"±{50 * t.spread:.0f}%" if t.spread is not None else "—",
+                f"{t.throughput_ips:.0f}",
                 f"{r.speedup_vs_eager.get(batch, float('nan')):.2f}×",
-                f"{100 * acc.top1:.2f}%", f"{acc.top1_change_points or 0.0:+.2f}",
+                f"{100 * acc.top1:.2f}%",
+                f"{acc.top1_change_points or 0.0:+.2f}",
                 f"{interval[0]:+.1f}…{interval[1]:+.1f}" if interval else "—",
                 _share(r.coverage),
                 f"{(r.size_bytes or 0) / 2**20:.1f}",
             ]
 
 
-_BENCH_COLUMNS = ["variant", "batch", "provider", "mean ms", "p50 ms", "p99 ms", "rounds", "img/s", "vs eager", "top-1", "Δ pt",
-                  "95% interval", "int8 MACs", "MB"]
+_BENCH_COLUMNS = [
+    "variant",
+    "batch",
+    "provider",
+    "mean ms",
+    "p50 ms",
+    "p99 ms",
+    "rounds",
+    "img/s",
+    "vs eager",
+    "top-1",
+    "Δ pt",
+    "95% interval",
+    "int8 MACs",
+    "MB",
+]
 NOISY_BASELINE = 0.2  # eager's round medians further apart than this share of their median: its speed-ups are uncertain
 
 
@@ -246,10 +250,12 @@ def noisy_baseline(report: BenchReport) -> str | None:
     moved = {b: t.spread for b, t in eager.latency.items() if t.spread is not None and t.spread > NOISY_BASELINE}
     if not moved:
         return None
-    worst = max(moved, key=moved.get)
-    return (f"eager's latency moved by {100 * moved[worst]:.0f}% of its median between rounds at batch {worst}"
-            " (another process, CPU frequency, or several thread pools in one process): its speed-ups are uncertain; compare"
-            " the other variants with each other, or bench again with more --rounds")
+    worst = max(moved, key=lambda batch: moved[batch])
+    return (
+        f"eager's latency moved by {100 * moved[worst]:.0f}% of its median between rounds at batch {worst}"
+        " (another process, CPU frequency, or several thread pools in one process): its speed-ups are uncertain; compare"
+        " the other variants with each other, or bench again with more --rounds"
+    )
 
 
 def _not_measured(report: BenchReport) -> list[str]:
@@ -259,8 +265,9 @@ def _not_measured(report: BenchReport) -> list[str]:
 def bench_table(report: BenchReport) -> Table:
     """The bench results in the terminal."""
     machine = report.machine
-    table = Table(title=Text(f"bench: {machine.cpu.model}, {machine.threads} threads, {report.eval_images} {report.eval_split} images"),
-                  title_justify="left")
+    table = Table(
+        title=Text(f"bench: {machine.cpu.model}, {machine.threads} threads, {report.eval_images} {report.eval_split} images"), title_justify="left"
+    )
     for column in _BENCH_COLUMNS:
         table.add_column(column, justify="left" if column in ("variant", "provider") else "right")
     for row in _bench_rows(report):
@@ -279,52 +286,34 @@ def recommendation_line(report: BenchReport) -> str:
     if rec.top1_change_interval:
         low, high = rec.top1_change_interval
         sure = f", 95% interval {low:+.2f} to {high:+.2f} on {rec.eval_images} {rec.eval_split} images"
-    return (f"recommended: {rec.variant} — {rec.mean_ms:.2f} ms at batch {rec.batch_size},"
-            f" {speedup}, top-1 {rec.top1_change_points:+.2f} points{sure} (budget {budget})")
+    return (
+        f"recommended: {rec.variant} — {rec.mean_ms:.2f} ms at batch {rec.batch_size},"
+        f" {speedup}, top-1 {rec.top1_change_points:+.2f} points{sure} (budget {budget})"
+    )
 
 
 def bench_markdown(report: BenchReport) -> str:
     """bench.md: the table, the recommendation and the machine, for a README or a PR."""
     machine = report.machine
-    lines = [f"# edgetransfer bench: {Path(report.run).name}", "", recommendation_line(report), "",
-             "| " + " | ".join(_BENCH_COLUMNS) + " |", "|" + "---|" * len(_BENCH_COLUMNS)]
+    lines = [
+        f"# edgetransfer bench: {Path(report.run).name}",
+        "",
+        recommendation_line(report),
+        "",
+        "| " + " | ".join(_BENCH_COLUMNS) + " |",
+        "|" + "---|" * len(_BENCH_COLUMNS),
+    ]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in _bench_rows(report)]
     lines += [f"\n{line}" for line in _not_measured(report) + [w for w in [noisy_baseline(report)] if w]]
     lines += ["", "rounds: ± half the spread of the round medians (variants are timed in turn, round after round)."]
     cpu = machine.cpu
     flags = ", ".join(k for k in ("avx2", "avx512", "vnni", "amx") if getattr(cpu, k))
-    lines += ["", f"Machine: {cpu.model} ({flags}), {machine.cores} cores, {machine.memory_gib} GiB, {machine.os};"
-              f" {machine.threads} threads for torch and ONNX Runtime, spinning off; {report.eval_images} {report.eval_split} images"
-              f"{' (no stage chose on them)' if report.eval_split == 'test' else ''};"
-              f" versions: {', '.join(f'{k} {v}' for k, v in machine.versions.items() if k not in ('platform',))}.", ""]
+    lines += [
+        "",
+        f"Machine: {cpu.model} ({flags}), {machine.cores} cores, {machine.memory_gib} GiB, {machine.os};"
+        f" {machine.threads} threads for torch and ONNX Runtime, spinning off; {report.eval_images} {report.eval_split} images"
+        f"{' (no stage chose on them)' if report.eval_split == 'test' else ''};"
+        f" versions: {', '.join(f'{k} {v}' for k, v in machine.versions.items() if k not in ('platform',))}.",
+        "",
+    ]
     return "\n".join(lines)
-
-
-def plot_bench(report: BenchReport, path: Path) -> Path | None:
-    """bench.png: top-1 against latency per variant, and the speed-up against eager."""
-    measured = [r for r in report.results if r.measured]
-    if not measured:
-        return None
-    batches = [str(b) for b in report.batch_sizes]
-    fig = Figure(figsize=(13, 4.6))
-    scatter, bars = fig.subplots(1, 2)
-    for r in measured:
-        x, y = r.latency[batches[0]].mean_ms, 100 * r.accuracy.top1
-        scatter.scatter(x, y, s=60)
-        scatter.annotate(r.variant, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
-    scatter.set(title=f"top-1 against latency (batch {batches[0]})", xlabel="mean latency (ms)", ylabel="top-1 (%)")
-    scatter.grid(alpha=0.3)
-    names = [r.variant for r in measured]
-    width = 0.8 / len(batches)
-    for i, batch in enumerate(batches):
-        values = [r.speedup_vs_eager.get(batch, 0) for r in measured]
-        bars.bar([j + i * width for j in range(len(names))], values, width, label=f"batch {batch}")
-    bars.axhline(1.0, color="grey", linestyle=":")
-    bars.set_xticks([j + width * (len(batches) - 1) / 2 for j in range(len(names))], names, rotation=30, ha="right")
-    bars.set(title="speed-up against eager PyTorch", ylabel="×")
-    bars.legend()
-    fig.suptitle(recommendation_line(report), fontsize=9)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    return path

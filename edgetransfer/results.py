@@ -30,6 +30,7 @@ __all__ = [
     "without_none",
 ]
 
+
 def known_fields(cls, data: dict[str, Any]) -> dict[str, Any]:
     """The items of ``data`` that are fields of ``cls`` (a newer writer may add fields)."""
     names = {f.name for f in fields(cls)}
@@ -111,8 +112,13 @@ def compare(candidate: np.ndarray, reference: np.ndarray, labels: np.ndarray | N
     if labels is None:
         return result
     right, reference_right = candidate.argmax(1) == labels, reference.argmax(1) == labels
-    return replace(result, top1=topk_accuracy(candidate, labels, 1), reference_top1=topk_accuracy(reference, labels, 1),
-                   lost=int((reference_right & ~right).sum()), gained=int((right & ~reference_right).sum()))
+    return replace(
+        result,
+        top1=topk_accuracy(candidate, labels, 1),
+        reference_top1=topk_accuracy(reference, labels, 1),
+        lost=int((reference_right & ~right).sum()),
+        gained=int((right & ~reference_right).sum()),
+    )
 
 
 @dataclass(frozen=True)
@@ -157,8 +163,14 @@ class GuardStep:
     images: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return without_none({"kept_in_float": list(self.kept_in_float), "drop_points": round(self.drop_points, 3),
-                              "logit_mse": round(self.logit_mse, 6), "images": self.images})
+        return without_none(
+            {
+                "kept_in_float": list(self.kept_in_float),
+                "drop_points": round(self.drop_points, 3),
+                "logit_mse": round(self.logit_mse, 6),
+                "images": self.images,
+            }
+        )
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GuardStep:
@@ -206,18 +218,35 @@ class IntegerCoverage:
         """One line: ``"99.2% of 384.0 M MACs in int8; float: node_Conv_764 (Conv, 10.8 M); 3 Q, 2 DQ left"``."""
         floats = ", ".join(f"{f.name} ({f.op}, {f.macs / 1e6:.1f} M)" for f in self.float_layers[:3])
         more = f" and {len(self.float_layers) - 3} more" if len(self.float_layers) > 3 else ""
-        return (f"{100 * self.share:.1f}% of {self.macs / 1e6:.1f} M MACs in int8"
-                + (f"; float: {floats}{more}" if floats else "") + f"; {self.quantize_nodes} Q, {self.dequantize_nodes} DQ left")
+        return (
+            f"{100 * self.share:.1f}% of {self.macs / 1e6:.1f} M MACs in int8"
+            + (f"; float: {floats}{more}" if floats else "")
+            + f"; {self.quantize_nodes} Q, {self.dequantize_nodes} DQ left"
+        )
 
     def to_dict(self) -> dict[str, Any]:
-        return {"macs": self.macs, "integer_macs": self.integer_macs, "integer_share": round(self.share, 6),
-                "integer_nodes": self.integer_nodes, "float_layers": [asdict(f) for f in self.float_layers],
-                "quantize_nodes": self.quantize_nodes, "dequantize_nodes": self.dequantize_nodes, "graph": self.graph}
+        return {
+            "macs": self.macs,
+            "integer_macs": self.integer_macs,
+            "integer_share": round(self.share, 6),
+            "integer_nodes": self.integer_nodes,
+            "float_layers": [asdict(f) for f in self.float_layers],
+            "quantize_nodes": self.quantize_nodes,
+            "dequantize_nodes": self.dequantize_nodes,
+            "graph": self.graph,
+        }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> IntegerCoverage:
-        return cls(data["macs"], data["integer_macs"], data["integer_nodes"], tuple(FloatLayer(**f) for f in data["float_layers"]),
-                   data["quantize_nodes"], data["dequantize_nodes"], data.get("graph", ""))
+        return cls(
+            data["macs"],
+            data["integer_macs"],
+            data["integer_nodes"],
+            tuple(FloatLayer(**f) for f in data["float_layers"]),
+            data["quantize_nodes"],
+            data["dequantize_nodes"],
+            data.get("graph", ""),
+        )
 
 
 @dataclass
@@ -256,27 +285,70 @@ class VariantReport:
         if self.accuracy is not None:
             a = self.accuracy
             interval = a.change_interval
-            data.update(eval_split=a.split, eval_images=a.images, float_top1=a.reference_top1, top1=a.top1,
-                        top1_drop_points=self.drop_points,
-                        top1_drop_interval=None if interval is None else [-interval[1], -interval[0]],
-                        images_lost=a.lost, images_gained=a.gained, top1_agreement=a.top1_agreement, max_abs_diff=a.max_abs_diff)
-        data.update(evaluated_on=self.evaluated_on, kept_in_float=list(self.kept_in_float),
-                    guard_steps=[s.to_dict() for s in self.guard_steps], warnings=list(self.warnings), seconds=self.seconds)
+            data.update(
+                eval_split=a.split,
+                eval_images=a.images,
+                float_top1=a.reference_top1,
+                top1=a.top1,
+                top1_drop_points=self.drop_points,
+                top1_drop_interval=None if interval is None else [-interval[1], -interval[0]],
+                images_lost=a.lost,
+                images_gained=a.gained,
+                top1_agreement=a.top1_agreement,
+                max_abs_diff=a.max_abs_diff,
+            )
+        data.update(
+            evaluated_on=self.evaluated_on,
+            kept_in_float=list(self.kept_in_float),
+            guard_steps=[s.to_dict() for s in self.guard_steps],
+            warnings=list(self.warnings),
+            seconds=self.seconds,
+        )
         if self.coverage is not None:
             data["integer_coverage"] = self.coverage.to_dict()
         return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> VariantReport:
-        typed = {"val_images", "eval_images", "eval_split", "float_top1", "top1", "top1_drop_points", "top1_drop_interval",
-                 "images_lost", "images_gained", "top1_agreement", "max_abs_diff", "evaluated_on", "kept_in_float",
-                 "guard_steps", "warnings", "seconds", "integer_coverage"}
+        typed = {
+            "val_images",
+            "eval_images",
+            "eval_split",
+            "float_top1",
+            "top1",
+            "top1_drop_points",
+            "top1_drop_interval",
+            "images_lost",
+            "images_gained",
+            "top1_agreement",
+            "max_abs_diff",
+            "evaluated_on",
+            "kept_in_float",
+            "guard_steps",
+            "warnings",
+            "seconds",
+            "integer_coverage",
+        }
         accuracy = None
         if "top1_agreement" in data:
-            images = data.get("eval_images", data.get("val_images"))  # val_images: manifests before the test split
-            accuracy = Comparison(images, data["max_abs_diff"], data["top1_agreement"], data.get("top1"), data.get("float_top1"),
-                                  data.get("images_lost"), data.get("images_gained"), data.get("eval_split", "validation"))
-        return cls(accuracy, data.get("evaluated_on", ""), list(data.get("kept_in_float", [])),
-                   [GuardStep.from_dict(s) for s in data.get("guard_steps", [])], list(data.get("warnings", [])),
-                   data.get("seconds", 0.0), {k: v for k, v in data.items() if k not in typed},
-                   IntegerCoverage.from_dict(data["integer_coverage"]) if isinstance(data.get("integer_coverage"), dict) else None)
+            images = int(data.get("eval_images", data.get("val_images", 0)))  # val_images: manifests before the test split
+            accuracy = Comparison(
+                images,
+                data["max_abs_diff"],
+                data["top1_agreement"],
+                data.get("top1"),
+                data.get("float_top1"),
+                data.get("images_lost"),
+                data.get("images_gained"),
+                data.get("eval_split", "validation"),
+            )
+        return cls(
+            accuracy,
+            data.get("evaluated_on", ""),
+            list(data.get("kept_in_float", [])),
+            [GuardStep.from_dict(s) for s in data.get("guard_steps", [])],
+            list(data.get("warnings", [])),
+            data.get("seconds", 0.0),
+            {k: v for k, v in data.items() if k not in typed},
+            IntegerCoverage.from_dict(data["integer_coverage"]) if isinstance(data.get("integer_coverage"), dict) else None,
+        )

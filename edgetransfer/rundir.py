@@ -33,7 +33,20 @@ if TYPE_CHECKING:
 __all__ = ["RunDir", "Manifest", "versions", "now"]
 
 SCHEMA = 2  # 2: an artifact's parent may be a list (bench.json); variant reports always carry kept_in_float, guard_steps, warnings
-_PACKAGES = ("torch", "torchvision", "timm", "numpy", "pillow", "onnx", "onnxruntime", "onnxruntime-gpu", "openvino", "nncf", "nvidia-modelopt", "aimet-onnx")
+_PACKAGES = (
+    "torch",
+    "torchvision",
+    "timm",
+    "numpy",
+    "pillow",
+    "onnx",
+    "onnxruntime",
+    "onnxruntime-gpu",
+    "openvino",
+    "nncf",
+    "nvidia-modelopt",
+    "aimet-onnx",
+)
 
 
 def now() -> str:
@@ -74,7 +87,7 @@ class RunDir:
     TIMING_CACHE = "tensorrt.timing-cache"
 
     def __init__(self, path: str | Path | RunDir) -> None:
-        self.path = path.path if isinstance(path, RunDir) else Path(path)
+        self.path: Path = path.path if isinstance(path, RunDir) else Path(path)
 
     def __truediv__(self, name: str | Path) -> Path:
         return self.path / name
@@ -244,8 +257,10 @@ class RunDir:
         """
         manifest = self.manifest()
         if manifest.data.get("status") != "complete":
-            raise RunError(f"{self.path} is still training or was interrupted (status {manifest.data.get('status')!r});"
-                           f" finish it with: edgetransfer finetune --resume {self.path}")
+            raise RunError(
+                f"{self.path} is still training or was interrupted (status {manifest.data.get('status')!r});"
+                f" finish it with: edgetransfer finetune --resume {self.path}"
+            )
         self.verify("checkpoint", "restore it, or fine-tune again")
         return manifest
 
@@ -303,8 +318,9 @@ def _acquire(handle, run_dir: Path) -> None:
     except BlockingIOError as exc:
         handle.seek(0)
         holder = handle.read().strip() or "unknown"
-        raise RunError(f"{run_dir} is being written by another edgetransfer process (pid {holder});"
-                       " wait for it to finish, or use another run directory") from exc
+        raise RunError(
+            f"{run_dir} is being written by another edgetransfer process (pid {holder}); wait for it to finish, or use another run directory"
+        ) from exc
     handle.seek(0)
     handle.truncate()
     handle.write(str(os.getpid()))

@@ -23,7 +23,9 @@ __all__ = ["predict", "enrol"]
 @click.argument("model", type=click.Path(path_type=Path))
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("-k", "--top-k", type=int, default=3, show_default=True)
-@click.option("--provider", "providers", multiple=True, help="cpu, cuda, tensorrt or a full provider name; repeat for a fallback order. [default: cpu]")
+@click.option(
+    "--provider", "providers", multiple=True, help="cpu, cuda, tensorrt or a full provider name; repeat for a fallback order. [default: cpu]"
+)
 @click.option("--allow-fallback", is_flag=True, help="Accept a later provider when the first cannot load.")
 @click.option("--device", default="CPU", show_default=True, help="OpenVINO device, for an .xml model (CPU, GPU, AUTO).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
@@ -57,12 +59,22 @@ def predict(model: Path, images: tuple[Path, ...], top_k: int, providers, allow_
 @click.option("--label", default=None, help="The class to add (or, with --replace, to make anew).")
 @click.option("--remove", "remove_label", default=None, metavar="LABEL", help="The class to remove.")
 @click.option("--replace", is_flag=True, help="Make an existing class anew from these images.")
-@click.option("--output", type=click.Path(path_type=Path), default=None, help="Where to write the enrolled model. [default: MODEL-enrolled.onnx beside it]")
+@click.option(
+    "--output", type=click.Path(path_type=Path), default=None, help="Where to write the enrolled model. [default: MODEL-enrolled.onnx beside it]"
+)
 @click.option("--in-place", is_flag=True, help="Replace MODEL itself (atomically).")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Inference threads.")
 @friendly
-def enrol(model: Path, images: tuple[Path, ...], label: str | None, remove_label: str | None, replace: bool,
-          output: Path | None, in_place: bool, threads: int | None) -> None:
+def enrol(
+    model: Path,
+    images: tuple[Path, ...],
+    label: str | None,
+    remove_label: str | None,
+    replace: bool,
+    output: Path | None,
+    in_place: bool,
+    threads: int | None,
+) -> None:
     """Add a class to a prototype model from a few images, or replace or remove one (no training, no torch).
 
     \b
@@ -77,6 +89,14 @@ def enrol(model: Path, images: tuple[Path, ...], label: str | None, remove_label
         raise OptionError("give either --label NAME with images, or --remove NAME")
     if remove_label is not None and images:
         raise OptionError("--remove takes no images")
-    done, path = enrol_file(model, label if label is not None else remove_label, [str(p) for p in images],
-                            remove=remove_label is not None, replace=replace, output=output, in_place=in_place, threads=threads)
+    done, path = enrol_file(
+        model,
+        label if label is not None else str(remove_label),
+        [str(p) for p in images],
+        remove=remove_label is not None,
+        replace=replace,
+        output=output,
+        in_place=in_place,
+        threads=threads,
+    )
     click.echo(enrolment_line(done, path))

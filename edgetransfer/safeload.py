@@ -30,7 +30,9 @@ def safe_load(path: str | Path, error: type[EdgeTransferError] = RunError) -> An
     except pickle.UnpicklingError as exc:
         if "GLOBAL" not in str(exc):  # torch names the global it refused; anything else is not a torch file
             raise error(f"cannot read {path}: it is not a file torch saved ({first_line(exc)})") from exc
-        raise error(f"{path} holds Python objects besides tensors and plain values; edgetransfer loads neither"
-                    " those nor files that need them. Use a file of tensors (a state_dict), or rebuild it") from exc
+        raise error(
+            f"{path} holds Python objects besides tensors and plain values; edgetransfer loads neither"
+            " those nor files that need them. Use a file of tensors (a state_dict), or rebuild it"
+        ) from exc
     except Exception as exc:  # zip and storage errors of a truncated or corrupt file
         raise error(f"cannot read {path}: {first_line(exc)}") from exc

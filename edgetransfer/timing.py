@@ -4,6 +4,7 @@ so that a machine that slows down or speeds up affects them all alike. Nothing b
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,13 +42,13 @@ def time_in_rounds(timed: list[Timed], batch: int, options: BenchOptions) -> Non
         return [t for t in timed if t.row.measured]
 
     for t in live():
-        _guarded(t, lambda t=t: [t.runner.infer(pools[id(t)][i % len(pools[id(t)])]) for i in range(options.warmup)])
+        _guarded(t, functools.partial(_timed_runs, t.runner, pools[id(t)], options.warmup, 0))
     done = 0
     while live() and (done < options.rounds or min(spent[id(t)] for t in live()) < options.min_seconds):
         for t in live():
             if t.row.kind == "torch-checkpoint" and t.row.threads:
                 torch.set_num_threads(t.row.threads)  # torch's pool is the process's: each eager row gets its own setting
-            times = _guarded(t, lambda t=t: _timed_runs(t.runner, pools[id(t)], per_round, len(rounds[id(t)]) * per_round))
+            times = _guarded(t, functools.partial(_timed_runs, t.runner, pools[id(t)], per_round, len(rounds[id(t)]) * per_round))
             if times:
                 rounds[id(t)].append(times)
                 spent[id(t)] += sum(times)

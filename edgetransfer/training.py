@@ -34,8 +34,9 @@ def seed_stage(seed: int, *stage: int) -> int:
     return int(words[3]) >> 1
 
 
-def cosine_with_warmup(optimizer: torch.optim.Optimizer, epochs: float, warmup_epochs: float,
-                       steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+def cosine_with_warmup(
+    optimizer: torch.optim.Optimizer, epochs: float, warmup_epochs: float, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up over ``warmup_epochs``, then cosine decay to zero at the end of ``epochs``
     (stepped once per optimiser step)."""
     total = max(1, int(epochs * steps_per_epoch))

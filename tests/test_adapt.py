@@ -55,7 +55,7 @@ def test_the_schedules_are_the_papers():
     assert reversal_weight(1.0) == pytest.approx(2 / (1 + math.exp(-10)) - 1)
     assert reversal_weight(0.1) == pytest.approx(0.46211715726)
     assert dann_lr_factor(0.0) == 1.0
-    assert dann_lr_factor(1.0) == pytest.approx(11 ** -0.75)
+    assert dann_lr_factor(1.0) == pytest.approx(11**-0.75)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -98,12 +98,15 @@ def test_adapt_defaults_to_dann_in_full_mode_and_the_demo_measures_on_digits_m()
     assert FinetuneConfig.from_dict(config.resolved().to_dict()) == config.resolved()
 
 
-@pytest.mark.parametrize("settings, message", [
-    ({"adapt": "frames", "mode": "head"}, r"^dann trains the backbone .* use --mode full, --unfreeze K, or --adapt-method adabn$"),
-    ({"adapt": "frames", "mode": "prototype"}, r"^--adapt goes with --mode head or full"),
-    ({"adapt_method": "adabn"}, r"^--adapt-method and --adapt-eval go with --adapt TARGET_DIR"),
-    ({"adapt_eval": "labelled"}, r"^--adapt-method and --adapt-eval go with --adapt TARGET_DIR"),
-])
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"adapt": "frames", "mode": "head"}, r"^dann trains the backbone .* use --mode full, --unfreeze K, or --adapt-method adabn$"),
+        ({"adapt": "frames", "mode": "prototype"}, r"^--adapt goes with --mode head or full"),
+        ({"adapt_method": "adabn"}, r"^--adapt-method and --adapt-eval go with --adapt TARGET_DIR"),
+        ({"adapt_eval": "labelled"}, r"^--adapt-method and --adapt-eval go with --adapt TARGET_DIR"),
+    ],
+)
 def test_adapt_options_that_cannot_work_are_refused_in_one_line(settings, message):
     with pytest.raises(OptionError, match=message):
         FinetuneConfig(**settings)
@@ -120,11 +123,14 @@ def test_target_folder_ignores_class_subfolders_and_skips_unreadable_images(tmp_
     assert {s.label for s in found.samples} == {-1}
 
 
-@pytest.mark.parametrize("make, message", [
-    (lambda p: p / "missing", r"^target folder not found: .*missing"),
-    (lambda p: (p / "empty").mkdir() or p / "empty", r"^target folder .*empty has no images"),
-    (lambda p: (p / "file.png").write_bytes(b"x") and p / "file.png", r"^--adapt takes a folder of images, not a file"),
-])
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda p: p / "missing", r"^target folder not found: .*missing"),
+        (lambda p: (p / "empty").mkdir() or p / "empty", r"^target folder .*empty has no images"),
+        (lambda p: (p / "file.png").write_bytes(b"x") and p / "file.png", r"^--adapt takes a folder of images, not a file"),
+    ],
+)
 def test_bad_target_folders_are_one_line_errors(tmp_path, make, message):
     with pytest.raises(DataError, match=message):
         target_images(str(make(tmp_path)), DataSpec())
@@ -143,8 +149,9 @@ def test_target_images_all_unreadable_fail_the_run_before_it_writes_anything(tmp
 
 def test_adabn_on_an_architecture_without_batchnorm_is_refused_before_any_work(tmp_path):
     frames = write_folder(tmp_path / "frames", per_class=2, classes=2)
-    config = FinetuneConfig(data=DataSpec(limit_per_class=4), arch="squeezenet1_0", weights="none", adapt=str(frames),
-                            adapt_method="adabn", image_size=32, epochs=1)
+    config = FinetuneConfig(
+        data=DataSpec(limit_per_class=4), arch="squeezenet1_0", weights="none", adapt=str(frames), adapt_method="adabn", image_size=32, epochs=1
+    )
     with pytest.raises(ModelError, match=r"^adabn recomputes BatchNorm statistics and squeezenet1_0 has none; use --adapt-method dann$"):
         finetune(config, tmp_path / "run")
     assert not (tmp_path / "run").exists()
@@ -219,11 +226,13 @@ def test_an_adapted_run_exports_the_same_graph_as_an_unadapted_one(shift_runs):
     graphs = []
     for result in shift_runs:
         model = onnx.load(str(export_onnx(result.run_dir, ExportOptions(verify_images=8)).path))
-        graphs.append((
-            [(node.op_type, list(node.input), list(node.output)) for node in model.graph.node],
-            sorted((t.name, tuple(t.dims)) for t in model.graph.initializer),
-            [(i.name, str(i.type)) for i in [*model.graph.input, *model.graph.output]],
-        ))
+        graphs.append(
+            (
+                [(node.op_type, list(node.input), list(node.output)) for node in model.graph.node],
+                sorted((t.name, tuple(t.dims)) for t in model.graph.initializer),
+                [(i.name, str(i.type)) for i in [*model.graph.input, *model.graph.output]],
+            )
+        )
     assert graphs[0] == graphs[1]
     assert len(graphs[0][0]) > 50 and not any("domain" in name for name, _ in graphs[1][1])
 
@@ -245,5 +254,6 @@ def test_adabn_run_ships_the_target_statistics_and_measures_before_and_after(tmp
     assert all(torch.equal(adapted["state_dict"][k], before["state_dict"][k]) for k in others)  # same head: same seed, same features
     report = result.metrics["adapt"]
     assert report["batchnorm_layers"] == len(stats) // 2 and report["target_top1_before"] == pytest.approx(
-        result.metrics["epochs"][result.metrics["best_epoch"] - 1]["target_top1"])
+        result.metrics["epochs"][result.metrics["best_epoch"] - 1]["target_top1"]
+    )
     assert result.metrics["final"]["top1"] != plain.metrics["final"]["top1"]  # validation measured on what ships

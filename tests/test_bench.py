@@ -58,7 +58,10 @@ def test_every_variant_is_measured_against_eager_in_the_same_run(run_dir, report
             assert row.speedup_vs_eager[batch] == pytest.approx(eager.latency[batch].mean_ms / t.mean_ms, rel=0.01)
         assert row.cold_start_s > 0 and row.rss_mb > 0
     for name in ("onnx", "onnx-uint8", "ort-cpu-fp32", "ort-cpu-int8"):
-        assert results[name].size_bytes == (run_dir / f"{'model' if name == 'onnx' else 'model-uint8' if name == 'onnx-uint8' else name}.onnx").stat().st_size
+        assert (
+            results[name].size_bytes
+            == (run_dir / f"{'model' if name == 'onnx' else 'model-uint8' if name == 'onnx-uint8' else name}.onnx").stat().st_size
+        )
         assert results[name].provider == "CPUExecutionProvider" and results[name].kind == "onnx"
     assert eager.kind == "torch-checkpoint" and eager.provider == "torch-cpu"
     assert results["onnx-uint8"].backend_settings["intra_op_num_threads"] == str(os.cpu_count())
@@ -102,8 +105,9 @@ def test_report_files_and_recommendation(run_dir, report):
 def test_a_corrupt_artifact_fails_alone(run_dir, tmp_path):
     broken = tmp_path / "broken.onnx"
     broken.write_bytes(b"not a model")
-    report = bench_run(run_dir, BenchOptions(batch_sizes=(1,), warmup=0, iterations=2, eval_images=16,
-                                             variants=("onnx",), models=(broken,)), out_dir=tmp_path)
+    report = bench_run(
+        run_dir, BenchOptions(batch_sizes=(1,), warmup=0, iterations=2, eval_images=16, variants=("onnx",), models=(broken,)), out_dir=tmp_path
+    )
     results = rows(report)
     assert results["broken.onnx"].status == "failed" and "broken.onnx" in results["broken.onnx"].reason
     assert results["broken.onnx"].latency == {} and "latency" not in results["broken.onnx"].to_dict()
@@ -122,8 +126,11 @@ def test_auto_threads_times_each_count_and_keeps_the_fastest(run_dir, tmp_path, 
 
     monkeypatch.setattr(bench_module, "_time", fake_time)
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
-    report = bench_run(run_dir, BenchOptions(batch_sizes=(1,), warmup=0, iterations=2, eval_images=8, threads=2,
-                                             variants=("ort-cpu-int8",), auto_threads=True), out_dir=tmp_path)
+    report = bench_run(
+        run_dir,
+        BenchOptions(batch_sizes=(1,), warmup=0, iterations=2, eval_images=8, threads=2, variants=("ort-cpu-int8",), auto_threads=True),
+        out_dir=tmp_path,
+    )
     assert [r.threads for r in report.results] == [1, 1] and tried.count(1) >= 2 and 2 in tried
 
 
@@ -140,8 +147,7 @@ def test_bad_input(run_dir, tmp_path):
 
 
 def test_cli_gate_fails_when_nothing_is_within_budget(run_dir, tmp_path):
-    args = ["bench", str(run_dir), "--batch-sizes", "1", "--iterations", "2", "--warmup", "0", "--eval-images", "8", "-q",
-            "--out", str(tmp_path)]
+    args = ["bench", str(run_dir), "--batch-sizes", "1", "--iterations", "2", "--warmup", "0", "--eval-images", "8", "-q", "--out", str(tmp_path)]
     result = CliRunner().invoke(main, args + ["--variant", "onnx"])
     assert result.exit_code == 0, result.output
     assert "recommended: onnx" in result.output

@@ -27,7 +27,9 @@ def test_default_job_runs_offline_and_reaches_the_floor(tmp_path):
     out = tmp_path / "demo"
     done = subprocess.run(
         [sys.executable, "-m", "edgetransfer", "finetune", "--out", str(out)],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert done.returncode == 0, done.stderr[-2000:]
     metrics = json.loads((out / "metrics.json").read_text())
@@ -60,8 +62,27 @@ def test_user_mistakes_get_one_line_and_exit_1(tmp_path, args, message):
 @pytest.mark.slow
 def test_killed_run_resumes_from_the_command_line(tmp_path):
     out = tmp_path / "killed"
-    command = [sys.executable, "-m", "edgetransfer", "finetune", "-q", "--out", str(out), "--limit-per-class", "10",
-               "--mode", "full", "--image-size", "32", "--epochs", "12", "--probe-epochs", "1", "--batch-size", "16"]
+    command = [
+        sys.executable,
+        "-m",
+        "edgetransfer",
+        "finetune",
+        "-q",
+        "--out",
+        str(out),
+        "--limit-per-class",
+        "10",
+        "--mode",
+        "full",
+        "--image-size",
+        "32",
+        "--epochs",
+        "12",
+        "--probe-epochs",
+        "1",
+        "--batch-size",
+        "16",
+    ]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 120
@@ -149,12 +170,14 @@ def test_the_command_list_is_each_command_s_own_first_paragraph():
 def test_help_and_the_runtime_commands_start_without_torch():
     """``edgetransfer --help`` lists the commands without importing any; predict and enrol load
     only the torch-free runtime."""
-    code = ("import sys; from edgetransfer.cli import main\n"
-            "for args in (['--help'], ['predict', '--help'], ['enrol', '--help']):\n"
-            "    try: main(args)\n"
-            "    except SystemExit as exc: assert exc.code == 0, args\n"
-            "heavy = sorted(m for m in ('torch', 'timm', 'sklearn', 'onnx') if m in sys.modules)\n"
-            "print('heavy:', heavy)")
+    code = (
+        "import sys; from edgetransfer.cli import main\n"
+        "for args in (['--help'], ['predict', '--help'], ['enrol', '--help']):\n"
+        "    try: main(args)\n"
+        "    except SystemExit as exc: assert exc.code == 0, args\n"
+        "heavy = sorted(m for m in ('torch', 'timm', 'sklearn', 'onnx') if m in sys.modules)\n"
+        "print('heavy:', heavy)"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "heavy: []" in done.stdout and "predict" in done.stdout and "Classify images" in done.stdout

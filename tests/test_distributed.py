@@ -17,8 +17,7 @@ from edgetransfer.rundir import Manifest
 
 
 def torchrun(*args: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-            "-m", "edgetransfer", "finetune", "-q", *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "edgetransfer", "finetune", "-q", *args]
 
 
 def wait_for(path, process, seconds=120) -> None:
@@ -40,8 +39,7 @@ def kill_job(process) -> None:
 @pytest.mark.slow
 def test_two_processes_write_one_run_that_matches_one_process(tmp_path):
     out = tmp_path / "ddp"
-    done = subprocess.run(torchrun("--limit-per-class", "20", "--epochs", "5", "--out", str(out)),
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(torchrun("--limit-per-class", "20", "--epochs", "5", "--out", str(out)), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.strip().splitlines()
     assert lines[-1] == str(out) and lines.count(str(out)) == 1  # only rank 0 reports
@@ -57,8 +55,22 @@ def test_two_processes_write_one_run_that_matches_one_process(tmp_path):
 @pytest.mark.slow
 def test_killed_distributed_run_resumes(tmp_path):
     out = tmp_path / "killed"
-    args = ["--limit-per-class", "10", "--mode", "full", "--image-size", "32", "--epochs", "8",
-            "--probe-epochs", "1", "--batch-size", "16", "--out", str(out)]
+    args = [
+        "--limit-per-class",
+        "10",
+        "--mode",
+        "full",
+        "--image-size",
+        "32",
+        "--epochs",
+        "8",
+        "--probe-epochs",
+        "1",
+        "--batch-size",
+        "16",
+        "--out",
+        str(out),
+    ]
     process = subprocess.Popen(torchrun(*args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         wait_for(out / "last.pt", process)
@@ -74,11 +86,24 @@ def test_killed_distributed_run_resumes(tmp_path):
 @pytest.mark.slow
 def test_a_lost_rank_ends_the_job_instead_of_hanging(tmp_path):
     out = tmp_path / "lost"
-    args = ["--limit-per-class", "10", "--mode", "full", "--image-size", "32", "--epochs", "200",
-            "--probe-epochs", "1", "--batch-size", "16", "--out", str(out)]
+    args = [
+        "--limit-per-class",
+        "10",
+        "--mode",
+        "full",
+        "--image-size",
+        "32",
+        "--epochs",
+        "200",
+        "--probe-epochs",
+        "1",
+        "--batch-size",
+        "16",
+        "--out",
+        str(out),
+    ]
     env = {**os.environ, "EDGETRANSFER_DIST_TIMEOUT": "30"}
-    process = subprocess.Popen(torchrun(*args), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                               env=env, start_new_session=True)
+    process = subprocess.Popen(torchrun(*args), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
     try:
         wait_for(out / "last.pt", process)
         workers = subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True, text=True).stdout.split()

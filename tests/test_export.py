@@ -142,12 +142,19 @@ def _fake_run(root: Path, name: str, size: int) -> Path:
 # has, shifted windows and distillation token included), fewer of each. The exporter's time grows
 # with the number of nodes, not the kind: maxvit_t took 170 s, one block per stage of it 33 s.
 SHALLOW_TORCHVISION = {
-    "maxvit_t": ("maxvit", "_maxvit", dict(stem_channels=64, block_channels=[64, 128, 256, 512], block_layers=[1, 1, 1, 1],
-                                           head_dim=32, stochastic_depth_prob=0.2, partition_size=7)),
-    "swin_t": ("swin_transformer", "_swin_transformer", dict(patch_size=[4, 4], embed_dim=96, depths=[2, 1, 1, 1],
-                                                             num_heads=[3, 6, 12, 24], window_size=[7, 7], stochastic_depth_prob=0.2)),
-    "vit_b_32": ("vision_transformer", "_vision_transformer", dict(patch_size=32, num_layers=2, num_heads=12, hidden_dim=768,
-                                                                   mlp_dim=3072)),
+    "maxvit_t": (
+        "maxvit",
+        "_maxvit",
+        dict(
+            stem_channels=64, block_channels=[64, 128, 256, 512], block_layers=[1, 1, 1, 1], head_dim=32, stochastic_depth_prob=0.2, partition_size=7
+        ),
+    ),
+    "swin_t": (
+        "swin_transformer",
+        "_swin_transformer",
+        dict(patch_size=[4, 4], embed_dim=96, depths=[2, 1, 1, 1], num_heads=[3, 6, 12, 24], window_size=[7, 7], stochastic_depth_prob=0.2),
+    ),
+    "vit_b_32": ("vision_transformer", "_vision_transformer", dict(patch_size=32, num_layers=2, num_heads=12, hidden_dim=768, mlp_dim=3072)),
     "densenet121": ("densenet", "_densenet", dict(growth_rate=32, block_config=(2, 2, 2, 2), num_init_features=64)),
 }
 SHALLOW_TIMM = {"timm:deit_tiny_distilled_patch16_224": dict(depth=2), "timm:levit_128s": dict(depth=(1, 1, 1))}
@@ -182,6 +189,7 @@ def shallow(monkeypatch):
 
 def test_shallow_members_leave_out_depth_and_nothing_else(monkeypatch):
     """Each shallow build has every kind of module its full-depth member has, and fewer modules."""
+
     def kinds(name):
         module = build(name, 3, weights="none").module
         return {type(m).__name__ for m in module.modules()}, sum(1 for _ in module.modules())

@@ -196,9 +196,7 @@ def test_full_mode_trains_the_backbone_but_not_batchnorm_statistics(uninterrupte
 
 @pytest.mark.slow
 def test_unfreezing_the_last_block_leaves_the_rest_and_its_batchnorm_alone(tmp_path):
-    config = FinetuneConfig(
-        data=DataSpec(limit_per_class=6), unfreeze_blocks=1, epochs=1, probe_epochs=0, image_size=32, batch_size=16
-    )
+    config = FinetuneConfig(data=DataSpec(limit_per_class=6), unfreeze_blocks=1, epochs=1, probe_epochs=0, image_size=32, batch_size=16)
     finetune(config, tmp_path / "run")
     reference = build("timm:efficientnet_lite0", 10)
     last = trunk_blocks(reference)[-1]

@@ -93,8 +93,13 @@ def test_an_import_inside_a_function_is_an_optional_dependency_that_says_so():
 
 
 def _function_imports(tree: ast.AST) -> set[ast.stmt]:
-    return {node for function in ast.walk(tree) if isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef))
-            for node in ast.walk(function) if isinstance(node, (ast.Import, ast.ImportFrom))}
+    return {
+        node
+        for function in ast.walk(tree)
+        if isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef))
+        for node in ast.walk(function)
+        if isinstance(node, (ast.Import, ast.ImportFrom))
+    }
 
 
 # --- rooms a reader can hold in mind ----------------------------------------------------------
@@ -132,17 +137,40 @@ def _private_imports(source: str, local: set[str]) -> list[str]:
             if ours and private:
                 found.append(f"{node.lineno}: from {'.' * node.level}{module} import {', '.join(private)}")
         elif isinstance(node, ast.Import):
-            found += [f"{node.lineno}: import {a.name}" for a in node.names if a.name.split(".")[0] == "edgetransfer"
-                      and any(p.startswith("_") and not p.startswith("__") for p in a.name.split("."))]
+            found += [
+                f"{node.lineno}: import {a.name}"
+                for a in node.names
+                if a.name.split(".")[0] == "edgetransfer" and any(p.startswith("_") and not p.startswith("__") for p in a.name.split("."))
+            ]
     return found
 
 
 def test_no_private_name_is_imported_from_another_module():
     local = {p.stem for p in (ROOT / "benchmarks").glob("*.py")} | {p.stem for p in (ROOT / "tests").glob("*.py")}
-    found = [f"{path.relative_to(ROOT)}:{line}" for root in (*SOURCES, ROOT / "tests", ROOT / "benchmarks")
-             for path in sorted(root.rglob("*.py")) for line in _private_imports(path.read_text(), local)]
+    found = [
+        f"{path.relative_to(ROOT)}:{line}"
+        for root in (*SOURCES, ROOT / "tests", ROOT / "benchmarks")
+        for path in sorted(root.rglob("*.py"))
+        for line in _private_imports(path.read_text(), local)
+    ]
     assert found == []
     planted = "from edgetransfer.bench import _measure\nfrom . import _wire\nimport edgetransfer.runtime._predictor\nfrom fingerprint import _x\n"
     assert _private_imports(planted, {"fingerprint"}) == [
-        "1: from edgetransfer.bench import _measure", "2: from . import _wire", "3: import edgetransfer.runtime._predictor",
-        "4: from fingerprint import _x"]
+        "1: from edgetransfer.bench import _measure",
+        "2: from . import _wire",
+        "3: import edgetransfer.runtime._predictor",
+        "4: from fingerprint import _x",
+    ]
+
+
+def test_onnx_runtime_sessions_are_opened_in_one_place():
+    """``edgetransfer.runtime.sessions`` opens every ONNX Runtime session (threads, spinning,
+    optimisation and errors set once); everything else, benchmarks included, goes through it."""
+    calls = [
+        f"{path.relative_to(ROOT)}:{node.lineno}"
+        for root in (*SOURCES, ROOT / "benchmarks")
+        for path in sorted(root.rglob("*.py"))
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "InferenceSession"
+    ]
+    assert calls and all(call.startswith("runtime/src/edgetransfer/runtime/sessions.py:") for call in calls), calls

@@ -45,12 +45,28 @@ def test_every_torchvision_builder_gets_a_classifier_of_the_right_size():
 
 # one small member of each family, run for real on CPU
 FAMILY_MEMBERS = {
-    "resnet18": 64, "regnet_x_400mf": 64, "shufflenet_v2_x0_5": 64, "googlenet": 64, "inception_v3": 96,
-    "mobilenet_v2": 64, "mobilenet_v3_small": 64, "efficientnet_b0": 64, "mnasnet0_5": 64, "alexnet": 64,
-    "vgg11": 32, "convnext_tiny": 64, "maxvit_t": 224, "densenet121": 64, "squeezenet1_1": 64,
-    "vit_b_32": 224, "swin_t": 64, "timm:efficientnet_lite0": 64, "timm:resnet10t": 64,
+    "resnet18": 64,
+    "regnet_x_400mf": 64,
+    "shufflenet_v2_x0_5": 64,
+    "googlenet": 64,
+    "inception_v3": 96,
+    "mobilenet_v2": 64,
+    "mobilenet_v3_small": 64,
+    "efficientnet_b0": 64,
+    "mnasnet0_5": 64,
+    "alexnet": 64,
+    "vgg11": 32,
+    "convnext_tiny": 64,
+    "maxvit_t": 224,
+    "densenet121": 64,
+    "squeezenet1_1": 64,
+    "vit_b_32": 224,
+    "swin_t": 64,
+    "timm:efficientnet_lite0": 64,
+    "timm:resnet10t": 64,
     # distilled: two heads whose mean is the logits; DeiT's read two tokens, LeViT's the same features
-    "timm:deit_tiny_distilled_patch16_224": 224, "timm:levit_128s": 224,
+    "timm:deit_tiny_distilled_patch16_224": 224,
+    "timm:levit_128s": 224,
 }
 
 

@@ -93,8 +93,10 @@ def test_overflow_fix_follows_the_cpu_and_keeps_weights_in_seven_bits(run_dir, v
     predictor = Predictor(run_dir / "model.onnx")
     calibration = [np.stack([predictor._prepare(img) for img in val_images[:8]])]
     other = "first_layer_only" if used == "enable" else "enable"
-    weights = {used: _seven_bit_weights(read_ir(run_dir / "openvino-int8.xml")[0]),
-               other: _seven_bit_weights(ovq.quantize(model, calibration, overflow=other))}
+    weights = {
+        used: _seven_bit_weights(read_ir(run_dir / "openvino-int8.xml")[0]),
+        other: _seven_bit_weights(ovq.quantize(model, calibration, overflow=other)),
+    }
     fits, total = weights["enable"]
     assert fits == total > 30  # every layer: u8 x s8 pairs cannot saturate 16-bit sums
     assert weights["first_layer_only"] == (1, total)
@@ -139,8 +141,7 @@ def test_int8_guard_keeps_layers_in_float_until_the_budget_holds(run_dir, tmp_pa
     run = tmp_path / "run"
     shutil.copytree(run_dir, run)
     # budget 0: only a model that changes no selection image's top-1 passes; every layer in float is the float model
-    (variant,) = build_variants(run, [Target.OPENVINO], [Precision.INT8], QuantOptions(calib_size=32, max_accuracy_drop=0.0,
-                                                                                      max_float_layers=1000))
+    (variant,) = build_variants(run, [Target.OPENVINO], [Precision.INT8], QuantOptions(calib_size=32, max_accuracy_drop=0.0, max_float_layers=1000))
     report = variant.report
     assert report.guard_steps[0].drop_points > 0.0  # unguarded INT8 changed the top-1 of some selection images
     shipped = [s for s in report.guard_steps if list(s.kept_in_float) == report.kept_in_float]
@@ -186,10 +187,13 @@ def test_bf16_is_refused_on_a_cpu_without_it(run_dir, monkeypatch):
     assert sorted(p.name for p in run_dir.iterdir()) == before
 
 
-@pytest.mark.parametrize("target, precision, message", [
-    ("openvino", "fp16", r"target openvino has no fp16 variant \(it has fp32, bf16, int8\); OpenVINO's CPU plugin computes bf16, not fp16"),
-    ("ort-cpu", "bf16", r"target ort-cpu has no bf16 variant \(it has fp32, fp16, int8\); bf16 is built for --target openvino"),
-])
+@pytest.mark.parametrize(
+    "target, precision, message",
+    [
+        ("openvino", "fp16", r"target openvino has no fp16 variant \(it has fp32, bf16, int8\); OpenVINO's CPU plugin computes bf16, not fp16"),
+        ("ort-cpu", "bf16", r"target ort-cpu has no bf16 variant \(it has fp32, fp16, int8\); bf16 is built for --target openvino"),
+    ],
+)
 def test_precisions_a_target_does_not_have_are_refused_up_front(run_dir, target, precision, message):
     result = CliRunner().invoke(main, ["export", str(run_dir), "--target", target, "--precision", precision])
     assert result.exit_code == 1
@@ -232,8 +236,13 @@ def test_bench_lists_openvino_beside_onnx_runtime(run_dir, tmp_path):
     fp32 = rows["openvino-fp32"]
     assert fp32.status == "measured" and fp32.provider == "OpenVINO CPU (f32)" and fp32.kind == "openvino"
     pinning = str(ov.Core().get_property("CPU", "ENABLE_CPU_PINNING"))  # left at the plugin's default, and recorded
-    assert fp32.backend_settings == {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1", "INFERENCE_NUM_THREADS": "1",
-                                     "INFERENCE_PRECISION_HINT": "f32", "ENABLE_CPU_PINNING": pinning}
+    assert fp32.backend_settings == {
+        "PERFORMANCE_HINT": "LATENCY",
+        "NUM_STREAMS": "1",
+        "INFERENCE_NUM_THREADS": "1",
+        "INFERENCE_PRECISION_HINT": "f32",
+        "ENABLE_CPU_PINNING": pinning,
+    }
     assert fp32.accuracy.top1_agreement == 1.0 and fp32.accuracy.max_abs_logit_diff < 1e-3
     assert fp32.size_bytes == sum((run_dir / f"openvino-fp32.{s}").stat().st_size for s in ("xml", "bin"))
     assert rows["onnx"].backend_settings["intra_op_num_threads"] == "1"

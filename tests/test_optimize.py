@@ -146,16 +146,23 @@ def _fragile_model(path: Path) -> str:
 
     torch.manual_seed(0)
     net = torch.nn.Sequential(
-        torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.ReLU(),
-        torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.ReLU(),
-        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 10),
+        torch.nn.Conv2d(3, 8, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 8, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 8, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 8, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(8, 10),
     ).eval()
     with torch.no_grad():
         net[2].weight[0] *= 1000
         net[2].bias[0] *= 1000
         net[4].weight[:, 0] /= 1000
-    torch.onnx.export(net, (torch.randn(1, 3, 16, 16),), str(path), input_names=["input"], dynamic_axes={"input": {0: "batch"}},
-                      dynamo=False)
+    torch.onnx.export(net, (torch.randn(1, 3, 16, 16),), str(path), input_names=["input"], dynamic_axes={"input": {0: "batch"}}, dynamo=False)
     return "4.weight"
 
 
@@ -223,6 +230,7 @@ def test_calibration_methods_give_different_scales(run_dir, tmp_path):
         stream = BatchStream(samples, info.preprocessing, "input", info.input_format, 8)
         cache = ortq.calibrate(prepared, stream, method, False, tmp_path / f"{method.value}.json")
         ranges[method] = json.loads(cache.read_text())
+
     def value(entry):  # the cache stores numbers bare or as {"data": …}
         return float(np.ravel(entry["data"] if isinstance(entry, dict) else entry)[0])
 
@@ -310,8 +318,9 @@ def test_an_onnx_file_from_another_checkpoint_is_refused(run_dir, tmp_path):
 
 
 def test_export_command_builds_variants(run_dir):
-    result = CliRunner().invoke(main, ["export", str(run_dir), "--target", "ort-cpu", "--precision", "int8",
-                                       "--calib-size", "16", "--max-accuracy-drop", "100"])
+    result = CliRunner().invoke(
+        main, ["export", str(run_dir), "--target", "ort-cpu", "--precision", "int8", "--calib-size", "16", "--max-accuracy-drop", "100"]
+    )
     assert result.exit_code == 0, result.output
     assert "ort-cpu-int8" in result.output and "CPU:" in result.output
     result = CliRunner().invoke(main, ["export", str(run_dir), "--precision", "int8"])
@@ -350,12 +359,15 @@ def test_committed_demo_calibration_set_is_balanced_training_data():
     assert {Path(s.name).stem for s in samples} == expected
 
 
-@pytest.mark.parametrize("vnni, target, reference", [
-    (False, Target.TENSORRT, True),  # 8-bit weights saturate on AVX2: measured as the GPU computes
-    (False, Target.ORT_CUDA, True),
-    (False, Target.ORT_CPU, False),  # this CPU's own kernels, on its 7-bit scheme
-    (True, Target.TENSORRT, False),  # exact here: the real kernels
-])
+@pytest.mark.parametrize(
+    "vnni, target, reference",
+    [
+        (False, Target.TENSORRT, True),  # 8-bit weights saturate on AVX2: measured as the GPU computes
+        (False, Target.ORT_CUDA, True),
+        (False, Target.ORT_CPU, False),  # this CPU's own kernels, on its 7-bit scheme
+        (True, Target.TENSORRT, False),  # exact here: the real kernels
+    ],
+)
 def test_a_gpu_int8_model_is_measured_as_the_gpu_computes_where_this_cpu_saturates(monkeypatch, vnni, target, reference):
     monkeypatch.setattr(ort_target, "cpu_features", lambda: CpuFeatures("an x86 CPU", "x86_64", avx2=True, avx512=vnni, vnni=vnni))
     assert ort_target.gpu_reference(target, Precision.INT8) is reference

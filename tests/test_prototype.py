@@ -122,8 +122,7 @@ def test_a_prototype_run_is_a_run_whose_checkpoint_rebuilds_the_head(run):
 
 
 def test_shots_keep_k_training_images_per_class(tmp_path, digit_folder):
-    result = finetune(FinetuneConfig(data=DataSpec(source=str(digit_folder)), mode="prototype", shots=2, image_size=32),
-                      tmp_path / "run")
+    result = finetune(FinetuneConfig(data=DataSpec(source=str(digit_folder)), mode="prototype", shots=2, image_size=32), tmp_path / "run")
     assert result.metrics["prototype"]["shots_per_class"] == [2, 2, 2] and result.metrics["train_images"] == 6
     assert result.metrics["prototype"]["whitened"]  # two images per class: a within-class spread to whiten by
     head = load_checkpoint(result.run_dir / "model.pt")[0].heads[0]
@@ -254,8 +253,12 @@ def test_enrolment_into_an_int8_model_uses_its_features_and_keeps_the_prototypes
     model = onnx.load(variant.path)
     head = [n for n in model.graph.node if n.name.startswith("edgetransfer.prototype/")]
     produced = {out: n for n in model.graph.node for out in n.output}
-    assert head and all(produced.get(i) is None or produced[i].op_type != "DequantizeLinear" for n in head for i in n.input
-                        if i != "pooled" and not i.startswith("edgetransfer.prototype."))
+    assert head and all(
+        produced.get(i) is None or produced[i].op_type != "DequantizeLinear"
+        for n in head
+        for i in n.input
+        if i != "pooled" and not i.startswith("edgetransfer.prototype.")
+    )
     assert any(n.op_type == "QuantizeLinear" for n in model.graph.node)  # the backbone is quantised
     predictor = Predictor(variant.path)
     features = predictor.features([str(p) for p in new_images[:5]])

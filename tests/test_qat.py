@@ -149,10 +149,13 @@ def test_a_qdq_model_that_computes_something_else_fails_the_check(child, tmp_pat
     model = onnx.load(str(run.onnx))
     constants = {node.output[0]: node for node in model.graph.node if node.op_type == "Constant"}
     initializers = {init.name: init for init in model.graph.initializer}
-    first_weight_dq = next(node for node in model.graph.node if node.op_type == "DequantizeLinear"
-                           and (node.input[1] in initializers or node.input[1] in constants)
-                           and numpy_helper.to_array(initializers[node.input[1]] if node.input[1] in initializers
-                                                     else constants[node.input[1]].attribute[0].t).size > 1)
+    first_weight_dq = next(
+        node
+        for node in model.graph.node
+        if node.op_type == "DequantizeLinear"
+        and (node.input[1] in initializers or node.input[1] in constants)
+        and numpy_helper.to_array(initializers[node.input[1]] if node.input[1] in initializers else constants[node.input[1]].attribute[0].t).size > 1
+    )
     name = first_weight_dq.input[1]
     if name in initializers:
         scale = numpy_helper.to_array(initializers[name])

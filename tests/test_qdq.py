@@ -20,8 +20,10 @@ C, SIZE = 8, 6
 def _pair(name: str, tensor: str, scale, zero, axis: int | None = None) -> tuple[list, str]:
     """Q and DQ of ``tensor`` with Constant scale and zero point, as torch's exporter writes them."""
     scale, zero = np.asarray(scale, np.float32), np.asarray(zero, np.int8)
-    nodes = [helper.make_node("Constant", [], [f"{name}_scale"], value=numpy_helper.from_array(scale)),
-             helper.make_node("Constant", [], [f"{name}_zero"], value=numpy_helper.from_array(zero))]
+    nodes = [
+        helper.make_node("Constant", [], [f"{name}_scale"], value=numpy_helper.from_array(scale)),
+        helper.make_node("Constant", [], [f"{name}_zero"], value=numpy_helper.from_array(zero)),
+    ]
     extra = {"axis": axis} if axis is not None else {}
     nodes.append(helper.make_node("QuantizeLinear", [tensor, f"{name}_scale", f"{name}_zero"], [f"{name}_q"], name=f"{name}/Q", **extra))
     nodes.append(helper.make_node("DequantizeLinear", [f"{name}_q", f"{name}_scale", f"{name}_zero"], [f"{name}_dq"], name=f"{name}/DQ", **extra))
@@ -39,8 +41,11 @@ def residual_model(dead_channel: bool = False) -> onnx.ModelProto:
     nodes = []
     # 7-bit weights, as the CPU scheme without VNNI has them: ONNX Runtime's integer kernels are then
     # exact on every x86 CPU (with 8 bits, u8 x s8 pair sums saturate 16 bits on AVX2)
-    for name, tensor, scale, zero, axis in (("x", "x", 0.03, 0, None), ("wa", "wa", np.abs(wa).reshape(C, -1).max(1) / 63, np.zeros(C), 0),
-                                            ("wb", "wb", np.abs(wb).reshape(C, -1).max(1) / 63, np.zeros(C), 0)):
+    for name, tensor, scale, zero, axis in (
+        ("x", "x", 0.03, 0, None),
+        ("wa", "wa", np.abs(wa).reshape(C, -1).max(1) / 63, np.zeros(C), 0),
+        ("wb", "wb", np.abs(wb).reshape(C, -1).max(1) / 63, np.zeros(C), 0),
+    ):
         pair, _ = _pair(name, tensor, scale, zero, axis)
         nodes += pair
     nodes.append(helper.make_node("Conv", ["x_dq", "wa_dq", "ba"], ["a"], name="conv_a", pads=[1, 1, 1, 1]))
@@ -53,8 +58,13 @@ def residual_model(dead_channel: bool = False) -> onnx.ModelProto:
     pair, s_dq = _pair("s", "s", 0.06, 0)  # the next layer's input quantizer
     nodes += pair
     nodes.append(helper.make_node("Identity", [s_dq], ["y"], name="out"))
-    graph = helper.make_graph(nodes, "residual", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, SIZE, SIZE])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, C, SIZE, SIZE])], inits)
+    graph = helper.make_graph(
+        nodes,
+        "residual",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, SIZE, SIZE])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, C, SIZE, SIZE])],
+        inits,
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
@@ -99,8 +109,11 @@ def test_uint8_activations_are_the_same_grid_and_int8_ones_stay_for_tensorrt():
     np.testing.assert_allclose(run(unsigned, x, reference=True), run(signed, x, reference=True), atol=1e-6)
 
     def activation_zero_points(model):
-        return {constant_value(model.graph, n.input[2]).dtype.name for n in model.graph.node
-                if n.op_type == "QuantizeLinear" and n.input[0] not in ("wa", "wb")}
+        return {
+            constant_value(model.graph, n.input[2]).dtype.name
+            for n in model.graph.node
+            if n.op_type == "QuantizeLinear" and n.input[0] not in ("wa", "wb")
+        }
 
     assert activation_zero_points(signed) == {"int8"} and activation_zero_points(unsigned) == {"uint8"}
 

@@ -73,8 +73,9 @@ def test_the_provider_probe_model_is_the_identity_model_onnx_would_make():
     from edgetransfer.runtime.providers import PROBE_MODEL
 
     tensor = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
-    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe", [tensor],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])], "probe", [tensor], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])]
+    )
     expected = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], producer_name="")
     expected.ir_version = 8
     probe = onnx.load_from_string(PROBE_MODEL)
@@ -138,8 +139,10 @@ def test_check_refuses_a_changed_model_and_a_missing_one_in_one_line(model, tmp_
     (copy / model.name).write_bytes(bytes(data))
     code, out, err = run_cli("check", str(copy / model.name), capsys=capsys)
     assert code == 1 and out == ""
-    assert err.strip() == (f"Error: {copy / model.name} has changed since it was recorded in manifest.json (its sha256"
-                           " differs); export it again, or copy the model and its manifest again")
+    assert err.strip() == (
+        f"Error: {copy / model.name} has changed since it was recorded in manifest.json (its sha256"
+        " differs); export it again, or copy the model and its manifest again"
+    )
     code, _, err = run_cli("info", str(tmp_path / "gone.onnx"), capsys=capsys)
     assert code == 1 and err.startswith("Error: model not found") and len(err.strip().splitlines()) == 1
 
@@ -163,8 +166,12 @@ def test_labels_from_a_model_cannot_drive_the_terminal(model, tmp_path, capsys):
 
 
 def _build(project: Path, out: Path) -> None:
-    done = subprocess.run([sys.executable, "-m", "build", "--no-isolation", "--sdist", "--wheel", "--outdir", str(out), str(project)],
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "build", "--no-isolation", "--sdist", "--wheel", "--outdir", str(out), str(project)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
 
 
@@ -213,14 +220,15 @@ def test_the_runtime_wheel_installs_alone_without_torch_and_predicts_like_the_to
         assert not [n for n in archive.namelist() if n.startswith("edgetransfer/runtime/")]
     requires = [line.split(": ", 1)[1] for line in _metadata(runtime_wheel) if line.startswith("Requires-Dist: ")]
     assert sorted(r.split(">")[0].split(";")[0].strip().lower() for r in requires) == ["numpy", "onnxruntime", "openvino", "pillow"]
-    assert any(r.startswith("edgetransfer-runtime") for r in
-               (line.split(": ", 1)[1] for line in _metadata(toolkit_wheel) if line.startswith("Requires-Dist: ")))
+    assert any(
+        r.startswith("edgetransfer-runtime")
+        for r in (line.split(": ", 1)[1] for line in _metadata(toolkit_wheel) if line.startswith("Requires-Dist: "))
+    )
 
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     python, pip = venv / "bin" / "python", venv / "bin" / "pip"
-    done = subprocess.run([str(pip), "install", "-q", "--no-index", "--no-deps", str(runtime_wheel)],
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run([str(pip), "install", "-q", "--no-index", "--no-deps", str(runtime_wheel)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     # Offline, and with the very numpy, Pillow and ONNX Runtime that run here (so that the answers
     # can be compared bit for bit): the distributions the wheel requires, and theirs in turn, read
@@ -240,15 +248,21 @@ def test_the_runtime_wheel_installs_alone_without_torch_and_predicts_like_the_to
 
     for name in FORBIDDEN_IN_VENV:
         assert subprocess.run([str(python), "-c", f"import {name}"], capture_output=True).returncode != 0, name
-    dependencies_mb = sum(_size_mb(path.resolve()) if path.resolve().is_dir() else path.resolve().stat().st_size / 1e6
-                          for path in linked.iterdir())
-    print(f"\nruntime-only venv: {_size_mb(venv) + dependencies_mb:.0f} MB ({dependencies_mb:.0f} MB of it the dependencies:"
-          f" {', '.join(sorted(deps))})")
+    dependencies_mb = sum(_size_mb(path.resolve()) if path.resolve().is_dir() else path.resolve().stat().st_size / 1e6 for path in linked.iterdir())
+    print(
+        f"\nruntime-only venv: {_size_mb(venv) + dependencies_mb:.0f} MB ({dependencies_mb:.0f} MB of it the dependencies: {', '.join(sorted(deps))})"
+    )
 
     command = venv / "bin" / "edgetransfer-runtime"
     env = {**os.environ, "PYTHONPATH": ""}
-    done = subprocess.run([str(command), "predict", str(model), *map(str, images), "--json", "-k", "10"],
-                          capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    done = subprocess.run(
+        [str(command), "predict", str(model), *map(str, images), "--json", "-k", "10"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=tmp_path,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     there = [[(p["label"], p["probability"]) for p in row["predictions"]] for row in json.loads(done.stdout)["results"]]
     here = [[(p.label, p.probability) for p in preds] for preds in Predictor(model).predict([str(p) for p in images], top_k=10)]
@@ -272,9 +286,11 @@ def test_two_onnxruntime_builds_in_one_environment_are_named_with_the_fix(monkey
         (tmp_path / info).mkdir()
     monkeypatch.setattr(sessions, "_onnxruntime_folder", lambda: tmp_path)
     assert sessions.onnxruntime_builds() == installed
-    assert sessions.mixed_builds() == ("onnxruntime 1.32.0, onnxruntime-gpu 1.31.1 are installed together and overwrite each"
-                                       " other's files; keep one: pip uninstall -y onnxruntime onnxruntime-gpu &&"
-                                       " pip install onnxruntime-gpu")
+    assert sessions.mixed_builds() == (
+        "onnxruntime 1.32.0, onnxruntime-gpu 1.31.1 are installed together and overwrite each"
+        " other's files; keep one: pip uninstall -y onnxruntime onnxruntime-gpu &&"
+        " pip install onnxruntime-gpu"
+    )
     (tmp_path / "onnxruntime_gpu-1.31.1.dist-info").rmdir()
     assert sessions.mixed_builds() is None
 
@@ -293,8 +309,9 @@ def test_fast_jpeg_decodes_large_photos_at_a_reduced_scale_and_changes_pixels_by
     small = tmp_path / "small.jpg"
     Image.fromarray(data.chelsea()).resize((400, 280)).save(small)
     assert load_rgb(small, 2 * pre.resize_size).size == (400, 280)  # 1/2 would be 140 < 146: left alone
-    changed = np.abs(np.asarray(pre.resize_crop(load_rgb(path)), np.int16)
-                     - np.asarray(pre.resize_crop(load_rgb(path, 2 * pre.resize_size)), np.int16))
+    changed = np.abs(
+        np.asarray(pre.resize_crop(load_rgb(path)), np.int16) - np.asarray(pre.resize_crop(load_rgb(path, 2 * pre.resize_size)), np.int16)
+    )
     assert 0 < changed.max() <= 2
     a, b = exact.predict(str(path), top_k=10), fast.predict(str(path), top_k=10)
     assert a[0].label == b[0].label

@@ -27,8 +27,9 @@ from conftest import copy_run
 class FakeTensorRT(types.ModuleType):
     """What TensorRT 11 exposes that our code touches, recording every call."""
 
-    def __init__(self, version: str = "11.0.0", strongly_typed: bool = True, parse_errors: tuple[str, ...] = (),
-                 engine: bytes | None = b"ENGINE") -> None:
+    def __init__(
+        self, version: str = "11.0.0", strongly_typed: bool = True, parse_errors: tuple[str, ...] = (), engine: bytes | None = b"ENGINE"
+    ) -> None:
         super().__init__("tensorrt")
         self.__version__ = version
         self.calls: list[tuple] = []
@@ -230,8 +231,9 @@ def test_the_tensorrt_target_builds_records_and_benches_through_the_registry(mon
     export_onnx(run)  # on the CPU, before torch is told there is a GPU
     pretend_gpu(monkeypatch)
     trt = install(monkeypatch, FakeTensorRT())
-    (variant,) = build_variants(run, [Target.TENSORRT], [Precision.INT8], QuantOptions(calib_size=16, max_accuracy_drop=100),
-                                TensorRTOptions(max_batch=4))
+    (variant,) = build_variants(
+        run, [Target.TENSORRT], [Precision.INT8], QuantOptions(calib_size=16, max_accuracy_drop=100), TensorRTOptions(max_batch=4)
+    )
     assert variant.path == run / "tensorrt-int8.engine" and variant.path.read_bytes() == b"ENGINE"
     assert [f.name for f in variant.files] == ["tensorrt-int8.engine", "tensorrt-int8.json"]
     assert variant.report.details["scheme"]["symmetric_activations"]  # TensorRT's INT8: symmetric QDQ

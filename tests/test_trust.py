@@ -174,22 +174,25 @@ def with_props(run: Path, tmp_path: Path, **props: str) -> Path:
     return path
 
 
-@pytest.mark.parametrize("props, message", [
-    ({"mean": "[0.5, 0.5]"}, r"mean needs 3 finite numbers"),
-    ({"std": "[0, 1, 1]"}, r"std must be positive"),
-    ({"std": "[1, 1e-40, 1]"}, r"map pixels in \[0, 1\] to values up to 5.02e\+39; a model's inputs must stay within ±10000"),
-    ({"mean": "[1e38, 0, 0]"}, r"map pixels in \[0, 1\] to values up to 1.99e\+38"),
-    ({"std": '["a", 1, 1]'}, r"std must be a list of numbers"),
-    ({"input_size": "60000", "resize_size": "60000"}, r"input_size <= 4096"),
-    ({"input_size": '"64"'}, r"input_size must be a whole number"),
-    ({"labels": '"0123456789"'}, r"labels must be a non-empty list of strings"),
-    ({"labels": "[1, 2]"}, r"labels must be a non-empty list of strings"),
-    ({"labels": "not json"}, r"labels is not JSON"),
-    ({"interpolation": "sinc"}, r"unknown interpolation 'sinc'"),
-    ({"input_format": "uint8-nhwc"}, r"metadata says input_format 'uint8-nhwc' but its graph takes float input"),
-    ({"input_format": "rgb565"}, r"input_format 'rgb565' is not"),
-    ({"input_size": "32", "resize_size": "36"}, r"metadata says input_size 32 \(NCHW\), but its graph takes \[None, 3, 64, 64\]"),
-])
+@pytest.mark.parametrize(
+    "props, message",
+    [
+        ({"mean": "[0.5, 0.5]"}, r"mean needs 3 finite numbers"),
+        ({"std": "[0, 1, 1]"}, r"std must be positive"),
+        ({"std": "[1, 1e-40, 1]"}, r"map pixels in \[0, 1\] to values up to 5.02e\+39; a model's inputs must stay within ±10000"),
+        ({"mean": "[1e38, 0, 0]"}, r"map pixels in \[0, 1\] to values up to 1.99e\+38"),
+        ({"std": '["a", 1, 1]'}, r"std must be a list of numbers"),
+        ({"input_size": "60000", "resize_size": "60000"}, r"input_size <= 4096"),
+        ({"input_size": '"64"'}, r"input_size must be a whole number"),
+        ({"labels": '"0123456789"'}, r"labels must be a non-empty list of strings"),
+        ({"labels": "[1, 2]"}, r"labels must be a non-empty list of strings"),
+        ({"labels": "not json"}, r"labels is not JSON"),
+        ({"interpolation": "sinc"}, r"unknown interpolation 'sinc'"),
+        ({"input_format": "uint8-nhwc"}, r"metadata says input_format 'uint8-nhwc' but its graph takes float input"),
+        ({"input_format": "rgb565"}, r"input_format 'rgb565' is not"),
+        ({"input_size": "32", "resize_size": "36"}, r"metadata says input_size 32 \(NCHW\), but its graph takes \[None, 3, 64, 64\]"),
+    ],
+)
 def test_broken_metadata_is_refused_naming_the_field(run, tmp_path, props, message):
     path = with_props(run, tmp_path, **props)
     with pytest.raises(PredictorError, match=message) as caught:
@@ -198,9 +201,15 @@ def test_broken_metadata_is_refused_naming_the_field(run, tmp_path, props, messa
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(key=st.sampled_from(["labels", "mean", "std", "input_size", "resize_size", "interpolation", "input_format"]),
-       value=st.one_of(st.text(max_size=40), st.integers().map(str), st.lists(st.floats(allow_nan=True), max_size=5).map(json.dumps),
-                       st.lists(st.text(max_size=5), max_size=4).map(json.dumps)))
+@given(
+    key=st.sampled_from(["labels", "mean", "std", "input_size", "resize_size", "interpolation", "input_format"]),
+    value=st.one_of(
+        st.text(max_size=40),
+        st.integers().map(str),
+        st.lists(st.floats(allow_nan=True), max_size=5).map(json.dumps),
+        st.lists(st.text(max_size=5), max_size=4).map(json.dumps),
+    ),
+)
 def test_fuzzed_metadata_loads_or_is_refused_with_a_predictor_error(run, tmp_path_factory, key, value):
     path = with_props(run, tmp_path_factory.mktemp("fuzz"), **{key: value})
     try:
@@ -215,11 +224,14 @@ def test_fuzzed_metadata_loads_or_is_refused_with_a_predictor_error(run, tmp_pat
 # --- images -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("size, message", [
-    ((1, 100_000), r"more than 64 times longer than it is wide"),
-    ((1_000_000, 1), r"more than 64 times longer than it is wide"),
-    ((9000, 9000), r"more than the 64 million edgetransfer decodes"),
-])
+@pytest.mark.parametrize(
+    "size, message",
+    [
+        ((1, 100_000), r"more than 64 times longer than it is wide"),
+        ((1_000_000, 1), r"more than 64 times longer than it is wide"),
+        ((9000, 9000), r"more than the 64 million edgetransfer decodes"),
+    ],
+)
 def test_extreme_images_get_one_line_before_any_large_allocation(run, tmp_path, size, message):
     path = tmp_path / "extreme.png"
     Image.new("L", size).save(path, optimize=True)
@@ -239,14 +251,17 @@ def test_image_size_has_an_upper_bound():
 
 
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.one_of(
-    st.binary(max_size=2000),
-    st.binary(max_size=300).map(lambda body: b"\x89PNG\r\n\x1a\n" + body),
-    st.binary(max_size=300).map(lambda body: b"\xff\xd8\xff\xe0" + body),
-    st.tuples(st.integers(0, 3), st.integers(0, 3000), st.integers(0, 5)).map(
-        lambda s: np.zeros((s[1] % 97, s[1], s[2]) if s[0] else (s[1] % 5, s[2]), dtype=np.uint8)),
-    st.sampled_from([None, 3, 1.5, "", object(), np.zeros((4, 4, 3), np.float32), np.zeros((2, 2, 2, 3), np.uint8)]),
-))
+@given(
+    st.one_of(
+        st.binary(max_size=2000),
+        st.binary(max_size=300).map(lambda body: b"\x89PNG\r\n\x1a\n" + body),
+        st.binary(max_size=300).map(lambda body: b"\xff\xd8\xff\xe0" + body),
+        st.tuples(st.integers(0, 3), st.integers(0, 3000), st.integers(0, 5)).map(
+            lambda s: np.zeros((s[1] % 97, s[1], s[2]) if s[0] else (s[1] % 5, s[2]), dtype=np.uint8)
+        ),
+        st.sampled_from([None, 3, 1.5, "", object(), np.zeros((4, 4, 3), np.float32), np.zeros((2, 2, 2, 3), np.uint8)]),
+    )
+)
 def test_fuzzed_images_give_predictions_or_a_predictor_error(run, image):
     predictor = _shared_predictor(run)
     try:
@@ -286,10 +301,13 @@ def test_paths_and_labels_are_printed_as_they_are_never_as_markup(run, tmp_path)
 # --- nothing half-made ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("config, error", [
-    (FinetuneConfig(data=DataSpec(source="/no/such/folder")), DataError),
-    (FinetuneConfig(arch="resnet19", data=DataSpec(limit_per_class=4)), UnknownNameError),
-])
+@pytest.mark.parametrize(
+    "config, error",
+    [
+        (FinetuneConfig(data=DataSpec(source="/no/such/folder")), DataError),
+        (FinetuneConfig(arch="resnet19", data=DataSpec(limit_per_class=4)), UnknownNameError),
+    ],
+)
 def test_a_run_that_cannot_start_leaves_no_run_directory(tmp_path, config, error):
     out = tmp_path / "run"
     with pytest.raises(error):
@@ -377,13 +395,21 @@ def test_a_second_writer_is_refused_naming_the_first_and_stale_temporaries_go(ru
     import sys
     import textwrap
 
-    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(f"""
         import time
         from edgetransfer.rundir import RunDir
         with RunDir({str(run)!r}).lock():
             print("held", flush=True)
             time.sleep(120)
-    """)], stdout=subprocess.PIPE, text=True)
+    """),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         stale = run / ".model.onnx.k2j4h1.tmp"  # what an export killed mid-write leaves
@@ -449,8 +475,11 @@ def test_a_model_whose_logits_are_not_its_classifiers_is_refused_in_head_mode(mo
     original = BuiltModel.head
     monkeypatch.setattr(BuiltModel, "head", lambda self, widths=None: Doubled(original(self, widths)))
     data = DataSpec(limit_per_class=3)
-    with pytest.raises(ModelError, match=r"^timm:efficientnet_lite0's logits are not its classifier's output on cached features, "
-                       r"so head mode cannot train it on them; use --unfreeze-blocks 1 or --mode full$"):
+    with pytest.raises(
+        ModelError,
+        match=r"^timm:efficientnet_lite0's logits are not its classifier's output on cached features, "
+        r"so head mode cannot train it on them; use --unfreeze-blocks 1 or --mode full$",
+    ):
         finetune(FinetuneConfig(data=data, image_size=32), tmp_path / "head")
     assert not (tmp_path / "head").exists()
     # end to end, only the linear probe (trained on cached features) is given up

@@ -33,4 +33,4 @@ class EagerRunner(Runner):
             return out.float().cpu().numpy()
 
     def deactivate(self) -> None:
-        self.model = None
+        self.model = None  # type: ignore[assignment]  # released: the runner is closed

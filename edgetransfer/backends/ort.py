@@ -30,8 +30,11 @@ class OrtRunner(Runner):
         if self.provider != self.wanted:
             raise SkipVariant(f"asked for {self.wanted}, the session got {self.provider}")
         self.checkpoint_sha256 = self.session.get_modelmeta().custom_metadata_map.get("checkpoint_sha256", "")
-        self.settings = {"intra_op_num_threads": str(self.threads or "default"), "inter_op_num_threads": "1" if self.threads else "default",
-                         "allow_spinning": "0"}
+        self.settings = {
+            "intra_op_num_threads": str(self.threads or "default"),
+            "inter_op_num_threads": "1" if self.threads else "default",
+            "allow_spinning": "0",
+        }
         first = self.session.get_inputs()[0]
         self.input_name = first.name
         self.input_format = "uint8-nhwc" if "uint8" in first.type else "float32-nchw-normalized"

@@ -7,6 +7,7 @@ from ..cpu import CpuFeatures, cpu_features
 from . import ort_target  # noqa: F401
 from . import openvino  # noqa: F401
 from . import tensorrt  # noqa: F401
+
 # isort: on
 from .context import QuantOptions, TensorRTOptions
 from .ort import CalibMethod

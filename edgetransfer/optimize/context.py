@@ -76,11 +76,20 @@ class QuantOptions:
 
     def settings(self) -> dict:
         """The options as the manifest records them."""
-        return {"calib": str(self.calib) if self.calib else None, "calib_size": self.calib_size, "calib_batch": self.calib_batch,
-                "method": self.method.value, "max_accuracy_drop": self.max_accuracy_drop,
-                "max_float_layers": self.max_float_layers, "dynamic": self.dynamic, "eval_images": self.eval_images,
-                "guard_images": self.guard_images, "rounding": self.rounding.value,
-                "adaround_iterations": self.adaround_iterations, "adaround_images": self.adaround_images}
+        return {
+            "calib": str(self.calib) if self.calib else None,
+            "calib_size": self.calib_size,
+            "calib_batch": self.calib_batch,
+            "method": self.method.value,
+            "max_accuracy_drop": self.max_accuracy_drop,
+            "max_float_layers": self.max_float_layers,
+            "dynamic": self.dynamic,
+            "eval_images": self.eval_images,
+            "guard_images": self.guard_images,
+            "rounding": self.rounding.value,
+            "adaround_iterations": self.adaround_iterations,
+            "adaround_images": self.adaround_images,
+        }
 
 
 @dataclass(frozen=True)
@@ -95,15 +104,18 @@ class TensorRTOptions:
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_batch <= self.opt_batch <= self.max_batch:
-            raise OptionError(
-                f"TensorRT batch profile needs 1 <= min <= opt <= max, got {self.min_batch}/{self.opt_batch}/{self.max_batch}"
-            )
+            raise OptionError(f"TensorRT batch profile needs 1 <= min <= opt <= max, got {self.min_batch}/{self.opt_batch}/{self.max_batch}")
         if self.workspace_mib < 1:
             raise OptionError(f"TensorRT workspace must be at least 1 MiB, got {self.workspace_mib}")
 
     def settings(self) -> dict:
-        return {"min_batch": self.min_batch, "opt_batch": self.opt_batch, "max_batch": self.max_batch,
-                "workspace_mib": self.workspace_mib, "timing_cache": str(self.timing_cache) if self.timing_cache else None}
+        return {
+            "min_batch": self.min_batch,
+            "opt_batch": self.opt_batch,
+            "max_batch": self.max_batch,
+            "workspace_mib": self.workspace_mib,
+            "timing_cache": str(self.timing_cache) if self.timing_cache else None,
+        }
 
 
 @dataclass
@@ -148,9 +160,10 @@ class BuildContext:
             samples = self.run.selection(self.quant.guard_images)
             source = "validation images" if self.run.dataset.test else "every other validation image"
             stream = self.stream(samples, max(1, len(samples)))
-            images = stream.get_next()[self.input_name]
-            self._selection = Selection(images, run_logits(self.float_model, images), [s.name for s in samples], source,
-                                        np.array([s.label for s in samples]))
+            images = _all_images(stream, self.input_name)
+            self._selection = Selection(
+                images, run_logits(self.float_model, images), [s.name for s in samples], source, np.array([s.label for s in samples])
+            )
         return self._selection
 
     def stream(self, samples: list[Sample], batch: int) -> BatchStream:
@@ -171,8 +184,7 @@ class BuildContext:
             samples, source = balanced_sample(self.run.dataset.train, quant.calib_size), "run training data (class-balanced)"
         if len(samples) < quant.calib_batch:
             raise QuantizationError(
-                f"the calibration set has {len(samples)} image(s), fewer than the batch of {quant.calib_batch};"
-                " add images or lower --calib-batch"
+                f"the calibration set has {len(samples)} image(s), fewer than the batch of {quant.calib_batch}; add images or lower --calib-batch"
             )
         return samples, source
 
@@ -190,8 +202,14 @@ def open_context(run: RunDir, quant: QuantOptions, tensorrt: TensorRTOptions) ->
     input_name = model.graph.input[0].name
     samples, split = run.held_out(quant.eval_images)
     stream = BatchStream(samples, info.preprocessing, input_name, info.input_format, max(1, len(samples)))
-    images = stream.get_next()[input_name]
+    images = _all_images(stream, input_name)
     labels = np.array([s.label for s in samples])
-    return BuildContext(run, base, info, input_name, images, labels, run_logits(reference or base, images), quant, tensorrt, split,
-                        reference)
+    return BuildContext(run, base, info, input_name, images, labels, run_logits(reference or base, images), quant, tensorrt, split, reference)
 
+
+def _all_images(stream: BatchStream, input_name: str) -> np.ndarray:
+    """The one batch ``stream`` holds (every image), as the model's input."""
+    batch = stream.get_next()
+    if batch is None:
+        raise QuantizationError("no images to measure the quantised model on: the run's split is empty; fine-tune on more images")
+    return batch[input_name]

@@ -26,15 +26,16 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from ..errors import QuantizationError, first_line
+from ..errors import PredictorError, QuantizationError, first_line
 from ..results import FloatLayer, IntegerCoverage
-from ..runtime.sessions import open_session
+from ..runtime.sessions import open_session, write_optimized
 
 __all__ = ["INTEGER_OPS", "FLOAT_OPS", "integer_coverage", "is_quantized"]
 
 # ONNX Runtime's kernels that multiply-accumulate in integers (ONNX and com.microsoft domains)
-INTEGER_OPS = frozenset({"QLinearConv", "QLinearConvTranspose", "ConvInteger", "QLinearMatMul", "MatMulInteger", "QGemm",
-                         "MatMulIntegerToFloat", "DynamicQuantizeMatMul"})
+INTEGER_OPS = frozenset(
+    {"QLinearConv", "QLinearConvTranspose", "ConvInteger", "QLinearMatMul", "MatMulInteger", "QGemm", "MatMulIntegerToFloat", "DynamicQuantizeMatMul"}
+)
 # ... and those that do it in float
 FLOAT_OPS = frozenset({"Conv", "FusedConv", "ConvTranspose", "Gemm", "FusedGemm", "MatMul", "FusedMatMul"})
 _QDQ = ("QuantizeLinear", "DequantizeLinear")
@@ -71,8 +72,12 @@ def integer_coverage(model: str | Path | bytes) -> IntegerCoverage:
             floats.append(FloatLayer(node.name, node.op_type, macs))
     ops = [node.op_type for node in optimised.graph.node]
     return IntegerCoverage(
-        macs=integer + sum(f.macs for f in floats), integer_macs=integer, integer_nodes=integer_nodes, float_layers=tuple(floats),
-        quantize_nodes=ops.count("QuantizeLinear"), dequantize_nodes=ops.count("DequantizeLinear"),
+        macs=integer + sum(f.macs for f in floats),
+        integer_macs=integer,
+        integer_nodes=integer_nodes,
+        float_layers=tuple(floats),
+        quantize_nodes=ops.count("QuantizeLinear"),
+        dequantize_nodes=ops.count("DequantizeLinear"),
         graph=f"onnxruntime {ort.__version__} CPUExecutionProvider, default optimisation level (NCHWc blocking of float convolutions left out)",
     )
 
@@ -81,15 +86,12 @@ def _optimised(model: str | Path | bytes):
     """The graph ONNX Runtime's CPU provider runs for ``model``, as it writes it out."""
 
     with tempfile.TemporaryDirectory(prefix="edgetransfer-coverage-") as work:
-        options = ort.SessionOptions()
-        options.optimized_model_filepath = str(Path(work) / "optimised.onnx")
-        options.log_severity_level = 3  # it warns that the written graph is for this machine: it is only read here
-        source = model if isinstance(model, bytes) else str(model)
+        written = Path(work) / "optimised.onnx"  # this machine's graph: only read here
         try:
-            ort.InferenceSession(source, options, providers=["CPUExecutionProvider"], disabled_optimizers=_SKIPPED)
-        except Exception as exc:  # InvalidGraph, NotImplemented, Fail: the model is not one this ONNX Runtime runs
+            write_optimized(model, written, disabled_optimizers=_SKIPPED)
+        except PredictorError as exc:  # InvalidGraph, NotImplemented, Fail: the model is not one this ONNX Runtime runs
             raise QuantizationError(f"ONNX Runtime cannot load the model to measure its integer coverage: {first_line(exc)}") from exc
-        return onnx.load(options.optimized_model_filepath)
+        return onnx.load(written)
 
 
 def _shapes(optimised) -> dict[str, tuple[int, ...]]:

@@ -40,8 +40,19 @@ import onnx
 from ..errors import QuantizationError
 from ..results import GuardStep
 
-__all__ = ["Score", "distance", "quantized_nodes", "Selection", "GuardSubject", "GuardResult", "hold_budget", "rank_layers",
-           "RANKING_IMAGES", "hold_prequantized", "QAT_FALLBACK"]
+__all__ = [
+    "Score",
+    "distance",
+    "quantized_nodes",
+    "Selection",
+    "GuardSubject",
+    "GuardResult",
+    "hold_budget",
+    "rank_layers",
+    "RANKING_IMAGES",
+    "hold_prequantized",
+    "QAT_FALLBACK",
+]
 
 Score = tuple[float, float]  # (top-1 disagreement with float in points, mean squared logit error against float)
 RANKING_IMAGES = 32
@@ -104,18 +115,28 @@ class GuardResult:
     def record(self, selection: Selection, budget: float, max_float: int) -> dict:
         """The guard's entry in the manifest."""
         if self.labelled_drop is not None:
-            return {"method": "measured only (QAT: nothing can go back to float)", "criterion": "labelled top-1 drop against float",
-                    "labelled_drop_points": round(self.labelled_drop, 3), "seconds": round(self.seconds, 2), "budget_points": budget,
-                    "selection": {"source": selection.source, "images": len(selection.names), "labels_used": True,
-                                  "names": list(selection.names)},
-                    "disagreement_points": round(self.final[0], 3), "logit_mse": round(self.final[1], 6)}
+            return {
+                "method": "measured only (QAT: nothing can go back to float)",
+                "criterion": "labelled top-1 drop against float",
+                "labelled_drop_points": round(self.labelled_drop, 3),
+                "seconds": round(self.seconds, 2),
+                "budget_points": budget,
+                "selection": {"source": selection.source, "images": len(selection.names), "labels_used": True, "names": list(selection.names)},
+                "disagreement_points": round(self.final[0], 3),
+                "logit_mse": round(self.final[1], 6),
+            }
         return {
             "method": METHOD if self.ranking else "learned rounding" if self.recovery else "none needed",
             "seconds": round(self.seconds, 2),
             "budget_points": budget,
             "max_float_layers": max_float,
-            "selection": {"source": selection.source, "images": len(selection.names), "ranking_images": min(RANKING_IMAGES, len(selection.names)),
-                          "labels_used": False, "names": list(selection.names)},
+            "selection": {
+                "source": selection.source,
+                "images": len(selection.names),
+                "ranking_images": min(RANKING_IMAGES, len(selection.names)),
+                "labels_used": False,
+                "names": list(selection.names),
+            },
             "disagreement_points": round(self.final[0], 3),
             "logit_mse": round(self.final[1], 6),
             "ranking": [{"layer": name, "logit_mse_alone": round(error, 6)} for name, error in self.ranking],
@@ -130,8 +151,9 @@ def distance(logits: np.ndarray, float_logits: np.ndarray) -> Score:
     return disagreement, float(np.mean((logits - float_logits) ** 2)) if len(logits) else 0.0
 
 
-def rank_layers(subject: GuardSubject, layers: Sequence[str], images: np.ndarray, float_logits: np.ndarray,
-                report: Callable[[str], None] = lambda message: None) -> list[tuple[str, float]]:
+def rank_layers(
+    subject: GuardSubject, layers: Sequence[str], images: np.ndarray, float_logits: np.ndarray, report: Callable[[str], None] = lambda message: None
+) -> list[tuple[str, float]]:
     """Each layer with the logit error its quantisation adds on its own: the model with only that
     layer quantised (every other one in float) against the float model. Largest first; ties keep
     graph order.
@@ -153,8 +175,14 @@ def rank_layers(subject: GuardSubject, layers: Sequence[str], images: np.ndarray
     return [measured[i] for i in order]
 
 
-def hold_budget(subject: GuardSubject, selection: Selection, budget: float, max_float: int,
-                report: Callable[[str], None], recover: Callable[[], dict | None] | None = None) -> GuardResult:
+def hold_budget(
+    subject: GuardSubject,
+    selection: Selection,
+    budget: float,
+    max_float: int,
+    report: Callable[[str], None],
+    recover: Callable[[], dict | None] | None = None,
+) -> GuardResult:
     """Measure ``subject`` fully quantised on the selection images; when its top-1 disagreement
     with float is over ``budget`` points, keep its highest-ranked layers in float, as few as
     bisection along the ranking finds.
@@ -186,23 +214,33 @@ def hold_budget(subject: GuardSubject, selection: Selection, budget: float, max_
         report(f"{subject.name} after {recovery.get('method', 'recovery')}: {full[0]:.2f}% disagreement")
         if full[0] <= budget:
             return GuardResult([], full, steps, [], time.perf_counter() - started, recovery=recovery)
-    layers = subject.layers()
-    limit = min(max_float, len(layers))
+    limit = min(max_float, len(layers := subject.layers()))
     if not limit:
         _refuse(subject, full[0], 0, budget, started)
     report(f"{subject.name} guard: ranking its layers")
     ranking = rank_layers(subject, layers, *selection.ranking(), report)
     ranked = [name for name, _ in ranking]
-    outcome = {0: full, limit: measure(ranked[:limit])}
-    if outcome[limit][0] > budget:
-        _refuse(subject, outcome[limit][0], limit, budget, started)
+    most = measure(ranked[:limit])
+    if most[0] > budget:
+        _refuse(subject, most[0], limit, budget, started)
+    kept, score = _fewest_in_float(measure, ranked, (limit, most), budget, lambda text: report(f"{subject.name} guard: {text}"))
+    return GuardResult(ranked[:kept], score, steps, ranking, time.perf_counter() - started, recovery=recovery)
+
+
+def _fewest_in_float(
+    measure: Callable[[Sequence[str]], Score], ranked: list[str], holding: tuple[int, Score], budget: float, report: Callable[[str], None]
+) -> tuple[int, Score]:
+    """Bisection along the ranking: the fewest leading layers in float that hold the budget, and
+    that model's score, given ``holding``: a count that holds it, and its score (none in float does not)."""
+    limit, at_limit = holding
+    outcome = {limit: at_limit}
     low, high = 0, limit  # low misses the budget, high holds it
     while high - low > 1:
         middle = (low + high) // 2
         outcome[middle] = measure(ranked[:middle])
         low, high = (low, middle) if outcome[middle][0] <= budget else (middle, high)
-        report(f"{subject.name} guard: {middle} layer(s) in float -> {outcome[middle][0]:.2f}% disagreement")
-    return GuardResult(ranked[:high], outcome[high], steps, ranking, time.perf_counter() - started, recovery=recovery)
+        report(f"{middle} layer(s) in float -> {outcome[middle][0]:.2f}% disagreement")
+    return high, outcome[high]
 
 
 def _refuse(subject: GuardSubject, disagreement: float, kept: int, budget: float, started: float) -> None:
@@ -234,12 +272,15 @@ def hold_prequantized(name: str, run: Callable[[np.ndarray], np.ndarray], select
     logits = run(selection.images)
     disagreement, mse = distance(logits, selection.float_logits)
     labels = selection.labels
+    if labels is None:
+        raise QuantizationError("a QAT model's guard needs the selection images' labels; none were loaded")
     drop = 100.0 * float(np.mean(selection.float_logits.argmax(1) == labels) - np.mean(logits.argmax(1) == labels))
     steps = [GuardStep((), disagreement, mse, len(selection.images))]
     if drop > budget:
         raise QuantizationError(
             f"{name} loses {drop:.2f} top-1 points against the float model on {len(labels)} validation images (budget {budget});"
-            f" nothing was written. Raise --max-accuracy-drop, or use {QAT_FALLBACK}")
+            f" nothing was written. Raise --max-accuracy-drop, or use {QAT_FALLBACK}"
+        )
     return GuardResult([], (disagreement, mse), steps, seconds=time.perf_counter() - started, labelled_drop=drop)
 
 
@@ -249,6 +290,5 @@ def quantized_nodes(qdq_model) -> list[str]:
     graph = (qdq_model if isinstance(qdq_model, onnx.ModelProto) else onnx.load(str(qdq_model))).graph
     dequantized = {out for node in graph.node if node.op_type == "DequantizeLinear" for out in node.output}
     return [
-        node.name for node in graph.node
-        if node.op_type not in ("QuantizeLinear", "DequantizeLinear") and any(i in dequantized for i in node.input)
+        node.name for node in graph.node if node.op_type not in ("QuantizeLinear", "DequantizeLinear") and any(i in dequantized for i in node.input)
     ]

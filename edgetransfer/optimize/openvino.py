@@ -68,7 +68,7 @@ def require(nncf: bool = False) -> None:
     import_openvino()
     if nncf:
         try:
-            import nncf  # noqa: F401  (optional heavy dependency, the openvino extra: imported here)
+            import nncf as nncf_module  # noqa: F401  (optional heavy dependency, the openvino extra: imported here)
         except ImportError:
             raise MissingDependencyError(f"INT8 for OpenVINO needs NNCF, which is not installed: {EXTRA}") from None
 
@@ -101,8 +101,7 @@ def overflow_fix(cpu: CpuFeatures) -> str:
     return "enable" if cpu.x86 and not cpu.int8_fast else "first_layer_only"
 
 
-def quantize(model, batches: Sequence[np.ndarray], ignored: Sequence[str] = (), compress_weights: bool = True,
-             overflow: str = "first_layer_only"):
+def quantize(model, batches: Sequence[np.ndarray], ignored: Sequence[str] = (), compress_weights: bool = True, overflow: str = "first_layer_only"):
     """NNCF post-training INT8 quantisation of ``model`` calibrated on ``batches``.
 
     Args:
@@ -144,8 +143,11 @@ def quantize(model, batches: Sequence[np.ndarray], ignored: Sequence[str] = (), 
 
 def prototype_ops(model) -> list[str]:
     """The prototype head's operations, kept in float (see ``ort.prototype_nodes``)."""
-    return [op.get_friendly_name() for op in model.get_ordered_ops() if op.get_friendly_name().startswith(PROTOTYPE_NODE + "/")
-            and op.get_type_name() not in ("Constant", "Result", "Parameter")]
+    return [
+        op.get_friendly_name()
+        for op in model.get_ordered_ops()
+        if op.get_friendly_name().startswith(PROTOTYPE_NODE + "/") and op.get_type_name() not in ("Constant", "Result", "Parameter")
+    ]
 
 
 def quantized_ops(model) -> list[str]:
@@ -155,7 +157,8 @@ def quantized_ops(model) -> list[str]:
     -> Multiply). Without the second, an operation whose activation NNCF quantised further up (the
     classifier's MatMul, quantised before the Reshape) would not count once its weights are int8."""
     return [
-        op.get_friendly_name() for op in model.get_ordered_ops()
+        op.get_friendly_name()
+        for op in model.get_ordered_ops()
         if op.get_type_name() not in ("FakeQuantize", "Result") and any(_quantized(_source(i)) for i in op.inputs())
     ]
 
@@ -233,11 +236,12 @@ def build_variant(context: BuildContext, target: Target, precision: Precision) -
         model = _int8(context, model, report)
     report.accuracy = context.compare(logits(model, context.held_out, hint))
     budget = context.quant.max_accuracy_drop
-    if precision is Precision.BF16 and report.drop_points > budget:
-        report.warnings.append(f"bf16 loses {report.drop_points:.2f} top-1 points ({_interval(report)}), more than the"
-                               f" {budget}-point budget; bench will not recommend it")
-    props = {**context.info.to_props(), "precision": precision.value, INFERENCE_PRECISION: hint,
-             "source_onnx_sha256": sha256_file(context.base)}
+    if precision is Precision.BF16 and (report.drop_points or 0.0) > budget:
+        report.warnings.append(
+            f"bf16 loses {report.drop_points:.2f} top-1 points ({_interval(report)}), more than the"
+            f" {budget}-point budget; bench will not recommend it"
+        )
+    props = {**context.info.to_props(), "precision": precision.value, INFERENCE_PRECISION: hint, "source_onnx_sha256": sha256_file(context.base)}
     output = save_ir(model, context.run / f"{name}.xml", props)
     return Variant(name, Target.OPENVINO, precision, output, report)
 
@@ -250,8 +254,11 @@ def _int8(context: BuildContext, model, report: VariantReport) -> Any:
         selection = context.selection()
         held = hold_prequantized("OpenVINO INT8 (QAT)", lambda images: logits(model, images), selection, quant.max_accuracy_drop)
         report.kept_in_float, report.guard_steps = [], held.steps
-        report.details.update(mode="QDQ from quantisation-aware training, converted as it is", qat=context.run.qat_record(),
-                              guard=held.record(selection, quant.max_accuracy_drop, 0))
+        report.details.update(
+            mode="QDQ from quantisation-aware training, converted as it is",
+            qat=context.run.qat_record(),
+            guard=held.record(selection, quant.max_accuracy_drop, 0),
+        )
         return compress_weights(model)
     samples, source = context.calibration_samples()
     stream = context.stream(samples, quant.calib_batch)
@@ -268,7 +275,9 @@ def _int8(context: BuildContext, model, report: VariantReport) -> Any:
     with console.status("NNCF: collecting statistics and correcting biases"):
         quantized = quantize(model, batches, prototype_ops(model), compress_weights=False, overflow=overflow)
     report.details.update(
-        mode="static (NNCF)", nncf={"preset": "mixed", "bias_correction": "full", "overflow_fix": overflow}, cpu=cpu.to_dict(),
+        mode="static (NNCF)",
+        nncf={"preset": "mixed", "bias_correction": "full", "overflow_fix": overflow},
+        cpu=cpu.to_dict(),
         calibration={"source": source, "images": stream.used, "batch": quant.calib_batch, "files": describe_samples(samples)},
         max_accuracy_drop_points=quant.max_accuracy_drop,
     )
@@ -301,6 +310,8 @@ class _NncfQuantized:
 
 
 def _interval(report: VariantReport) -> str:
+    if report.accuracy is None or report.accuracy.change_interval is None:
+        return "no interval: not measured"
     low, high = report.accuracy.change_interval
     return f"95% interval {-high:.2f} to {-low:.2f} on {report.accuracy.images} {report.accuracy.split} images"
 
@@ -316,7 +327,15 @@ def _runner(path: Path, threads: int | None):
     return OpenVinoRunner(path, threads)
 
 
-register(TargetSpec(
-    Target.OPENVINO, (Precision.FP32, Precision.BF16, Precision.INT8), "openvino", (".xml", ".bin"), build_variant, _runner,
-    _check_available, missing_hints={Precision.FP16: "OpenVINO's CPU plugin computes bf16, not fp16: use --precision bf16"},
-))
+register(
+    TargetSpec(
+        Target.OPENVINO,
+        (Precision.FP32, Precision.BF16, Precision.INT8),
+        "openvino",
+        (".xml", ".bin"),
+        build_variant,
+        _runner,
+        _check_available,
+        missing_hints={Precision.FP16: "OpenVINO's CPU plugin computes bf16, not fp16: use --precision bf16"},
+    )
+)

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnxruntime.quantization import (
     CalibrationMethod,
     QuantFormat,
@@ -32,7 +31,7 @@ from ..cpu import CpuFeatures
 from ..errors import QuantizationError
 from ..export import PROTOTYPE_NODE
 from ..qdq import prune, sort_nodes
-from ..runtime.sessions import fixed_batch, open_session, run_batched
+from ..runtime.sessions import fixed_batch, open_session, run_batched, write_optimized
 from .calibration import BatchStream
 
 __all__ = [
@@ -67,8 +66,7 @@ class CalibMethod(Choice):
         return "calibration method"
 
     def ort(self):
-        return {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-                "percentile": CalibrationMethod.Percentile}[self.value]
+        return {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile}[self.value]
 
 
 @dataclass(frozen=True)
@@ -114,10 +112,7 @@ def copy_metadata(src, dst: Path) -> None:
 
 def optimize_graph(src: Path, dst: Path) -> None:
     """ONNX Runtime's offline graph optimisation (extended level: portable across x86 CPUs)."""
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-    options.optimized_model_filepath = str(dst)
-    ort.InferenceSession(str(src), options, providers=["CPUExecutionProvider"])
+    write_optimized(src, dst, portable=True)
     copy_metadata(src, dst)
 
 
@@ -125,8 +120,9 @@ def to_fp16(src: Path, dst: Path) -> None:
     """Float16 weights and compute; float32 inputs and outputs; overflow-prone ops kept in float."""
 
     model = onnx.load(str(src))
-    half = convert_float_to_float16(model, keep_io_types=True, op_block_list=DEFAULT_OP_BLOCK_LIST + FP16_KEEP_FLOAT,
-                                    node_block_list=prototype_nodes(src))  # a prototype head stays float, as in INT8
+    half = convert_float_to_float16(
+        model, keep_io_types=True, op_block_list=DEFAULT_OP_BLOCK_LIST + FP16_KEEP_FLOAT, node_block_list=prototype_nodes(src)
+    )  # a prototype head stays float, as in INT8
     onnx.save_model(half, str(dst))
 
 
@@ -148,8 +144,12 @@ def calibrate(model: Path, stream: BatchStream, method: CalibMethod, symmetric: 
         options.update(num_bins=2048, num_quantized_bins=128, percentile=99.999)
     with tempfile.TemporaryDirectory(prefix="edgetransfer-calib-") as tmp:
         calibrator = create_calibrator(
-            model, None, augmented_model_path=str(Path(tmp) / "augmented.onnx"),
-            calibrate_method=method.ort(), providers=["CPUExecutionProvider"], extra_options=options,
+            model,
+            None,
+            augmented_model_path=str(Path(tmp) / "augmented.onnx"),
+            calibrate_method=method.ort(),
+            providers=["CPUExecutionProvider"],
+            extra_options=options,
         )
         for chunk in stream.chunks(CHUNK_BATCHES):
             calibrator.collect_data(chunk)
@@ -165,7 +165,9 @@ def quantize_qdq(model: Path, dst: Path, cache: Path, method: CalibMethod, schem
     """Static QDQ quantisation with ranges from ``cache``; ``exclude`` nodes stay in float."""
     types = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
     quantize_static(
-        model, dst, None,
+        model,
+        dst,
+        None,
         quant_format=QuantFormat.QDQ,
         per_channel=scheme.per_channel,
         reduce_range=scheme.reduce_range,

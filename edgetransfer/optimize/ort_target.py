@@ -102,9 +102,7 @@ def _int8(context: BuildContext, target: Target, output: Path, work: Path, repor
         _prequantized(context, target, output, report, reference)
         return
     if quant.dynamic:
-        report.warnings.append("dynamic quantisation of a CNN is usually slower than FP32; static INT8 is the default for a reason")
-        quantize_dynamic(context.base, output)
-        report.details["mode"] = "dynamic"
+        _dynamic(context, output, report)
         return
     rounding = _rounding(quant.rounding, report)  # before minutes of calibration, not after
     scheme = quant_scheme(target.value, cpu_features())
@@ -120,20 +118,39 @@ def _int8(context: BuildContext, target: Target, output: Path, work: Path, repor
     adaround = _adaround(context, samples, scheme, subject)
     rounded = adaround() if rounding is Rounding.ADAROUND else None  # always; with auto, only when the budget is missed
     selection = context.selection()
-    held = hold_budget(subject, selection, quant.max_accuracy_drop, quant.max_float_layers, lambda text: console.print(text, markup=False),
-                       adaround if rounding is Rounding.AUTO else None)
+    held = hold_budget(
+        subject,
+        selection,
+        quant.max_accuracy_drop,
+        quant.max_float_layers,
+        lambda text: console.print(text, markup=False),
+        adaround if rounding is Rounding.AUTO else None,
+    )
     rounded = rounded or held.recovery
     if held.kept or rounded:  # the model the guard measured is the one that ships
         onnx.save_model(subject.candidate(held.kept), str(output))
     copy_metadata(context.base, output)
     report.kept_in_float, report.guard_steps = held.kept, held.steps
     report.details.update(
-        mode="static QDQ", scheme=scheme.to_dict(), max_accuracy_drop_points=quant.max_accuracy_drop,
-        calibration={"source": source, "method": quant.method.value, "images": stream.used, "batch": quant.calib_batch,
-                     "files": describe_samples(samples)},
+        mode="static QDQ",
+        scheme=scheme.to_dict(),
+        max_accuracy_drop_points=quant.max_accuracy_drop,
+        calibration={
+            "source": source,
+            "method": quant.method.value,
+            "images": stream.used,
+            "batch": quant.calib_batch,
+            "files": describe_samples(samples),
+        },
         rounding=rounded or {"method": "nearest", "asked": quant.rounding.value},
         guard=held.record(selection, quant.max_accuracy_drop, quant.max_float_layers),
     )
+
+
+def _dynamic(context: BuildContext, output: Path, report: VariantReport) -> None:
+    report.warnings.append("dynamic quantisation of a CNN is usually slower than FP32; static INT8 is the default for a reason")
+    quantize_dynamic(context.base, output)
+    report.details["mode"] = "dynamic"
 
 
 def _rounding(asked: Rounding, report: VariantReport) -> Rounding:
@@ -145,8 +162,10 @@ def _rounding(asked: Rounding, report: VariantReport) -> Rounding:
     if asked is Rounding.ADAROUND:
         rounding.require()
     if asked is Rounding.AUTO and not rounding.available():
-        report.warnings.append(f"learned rounding (AdaRound) needs AMD Quark ({rounding.INSTALL}); weights are rounded to nearest,"
-                               " so more layers may have to stay in float")
+        report.warnings.append(
+            f"learned rounding (AdaRound) needs AMD Quark ({rounding.INSTALL}); weights are rounded to nearest,"
+            " so more layers may have to stay in float"
+        )
         return Rounding.NEAREST
     return asked
 
@@ -154,19 +173,27 @@ def _rounding(asked: Rounding, report: VariantReport) -> Rounding:
 def _adaround(context: BuildContext, samples, scheme: QuantScheme, subject: OrtQuantized):
     """AdaRound on every quantised layer of ``subject``'s model, which it then holds; returns the record."""
     quant = context.quant
-    limits = tuple(int(v) for v in get_qmin_qmax_for_qType(TensorProto.INT8, reduce_range=scheme.reduce_range, symmetric=True))
+    low, high = get_qmin_qmax_for_qType(TensorProto.INT8, reduce_range=scheme.reduce_range, symmetric=True)
+    limits = (int(low), int(high))
 
     def recover() -> dict:
         images = samples[: max(quant.adaround_images, quant.calib_batch)]
         batches = list(iter(context.stream(images, quant.calib_batch).get_next, None))
         with progress() as bar:
             task = bar.add_task("AdaRound (AMD Quark)", total=None, status=f"{quant.adaround_iterations} iterations a layer")
-            result = rounding.adaround(subject.float_model, subject.quantized, batches, quant.adaround_iterations, limits,
-                                       lambda done, total: bar.update(task, completed=done, total=total))
+            result = rounding.adaround(
+                subject.float_model,
+                subject.quantized,
+                batches,
+                quant.adaround_iterations,
+                limits,
+                lambda done, total: bar.update(task, completed=done, total=total),
+            )
             bar.update(task, completed=result.layers, total=result.layers)
         subject.quantized = result.model
-        console.print(f"AdaRound: {result.moved} of {result.weights} weights in {result.layers} layers moved one step"
-                      f" ({result.seconds:.0f} s)", markup=False)
+        console.print(
+            f"AdaRound: {result.moved} of {result.weights} weights in {result.layers} layers moved one step ({result.seconds:.0f} s)", markup=False
+        )
         return result.record()
 
     return recover
@@ -182,12 +209,18 @@ def _prequantized(context: BuildContext, target: Target, output: Path, report: V
     selection = context.selection()
     held = hold_prequantized("INT8 (QAT)", lambda images: run_logits(output, images, reference=reference), selection, quant.max_accuracy_drop)
     report.kept_in_float, report.guard_steps = [], held.steps
-    trained_for = context.run.qat_record()["options"]["target"]
+    record = context.run.qat_record()
+    trained_for = record["options"]["target"] if record else None
     if target is Target.ORT_CPU and trained_for in GPU_TARGETS:
-        report.warnings.append(f"this QAT run was trained for {trained_for} (int8 activations): ONNX Runtime's CPU kernels fuse few of its"
-                               " convolutions; run the QAT with --qat-target ort-cpu for this target")
-    report.details.update(mode="static QDQ from quantisation-aware training, shipped as it is",
-                          qat=context.run.qat_record(), guard=held.record(selection, quant.max_accuracy_drop, 0))
+        report.warnings.append(
+            f"this QAT run was trained for {trained_for} (int8 activations): ONNX Runtime's CPU kernels fuse few of its"
+            " convolutions; run the QAT with --qat-target ort-cpu for this target"
+        )
+    report.details.update(
+        mode="static QDQ from quantisation-aware training, shipped as it is",
+        qat=context.run.qat_record(),
+        guard=held.record(selection, quant.max_accuracy_drop, 0),
+    )
 
 
 class OrtQuantized:
@@ -235,7 +268,16 @@ def _runner(provider: str):
 
 _HINTS = {Precision.BF16: "bf16 is built for --target openvino"}
 for _target, _provider in ((Target.ORT_CPU, None), (Target.ORT_CUDA, "CUDAExecutionProvider"), (Target.ORT_TRT, "TensorrtExecutionProvider")):
-    register(TargetSpec(
-        _target, (Precision.FP32, Precision.FP16, Precision.INT8), "onnx", (".onnx",), build_variant,
-        _runner(_provider or "CPUExecutionProvider"), _check_provider(_target, _provider), _provider or "CPUExecutionProvider", _HINTS,
-    ))
+    register(
+        TargetSpec(
+            _target,
+            (Precision.FP32, Precision.FP16, Precision.INT8),
+            "onnx",
+            (".onnx",),
+            build_variant,
+            _runner(_provider or "CPUExecutionProvider"),
+            _check_provider(_target, _provider),
+            _provider or "CPUExecutionProvider",
+            _HINTS,
+        )
+    )

@@ -75,7 +75,7 @@ def require() -> None:
 class RoundingResult:
     """The re-rounded model and what was done to it (the manifest's record)."""
 
-    model: object  # onnx.ModelProto
+    model: onnx.ModelProto
     layers: int  # layers whose weights were re-rounded
     iterations: int
     images: int
@@ -84,13 +84,26 @@ class RoundingResult:
     seconds: float
 
     def record(self) -> dict:
-        return {"method": "AdaRound (AMD Quark fast finetuning) on ONNX Runtime's QDQ model, its scales unchanged",
-                "layers": self.layers, "iterations": self.iterations, "images": self.images, "weights_moved": self.moved,
-                "weights": self.weights, "seconds": round(self.seconds, 2), "amd_quark": _version()}
+        return {
+            "method": "AdaRound (AMD Quark fast finetuning) on ONNX Runtime's QDQ model, its scales unchanged",
+            "layers": self.layers,
+            "iterations": self.iterations,
+            "images": self.images,
+            "weights_moved": self.moved,
+            "weights": self.weights,
+            "seconds": round(self.seconds, 2),
+            "amd_quark": _version(),
+        }
 
 
-def adaround(prepared, qdq, batches: list[dict[str, np.ndarray]], iterations: int, limits: tuple[int, int],
-             on_layer: Callable[[int, int], None] = lambda done, total: None) -> RoundingResult:
+def adaround(
+    prepared,
+    qdq,
+    batches: list[dict[str, np.ndarray]],
+    iterations: int,
+    limits: tuple[int, int],
+    on_layer: Callable[[int, int], None] = lambda done, total: None,
+) -> RoundingResult:
     """``qdq`` (ONNX Runtime's QDQ model of ``prepared``) with the int8 weights of every quantised
     layer re-rounded by AdaRound on ``batches``; everything else is unchanged.
 
@@ -118,6 +131,18 @@ def adaround(prepared, qdq, batches: list[dict[str, np.ndarray]], iterations: in
         raise
     except Exception as exc:  # Quark's own failures: ONNX Runtime, torch or its graph matching
         raise QuantizationError(f"AMD Quark's AdaRound failed on the model: {first_line(exc)}") from exc
+    model, moved, weights = _checked_weights(rounded, before, limits)
+    images = sum(len(next(iter(b.values()))) for b in batches)
+    return RoundingResult(model, total, iterations, images, moved, weights, time.perf_counter() - started)
+
+
+def _checked_weights(rounded, before: dict[str, np.ndarray], limits: tuple[int, int]):
+    """A copy of ``rounded`` with its int8 weights clipped to ``limits``, each at most one step
+    from its value ``before``; with how many weights moved, of how many.
+
+    Raises:
+        QuantizationError: a weight moved further than one step.
+    """
     model = onnx.ModelProto()
     model.CopyFrom(rounded)
     low, high = limits
@@ -132,8 +157,7 @@ def adaround(prepared, qdq, batches: list[dict[str, np.ndarray]], iterations: in
         moved += int(np.count_nonzero(new != old))
         weights += old.size
         init.CopyFrom(numpy_helper.from_array(new.astype(old.dtype), init.name))
-    images = sum(len(next(iter(b.values()))) for b in batches)
-    return RoundingResult(model, total, iterations, images, moved, weights, time.perf_counter() - started)
+    return model, moved, weights
 
 
 def _int8_weights(qdq) -> dict[str, np.ndarray]:
@@ -196,7 +220,7 @@ def _quark_quiet(on_layer: Callable[[int], None]):
                 for logger, handlers in saved.items():
                     logger.handlers[:] = handlers
     finally:
-        console.file = None  # back to following sys.stderr
+        console.file = None  # type: ignore[assignment]  # rich's documented way back to following sys.stderr
 
 
 def _fast_finetune(prepared, qdq, batches: Sequence[dict], iterations: int, on_layer: Callable[[int], None]):
@@ -212,9 +236,19 @@ def _fast_finetune(prepared, qdq, batches: Sequence[dict], iterations: int, on_l
 
         reset_iter = rewind
 
-    options = {"FastFinetune": {"OptimAlgorithm": "adaround", "NumIterations": iterations, "LearningRate": 0.1, "BatchSize": 2,
-                                "DataSize": len(batches), "FixedSeed": SEED, "EarlyStop": True, "OptimDevice": "cpu",
-                                "InferDevice": "cpu"}}
+    options = {
+        "FastFinetune": {
+            "OptimAlgorithm": "adaround",
+            "NumIterations": iterations,
+            "LearningRate": 0.1,
+            "BatchSize": 2,
+            "DataSize": len(batches),
+            "FixedSeed": SEED,
+            "EarlyStop": True,
+            "OptimDevice": "cpu",
+            "InferDevice": "cpu",
+        }
+    }
     numpy_state = np.random.get_state()
     # Quark seeds torch's and numpy's global generators for its own reproducibility; given back after
     with torch.random.fork_rng(), _quark_quiet(lambda index: on_layer(index + 1)) as (fast_finetune, take_over):

@@ -83,8 +83,10 @@ class TargetSpec:
             return
         have = ", ".join(p.value for p in self.precisions)
         hint = self.missing_hints.get(precision, "pick one of those")
-        raise OptionError(f"target {self.target.value} has no {precision.value} variant (it has {have}); {hint}."
-                          " Build other combinations with a second edgetransfer export")
+        raise OptionError(
+            f"target {self.target.value} has no {precision.value} variant (it has {have}); {hint}."
+            " Build other combinations with a second edgetransfer export"
+        )
 
 
 _REGISTRY: dict[Target, TargetSpec] = {}
@@ -128,4 +130,3 @@ def spec_for_artifact(entry: dict[str, Any]) -> TargetSpec | None:
     if recorded:
         return spec(recorded)
     return spec(Target.ORT_CPU) if entry.get("kind") == "onnx" else None
-

@@ -24,6 +24,7 @@ from .targets import Precision, Target, TargetSpec, Variant, register
 
 __all__ = ["build_engine", "build_variant"]
 
+
 def _network_flags(trt) -> int:
     flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
     return 0 if flag is None else 1 << int(flag)
@@ -85,9 +86,15 @@ def build_engine(onnx_path: Path, engine_path: Path, precision, options, info: M
         raise EdgeTransferError(f"TensorRT could not build an engine from {onnx_path.name}; see its log above")
     write_bytes(engine_path, lambda f: f.write(bytes(serialized)))
     write_bytes(cache_path, lambda f: f.write(bytes(config.get_timing_cache().serialize())))
-    record = {**env, "precision": precision.value, "profile": [options.min_batch, options.opt_batch, options.max_batch],
-              "workspace_mib": options.workspace_mib, "build_s": round(time.perf_counter() - started, 1),
-              "timing_cache": cache_path.name, "onnx": onnx_path.name}
+    record = {
+        **env,
+        "precision": precision.value,
+        "profile": [options.min_batch, options.opt_batch, options.max_batch],
+        "workspace_mib": options.workspace_mib,
+        "build_s": round(time.perf_counter() - started, 1),
+        "timing_cache": cache_path.name,
+        "onnx": onnx_path.name,
+    }
     write_json(record_path(engine_path), record)
     return record
 
@@ -118,7 +125,15 @@ def _runner(path: Path, threads: int | None):
     return TensorRTRunner(path)
 
 
-register(TargetSpec(
-    Target.TENSORRT, (Precision.FP32, Precision.FP16, Precision.INT8), "engine", (".engine", ".json"), build_variant, _runner,
-    lambda precisions: require() and None, missing_hints={Precision.BF16: "bf16 is built for --target openvino"},
-))
+register(
+    TargetSpec(
+        Target.TENSORRT,
+        (Precision.FP32, Precision.FP16, Precision.INT8),
+        "engine",
+        (".engine", ".json"),
+        build_variant,
+        _runner,
+        lambda precisions: require() and None,
+        missing_hints={Precision.BF16: "bf16 is built for --target openvino"},
+    )
+)

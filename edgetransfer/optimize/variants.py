@@ -84,13 +84,17 @@ def _check_qat(run: RunDir, targets: list[Target], precisions: list[Precision]) 
     run.require_complete()  # an interrupted QAT run says how to finish it
     others = [p.value for p in precisions if p is not Precision.INT8]
     if others:
-        raise OptionError(f"{run} is a QAT run: its model is INT8 already, so it has no {'/'.join(others)} variant;"
-                          f" build those from its parent run, {record.get('parent')}, or use --precision int8 here")
+        raise OptionError(
+            f"{run} is a QAT run: its model is INT8 already, so it has no {'/'.join(others)} variant;"
+            f" build those from its parent run, {record.get('parent')}, or use --precision int8 here"
+        )
     trained_for = record.get("options", {}).get("target")
     for target in targets:
         if target.on_gpu and trained_for not in GPU_TARGETS:
-            raise OptionError(f"{run} was trained for {trained_for}, with uint8 activations, which {target.value} does not take;"
-                              f" run the QAT again with --qat-target {target.value}")
+            raise OptionError(
+                f"{run} was trained for {trained_for}, with uint8 activations, which {target.value} does not take;"
+                f" run the QAT again with --qat-target {target.value}"
+            )
 
 
 def _record(run: RunDir, variant: Variant, quant: QuantOptions, tensorrt: TensorRTOptions) -> None:

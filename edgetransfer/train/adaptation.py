@@ -4,6 +4,7 @@ the unlabelled target images, the labelled ones measured on, and DANN's domain c
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -34,22 +35,31 @@ class Adaptation:
         if self.method is AdaptMethod.DANN:
             head = built.heads[0]
             if not isinstance(head, nn.Linear):
-                raise ModelError(f"dann reads the features {config.arch}'s classifier takes, and its classifier is a"
-                                 f" {type(head).__name__}, not a Linear layer; use --adapt-method adabn")
+                raise ModelError(
+                    f"dann reads the features {config.arch}'s classifier takes, and its classifier is a"
+                    f" {type(head).__name__}, not a Linear layer; use --adapt-method adabn"
+                )
             self.discriminator = DomainClassifier(head.in_features).to(device)
-        workers = max(1, config.workers)
+        assert config.adapt is not None, "Adaptation needs a target folder (--adapt)"
+        workers = max(1, config.workers or 0)
         self.target = target_images(config.adapt, config.data, workers)
         if self.target.labelled_folders:
-            console.print(escape(f"note: the target folder has {self.target.labelled_folders} subfolder(s); their names are"
-                                 " not read, every image counts as unlabelled"), markup=False)
+            console.print(
+                escape(
+                    f"note: the target folder has {self.target.labelled_folders} subfolder(s); their names are"
+                    " not read, every image counts as unlabelled"
+                ),
+                markup=False,
+            )
         if self.target.skipped:
-            console.print("[yellow]warning:[/]", escape(f"skipped {len(self.target.skipped)} unreadable target image(s);"
-                                                         f" first: {self.target.skipped[0][1]}"))
+            console.print(
+                "[yellow]warning:[/]", escape(f"skipped {len(self.target.skipped)} unreadable target image(s); first: {self.target.skipped[0][1]}")
+            )
         self.eval = target_eval_images(config.adapt_eval, config.data, dataset.classes, workers) if config.adapt_eval else []
         self.eval_labels = torch.tensor([s.label for s in self.eval])
         self.transform = train_transform(built.preprocessing, config.augment)
         self.generator = torch.Generator()
-        self._batches = None
+        self._batches: Iterator | None = None
         self.domain_loss, self.domain_right, self.domain_seen = 0.0, 0, 0
 
     def parameter_groups(self, lr: float) -> list[dict[str, Any]]:
@@ -83,6 +93,7 @@ class Adaptation:
             logits = model(torch.cat([x, target]))
         finally:
             hook.remove()
+        assert self.discriminator is not None, "DANN's step needs its domain classifier"
         domain = self.discriminator(captured[-1].flatten(1).float(), reversal_weight(progress))
         truth = torch.cat([torch.zeros(len(x)), torch.ones(len(target))]).to(domain.device)
         loss = nn.functional.binary_cross_entropy_with_logits(domain, truth)

@@ -55,9 +55,9 @@ def image_loader(samples, transform, config: FinetuneConfig, shuffle: bool, gene
         TorchImages(samples, transform),
         batch_size=config.batch_size,
         shuffle=shuffle,
-        num_workers=config.workers,
+        num_workers=config.workers or 0,
         generator=generator if generator is not None else torch.Generator().manual_seed(0),
-        persistent_workers=config.workers > 0 and not shuffle,
+        persistent_workers=(config.workers or 0) > 0 and not shuffle,
         pin_memory=torch.cuda.is_available(),
     )
 
@@ -187,7 +187,6 @@ class CachedHeadLoop:
         return torch.cat(logits), self.val_y
 
 
-
 class ImageLoop:
     """Full mode, or head mode with unfrozen blocks: images go through the network every epoch."""
 
@@ -199,9 +198,15 @@ class ImageLoop:
         transform = train_transform(built.preprocessing, config.augment)
         if dist.active:
             images = TorchImages(dataset.train, transform)
-            self.sampler = DistributedSampler(images, dist.world, dist.rank, shuffle=True, seed=config.seed)
-            self.train = DataLoader(images, batch_size=config.batch_size, sampler=self.sampler, num_workers=config.workers,
-                                    generator=self.generator, pin_memory=torch.cuda.is_available())
+            self.sampler: DistributedSampler | None = DistributedSampler(images, dist.world, dist.rank, shuffle=True, seed=config.seed)
+            self.train: DataLoader = DataLoader(
+                images,
+                batch_size=config.batch_size,
+                sampler=self.sampler,
+                num_workers=config.workers or 0,
+                generator=self.generator,
+                pin_memory=torch.cuda.is_available(),
+            )
         else:
             self.train = image_loader(dataset.train, transform, config, True, self.generator)
         self.val_total = len(dataset.val)
@@ -209,7 +214,6 @@ class ImageLoop:
         self.trainable = self._select_trainable()
         self.model = built.module
         if dist.active:  # gradients averaged over ranks; parameters start from rank 0's
-
             ids = [device.index] if device.type == "cuda" else None
             self.model = DistributedDataParallel(built.module, device_ids=ids)
 
@@ -261,10 +265,12 @@ class ImageLoop:
         """The model's logits for other images (the labelled target images)."""
         self.built.module.eval()
         with torch.no_grad():
-            return torch.cat([
-                self.built.module(x.to(self.device)).float().cpu()
-                for x, _ in image_loader(samples, eval_transform(self.built.preprocessing), self.config, False)
-            ])
+            return torch.cat(
+                [
+                    self.built.module(x.to(self.device)).float().cpu()
+                    for x, _ in image_loader(samples, eval_transform(self.built.preprocessing), self.config, False)
+                ]
+            )
 
     def backbone_changed(self, dataset: Dataset) -> None:
         pass  # images go through the network for every measurement

@@ -19,8 +19,8 @@ from ..data import Dataset, eval_transform
 from ..distributed import SINGLE, Context
 from ..metrics import confusion_matrix, per_class_accuracy, topk_accuracy
 from ..models import BuiltModel
+from ..plots import plot_training
 from ..progress import console, progress
-from ..report import plot_training
 from ..rundir import RunDir
 from ..runtime.files import write_bytes, write_json
 from ..safeload import safe_load
@@ -35,18 +35,27 @@ EpochCallback = Callable[[dict[str, Any]], None]
 
 
 class Trainer:
-    def __init__(self, config: FinetuneConfig, built: BuiltModel, loop, run_dir: Path, classes: list[str], dist: Context = SINGLE,
-                 adaptation: Adaptation | None = None) -> None:
+    def __init__(
+        self,
+        config: FinetuneConfig,
+        built: BuiltModel,
+        loop,
+        run_dir: Path,
+        classes: list[str],
+        dist: Context = SINGLE,
+        adaptation: Adaptation | None = None,
+    ) -> None:
         self.config, self.built, self.loop, self.run_dir, self.classes = config, built, loop, run_dir, classes
         self.dist = dist
         self.adaptation = adaptation
         self.dann = adaptation is not None and adaptation.discriminator is not None
+        assert config.lr is not None and config.epochs is not None and config.warmup_epochs is not None, "a resolved FinetuneConfig"
         self.criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
         groups = loop.param_groups(config.lr) + (adaptation.parameter_groups(config.lr) if adaptation else [])
         self.optimizer = make_optimizer(config, groups)
+        self.epochs = config.epochs
         self.total_steps = max(1, config.epochs * loop.steps_per_epoch)
         if self.dann:  # the paper's annealing, not cosine: its reversal schedule is tuned with it
-
             self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: dann_lr_factor(step / self.total_steps))
         else:
             self.scheduler = cosine_with_warmup(self.optimizer, config.epochs, config.warmup_epochs, loop.steps_per_epoch)
@@ -69,7 +78,7 @@ class Trainer:
     def run(self, on_epoch: EpochCallback | None) -> None:
         with progress() as bar:
             task = bar.add_task("epochs", total=self.config.epochs, completed=len(self.history), status="")
-            for epoch in range(len(self.history) + 1, self.config.epochs + 1):
+            for epoch in range(len(self.history) + 1, self.epochs + 1):
                 record = self._epoch(epoch)
                 bar.update(task, advance=1, status=f"val top-1 {100 * record['val_top1']:.2f}%")
                 if on_epoch is not None:
@@ -116,6 +125,7 @@ class Trainer:
         for x, y, model in self.loop.train_batches():
             with autocast_for(self.loop.device, self.config.amp):
                 if self.dann:
+                    assert self.adaptation is not None
                     logits, domain_loss = self.adaptation.forward(model, x, self.scheduler.last_epoch / self.total_steps)
                     loss = self.criterion(logits.float(), y) + domain_loss
                 else:
@@ -129,8 +139,8 @@ class Trainer:
             total_loss += loss.item() * len(y)
             correct += int((logits.argmax(1) == y).sum())
             seen += len(y)
-        total_loss, correct, seen = self.dist.sum(total_loss, correct, seen)
-        return total_loss / seen, correct / seen
+        summed_loss, right, count = self.dist.sum(total_loss, correct, seen)
+        return summed_loss / count, right / count
 
     def _save_state(self) -> None:
         state = {
@@ -159,7 +169,7 @@ class Trainer:
         metrics = {
             "arch": self.config.arch,
             "weights": self.config.weights,
-            "mode": self.config.mode.value,
+            "mode": self.config.mode.value if self.config.mode else None,
             "image_size": self.config.image_size,
             "classes": self.classes,
             "train_images": len(dataset.train),
@@ -168,7 +178,7 @@ class Trainer:
             "skipped_images": len(dataset.skipped),
             "epochs": self.history,
             "best_epoch": self.best_epoch,
-            "stopped_early": len(self.history) < self.config.epochs,
+            "stopped_early": len(self.history) < self.epochs,
             "probe": self.probe,
             "final": {
                 "top1": topk_accuracy(logits_np, labels_np, 1),
@@ -194,16 +204,16 @@ class Trainer:
             plot_training(metrics, self.run_dir / CURVES)
         return metrics
 
-
     def _target_top1(self) -> float | None:
         samples = self.adaptation.eval if self.adaptation is not None else []
-        if not samples:
+        if not samples or self.adaptation is None:
             return None
         return topk_accuracy(self.loop.logits_of(samples).numpy(), self.adaptation.eval_labels.numpy(), 1)
 
     def _adapt_batchnorm(self, dataset: Dataset) -> dict[str, Any]:
         """AdaBN on the chosen checkpoint, which is written again with the target's statistics.
         Recomputed from the checkpoint each time, so a resumed run repeats it exactly."""
+        assert self.adaptation is not None
         before = self._target_top1()
         layers, seconds = self.adaptation.adapt_batchnorm()
         self.loop.backbone_changed(dataset)
@@ -212,11 +222,17 @@ class Trainer:
         return {"target_top1_before": before, "batchnorm_layers": layers, "seconds": seconds}
 
     def _adapt_summary(self, adapted: dict[str, Any]) -> dict[str, Any] | None:
-        if self.adaptation is None:
+        if self.adaptation is None or self.config.adapt_method is None:
             return None
 
-        return summary(self.config.adapt_method, self.adaptation.target, len(self.adaptation.eval),
-                       target=self.config.adapt, target_top1=self._target_top1(), **adapted)
+        return summary(
+            self.config.adapt_method,
+            self.adaptation.target,
+            len(self.adaptation.eval),
+            target=self.config.adapt,
+            target_top1=self._target_top1(),
+            **adapted,
+        )
 
     def _test(self, dataset: Dataset) -> dict[str, Any] | None:
         """The chosen checkpoint's top-1 on the test split, measured once, after every choice."""
@@ -233,6 +249,7 @@ class Trainer:
 
 
 def make_optimizer(config: FinetuneConfig, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+    assert config.lr is not None, "a resolved FinetuneConfig"
     if config.optimizer is OptimizerName.SGD:
         return torch.optim.SGD(groups, lr=config.lr, momentum=0.9, nesterov=True, weight_decay=config.weight_decay)
     return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)

@@ -58,8 +58,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # a bug, not a mistake of the user's: one line, the traceback on request
         if os.environ.get(DEBUG_ENV):
             raise
-        print(f"Error: internal error ({type(exc).__name__}: {printable(first_line(exc, 300))});"
-              f" run again with {DEBUG_ENV}=1 for the traceback", file=sys.stderr)
+        print(
+            f"Error: internal error ({type(exc).__name__}: {printable(first_line(exc, 300))}); run again with {DEBUG_ENV}=1 for the traceback",
+            file=sys.stderr,
+        )
         return 1
 
 
@@ -84,7 +86,8 @@ def _parser() -> argparse.ArgumentParser:
     info.set_defaults(run=_info)
 
     check = commands.add_parser(
-        "check", help="load, warm up, time and verify a model on this device",
+        "check",
+        help="load, warm up, time and verify a model on this device",
         description="Load the model on the provider asked for (and say which one it got), check it against the sha256"
         " its manifest records when one is beside it, warm up, and time batch-1 predictions.",
     )
@@ -96,8 +99,14 @@ def _parser() -> argparse.ArgumentParser:
     _session_options(check)
     check.set_defaults(run=_check)
 
+    _enrol_parser(commands)
+    return parser
+
+
+def _enrol_parser(commands) -> None:
     enrol = commands.add_parser(
-        "enrol", help="add, replace or remove a class of a prototype model (no training)",
+        "enrol",
+        help="add, replace or remove a class of a prototype model (no training)",
         description="Add a class to a model made with 'edgetransfer finetune --mode prototype' from a few of its images"
         " (or replace or remove one). Writes MODEL-enrolled.onnx beside the model unless --output or --in-place.",
     )
@@ -112,7 +121,6 @@ def _parser() -> argparse.ArgumentParser:
     enrol.add_argument("--threads", type=_positive, default=None, help="inference threads (default: the runtime's choice)")
     enrol.add_argument("--json", action="store_true", help="print JSON instead of a line")
     enrol.set_defaults(run=_enrol)
-    return parser
 
 
 def _enrol(args: argparse.Namespace) -> int:
@@ -120,8 +128,16 @@ def _enrol(args: argparse.Namespace) -> int:
     if args.remove is not None and args.images:
         raise PredictorError("--remove takes no images")
     label = args.remove if args.remove is not None else args.label
-    done, path = enrol_file(args.model, label, [str(p) for p in args.images], remove=args.remove is not None,
-                            replace=args.replace, output=args.output, in_place=args.in_place, threads=args.threads)
+    done, path = enrol_file(
+        args.model,
+        label,
+        [str(p) for p in args.images],
+        remove=args.remove is not None,
+        replace=args.replace,
+        output=args.output,
+        in_place=args.in_place,
+        threads=args.threads,
+    )
     print(enrolment_line(done, path) if not args.json else json.dumps({**done.__dict__, "model": str(path)}, indent=2))
     return 0
 
@@ -131,8 +147,10 @@ def enrolment_line(done, path: Path) -> str:
     if done.action == "remove":
         what = f"removed {printable(done.label)!s}"
     else:
-        what = (f"{'added' if done.action == 'add' else 'replaced'} {printable(done.label)} from {done.images} image(s)"
-                f" ({done.recognised} of them now recognised as it)")
+        what = (
+            f"{'added' if done.action == 'add' else 'replaced'} {printable(done.label)} from {done.images} image(s)"
+            f" ({done.recognised} of them now recognised as it)"
+        )
     return f"{what}; {done.classes} classes; wrote {printable(path)} in {done.seconds:.2f} s"
 
 
@@ -144,18 +162,21 @@ def _positive(text: str) -> int:
 
 
 def _session_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--provider", dest="providers", action="append",
-                        help="cpu, cuda, tensorrt or a full provider name; repeat for a fallback order (default cpu)")
+    parser.add_argument(
+        "--provider", dest="providers", action="append", help="cpu, cuda, tensorrt or a full provider name; repeat for a fallback order (default cpu)"
+    )
     parser.add_argument("--allow-fallback", action="store_true", help="accept a later provider when the first cannot load")
     parser.add_argument("--device", default="CPU", help="OpenVINO device, for an .xml model (CPU, GPU, AUTO)")
     parser.add_argument("--threads", type=_positive, default=None, help="inference threads (default: the runtime's choice)")
-    parser.add_argument("--fast-jpeg", action="store_true",
-                        help="decode large JPEGs at a reduced scale: faster, pixels within 2 levels of the exact path")
+    parser.add_argument(
+        "--fast-jpeg", action="store_true", help="decode large JPEGs at a reduced scale: faster, pixels within 2 levels of the exact path"
+    )
 
 
 def _predictor(args: argparse.Namespace):
-    return Predictor(args.model, providers=args.providers, allow_fallback=args.allow_fallback, device=args.device,
-                     threads=args.threads, fast_jpeg=args.fast_jpeg)
+    return Predictor(
+        args.model, providers=args.providers, allow_fallback=args.allow_fallback, device=args.device, threads=args.threads, fast_jpeg=args.fast_jpeg
+    )
 
 
 def _predict(args: argparse.Namespace) -> int:
@@ -185,8 +206,12 @@ def describe(model: Path) -> dict[str, Any]:
         "size_bytes": model.stat().st_size if model.is_file() else None,
         "labels": list(info.labels),
         "preprocessing": {
-            "input_size": pre.input_size, "resize_size": pre.resize_size, "interpolation": pre.interpolation.value,
-            "mean": list(pre.mean), "std": list(pre.std), "input_format": info.input_format,
+            "input_size": pre.input_size,
+            "resize_size": pre.resize_size,
+            "interpolation": pre.interpolation.value,
+            "mean": list(pre.mean),
+            "std": list(pre.std),
+            "input_format": info.input_format,
         },
         "provenance": {"arch": info.arch, "checkpoint_sha256": info.checkpoint_sha256, **session.provenance},
         "inputs": session.signature["inputs"],
@@ -212,8 +237,11 @@ def _info(args: argparse.Namespace) -> int:
     rows = [
         ("model", f"{described['model']} ({described['size_bytes'] or 0:,} bytes)"),
         ("labels", f"{len(labels)}: {shown}"),
-        ("preprocessing", f"resize {pre['resize_size']} ({pre['interpolation']}), centre crop {pre['input_size']},"
-                          f" mean {[round(v, 4) for v in pre['mean']]}, std {[round(v, 4) for v in pre['std']]}, input {pre['input_format']}"),
+        (
+            "preprocessing",
+            f"resize {pre['resize_size']} ({pre['interpolation']}), centre crop {pre['input_size']},"
+            f" mean {[round(v, 4) for v in pre['mean']]}, std {[round(v, 4) for v in pre['std']]}, input {pre['input_format']}",
+        ),
         *[(key, value) for key, value in described["provenance"].items() if value not in (None, "")],
         *[(kind[:-1], f"{item['name']}: {item['type']} {item['shape']}") for kind in ("inputs", "outputs") for item in described[kind]],
         ("sha256", described["recorded"]),
@@ -259,6 +287,11 @@ def _check(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
+    _print_check(args, predictor, result)
+    return 0
+
+
+def _print_check(args: argparse.Namespace, predictor: Predictor, result: dict) -> None:
     what = f"{len(args.images)} image(s)" if args.images else "a grey image"
     print(f"model      {printable(args.model)}")
     print(f"provider   {printable(predictor.provider)} (asked for {', '.join(result['asked'])})")
@@ -269,11 +302,12 @@ def _check(args: argparse.Namespace) -> int:
     if result["mixed_builds"]:
         print(f"warning    {printable(result['mixed_builds'])}")
     print(f"sha256     {printable(result['sha256'])}")
-    print(f"load       {load_s:.2f} s")
-    print(f"latency    p50 {result['p50_ms']:.2f} ms, p99 {result['p99_ms']:.2f} ms"
-          f" (batch 1, {args.runs} runs after {args.warmup} warm-up, decode and preprocessing included, {what})")
+    print(f"load       {result['load_s']:.2f} s")
+    print(
+        f"latency    p50 {result['p50_ms']:.2f} ms, p99 {result['p99_ms']:.2f} ms"
+        f" (batch 1, {args.runs} runs after {args.warmup} warm-up, decode and preprocessing included, {what})"
+    )
     print(f"peak RSS   {result['peak_rss_mb']:.0f} MB")
-    return 0
 
 
 def _openvino_build() -> dict[str, str]:

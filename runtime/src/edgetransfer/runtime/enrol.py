@@ -39,8 +39,7 @@ def enrol_file(
     done = predictor.remove(label) if remove else predictor.enrol(label, list(images or []), replace=replace)
     started = time.perf_counter()
     predictor.save(target)
-    return Enrolment(done.action, done.label, done.images, done.classes, done.seconds + time.perf_counter() - started,
-                     done.recognised), target
+    return Enrolment(done.action, done.label, done.images, done.classes, done.seconds + time.perf_counter() - started, done.recognised), target
 
 
 def writable_output(model: Path, output: Path | None, in_place: bool) -> Path:
@@ -56,8 +55,10 @@ def writable_output(model: Path, output: Path | None, in_place: bool) -> Path:
         raise PredictorError("give either an output path or in_place, not both")
     if in_place:
         if verify_recorded(model) is not None:
-            raise PredictorError(f"{model} is recorded in its run's manifest, and changing it in place would break the"
-                                 " sha256 recorded there; write a copy (--output PATH) instead")
+            raise PredictorError(
+                f"{model} is recorded in its run's manifest, and changing it in place would break the"
+                " sha256 recorded there; write a copy (--output PATH) instead"
+            )
         target = model
     elif output is not None:
         target = Path(output)

@@ -25,8 +25,7 @@ import numpy as np
 from . import wire
 from .errors import PredictorError
 
-__all__ = ["PROTOTYPES", "FEATURES", "ENROLMENT_KEY", "Enrolment", "prototype_of", "check_label", "enrolled_model",
-           "image_record"]
+__all__ = ["PROTOTYPES", "FEATURES", "ENROLMENT_KEY", "Enrolment", "prototype_of", "check_label", "enrolled_model", "image_record"]
 
 PROTOTYPES = "edgetransfer.prototypes"  # the initializer: one row per class
 FEATURES = "features"  # the graph output enrolment reads

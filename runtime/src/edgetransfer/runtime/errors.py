@@ -22,6 +22,7 @@ __all__ = [
     "first_line",
 ]
 
+
 class EdgeTransferError(Exception):
     """Base class: a user-facing problem with a one-line, actionable message."""
 

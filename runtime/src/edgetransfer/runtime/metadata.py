@@ -82,8 +82,7 @@ class ModelInfo:
             raise PredictorError(f"invalid edgetransfer metadata in the model: {exc}") from exc
         input_format = props.get("input_format", FLOAT_NCHW)
         if input_format not in (FLOAT_NCHW, UINT8_NHWC):
-            raise PredictorError(f"invalid edgetransfer metadata in the model: input_format {input_format!r} is not"
-                                 f" {FLOAT_NCHW!r} or {UINT8_NHWC!r}")
+            raise PredictorError(f"invalid edgetransfer metadata in the model: input_format {input_format!r} is not {FLOAT_NCHW!r} or {UINT8_NHWC!r}")
         return cls(
             labels=_labels(props),
             preprocessing=pre,
@@ -176,8 +175,7 @@ def model_info(session, preprocessing: Preprocessing | None, labels: Sequence[st
         return info
     if preprocessing is None:
         raise PredictorError(
-            "the model has no edgetransfer metadata; pass preprocessing=Preprocessing(input_size=…,"
-            " resize_size=…, mean=…, std=…) and labels=[…]"
+            "the model has no edgetransfer metadata; pass preprocessing=Preprocessing(input_size=…, resize_size=…, mean=…, std=…) and labels=[…]"
         )
     outputs = session.classes
     count = outputs if outputs is not None else len(labels or [])
@@ -203,5 +201,7 @@ def _check_input(info: ModelInfo, session) -> None:
     expected = [size, size, 3] if fused else [3, size, size]
     shape = session.input_shape
     if len(shape) != 4 or any(d is not None and d != e for d, e in zip(shape[1:], expected, strict=True)):
-        raise PredictorError(f"the model's metadata says input_size {size} ({'NHWC' if fused else 'NCHW'}), but its graph"
-                             f" takes {shape}; its metadata belongs to another export: export again")
+        raise PredictorError(
+            f"the model's metadata says input_size {size} ({'NHWC' if fused else 'NCHW'}), but its graph"
+            f" takes {shape}; its metadata belongs to another export: export again"
+        )

@@ -117,9 +117,7 @@ def _recorded_weights_sha256(xml: Path) -> str | None:
     return node.get("value") if node is not None else None
 
 
-def compile_config(
-    threads: int | None = None, precision: str | None = None, hint: str = "LATENCY"
-) -> dict[str, Any]:
+def compile_config(threads: int | None = None, precision: str | None = None, hint: str = "LATENCY") -> dict[str, Any]:
     """CPU plugin settings: a performance hint, one stream for latency, explicit threads and
     inference precision (on AMX CPUs OpenVINO runs float models in bf16 unless told f32)."""
     config: dict[str, Any] = {"PERFORMANCE_HINT": hint}
@@ -132,8 +130,7 @@ def compile_config(
     return config
 
 
-def compile_ir(model, props: dict[str, str], device: str = "CPU", threads: int | None = None,
-               hint: str = "LATENCY", core=None):
+def compile_ir(model, props: dict[str, str], device: str = "CPU", threads: int | None = None, hint: str = "LATENCY", core=None):
     """Compile ``model`` for ``device`` in the precision its properties record.
 
     Raises:
@@ -161,8 +158,10 @@ class OpenVinoSession:
         outputs = [port.get_names() for port in model.outputs]
         prototype = len(outputs) == 2 and "logits" in outputs[0] and "features" in outputs[1]  # logits, then embeddings
         if len(model.inputs) != 1 or (len(outputs) != 1 and not prototype):
-            raise OpenVinoError(f"{xml} has {len(model.inputs)} inputs and {len(model.outputs)} outputs; a classifier has one"
-                                " of each (a prototype model's second output is its features)")
+            raise OpenVinoError(
+                f"{xml} has {len(model.inputs)} inputs and {len(model.outputs)} outputs; a classifier has one"
+                " of each (a prototype model's second output is its features)"
+            )
         self.compiled = compile_ir(model, self.props, device, threads, hint, core)
         self.providers = [f"OpenVINO:{device}"]
         self.uint8_input = model.input(0).get_element_type() == ov.Type.u8
@@ -171,8 +170,10 @@ class OpenVinoSession:
         self.fixed_batch = batch.get_length() if batch.is_static else None
         self.classes = classes.get_length() if classes.is_static else None
         self.signature = {
-            kind: [{"name": ", ".join(sorted(port.get_names())), "type": port.get_element_type().get_type_name(),
-                    "shape": str(port.get_partial_shape())} for port in ports]
+            kind: [
+                {"name": ", ".join(sorted(port.get_names())), "type": port.get_element_type().get_type_name(), "shape": str(port.get_partial_shape())}
+                for port in ports
+            ]
             for kind, ports in (("inputs", model.inputs), ("outputs", model.outputs))
         }
         self.provenance = {"producer": f"OpenVINO IR on {device}", **{k: v for k, v in self.props.items() if k not in PREPROCESSING_KEYS}}
@@ -191,10 +192,7 @@ def bf16_problem(core=None) -> str | None:
     capabilities = (core or ov.Core()).get_property("CPU", "OPTIMIZATION_CAPABILITIES")
     if "BF16" in capabilities:
         return None
-    return (
-        "this CPU has no native bf16 (it needs AMX or AVX-512 BF16; OpenVINO reports "
-        f"{', '.join(capabilities)}); use --precision fp32 or int8"
-    )
+    return f"this CPU has no native bf16 (it needs AMX or AVX-512 BF16; OpenVINO reports {', '.join(capabilities)}); use --precision fp32 or int8"
 
 
 def one_line(exc: BaseException) -> str:

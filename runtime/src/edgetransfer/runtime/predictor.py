@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 
@@ -126,7 +127,7 @@ class Predictor:
             PredictorError: an unreadable image or an array of the wrong shape or dtype.
         """
         single = is_single(images)
-        batch = [images] if single else list(images)
+        batch = [cast(ImageInput, images)] if single else list(cast(Sequence[ImageInput], images))
         probabilities = softmax(self.logits(batch))
         k = max(1, min(top_k, probabilities.shape[1]))
         results = []
@@ -141,8 +142,10 @@ class Predictor:
             return np.zeros((0, len(self.info.labels)), dtype=np.float32)
         logits = run_batched(self._session.run, self._feed(images), self.batch_size, self._fixed_batch)
         if logits.ndim != 2 or logits.shape[1] != len(self.info.labels):
-            raise PredictorError(f"the model outputs {logits.shape[1:]} scores per image for {len(self.info.labels)} labels;"
-                                 " its metadata belongs to another model: export again")
+            raise PredictorError(
+                f"the model outputs {logits.shape[1:]} scores per image for {len(self.info.labels)} labels;"
+                " its metadata belongs to another model: export again"
+            )
         return logits
 
     def _feed(self, images: Sequence[ImageInput]) -> np.ndarray:
@@ -163,10 +166,9 @@ class Predictor:
         self._require_prototype_head()
         if len(images) == 0:
             raise PredictorError("no images given: enrol a class from at least one image of it")
-        return run_batched(lambda chunk: self._session.run_output(FEATURES, chunk), self._feed(images),
-                           self.batch_size, self._fixed_batch)
+        return run_batched(lambda chunk: self._session.run_output(FEATURES, chunk), self._feed(images), self.batch_size, self._fixed_batch)
 
-    def enrol(self, label: str, images: Sequence[ImageInput], *, replace: bool = False) -> Enrolment:
+    def enrol(self, label: str, images: ImageInput | Sequence[ImageInput], *, replace: bool = False) -> Enrolment:
         """Add class ``label`` (or, with ``replace``, make it anew) from a few of its images.
 
         The class's prototype is the normalised mean of the images' features, computed with this
@@ -185,8 +187,8 @@ class Predictor:
         labels = list(self.info.labels)
         if label in labels and not replace:
             raise PredictorError(f"class {label!r} exists already; pass replace=True (--replace) to make it anew from these images")
-        images = [images] if is_single(images) else list(images)
-        features = self.features(images)
+        batch = [cast(ImageInput, images)] if is_single(images) else list(cast(Sequence[ImageInput], images))
+        features = self.features(batch)
         row = prototype_of(features)
         if label in labels:
             matrix = matrix.copy()
@@ -195,9 +197,9 @@ class Predictor:
             matrix, labels = np.vstack([matrix, row[None]]), [*labels, label]
         recognised = int((np.argmax(features @ matrix.T, axis=1) == labels.index(label)).sum())  # the Gemm's argmax
         action = "replace" if label in self.info.labels else "add"
-        record = {"action": action, "label": label, "time": now(), "images": [image_record(im, i) for i, im in enumerate(images)]}
+        record = {"action": action, "label": label, "time": now(), "images": [image_record(im, i) for i, im in enumerate(batch)]}
         self._reload(enrolled_model(data, labels, matrix, record))
-        return Enrolment(action, label, len(images), len(labels), time.perf_counter() - started, recognised)
+        return Enrolment(action, label, len(batch), len(labels), time.perf_counter() - started, recognised)
 
     def remove(self, label: str) -> Enrolment:
         """Remove class ``label``; this Predictor then runs the new model (:meth:`save` writes it).
@@ -257,8 +259,9 @@ class Predictor:
         width = self._session.output_widths.get(FEATURES)
         if matrix is None or matrix.ndim != 2 or matrix.shape[0] != len(self.info.labels) or (width and matrix.shape[1] != width):
             shape = None if matrix is None else matrix.shape
-            raise PredictorError(f"the model's prototype matrix {shape} does not fit its {len(self.info.labels)} labels"
-                                 f" and {width}-wide features; export it again")
+            raise PredictorError(
+                f"the model's prototype matrix {shape} does not fit its {len(self.info.labels)} labels and {width}-wide features; export it again"
+            )
         return matrix
 
     def _reload(self, model: bytes) -> None:

@@ -11,14 +11,25 @@ import math
 import os
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Union, cast
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import DataError, ImageError, unknown_name
 
-__all__ = ["Interpolation", "Preprocessing", "ImageInput", "to_rgb", "load_rgb", "to_image", "is_single", "check_shape", "IMAGENET_MEAN", "IMAGENET_STD"]
+__all__ = [
+    "Interpolation",
+    "Preprocessing",
+    "ImageInput",
+    "to_rgb",
+    "load_rgb",
+    "to_image",
+    "is_single",
+    "check_shape",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+]
 
 # what the Predictor accepts as one image: a path, encoded bytes, a Pillow image, or an HxWx3 uint8 array
 ImageInput = Union[str, os.PathLike, bytes, Image.Image, np.ndarray]
@@ -141,8 +152,8 @@ class Preprocessing:
             input_size=int(data["input_size"]),
             resize_size=int(data["resize_size"]),
             interpolation=Interpolation.parse(data.get("interpolation", "bilinear")),
-            mean=tuple(float(v) for v in data.get("mean", IMAGENET_MEAN)),
-            std=tuple(float(v) for v in data.get("std", IMAGENET_STD)),
+            mean=cast("tuple[float, float, float]", tuple(float(v) for v in data.get("mean", IMAGENET_MEAN))),  # checked below
+            std=cast("tuple[float, float, float]", tuple(float(v) for v in data.get("std", IMAGENET_STD))),
             channel_order=data.get("channel_order", "RGB"),
             layout=data.get("layout", "NCHW"),
         )
@@ -182,8 +193,9 @@ def check_shape(size: tuple[int, int], name: str = "the image") -> None:
     if short == 0:
         raise ImageError(f"{name} is {width}x{height} pixels: it has none to classify")
     if long > MAX_ASPECT_RATIO * short:
-        raise ImageError(f"{name} is {width}x{height} pixels, more than {MAX_ASPECT_RATIO} times longer than it is wide;"
-                         " crop it to the part to classify first")
+        raise ImageError(
+            f"{name} is {width}x{height} pixels, more than {MAX_ASPECT_RATIO} times longer than it is wide; crop it to the part to classify first"
+        )
 
 
 def load_rgb(source: str | os.PathLike | bytes, draft_side: int | None = None) -> Image.Image:
@@ -203,8 +215,9 @@ def load_rgb(source: str | os.PathLike | bytes, draft_side: int | None = None) -
         with Image.open(handle) as image:
             width, height = image.size  # from the header: refuse before decoding
             if width * height > MAX_PIXELS:
-                raise ImageError(f"image {name} is {width}x{height} pixels, more than the {MAX_PIXELS // 10**6} million"
-                                 " edgetransfer decodes; scale it down first")
+                raise ImageError(
+                    f"image {name} is {width}x{height} pixels, more than the {MAX_PIXELS // 10**6} million edgetransfer decodes; scale it down first"
+                )
             if draft_side and image.format == "JPEG" and min(width, height) > 2 * draft_side:
                 scale = draft_side / min(width, height)  # draft keeps at least the size asked for
                 image.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))

@@ -35,7 +35,7 @@ PROVIDER_ALIASES = {
 # y = Identity(x), float[1], opset 13, IR 8: the smallest model a provider can be tried on, as
 # serialised bytes so that the runtime needs no onnx package (a test rebuilds it with onnx.helper)
 PROBE_MODEL = (
-    b"\x08\x08\x12\x00:;\n\x10\n\x01x\x12\x01y\"\x08Identity\x12\x05probeZ\x0f\n\x01x\x12\n\n\x08\x08\x01\x12\x04"
+    b'\x08\x08\x12\x00:;\n\x10\n\x01x\x12\x01y"\x08Identity\x12\x05probeZ\x0f\n\x01x\x12\n\n\x08\x08\x01\x12\x04'
     b"\n\x02\x08\x01b\x0f\n\x01y\x12\n\n\x08\x08\x01\x12\x04\n\x02\x08\x01B\x04\n\x00\x10\r"
 )
 
@@ -105,19 +105,18 @@ def _ort_session(ort, model, wanted: list[str], threads: int | None, spinning: b
         )
     if any(p in ("CUDAExecutionProvider", "TensorrtExecutionProvider") for p in wanted):
         _preload_gpu_libraries(ort)
-    source = model if isinstance(model, bytes) else str(model)
-    session_providers: list = [_with_options(p, source, model) for p in wanted]
+    session_providers: list = [_with_options(p, model) for p in wanted]
     if "CPUExecutionProvider" not in wanted:
         session_providers.append("CPUExecutionProvider")
     return open_session(model, session_providers, threads, spinning)
 
 
-def _with_options(provider: str, source: str, model) -> str | tuple[str, dict]:
+def _with_options(provider: str, model) -> str | tuple[str, dict]:
     """TensorRT through ONNX Runtime builds engines on first use: keep them (and the timing
     cache) beside the model so the next start takes seconds, not minutes."""
     if provider != "TensorrtExecutionProvider":
         return provider
-    folder = (Path.home() / ".cache" / "edgetransfer") if isinstance(model, bytes) else Path(source).parent
+    folder = (Path.home() / ".cache" / "edgetransfer") if isinstance(model, bytes) else Path(model).parent
     cache = folder / "ort-trt-cache"
     cache.mkdir(parents=True, exist_ok=True)
     return provider, {
@@ -166,8 +165,7 @@ def check_providers(wanted: list[str], actual: list[str], allow_fallback: bool) 
     if wanted[0] in actual:
         return None
     message = (
-        f"asked for {wanted[0]} but the session runs on {actual[0]} (its libraries or device are missing:"
-        " check CUDA/cuDNN/TensorRT and the GPU)"
+        f"asked for {wanted[0]} but the session runs on {actual[0]} (its libraries or device are missing: check CUDA/cuDNN/TensorRT and the GPU)"
     )
     if not allow_fallback:
         raise PredictorError(message + "; pass allow_fallback=True to accept that")

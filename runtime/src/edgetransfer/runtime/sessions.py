@@ -16,7 +16,7 @@ import numpy as np
 
 from .errors import PredictorError, first_line
 
-__all__ = ["session_options", "open_session", "fixed_batch", "run_batched", "onnxruntime_builds", "mixed_builds"]
+__all__ = ["session_options", "open_session", "write_optimized", "fixed_batch", "run_batched", "onnxruntime_builds", "mixed_builds"]
 
 # distributions that each install the same ``onnxruntime`` module
 ORT_DISTRIBUTIONS = ("onnxruntime", "onnxruntime-gpu", "onnxruntime-openvino", "onnxruntime-directml", "onnxruntime-qnn")
@@ -50,8 +50,7 @@ def mixed_builds() -> str | None:
         return None
     listed = ", ".join(f"{name} {v}" for name, v in builds.items())
     keep = "onnxruntime-gpu" if "onnxruntime-gpu" in builds else next(iter(builds))
-    return (f"{listed} are installed together and overwrite each other's files; keep one: pip uninstall -y"
-            f" {' '.join(builds)} && pip install {keep}")
+    return f"{listed} are installed together and overwrite each other's files; keep one: pip uninstall -y {' '.join(builds)} && pip install {keep}"
 
 
 def session_options(threads: int | None = None, spinning: bool = False, optimized: bool = True):
@@ -86,14 +85,37 @@ def open_session(
     """
     import onnxruntime as ort  # imported when a session is made: a broken install (two builds at once) must not stop the runtime saying so
 
-    source = model if isinstance(model, bytes) else str(model)
-    name = "<bytes>" if isinstance(model, bytes) else source
-    if not isinstance(model, bytes) and not Path(source).is_file():
-        raise PredictorError(f"model not found: {source}")
+    source: str | bytes = model if isinstance(model, bytes) else str(model)
+    name = "<bytes>" if isinstance(model, bytes) else str(model)
+    if not isinstance(model, bytes) and not Path(model).is_file():
+        raise PredictorError(f"model not found: {name}")
     try:
         return ort.InferenceSession(source, sess_options=session_options(threads, spinning, optimized), providers=list(providers))
     except Exception as exc:  # InvalidProtobuf, Fail, NoSuchFile, InvalidGraph: all "not a usable model"
         raise PredictorError(f"cannot load model {name}: {first_line(exc)}") from exc
+
+
+def write_optimized(
+    model: str | os.PathLike | bytes, path: str | os.PathLike, *, portable: bool = False, disabled_optimizers: Sequence[str] = ()
+) -> None:
+    """ONNX Runtime's graph optimisation run offline: the graph a CPU session of ``model`` runs,
+    written to ``path``. ``portable``: the extended level only, whose graph runs on any x86 CPU;
+    else every optimisation, with this CPU's layouts (a graph to read, not to ship).
+
+    Raises:
+        PredictorError: the file is missing or is not a model ONNX Runtime can load.
+    """
+    import onnxruntime as ort  # imported when a session is made: a broken install (two builds at once) must not stop the runtime saying so
+
+    options = session_options()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED if portable else ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.optimized_model_filepath = str(path)
+    options.log_severity_level = 3  # it warns that an ORT_ENABLE_ALL graph is for this machine: the caller knows
+    source: str | bytes = model if isinstance(model, bytes) else str(model)
+    try:
+        ort.InferenceSession(source, options, providers=["CPUExecutionProvider"], disabled_optimizers=list(disabled_optimizers))
+    except Exception as exc:  # InvalidProtobuf, Fail, NoSuchFile, InvalidGraph: all "not a usable model"
+        raise PredictorError(f"cannot load model {'<bytes>' if isinstance(model, bytes) else model}: {first_line(exc)}") from exc
 
 
 def fixed_batch(session) -> int | None:

@@ -59,6 +59,7 @@ def fields(data: bytes) -> Iterator[Field]:
         start = pos
         key, pos = _varint(data, pos)
         number, wire = key >> 3, key & 7
+        value: int | bytes
         if wire == VARINT:
             value, pos = _varint(data, pos)
         elif wire in (I64, I32):
@@ -123,7 +124,8 @@ def read_initializer(model: bytes, name: str) -> np.ndarray | None:
 
 def _decode_tensor(tensor: bytes, name: str) -> np.ndarray:
     dims: list[int] = []
-    raw, floats, kind = None, [], None
+    raw, kind = None, None
+    floats: list[float] = []
     for f in fields(tensor):
         if f.number == TENSOR_DIMS:
             if f.wire == LEN:  # packed
@@ -138,11 +140,12 @@ def _decode_tensor(tensor: bytes, name: str) -> np.ndarray:
         elif f.number == TENSOR_RAW_DATA:
             raw = bytes(f.value)
         elif f.number == TENSOR_FLOAT_DATA:
-            floats.extend(struct.unpack(f"<{len(f.value) // 4}f", f.value) if f.wire == LEN else [struct.unpack("<f", int(f.value).to_bytes(4, "little"))[0]])
+            packed = f.value if isinstance(f.value, bytes) else f.value.to_bytes(4, "little")  # packed, or one fixed32
+            floats.extend(struct.unpack(f"<{len(packed) // 4}f", packed))
         elif f.number == TENSOR_DATA_LOCATION and f.value == 1:
             raise PredictorError(f"{name} is stored outside the model file (external data); enrol into a self-contained model")
     if kind != FLOAT:
-        raise PredictorError(f"{name} in the model is not a float32 tensor (data type {kind}); export it again")
+        raise PredictorError(f"{name} in the model is not a float32 tensor (data type {kind!r}); export it again")
     array = np.frombuffer(raw, dtype="<f4") if raw is not None else np.asarray(floats, dtype=np.float32)
     if int(np.prod(dims)) != array.size:
         raise PredictorError(f"{name} in the model holds {array.size} numbers for a {dims} tensor; export it again")
@@ -190,7 +193,6 @@ def with_metadata(model: bytes, props: dict[str, str]) -> bytes:
     """``model`` with its ``metadata_props`` replaced by ``props`` (in that order); nothing else changes."""
     kept = b"".join(model[f.start : f.end] for f in fields(model) if f.number != MODEL_METADATA)
     entries = b"".join(
-        _len_field(MODEL_METADATA, _len_field(ENTRY_KEY, k.encode("utf-8")) + _len_field(ENTRY_VALUE, v.encode("utf-8")))
-        for k, v in props.items()
+        _len_field(MODEL_METADATA, _len_field(ENTRY_KEY, k.encode("utf-8")) + _len_field(ENTRY_VALUE, v.encode("utf-8"))) for k, v in props.items()
     )
     return kept + entries
