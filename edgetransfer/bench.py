@@ -24,7 +24,7 @@ from .backends import EagerRunner, Runner, SkipVariant
 from .benchreport import BenchAccuracy, BenchReport, BenchRow, Recommendation
 from .config import BenchOptions
 from .data import DataSpec, load_dataset, load_image
-from .errors import DataError, RunError, first_line, unknown_name
+from .errors import DataError, OptionError, RunError, first_line, unknown_name
 from .machine import gpu_memory_reset, machine_fingerprint, peak_rss_mb, rss_mb
 from .optimize import spec
 from .optimize.coverage import integer_coverage, is_quantized
@@ -159,6 +159,8 @@ def _bench(run: RunDir, options: BenchOptions, out_dir: Path | None) -> BenchRep
     run.require_complete()
 
     out_dir = Path(out_dir or run.path)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OptionError(f"--out {out_dir} is a file; bench writes bench.json, bench.md and bench.png into a folder: choose one")
     built, payload = run.load_checkpoint()
     data = _evaluation_data(run, options, payload["classes"], built.preprocessing)
     threads = options.threads or os.cpu_count() or 1

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import errno
 import functools
 import types
 import typing
@@ -21,6 +22,7 @@ from typing import Any
 import click
 
 from .errors import EdgeTransferError, first_line
+from .runtime.text import printable
 
 __all__ = ["field_option", "field_default", "from_options", "friendly"]
 
@@ -94,18 +96,39 @@ def friendly(command):
         except EdgeTransferError as exc:
             if _debug():
                 raise
-            raise click.ClickException(str(exc)) from exc
+            raise click.ClickException(printable(str(exc))) from exc  # names from files and models may carry terminal escapes
         except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort, KeyboardInterrupt):
             raise
+        except OSError as exc:
+            if _debug():
+                raise
+            if exc.errno not in USER_OS_ERRORS:
+                raise click.ClickException(_internal(exc)) from exc
+            where = f" writing {printable(exc.filename)}" if exc.filename else ""
+            raise click.ClickException(f"{exc.strerror}{where}: {USER_OS_ERRORS[exc.errno]}; nothing was left half-written") from exc
         except Exception as exc:
             if _debug():
                 raise
-            raise click.ClickException(
-                f"internal error ({type(exc).__name__}: {first_line(exc, 200)}). This is a bug in edgetransfer, not in"
-                " your input: run again with --debug (or EDGETRANSFER_DEBUG=1) and report the traceback"
-            ) from exc
+            raise click.ClickException(_internal(exc)) from exc
 
     return wrapper
+
+
+# what the machine, not edgetransfer, refused: the user's to fix, said in one line
+USER_OS_ERRORS = {
+    errno.ENOSPC: "free some space (or write elsewhere) and run again",
+    errno.EDQUOT: "free some of your quota (or write elsewhere) and run again",
+    errno.EROFS: "the file system is read-only; write elsewhere",
+    errno.EACCES: "permission denied; write elsewhere or fix the permissions",
+    errno.EPERM: "not permitted; write elsewhere or fix the permissions",
+}
+
+
+def _internal(exc: BaseException) -> str:
+    return (
+        f"internal error ({type(exc).__name__}: {printable(first_line(exc, 200))}). This is a bug in edgetransfer, not in"
+        " your input: run again with --debug (or EDGETRANSFER_DEBUG=1) and report the traceback"
+    )
 
 
 def _debug() -> bool:

@@ -3,7 +3,8 @@ CLI (whose options are made from these fields) and the JSON a run records. torch
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+import math
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from .runtime.preprocessing import MAX_INPUT_SIZE
 from .weights import DEFAULT_ARCH, default_weights
 
 __all__ = [
+    "require_finite",
     "Target",
     "Precision",
     "QatOptions",
@@ -81,6 +83,24 @@ class OptimizerName(Choice):
     SGD = "sgd"
 
 
+# Bounds on what a run may ask for: beyond them a value is a typo (an epoch count that never ends,
+# a batch no memory holds, a learning rate that only diverges), refused with its range.
+MAX_EPOCHS, MAX_BATCH, MAX_LR, MAX_WORKERS = 10_000, 65_536, 10.0, 256
+
+
+def require_finite(options: Any) -> None:
+    """Every float setting of ``options`` (an options dataclass) is a finite number: NaN fails
+    every comparison a range check makes, so ``--max-accuracy-drop nan`` would turn the guard off.
+
+    Raises:
+        OptionError: naming the option.
+    """
+    for item in fields(options):
+        value = getattr(options, item.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise OptionError(f"--{item.name.replace('_', '-')} must be a finite number, got {value}")
+
+
 @dataclass(frozen=True)
 class FinetuneConfig:
     """Everything that decides a fine-tuning run; saved as ``config.json`` in the run directory.
@@ -116,6 +136,7 @@ class FinetuneConfig:
     adapt_eval: str | None = None
 
     def __post_init__(self) -> None:
+        require_finite(self)
         if self.adapt is not None:  # dann, the default, trains the backbone: full mode unless asked otherwise
             object.__setattr__(self, "adapt_method", AdaptMethod.parse(self.adapt_method or AdaptMethod.DANN))
             if self.adapt_eval is None and self.adapt == DEMO_M:
@@ -126,13 +147,20 @@ class FinetuneConfig:
         object.__setattr__(self, "optimizer", OptimizerName.parse(self.optimizer))
         object.__setattr__(self, "augment", Augment.parse(self.augment))
         checks = [
-            (self.epochs is None or self.epochs >= 1, f"epochs must be at least 1, got {self.epochs}"),
-            (self.batch_size >= 1, f"batch size must be at least 1, got {self.batch_size}"),
-            (self.lr is None or self.lr > 0, f"learning rate must be positive, got {self.lr}"),
+            (self.epochs is None or 1 <= self.epochs <= MAX_EPOCHS, f"epochs must be between 1 and {MAX_EPOCHS}, got {self.epochs}"),
+            (1 <= self.batch_size <= MAX_BATCH, f"batch size must be between 1 and {MAX_BATCH}, got {self.batch_size}"),
+            (self.lr is None or 0 < self.lr <= MAX_LR, f"learning rate must be in (0, {MAX_LR}], got {self.lr}"),
+            (0 <= self.weight_decay <= 1, f"weight decay must be in [0, 1], got {self.weight_decay}"),
+            (0 <= self.warmup_epochs <= MAX_EPOCHS, f"warm-up epochs must be between 0 and {MAX_EPOCHS}, got {self.warmup_epochs}"),
+            (0 <= self.seed < 2**32, f"seed must be between 0 and {2**32 - 1}, got {self.seed}"),
+            (self.workers is None or 0 <= self.workers <= MAX_WORKERS, f"workers must be between 0 and {MAX_WORKERS}, got {self.workers}"),
             (self.unfreeze_blocks >= 0, f"unfreeze blocks must be 0 or more, got {self.unfreeze_blocks}"),
             (self.mode is Mode.HEAD or self.unfreeze_blocks == 0, "--unfreeze goes with --mode head (full trains every block)"),
             (0 <= self.label_smoothing < 1, f"label smoothing must be in [0, 1), got {self.label_smoothing}"),
-            (self.probe_epochs is None or self.probe_epochs >= 0, f"probe epochs must be 0 or more, got {self.probe_epochs}"),
+            (
+                self.probe_epochs is None or 0 <= self.probe_epochs <= MAX_EPOCHS,
+                f"probe epochs must be between 0 and {MAX_EPOCHS}, got {self.probe_epochs}",
+            ),
             (self.patience is None or self.patience >= 1, f"patience must be at least 1, got {self.patience}"),
             (
                 self.image_size is None or 16 <= self.image_size <= MAX_INPUT_SIZE,
@@ -222,6 +250,7 @@ class ExportOptions:
     output: Path | None = None
 
     def __post_init__(self) -> None:
+        require_finite(self)
         if self.static_batch is not None and self.static_batch < 1:
             raise OptionError(f"static batch must be at least 1, got {self.static_batch}")
         if not 7 <= self.opset <= 23:
@@ -269,6 +298,7 @@ class QatOptions:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        require_finite(self)
         if self.target not in QAT_TARGETS:
             raise OptionError(f"unknown QAT target {self.target!r}; choose one of {', '.join(QAT_TARGETS)}")
         if self.epochs < 0:
@@ -314,6 +344,7 @@ class BenchOptions:
     eval_images: int | None = None
 
     def __post_init__(self) -> None:
+        require_finite(self)
         if not self.batch_sizes or min(self.batch_sizes) < 1:
             raise OptionError(f"batch sizes must be at least 1, got {list(self.batch_sizes)}")
         if self.threads is not None and self.threads < 1:

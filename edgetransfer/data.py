@@ -27,6 +27,7 @@ from .choice import Choice
 from .errors import DataError
 from .progress import console, progress
 from .runtime.preprocessing import Preprocessing, check_shape, load_rgb, to_rgb
+from .runtime.text import printable
 
 __all__ = [
     "DEMO",
@@ -231,7 +232,7 @@ def _check(samples: list[Sample], strict: bool, workers: int) -> tuple[list[Samp
     if bad and strict:
         raise DataError(f"{len(bad)} unreadable image(s), first: {bad[0][1]} (drop --strict to skip them)")
     if bad:
-        console.print("[yellow]warning:[/]", escape(f"skipped {len(bad)} unreadable image(s); first: {bad[0][1]}"))
+        console.print("[yellow]warning:[/]", escape(printable(f"skipped {len(bad)} unreadable image(s); first: {bad[0][1]}")))
     return [s for s, _ in good], [(s.name, p) for s, p in bad]
 
 

@@ -183,6 +183,8 @@ def _check_writable(output: Path) -> None:
     parent = output.parent if output.parent != Path("") else Path(".")
     if not parent.is_dir():
         raise ExportError(f"cannot write {output}: folder {parent} does not exist")
+    if output.exists() and not output.is_symlink() and not output.is_file():
+        raise ExportError(f"{output} exists and is not a regular file (a device, a pipe or a folder); choose another --output")
     if not os.access(parent, os.W_OK) or (output.exists() and not os.access(output, os.W_OK)):
         raise ExportError(f"cannot write {output}: permission denied; choose another --output")
 

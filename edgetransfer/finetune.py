@@ -86,7 +86,7 @@ def finetune(
     if not dist.main:
         set_quiet(True)  # one progress display per job, from rank 0
     run_dir = Path(dist.broadcast(str(run_dir)))  # a default name holds the time: take rank 0's
-    with RunDir(run_dir).lock() if dist.main else contextlib.nullcontext():
+    with RunDir(run_dir).lock(create=not resume) if dist.main else contextlib.nullcontext():
         return _finetune(config, run_dir, resume, on_epoch, dist)
 
 

@@ -123,7 +123,7 @@ def run_qat(
     built, payload = parent.load_checkpoint()
     if payload.get("head") == "prototype":
         raise RunError("QAT trains weights and a prototype run has none to train; run it on a linear-head run (--mode head or full)")
-    with child.lock():
+    with child.lock(create=True):
         try:
             state = _start(parent, child, config, built, payload, options)
             return _train(state, on_epoch)
@@ -161,19 +161,8 @@ def resume_qat(child_dir: str | Path, on_epoch: Callable[[int], None] | None = N
     module.load_state_dict(last["model"])
     options = QatOptions(**record["options"])
     config = {k: v for k, v in config.items() if k != "qat"}
-    state = _State(
-        parent,
-        child,
-        config,
-        record,
-        built,
-        payload,
-        options,
-        *_optimizer(module, options, len(parent.dataset.train), _batch(config, options)),
-        last["history"],
-        (last["best_epoch"], last["best_val"], last["best_model"]),
-        last["seconds"],
-    )
+    best = (last["best_epoch"], last["best_val"], last["best_model"])
+    state = _State.begin(parent, child, config, record, built, payload, options, history=last["history"], best=best, seconds=last["seconds"])
     state.optimizer.load_state_dict(last["optimizer"])
     state.scheduler.load_state_dict(last["scheduler"])
     with child.lock():
@@ -194,6 +183,15 @@ class _State:
     history: list = field(default_factory=list)
     best: tuple | None = None  # (epoch, val top-1, state_dict)
     seconds: float = 0.0  # spent before this process
+
+    @classmethod
+    def begin(
+        cls, parent: RunDir, child: RunDir, config: dict, record: dict, built: Any, payload: dict, options: QatOptions, **progress: Any
+    ) -> _State:
+        """A state with a new optimiser and schedule for ``built``'s module; ``progress``: the
+        history, best epoch and seconds of a run being resumed."""
+        optimizer, scheduler = _optimizer(built.module, options, len(parent.dataset.train), _batch(config, options))
+        return cls(parent, child, config, record, built, payload, options, optimizer, scheduler, **progress)
 
 
 def _optimizer(module: nn.Module, options: QatOptions, train_images: int, batch: int) -> tuple[torch.optim.Optimizer, Any]:
@@ -231,17 +229,7 @@ def _start(parent: RunDir, child: RunDir, config: dict, built, payload: dict, op
     write_json(child / RunDir.CONFIG, {**config, "qat": record})
     manifest = child.new_manifest(status="training", parent={"run": record["parent"], "checkpoint_sha256": record["parent_checkpoint_sha256"]})
     manifest.save()
-    return _State(
-        parent,
-        child,
-        config,
-        record,
-        built,
-        payload,
-        options,
-        *_optimizer(module, options, len(parent.dataset.train), _batch(config, options)),
-        seconds=time.perf_counter() - started,
-    )
+    return _State.begin(parent, child, config, record, built, payload, options, seconds=time.perf_counter() - started)
 
 
 def _batch(config: dict, options: QatOptions) -> int:

@@ -9,6 +9,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .benchreport import BenchReport
+from .runtime.text import printable
 
 __all__ = [
     "epochs_table",
@@ -152,8 +153,8 @@ def predictions_table(images, results, provider: str) -> Table:
         table.add_column(column, justify="right" if column in ("rank", "probability") else "left")
     for image, predictions in zip(images, results, strict=True):
         for rank, prediction in enumerate(predictions, 1):
-            # paths and labels are shown as they are, never read as markup
-            table.add_row(Text(str(image)) if rank == 1 else "", str(rank), Text(prediction.label), f"{prediction.probability:.4f}")
+            # paths and labels are shown as they are, never read as markup; control characters escaped
+            table.add_row(Text(printable(image)) if rank == 1 else "", str(rank), Text(printable(prediction.label)), f"{prediction.probability:.4f}")
     return table
 
 

@@ -10,59 +10,24 @@ from __future__ import annotations
 
 import itertools
 import os
-import platform
-import sys
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime, timezone
 from functools import cached_property
-from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import __version__
 from .checkpoint import load_checkpoint
 from .data import DataSpec, load_dataset
 from .errors import RunError
-from .runtime.files import read_json, sha256_file, write_json
+from .manifest import SCHEMA, Manifest, now, versions
+from .runtime.files import read_json, sha256_file
 from .runtime.metadata import MANIFEST_FILE
 
 if TYPE_CHECKING:
     from .data import Dataset, DataSpec, Sample
 
 __all__ = ["RunDir", "Manifest", "versions", "now"]
-
-SCHEMA = 2  # 2: an artifact's parent may be a list (bench.json); variant reports always carry kept_in_float, guard_steps, warnings
-_PACKAGES = (
-    "torch",
-    "torchvision",
-    "timm",
-    "numpy",
-    "pillow",
-    "onnx",
-    "onnxruntime",
-    "onnxruntime-gpu",
-    "openvino",
-    "nncf",
-    "nvidia-modelopt",
-    "aimet-onnx",
-)
-
-
-def now() -> str:
-    """The current UTC time, ISO 8601 to the second."""
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def versions() -> dict[str, str]:
-    """Versions of Python, the platform and the installed packages that shape results."""
-    found = {"edgetransfer": __version__, "python": sys.version.split()[0], "platform": platform.platform()}
-    for name in _PACKAGES:
-        try:
-            found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
-    return found
 
 
 class RunDir:
@@ -114,22 +79,30 @@ class RunDir:
         return (self.path / self.MANIFEST).is_file()
 
     @contextmanager
-    def lock(self) -> Iterator[None]:
+    def lock(self, create: bool = False) -> Iterator[None]:
         """Hold the run directory for writing: a second writer (another process) is refused, and
         temporary files a killed writer left behind are removed.
 
         The lock is a file beside the run directory (``.<name>.lock``), held with ``flock``; it
         is re-entrant within a process and released when the process ends, however it ends.
 
+        Args:
+            create: the run directory may not exist yet (a new run); otherwise a missing one is
+                refused before anything is written.
+
         Raises:
-            RunError: another process holds it (its pid is named).
+            RunError: no run directory (without ``create``), a lock path that is not a regular
+                file (a link, a device), or another process holds it (its pid is named).
         """
         key = str(self.path.resolve())
         if key in _HELD:
             yield
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path.parent / f".{self.path.name}.lock", "a+") as handle:
+        if not self.path.is_dir():
+            if not create:
+                raise RunError(f"no run directory at {self.path}; check the path, or run edgetransfer finetune first")
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        with _open_lock_file(self.path.parent / f".{self.path.name}.lock") as handle:
             _acquire(handle, self.path)
             _HELD.add(key)
             try:
@@ -140,10 +113,15 @@ class RunDir:
 
     def _remove_stale_temporaries(self) -> None:
         """Temporary files of an interrupted write (``.NAME.<random>.tmp``): with the lock held no
-        writer can still be using them."""
-        if self.path.is_dir():
-            for stale in self.path.rglob(".*.tmp"):
-                stale.unlink(missing_ok=True)
+        writer can still be using them. Only this run's: a run inside it (a QAT child) has a lock
+        of its own, and its writer may be busy."""
+        if not self.path.is_dir():
+            return
+        for folder, subfolders, files in os.walk(self.path):
+            subfolders[:] = [s for s in subfolders if not (Path(folder, s) / MANIFEST_FILE).is_file()]
+            for name in files:
+                if name.startswith(".") and name.endswith(".tmp"):
+                    Path(folder, name).unlink(missing_ok=True)
 
     def require_checkpoint(self) -> Path:
         """The fine-tuned checkpoint's path.
@@ -236,12 +214,7 @@ class RunDir:
         Raises:
             RunError: there is none.
         """
-        if not self.has_manifest():
-            raise RunError(f"no run at {self.path} (no {self.MANIFEST}); run edgetransfer finetune first")
-        data = self._read(self.MANIFEST)
-        if not isinstance(data, dict) or not isinstance(data.get("artifacts"), dict):
-            raise RunError(f"{self.path / self.MANIFEST} is not an edgetransfer manifest; restore it, or run the run again")
-        return Manifest(self.path, data)
+        return Manifest.load(self.path)
 
     def _read(self, name: str) -> Any:
         try:
@@ -308,6 +281,27 @@ class RunDir:
 _HELD: set[str] = set()  # run directories this process holds
 
 
+def _open_lock_file(path: Path):
+    """The lock file at ``path``, opened for reading and writing without following a link: a
+    link or anything else that is not a regular file is refused, never written through.
+
+    Raises:
+        RunError: the path is a link, a directory, a device or a pipe, or cannot be opened.
+    """
+    hint = "it is not edgetransfer's lock file; remove it and run again"
+    if path.is_symlink() or (path.exists() and not stat.S_ISREG(path.lstat().st_mode)):
+        raise RunError(f"{path} is {'a symbolic link' if path.is_symlink() else 'not a regular file'}: {hint}")
+    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
+    try:
+        descriptor = os.open(path, flags, 0o644)
+    except OSError as exc:  # ELOOP: a link planted after the check above
+        raise RunError(f"cannot open the lock file {path} ({exc.strerror}): {hint}") from exc
+    if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+        os.close(descriptor)
+        raise RunError(f"{path} is not a regular file: {hint}")
+    return os.fdopen(descriptor, "r+")
+
+
 def _acquire(handle, run_dir: Path) -> None:
     try:
         import fcntl  # POSIX only: imported where it is used
@@ -325,48 +319,6 @@ def _acquire(handle, run_dir: Path) -> None:
     handle.truncate()
     handle.write(str(os.getpid()))
     handle.flush()
-
-
-class Manifest:
-    """``manifest.json`` of one run directory; every save is atomic. Open it with :meth:`RunDir.manifest`."""
-
-    def __init__(self, run_dir: str | Path, data: dict[str, Any]) -> None:
-        self.run_dir = Path(run_dir)
-        self.data = data
-
-    @classmethod
-    def load(cls, run_dir: str | Path) -> Manifest:
-        return RunDir(run_dir).manifest()
-
-    @property
-    def artifacts(self) -> dict[str, dict[str, Any]]:
-        return self.data["artifacts"]
-
-    def record(
-        self,
-        name: str,
-        path: str | Path,
-        kind: str,
-        parent: str | list[str] | None = None,
-        settings: dict[str, Any] | None = None,
-    ) -> dict[str, Any]:
-        """Add (or replace) artifact ``name`` with its sha256, size, parent(s) and settings."""
-        full = self.run_dir / path
-        entry = {
-            "path": str(Path(path)),
-            "kind": kind,
-            "sha256": sha256_file(full),
-            "bytes": full.stat().st_size,
-            "parent": parent,
-            "settings": settings or {},
-            "versions": versions(),
-            "created": now(),
-        }
-        self.data["artifacts"][name] = entry
-        return entry
-
-    def save(self) -> Path:
-        return write_json(self.run_dir / RunDir.MANIFEST, self.data)
 
 
 def _round_robin(samples: list[Sample], limit: int | None) -> list[Sample]:

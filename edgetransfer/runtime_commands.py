@@ -13,7 +13,7 @@ from .errors import OptionError
 from .progress import out
 from .report import predictions_table
 from .runtime import Predictor
-from .runtime.cli import enrolment_line
+from .runtime.cli import DEFAULT_TIMEOUT, enrolment_line
 from .runtime.enrol import enrol_file
 
 __all__ = ["predict", "enrol"]
@@ -29,8 +29,15 @@ __all__ = ["predict", "enrol"]
 @click.option("--allow-fallback", is_flag=True, help="Accept a later provider when the first cannot load.")
 @click.option("--device", default="CPU", show_default=True, help="OpenVINO device, for an .xml model (CPU, GPU, AUTO).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option(
+    "--timeout",
+    type=click.FloatRange(0, float("inf"), min_open=True, max_open=True),
+    default=DEFAULT_TIMEOUT,
+    show_default=True,
+    help="Seconds one run of the model may take (a model file can hold a graph that never ends).",
+)
 @friendly
-def predict(model: Path, images: tuple[Path, ...], top_k: int, providers, allow_fallback: bool, device: str, as_json: bool) -> None:
+def predict(model: Path, images: tuple[Path, ...], top_k: int, providers, allow_fallback: bool, device: str, as_json: bool, timeout: float) -> None:
     """Classify images with an exported model (torch-free runtime).
 
     \b
@@ -40,7 +47,7 @@ def predict(model: Path, images: tuple[Path, ...], top_k: int, providers, allow_
       edgetransfer predict model.onnx img.png --provider cuda --provider cpu --allow-fallback
       edgetransfer predict runs/demo/openvino-int8.xml cat.jpg     # OpenVINO IR (edgetransfer[openvino])
     """
-    predictor = Predictor(model, providers=list(providers) or None, allow_fallback=allow_fallback, device=device)
+    predictor = Predictor(model, providers=list(providers) or None, allow_fallback=allow_fallback, device=device, timeout=timeout)
     results = predictor.predict([str(p) for p in images], top_k=top_k)
     if as_json:
         rows = [

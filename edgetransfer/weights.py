@@ -4,6 +4,8 @@ timm's), state_dict files loaded safely, and the one clear line a failed downloa
 
 from __future__ import annotations
 
+import os
+import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +32,7 @@ __all__ = [
     "load_state",
 ]
 
+FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"  # torch reads it at each torch.load
 DEFAULT_ARCH = "timm:efficientnet_lite0"  # embedded ImageNet weights, so the default job needs no network
 
 
@@ -115,15 +118,34 @@ def is_path(weights: str) -> bool:
 
 
 def fetch(make: Callable[[], nn.Module], arch_name: str, weights: str) -> nn.Module:
-    """Run a builder that may download weights; any failure becomes one clear line."""
+    """Run a builder that may download weights, every ``torch.load`` inside it reading tensors
+    only; any failure becomes one clear line.
+
+    torchvision reads its hub cache with ``weights_only=False``: a pickle planted there (where
+    offline users are told to put weights) would run. ``TORCH_FORCE_WEIGHTS_ONLY_LOAD``, which
+    torch reads at each load, makes that load a safe one.
+    """
+    saved = {name: os.environ.pop(name, None) for name in (FORCE_WEIGHTS_ONLY, "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")}
+    os.environ[FORCE_WEIGHTS_ONLY] = "1"
     try:
         return make()
+    except pickle.UnpicklingError as exc:  # the safe loader refused what the file holds
+        raise WeightsError(
+            f"the cached {weights} weights for {arch_name} hold more than tensors (a pickle that could run code), so they were not"
+            " loaded; delete the file from the torch hub cache ($TORCH_HOME/hub/checkpoints) and fetch it again from its source"
+        ) from exc
     except Exception as exc:  # URLError, hub errors, hash mismatches: the cause is in the text
         text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise WeightsError(
             f"cannot get {weights} weights for {arch_name} ({type(exc).__name__}: {text}). Offline, put the"
             " file in the torch hub cache ($TORCH_HOME/hub/checkpoints) or pass --weights embedded|none|PATH"
         ) from exc
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def load_file(module: nn.Module, path: Path, arch_name: str) -> None:

@@ -124,7 +124,7 @@ def test_auto_threads_times_each_count_and_keeps_the_fastest(run_dir, tmp_path, 
         tried.append(count)
         return Latency(batch, 1, float(count), float(count), float(count), float(count), 1.0)
 
-    monkeypatch.setattr(bench_module, "_time", fake_time)
+    monkeypatch.setattr(bench_module, "time_alone", fake_time)
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     report = bench_run(
         run_dir,

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from ..config import require_finite
 from ..data import Sample
 from ..errors import OptionError, QuantizationError
 from ..export import parent_onnx, run_onnx
@@ -61,6 +62,7 @@ class QuantOptions:
     adaround_images: int = 64
 
     def __post_init__(self) -> None:
+        require_finite(self)
         object.__setattr__(self, "method", CalibMethod.parse(self.method))
         object.__setattr__(self, "rounding", Rounding.parse(self.rounding))
         if self.calib_size < 1 or self.calib_batch < 1:
@@ -103,6 +105,7 @@ class TensorRTOptions:
     timing_cache: Path | None = None
 
     def __post_init__(self) -> None:
+        require_finite(self)
         if not 1 <= self.min_batch <= self.opt_batch <= self.max_batch:
             raise OptionError(f"TensorRT batch profile needs 1 <= min <= opt <= max, got {self.min_batch}/{self.opt_batch}/{self.max_batch}")
         if self.workspace_mib < 1:

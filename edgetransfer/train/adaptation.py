@@ -17,6 +17,7 @@ from ..data import Dataset, eval_transform, train_transform
 from ..errors import ModelError
 from ..models import BuiltModel
 from ..progress import console
+from ..runtime.text import printable
 from .loops import image_loader
 
 __all__ = ["Adaptation"]
@@ -53,7 +54,8 @@ class Adaptation:
             )
         if self.target.skipped:
             console.print(
-                "[yellow]warning:[/]", escape(f"skipped {len(self.target.skipped)} unreadable target image(s); first: {self.target.skipped[0][1]}")
+                "[yellow]warning:[/]",
+                escape(printable(f"skipped {len(self.target.skipped)} unreadable target image(s); first: {self.target.skipped[0][1]}")),
             )
         self.eval = target_eval_images(config.adapt_eval, config.data, dataset.classes, workers) if config.adapt_eval else []
         self.eval_labels = torch.tensor([s.label for s in self.eval])

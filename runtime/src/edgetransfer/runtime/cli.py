@@ -27,15 +27,12 @@ from .enrol import enrol_file
 from .errors import EdgeTransferError, PredictorError, first_line
 from .predictor import Predictor
 from .sessions import mixed_builds, onnxruntime_builds
+from .text import printable
 
 __all__ = ["main", "printable"]
 
 DEBUG_ENV = "EDGETRANSFER_DEBUG"
-
-
-def printable(text: object) -> str:
-    """``text`` with control characters (terminal escapes, newlines) shown as escapes."""
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in str(text))
+DEFAULT_TIMEOUT = 60.0  # seconds a run of the model may take: a model file can hold a graph that never ends
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -161,6 +158,13 @@ def _positive(text: str) -> int:
     return value
 
 
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return value
+
+
 def _session_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--provider", dest="providers", action="append", help="cpu, cuda, tensorrt or a full provider name; repeat for a fallback order (default cpu)"
@@ -169,13 +173,22 @@ def _session_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="CPU", help="OpenVINO device, for an .xml model (CPU, GPU, AUTO)")
     parser.add_argument("--threads", type=_positive, default=None, help="inference threads (default: the runtime's choice)")
     parser.add_argument(
+        "--timeout", type=_seconds, default=DEFAULT_TIMEOUT, help=f"seconds one run of the model may take (default {DEFAULT_TIMEOUT:g})"
+    )
+    parser.add_argument(
         "--fast-jpeg", action="store_true", help="decode large JPEGs at a reduced scale: faster, pixels within 2 levels of the exact path"
     )
 
 
 def _predictor(args: argparse.Namespace):
     return Predictor(
-        args.model, providers=args.providers, allow_fallback=args.allow_fallback, device=args.device, threads=args.threads, fast_jpeg=args.fast_jpeg
+        args.model,
+        providers=args.providers,
+        allow_fallback=args.allow_fallback,
+        device=args.device,
+        threads=args.threads,
+        fast_jpeg=args.fast_jpeg,
+        timeout=args.timeout,
     )
 
 

@@ -69,6 +69,8 @@ def writable_output(model: Path, output: Path | None, in_place: bool) -> Path:
     folder = target.parent if str(target.parent) else Path(".")
     if not folder.is_dir():
         raise PredictorError(f"cannot write {target}: folder {folder} does not exist")
+    if target.exists() and not target.is_symlink() and not target.is_file():
+        raise PredictorError(f"{target} exists and is not a regular file (a device, a pipe or a folder); choose another --output")
     if not os.access(folder, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
         raise PredictorError(f"cannot write {target}: permission denied; choose another --output")
     return target

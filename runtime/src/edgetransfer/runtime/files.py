@@ -5,11 +5,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
+
+from .errors import OptionError
 
 __all__ = ["atomic_path", "write_bytes", "write_json", "read_json", "sha256_file"]
 
@@ -20,8 +23,14 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
 
     On any exception (an interrupt included) the temporary file is removed and ``target`` is
     left as it was.
+
+    Raises:
+        OptionError: ``target`` exists and is not a regular file (a device, a pipe, a folder):
+            the rename would replace it.
     """
     target = Path(target)
+    if target.exists() and not target.is_symlink() and not stat.S_ISREG(target.lstat().st_mode):
+        raise OptionError(f"{target} exists and is not a regular file (a device, a pipe or a folder); choose another path")
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)

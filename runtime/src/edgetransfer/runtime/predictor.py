@@ -51,6 +51,8 @@ class Predictor:
             that decode and resize the images of one call (default: one per core).
         spinning: let idle ONNX Runtime threads spin; off by default, since spinning threads
             slow everything else down on small shared machines.
+        timeout: seconds one ``session.run`` may take before it is stopped and refused (ONNX
+            models; a model file can hold a graph that never ends). Default: no limit.
         batch_size: how many images one ``session.run`` gets at most.
         device: OpenVINO device for an IR (``"CPU"``, ``"GPU"``, ``"AUTO"``).
         fast_jpeg: decode JPEG files at a reduced scale (libjpeg's DCT scaling) while their
@@ -73,6 +75,7 @@ class Predictor:
         labels: Sequence[str] | None = None,
         threads: int | None = None,
         spinning: bool = False,
+        timeout: float | None = None,
         batch_size: int = 32,
         device: str = "CPU",
         fast_jpeg: bool = False,
@@ -84,7 +87,9 @@ class Predictor:
         self._decoders = threads or os.cpu_count() or 1  # threads that decode and resize a batch's images
         self.verified_by = None if isinstance(model, bytes) else verify_recorded(Path(model))
         self._model = model
-        self._session_settings = ([provider_name(p) for p in (providers or ["cpu"])], threads, spinning)
+        if timeout is not None and not timeout > 0:
+            raise PredictorError(f"timeout must be a positive number of seconds, got {timeout}")
+        self._session_settings = ([provider_name(p) for p in (providers or ["cpu"])], threads, spinning, timeout)
         self._overrides = (preprocessing, labels)
         if not isinstance(model, bytes) and Path(model).suffix.lower() == ".xml":
             self._session = openvino_session(Path(model), providers, device, threads)
@@ -141,6 +146,8 @@ class Predictor:
         if len(images) == 0:
             return np.zeros((0, len(self.info.labels)), dtype=np.float32)
         logits = run_batched(self._session.run, self._feed(images), self.batch_size, self._fixed_batch)
+        if not np.isfinite(logits).all():
+            raise PredictorError("the model's outputs are not all finite numbers (NaN or infinity): the model file is broken; export it again")
         if logits.ndim != 2 or logits.shape[1] != len(self.info.labels):
             raise PredictorError(
                 f"the model outputs {logits.shape[1:]} scores per image for {len(self.info.labels)} labels;"

@@ -172,6 +172,8 @@ def to_rgb(image: Image.Image, owned: bool = False) -> Image.Image:
         image = ImageOps.exif_transpose(image)
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
         array = np.asarray(image, dtype=np.float32)
+        if image.mode == "F" and not np.isfinite(array).all():
+            raise ImageError("the image has pixels that are not numbers (NaN or infinity); save it with finite values")
         top = 65535.0 if image.mode.startswith("I;16") else max(float(array.max()), 255.0)
         if image.mode == "F" and array.max() <= 1.0:
             top = 1.0

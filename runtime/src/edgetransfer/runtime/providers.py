@@ -8,6 +8,7 @@ opened by :func:`edgetransfer.runtime.sessions.open_session`, as everywhere in e
 
 from __future__ import annotations
 
+import threading
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,8 +19,18 @@ from .errors import PredictorError, first_line
 from .metadata import PREPROCESSING_KEYS
 from .openvino_ir import OpenVinoSession
 from .sessions import fixed_batch, mixed_builds, open_session
+from .text import printable
 
-__all__ = ["PROVIDER_ALIASES", "PROBE_MODEL", "provider_name", "OrtSession", "openvino_session", "probe_provider", "check_providers"]
+__all__ = [
+    "PROVIDER_ALIASES",
+    "PROBE_MODEL",
+    "provider_name",
+    "OrtSession",
+    "check_servable",
+    "openvino_session",
+    "probe_provider",
+    "check_providers",
+]
 
 PROVIDER_ALIASES = {
     "cpu": "CPUExecutionProvider",
@@ -47,13 +58,17 @@ def provider_name(name: str) -> str:
 class OrtSession:
     """An ONNX Runtime session behind the small surface Predictor uses (shared with OpenVINO's)."""
 
-    def __init__(self, model, wanted: list[str], threads: int | None, spinning: bool) -> None:
+    def __init__(self, model, wanted: list[str], threads: int | None, spinning: bool, timeout: float | None = None) -> None:
         import onnxruntime as ort  # imported when a session is made: a broken install (two builds at once) must not stop the runtime saying so
+
+        self.timeout = timeout
+        self._run_options = ort.RunOptions
 
         self.wanted = wanted
         self.session = _ort_session(ort, model, wanted, threads, spinning)
         self.providers = list(self.session.get_providers())
         self.props = dict(self.session.get_modelmeta().custom_metadata_map)
+        check_servable(self.session)
         first, output = self.session.get_inputs()[0], self.session.get_outputs()[0]
         self.input_name, self.output_name = first.name, output.name
         self.uint8_input = "uint8" in first.type
@@ -74,10 +89,53 @@ class OrtSession:
         }
 
     def run(self, chunk: np.ndarray) -> np.ndarray:
-        return self.session.run([self.output_name], {self.input_name: chunk})[0]
+        return self.run_output(self.output_name, chunk)
 
     def run_output(self, name: str, chunk: np.ndarray) -> np.ndarray:
-        return self.session.run([name], {self.input_name: chunk})[0]
+        """Output ``name`` for ``chunk``; a run longer than ``timeout`` seconds is stopped (ONNX
+        Runtime's ``RunOptions.terminate``, set from a timer thread) and refused.
+
+        Raises:
+            PredictorError: the run did not finish within ``timeout``.
+        """
+        if self.timeout is None:
+            return self.session.run([name], {self.input_name: chunk})[0]
+        options = self._run_options()
+        timer = threading.Timer(self.timeout, setattr, (options, "terminate", True))
+        timer.daemon = True
+        timer.start()
+        try:
+            return self.session.run([name], {self.input_name: chunk}, options)[0]
+        except Exception as exc:
+            if options.terminate:
+                raise PredictorError(
+                    f"the model did not finish within {self.timeout:g} s and was stopped; a model that runs this long is broken"
+                    " or hostile (give a longer timeout if it is only slow)"
+                ) from exc
+            raise
+        finally:
+            timer.cancel()
+
+
+def check_servable(session) -> None:
+    """A model the Predictor can serve: one float or uint8 image input (N×3×H×W, or N×H×W×3
+    with the preprocessing inside) and a float logits output (N×classes) first, as edgetransfer
+    exports them (a prototype model adds its features).
+
+    Raises:
+        PredictorError: naming what the model has instead.
+    """
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    expected = "one float or uint8 image input (N×3×H×W or N×H×W×3) and a float logits output (N×classes)"
+    problem = None
+    if len(inputs) != 1:
+        problem = f"{len(inputs)} inputs"
+    elif inputs[0].type not in ("tensor(float)", "tensor(uint8)") or len(inputs[0].shape) != 4:
+        problem = f"an input of type {inputs[0].type} and rank {len(inputs[0].shape)}"
+    elif not outputs or outputs[0].type != "tensor(float)" or len(outputs[0].shape) != 2:
+        problem = "no output" if not outputs else f"a first output of type {outputs[0].type} and rank {len(outputs[0].shape)}"
+    if problem:
+        raise PredictorError(f"this model cannot be served: it has {printable(problem)}, and edgetransfer runs models with {expected}")
 
 
 def openvino_session(xml: Path, providers: Sequence[str] | None, device: str, threads: int | None):
