@@ -12,7 +12,7 @@ import click
 import torch
 
 from .clioptions import field_default, field_option, friendly, from_options
-from .config import QAT_TARGETS, FinetuneConfig, QatOptions
+from .config import MAX_THREADS, QAT_TARGETS, FinetuneConfig, QatOptions
 from .data import DataSpec
 from .errors import OptionError
 from .finetune import finetune as run_finetune
@@ -117,7 +117,7 @@ RESUME_EXIT = 130
 @field_option(FinetuneConfig, "amp", "--amp/--no-amp", help="Mixed precision on CUDA.")
 @field_option(FinetuneConfig, "workers", "--workers", help="Data loader processes. [default: 0 for the demo, else up to 4]")
 @field_option(DataSpec, "strict", "--strict", help="Fail on unreadable images instead of skipping them.")
-@click.option("--threads", type=int, default=None, help="torch CPU threads (torch.set_num_threads).")
+@click.option("--threads", type=click.IntRange(1, MAX_THREADS), default=None, help="torch CPU threads (torch.set_num_threads).")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Run directory. [default: runs/<time>-<arch>-<mode>]")
 @click.option(
     "--resume",

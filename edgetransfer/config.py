@@ -86,6 +86,19 @@ class OptimizerName(Choice):
 # Bounds on what a run may ask for: beyond them a value is a typo (an epoch count that never ends,
 # a batch no memory holds, a learning rate that only diverges), refused with its range.
 MAX_EPOCHS, MAX_BATCH, MAX_LR, MAX_WORKERS = 10_000, 65_536, 10.0, 256
+MAX_IMAGES, MAX_THREADS, MAX_SEED = 10**8, 4096, 2**32 - 1
+
+
+def require_ranges(options: Any, ranges: dict[str, tuple[float, float]]) -> None:
+    """Each named setting of ``options`` that is set lies in its ``(low, high)``, both included.
+
+    Raises:
+        OptionError: naming the option and its range.
+    """
+    for name, (low, high) in ranges.items():
+        value = getattr(options, name)
+        if value is not None and not low <= value <= high:
+            raise OptionError(f"--{name.replace('_', '-')} must be between {low:g} and {high:g}, got {value}")
 
 
 def require_finite(options: Any) -> None:
@@ -146,13 +159,19 @@ class FinetuneConfig:
         object.__setattr__(self, "mode", Mode.parse(self.mode or default_mode))
         object.__setattr__(self, "optimizer", OptimizerName.parse(self.optimizer))
         object.__setattr__(self, "augment", Augment.parse(self.augment))
-        checks = [
+        for ok, message in self._checks():
+            if not ok:
+                raise OptionError(message)
+
+    def _checks(self) -> list[tuple[bool, str]]:
+        """(holds, what to say when it does not) for every setting and combination of settings."""
+        return [
             (self.epochs is None or 1 <= self.epochs <= MAX_EPOCHS, f"epochs must be between 1 and {MAX_EPOCHS}, got {self.epochs}"),
             (1 <= self.batch_size <= MAX_BATCH, f"batch size must be between 1 and {MAX_BATCH}, got {self.batch_size}"),
             (self.lr is None or 0 < self.lr <= MAX_LR, f"learning rate must be in (0, {MAX_LR}], got {self.lr}"),
             (0 <= self.weight_decay <= 1, f"weight decay must be in [0, 1], got {self.weight_decay}"),
             (0 <= self.warmup_epochs <= MAX_EPOCHS, f"warm-up epochs must be between 0 and {MAX_EPOCHS}, got {self.warmup_epochs}"),
-            (0 <= self.seed < 2**32, f"seed must be between 0 and {2**32 - 1}, got {self.seed}"),
+            (0 <= self.seed <= MAX_SEED, f"seed must be between 0 and {MAX_SEED}, got {self.seed}"),
             (self.workers is None or 0 <= self.workers <= MAX_WORKERS, f"workers must be between 0 and {MAX_WORKERS}, got {self.workers}"),
             (self.unfreeze_blocks >= 0, f"unfreeze blocks must be 0 or more, got {self.unfreeze_blocks}"),
             (self.mode is Mode.HEAD or self.unfreeze_blocks == 0, "--unfreeze goes with --mode head (full trains every block)"),
@@ -161,7 +180,9 @@ class FinetuneConfig:
                 self.probe_epochs is None or 0 <= self.probe_epochs <= MAX_EPOCHS,
                 f"probe epochs must be between 0 and {MAX_EPOCHS}, got {self.probe_epochs}",
             ),
-            (self.patience is None or self.patience >= 1, f"patience must be at least 1, got {self.patience}"),
+            (self.patience is None or 1 <= self.patience <= MAX_EPOCHS, f"patience must be between 1 and {MAX_EPOCHS}, got {self.patience}"),
+            (self.unfreeze_blocks <= MAX_EPOCHS, f"unfreeze blocks must be at most {MAX_EPOCHS}, got {self.unfreeze_blocks}"),
+            (self.shots is None or self.shots <= MAX_IMAGES, f"shots must be at most {MAX_IMAGES}, got {self.shots}"),
             (
                 self.image_size is None or 16 <= self.image_size <= MAX_INPUT_SIZE,
                 f"image size must be between 16 and {MAX_INPUT_SIZE}, got {self.image_size}",
@@ -182,9 +203,6 @@ class FinetuneConfig:
                 "dann trains the backbone and head mode trains a frozen one's cached features; use --mode full, --unfreeze K, or --adapt-method adabn",
             ),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise OptionError(message)
 
     @property
     def caches_features(self) -> bool:
@@ -251,8 +269,7 @@ class ExportOptions:
 
     def __post_init__(self) -> None:
         require_finite(self)
-        if self.static_batch is not None and self.static_batch < 1:
-            raise OptionError(f"static batch must be at least 1, got {self.static_batch}")
+        require_ranges(self, {"static_batch": (1, MAX_BATCH), "verify_images": (1, MAX_IMAGES)})
         if not 7 <= self.opset <= 23:
             raise OptionError(f"opset must be between 7 and 23, got {self.opset}")
         if self.atol <= 0 or self.rtol < 0:
@@ -301,8 +318,9 @@ class QatOptions:
         require_finite(self)
         if self.target not in QAT_TARGETS:
             raise OptionError(f"unknown QAT target {self.target!r}; choose one of {', '.join(QAT_TARGETS)}")
-        if self.epochs < 0:
-            raise OptionError(f"--qat-epochs must be 0 or more, got {self.epochs}")
+        if not 0 <= self.epochs <= MAX_EPOCHS:
+            raise OptionError(f"--qat-epochs must be between 0 and {MAX_EPOCHS}, got {self.epochs}")
+        require_ranges(self, {"calib_size": (1, MAX_IMAGES), "batch_size": (1, MAX_BATCH), "seed": (0, MAX_SEED)})
         if not 0 < self.lr < 1:
             raise OptionError(f"--qat-lr must be between 0 and 1, got {self.lr}")
         if self.calib_size < 1 or (self.batch_size is not None and self.batch_size < 1):
@@ -355,6 +373,20 @@ class BenchOptions:
             raise OptionError(f"rounds must be at least 1, got {self.rounds}")
         if self.eval_images is not None and self.eval_images < 1:
             raise OptionError(f"eval images must be at least 1, got {self.eval_images}")
+        if max(self.batch_sizes) > MAX_BATCH:
+            raise OptionError(f"batch sizes must be at most {MAX_BATCH}, got {list(self.batch_sizes)}")
+        require_ranges(
+            self,
+            {
+                "threads": (1, MAX_THREADS),
+                "warmup": (0, 10**6),
+                "iterations": (1, 10**7),
+                "rounds": (1, 10**5),
+                "eval_images": (1, MAX_IMAGES),
+                "min_seconds": (0, 86_400),
+                "max_accuracy_drop": (0, 100),
+            },
+        )
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

@@ -102,7 +102,9 @@ class RunDir:
             if not create:
                 raise RunError(f"no run directory at {self.path}; check the path, or run edgetransfer finetune first")
             self.path.parent.mkdir(parents=True, exist_ok=True)
-        with _open_lock_file(self.path.parent / f".{self.path.name}.lock") as handle:
+        lock_path = self.path.parent / f".{self.path.name}.lock"
+        made = not lock_path.exists()
+        with _open_lock_file(lock_path) as handle:
             _acquire(handle, self.path)
             _HELD.add(key)
             try:
@@ -110,6 +112,8 @@ class RunDir:
                 yield
             finally:
                 _HELD.discard(key)
+                if made and not self.path.exists():  # a run refused before it was made leaves nothing behind
+                    lock_path.unlink(missing_ok=True)
 
     def _remove_stale_temporaries(self) -> None:
         """Temporary files of an interrupted write (``.NAME.<random>.tmp``): with the lock held no

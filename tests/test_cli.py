@@ -48,7 +48,7 @@ def test_default_job_runs_offline_and_reaches_the_floor(tmp_path):
         (["--data", "/no/such/folder"], "Error: data path not found: /no/such/folder"),
         (["--arch", "resnet19"], "Error: unknown architecture 'resnet19'. Did you mean 'resnet18'"),
         (["--weights", "/no/such.pth", "--arch", "resnet18"], "Error: weights file not found: /no/such.pth"),
-        (["--epochs", "0"], "Error: epochs must be at least 1, got 0"),
+        (["--epochs", "0"], "Error: epochs must be between 1 and 10000, got 0"),
         (["--resume", "somewhere", "--epochs", "3"], "Error: --resume continues with the run's own settings; drop --epochs"),
     ],
 )

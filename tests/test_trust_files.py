@@ -253,3 +253,40 @@ def test_a_full_disk_is_one_line_leaves_the_run_intact_and_the_retry_works(run, 
     monkeypatch.undo()
     result = CliRunner().invoke(main, ["export", str(run), "--output", str(output)])
     assert result.exit_code == 0 and output.is_file()
+
+
+EDGES = {"INTEGER": ["-1", "0", "99999999999999999999"], "FLOAT": ["-1", "0", "nan", "inf", "-inf", "1e30"]}
+
+
+def _numeric_options(command: str) -> list[tuple[str, str]]:
+    """Every numeric option of ``command`` with the edge values of its type, read from its click
+    parameters (an option added later is covered without a change here)."""
+    import click
+
+    from edgetransfer.cli import COMMANDS
+
+    module = __import__(COMMANDS[command][0], fromlist=[command])
+    found = []
+    for param in getattr(module, command).params:
+        kind = "FLOAT" if isinstance(param.type, (click.types.FloatParamType, click.FloatRange)) else None
+        kind = kind or ("INTEGER" if isinstance(param.type, (click.types.IntParamType, click.IntRange)) else None)
+        if kind and isinstance(param, click.Option) and param.nargs == 1:
+            found += [(param.opts[0], value) for value in EDGES[kind]]
+    return found
+
+
+@pytest.mark.parametrize("command", ["finetune", "export", "bench"])
+def test_every_numeric_option_at_the_edges_is_accepted_or_refused_in_one_line_never_a_bug(command, tmp_path):
+    """Each value either passes the option checks (the command then stops at the missing run or
+    data, writing nothing) or is refused naming the option; never 'internal error'."""
+    cases = _numeric_options(command)
+    assert len(cases) >= {"finetune": 40, "export": 30, "bench": 15}[command]  # the options are really found
+    for option, value in cases:
+        if command == "finetune":
+            args = ["finetune", "--data", str(tmp_path / "no-images"), "--out", str(tmp_path / "run"), option, value]
+        else:
+            args = [command, str(tmp_path / "no-run"), option, value]
+        result = CliRunner().invoke(main, args)
+        last = result.output.strip().splitlines()[-1] if result.output.strip() else ""
+        assert result.exit_code in (1, 2) and last.startswith("Error") and "internal error" not in last, (option, value, result.output)
+        assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing written: no run, no lock file

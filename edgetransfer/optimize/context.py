@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from ..config import require_finite
+from ..config import MAX_BATCH, MAX_IMAGES, require_finite, require_ranges
 from ..data import Sample
 from ..errors import OptionError, QuantizationError
 from ..export import parent_onnx, run_onnx
@@ -73,6 +73,19 @@ class QuantOptions:
             raise OptionError(f"guard images must be at least 1, got {self.guard_images}")
         if self.max_float_layers < 0:
             raise OptionError(f"max float layers must be 0 or more, got {self.max_float_layers}")
+        require_ranges(
+            self,
+            {
+                "calib_size": (1, MAX_IMAGES),
+                "calib_batch": (1, MAX_BATCH),
+                "max_accuracy_drop": (0, 100),
+                "max_float_layers": (0, 10**6),
+                "eval_images": (1, MAX_IMAGES),
+                "guard_images": (1, MAX_IMAGES),
+                "adaround_iterations": (1, 10**7),
+                "adaround_images": (1, MAX_IMAGES),
+            },
+        )
         if self.adaround_iterations < 1 or self.adaround_images < 1:
             raise OptionError(f"AdaRound needs at least 1 iteration and 1 image (got {self.adaround_iterations}, {self.adaround_images})")
 
@@ -110,6 +123,7 @@ class TensorRTOptions:
             raise OptionError(f"TensorRT batch profile needs 1 <= min <= opt <= max, got {self.min_batch}/{self.opt_batch}/{self.max_batch}")
         if self.workspace_mib < 1:
             raise OptionError(f"TensorRT workspace must be at least 1 MiB, got {self.workspace_mib}")
+        require_ranges(self, {"max_batch": (1, MAX_BATCH), "workspace_mib": (1, 2**20)})
 
     def settings(self) -> dict:
         return {
