@@ -28,7 +28,7 @@ from onnxruntime.transformers.float16 import (
 
 from ..choice import Choice
 from ..cpu import CpuFeatures
-from ..errors import QuantizationError
+from ..errors import QuantizationError, first_line
 from ..export import PROTOTYPE_NODE
 from ..qdq import prune, sort_nodes
 from ..runtime.sessions import fixed_batch, open_session, run_batched, write_optimized
@@ -126,9 +126,29 @@ def to_fp16(src: Path, dst: Path) -> None:
     onnx.save_model(half, str(dst))
 
 
-def preprocess_for_quantization(src: Path, dst: Path) -> None:
-    """ONNX Runtime's quantisation pre-processing: shape inference and fusions (Conv+BN…)."""
-    quant_pre_process(str(src), str(dst), skip_symbolic_shape=False)
+def preprocess_for_quantization(src: Path, dst: Path) -> str | None:
+    """ONNX Runtime's quantisation pre-processing: shape inference and fusions (Conv+BN…).
+
+    Its symbolic shape inference has no rule for some graphs (ConvNeXt-V2's ReduceMean at 64 px,
+    EfficientFormer-V2's attention at 224 px); the step is then run again with ONNX's own shape
+    inference, which quantisation needs no more than.
+
+    Returns:
+        A warning when the fallback was used, else ``None``.
+
+    Raises:
+        QuantizationError: the model cannot be prepared either way (naming ONNX Runtime's reason).
+    """
+    try:
+        quant_pre_process(str(src), str(dst), skip_symbolic_shape=False)
+        return None
+    except Exception as exc:  # TypeError, AssertionError, "Incomplete symbolic shape inference": a missing rule
+        symbolic = f"{type(exc).__name__}: {first_line(exc, 160)}"
+    try:
+        quant_pre_process(str(src), str(dst), skip_symbolic_shape=True)
+    except Exception as exc:  # the model is not one ONNX Runtime's quantiser can read
+        raise QuantizationError(f"ONNX Runtime cannot prepare the model for INT8 ({type(exc).__name__}: {first_line(exc, 200)})") from exc
+    return f"ONNX Runtime's symbolic shape inference failed ({symbolic}); INT8 was prepared with ONNX's shape inference instead"
 
 
 def calibrate(model: Path, stream: BatchStream, method: CalibMethod, symmetric: bool, cache: Path) -> Path:

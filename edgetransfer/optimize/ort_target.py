@@ -108,8 +108,7 @@ def _int8(context: BuildContext, target: Target, output: Path, work: Path, repor
     scheme = quant_scheme(target.value, cpu_features())
     report.warnings.extend(scheme.warnings)
     samples, source = context.calibration_samples()
-    prepared = work / "prepared.onnx"
-    preprocess_for_quantization(context.base, prepared)
+    prepared = _prepared(context.base, work / "prepared.onnx", report)
     stream = context.stream(samples, quant.calib_batch)
     with console.status("ONNX Runtime: calibrating"):
         cache = calibrate(prepared, stream, quant.method, scheme.symmetric_activations, work / "calibration.json")
@@ -145,6 +144,14 @@ def _int8(context: BuildContext, target: Target, output: Path, work: Path, repor
         rounding=rounded or {"method": "nearest", "asked": quant.rounding.value},
         guard=held.record(selection, quant.max_accuracy_drop, quant.max_float_layers),
     )
+
+
+def _prepared(base: Path, prepared: Path, report: VariantReport) -> Path:
+    """``base`` through ONNX Runtime's quantisation pre-processing, written to ``prepared``."""
+    fallback = preprocess_for_quantization(base, prepared)
+    if fallback:
+        report.warnings.append(fallback)
+    return prepared
 
 
 def _dynamic(context: BuildContext, output: Path, report: VariantReport) -> None:

@@ -1,0 +1,56 @@
+"""INT8 on graphs ONNX Runtime's symbolic shape inference has no rule for: the quantiser's
+pre-processing runs again with ONNX's own shape inference and says so, and a model that cannot
+be prepared either way is one line naming ONNX Runtime's reason."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+import pytest
+import timm
+import torch
+
+from edgetransfer.errors import QuantizationError
+from edgetransfer.optimize import ort as ortq
+
+from conftest import depthwise_cnn
+
+
+def test_a_failed_symbolic_shape_inference_falls_back_and_says_so(tmp_path, monkeypatch):
+    real = ortq.quant_pre_process
+    calls = []
+
+    def symbolic_fails(src, dst, skip_symbolic_shape=False, **kwargs):  # ONNX Runtime's step, faked at its boundary
+        calls.append(skip_symbolic_shape)
+        if not skip_symbolic_shape:
+            raise TypeError("object of type 'NoneType' has no len()")
+        return real(src, dst, skip_symbolic_shape=True, **kwargs)
+
+    monkeypatch.setattr(ortq, "quant_pre_process", symbolic_fails)
+    prepared = tmp_path / "prepared.onnx"
+    warning = ortq.preprocess_for_quantization(depthwise_cnn(tmp_path / "cnn.onnx"), prepared)
+    assert calls == [False, True] and onnx.load(str(prepared)).graph.node
+    assert warning.startswith("ONNX Runtime's symbolic shape inference failed (TypeError: object of type 'NoneType' has no len())")
+
+    def always_fails(src, dst, skip_symbolic_shape=False, **kwargs):
+        raise ValueError("Unsupported model IR version: 99\nmore detail")
+
+    monkeypatch.setattr(ortq, "quant_pre_process", always_fails)
+    with pytest.raises(QuantizationError, match=r"^ONNX Runtime cannot prepare the model for INT8 \(ValueError: Unsupported model IR version: 99\)$"):
+        ortq.preprocess_for_quantization(tmp_path / "cnn.onnx", prepared)
+
+
+def test_convnextv2_at_64_px_is_prepared_for_int8(tmp_path: Path):
+    """timm's ConvNeXt-V2 (random weights) at 64 px: ONNX Runtime's symbolic shape inference
+    fails in its ReduceMean rule; the fallback prepares a model that still computes the same."""
+    module = timm.create_model("convnextv2_atto", pretrained=False, num_classes=3).eval()
+    images = torch.randn(2, 3, 64, 64)
+    program = torch.onnx.export(module, (images,), dynamo=True, opset_version=18, dynamic_shapes={"x": {0: torch.export.Dim.AUTO}}, verbose=False)
+    program.save(str(tmp_path / "convnextv2.onnx"))
+    prepared = tmp_path / "prepared.onnx"
+    warning = ortq.preprocess_for_quantization(tmp_path / "convnextv2.onnx", prepared)
+    assert warning is not None and "symbolic shape inference failed" in warning
+    with torch.no_grad():
+        expected = module(images).numpy()
+    assert abs(ortq.run_logits(prepared, images.numpy()) - expected).max() < 1e-3
