@@ -104,7 +104,7 @@ def friendly(command):
                 raise
             if exc.errno not in USER_OS_ERRORS:
                 raise click.ClickException(_internal(exc)) from exc
-            where = f" writing {printable(exc.filename)}" if exc.filename else ""
+            where = f" at {printable(exc.filename)}" if exc.filename else ""
             raise click.ClickException(f"{exc.strerror}{where}: {USER_OS_ERRORS[exc.errno]}; nothing was left half-written") from exc
         except Exception as exc:
             if _debug():
@@ -121,6 +121,9 @@ USER_OS_ERRORS = {
     errno.EROFS: "the file system is read-only; write elsewhere",
     errno.EACCES: "permission denied; write elsewhere or fix the permissions",
     errno.EPERM: "not permitted; write elsewhere or fix the permissions",
+    errno.ENOTDIR: "a part of the path is a file, not a folder; choose another path",
+    errno.EISDIR: "the path is a folder; name a file",
+    errno.ENAMETOOLONG: "the name is too long for the file system; choose a shorter path",
 }
 
 

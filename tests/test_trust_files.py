@@ -248,7 +248,7 @@ def test_a_full_disk_is_one_line_leaves_the_run_intact_and_the_retry_works(run, 
     monkeypatch.setattr(files, "_fsync", full)
     result = CliRunner().invoke(main, ["export", str(run), "--output", str(output)])
     lines = result.output.strip().splitlines()
-    assert result.exit_code == 1 and lines[-1].startswith("Error: No space left on device writing ") and "bug" not in lines[-1]
+    assert result.exit_code == 1 and lines[-1].startswith("Error: No space left on device at ") and "bug" not in lines[-1]
     assert "free some space" in lines[-1] and checksums(run) == before and not list(tmp_path.iterdir())
     monkeypatch.undo()
     result = CliRunner().invoke(main, ["export", str(run), "--output", str(output)])
@@ -290,3 +290,12 @@ def test_every_numeric_option_at_the_edges_is_accepted_or_refused_in_one_line_ne
         last = result.output.strip().splitlines()[-1] if result.output.strip() else ""
         assert result.exit_code in (1, 2) and last.startswith("Error") and "internal error" not in last, (option, value, result.output)
         assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing written: no run, no lock file
+
+
+def test_an_out_path_through_a_file_is_one_line(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    result = CliRunner().invoke(main, ["finetune", "--out", str(blocker / "sub"), "--epochs", "1"])
+    last = result.output.strip().splitlines()[-1]
+    assert result.exit_code == 1 and last == f"Error: {blocker} is a file, not a folder; choose another run directory (--out)"
+    assert blocker.read_text() == "not a folder" and sorted(p.name for p in tmp_path.iterdir()) == ["file"]
