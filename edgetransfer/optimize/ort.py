@@ -4,9 +4,11 @@ static INT8 (QDQ), a layer back in float, logits. The target that builds variant
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -184,24 +186,38 @@ def calibrate(model: Path, stream: BatchStream, method: CalibMethod, symmetric: 
 def quantize_qdq(model: Path, dst: Path, cache: Path, method: CalibMethod, scheme: QuantScheme, exclude: list[str]) -> None:
     """Static QDQ quantisation with ranges from ``cache``; ``exclude`` nodes stay in float."""
     types = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
-    quantize_static(
-        model,
-        dst,
-        None,
-        quant_format=QuantFormat.QDQ,
-        per_channel=scheme.per_channel,
-        reduce_range=scheme.reduce_range,
-        activation_type=types[scheme.activation],
-        weight_type=types[scheme.weight],
-        nodes_to_exclude=list(exclude),
-        calibrate_method=method.ort(),
-        calibration_cache_path=cache,
-        extra_options={"ActivationSymmetric": scheme.symmetric_activations, "WeightSymmetric": True},
-    )
-
+    with _quiet_root_logging():
+        quantize_static(
+            model,
+            dst,
+            None,
+            quant_format=QuantFormat.QDQ,
+            per_channel=scheme.per_channel,
+            reduce_range=scheme.reduce_range,
+            activation_type=types[scheme.activation],
+            weight_type=types[scheme.weight],
+            nodes_to_exclude=list(exclude),
+            calibrate_method=method.ort(),
+            calibration_cache_path=cache,
+            extra_options={"ActivationSymmetric": scheme.symmetric_activations, "WeightSymmetric": True},
+        )
     model = onnx.load(str(dst))
     if float_outputs(model):
         onnx.save_model(model, str(dst))
+
+
+@contextmanager
+def _quiet_root_logging() -> Iterator[None]:
+    """ONNX Runtime's quantiser logs on Python's root logger (one line per rank-1 weight it
+    quantises per tensor, as LayerNorm's): kept off the terminal while it runs; what matters is
+    in the variant's report."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
 
 
 def float_outputs(model) -> int:

@@ -61,6 +61,7 @@ def session_options(threads: int | None = None, spinning: bool = False, optimize
     import onnxruntime as ort  # imported when a session is made: a broken install (two builds at once) must not stop the runtime saying so
 
     options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only: ONNX Runtime's coloured warnings (a model's external-data path, …) never reach the terminal
     if not optimized:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if threads:
