@@ -103,7 +103,7 @@ class RunDir:
                 raise RunError(f"no run directory at {self.path}; check the path, or run edgetransfer finetune first")
             existing = next(p for p in (self.path, *self.path.parents) if p.exists() or p == p.parent)
             if existing.exists() and not existing.is_dir():
-                raise RunError(f"{existing} is a file, not a folder; choose another run directory (--out)")
+                raise RunError(f"{existing} is a file, not a folder; pick another --out")
             self.path.parent.mkdir(parents=True, exist_ok=True)
         lock_path = self.path.parent / f".{self.path.name}.lock"
         made = not lock_path.exists()

@@ -214,7 +214,7 @@ def test_unfreezing_the_last_block_leaves_the_rest_and_its_batchnorm_alone(tmp_p
 def test_a_run_directory_holds_one_run(head_run, tmp_path):
     with pytest.raises(RunError, match=r"already holds a run; pick another --out, or --resume"):
         finetune(HEAD, head_run.run_dir)
-    with pytest.raises(RunError, match=r"nothing to resume in"):
+    with pytest.raises(RunError, match=r"no run directory at .*empty; check the path"):
         finetune(HEAD, tmp_path / "empty", resume=True)
     with pytest.raises(RunError, match=r"already complete"):
         finetune(HEAD, head_run.run_dir, resume=True)
@@ -223,8 +223,8 @@ def test_a_run_directory_holds_one_run(head_run, tmp_path):
 @pytest.mark.parametrize(
     "changes, message",
     [
-        ({"epochs": 0}, "epochs must be at least 1"),
-        ({"batch_size": 0}, "batch size must be at least 1"),
+        ({"epochs": 0}, "epochs must be between 1 and 10000, got 0"),
+        ({"batch_size": 0}, "batch size must be between 1 and 65536, got 0"),
         ({"mode": "full", "unfreeze_blocks": 2}, "--unfreeze goes with --mode head"),
         ({"label_smoothing": 1.0}, r"label smoothing must be in \[0, 1\)"),
         ({"mode": "partial"}, r"unknown mode 'partial'"),

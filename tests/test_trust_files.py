@@ -297,5 +297,5 @@ def test_an_out_path_through_a_file_is_one_line(tmp_path):
     blocker.write_text("not a folder")
     result = CliRunner().invoke(main, ["finetune", "--out", str(blocker / "sub"), "--epochs", "1"])
     last = result.output.strip().splitlines()[-1]
-    assert result.exit_code == 1 and last == f"Error: {blocker} is a file, not a folder; choose another run directory (--out)"
+    assert result.exit_code == 1 and last == f"Error: {blocker} is a file, not a folder; pick another --out"
     assert blocker.read_text() == "not a folder" and sorted(p.name for p in tmp_path.iterdir()) == ["file"]
