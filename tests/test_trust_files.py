@@ -299,3 +299,45 @@ def test_an_out_path_through_a_file_is_one_line(tmp_path):
     last = result.output.strip().splitlines()[-1]
     assert result.exit_code == 1 and last == f"Error: {blocker} is a file, not a folder; pick another --out"
     assert blocker.read_text() == "not a folder" and sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def _disk_full_after(monkeypatch, writes: int) -> list[str]:
+    """Every atomic write after the first ``writes`` fails as a full disk does (ENOSPC at fsync)."""
+    import errno
+
+    import edgetransfer.runtime.files as files
+
+    real, done = files._fsync, []
+
+    def fsync(path):
+        if len(done) >= writes:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        done.append(str(path))
+        real(path)
+
+    monkeypatch.setattr(files, "_fsync", fsync)
+    return done
+
+
+def test_a_full_disk_during_bench_is_one_line_and_the_manifest_is_intact(run, tmp_path, monkeypatch):
+    manifest = (run / "manifest.json").read_bytes()
+    _disk_full_after(monkeypatch, 0)
+    result = CliRunner().invoke(main, ["bench", str(run), "--iterations", "1", "--warmup", "0", "--batch-sizes", "1", "--eval-images", "4"])
+    last = result.output.strip().splitlines()[-1]
+    assert result.exit_code == 1 and last.startswith("Error: No space left on device at ") and "bug" not in last
+    assert (run / "manifest.json").read_bytes() == manifest and not list(run.glob(".*.tmp"))
+
+
+def test_a_full_disk_while_training_stops_in_one_line_and_resume_finishes_the_run(digit_folder, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    args = ["finetune", "--data", str(digit_folder), "--out", str(out), "--epochs", "3", "--image-size", "32"]
+    written = _disk_full_after(monkeypatch, 3)  # config, manifest and the feature cache; the first checkpoint fails
+    result = CliRunner().invoke(main, args)
+    last = result.output.strip().splitlines()[-1]
+    assert result.exit_code == 1 and last.startswith("Error: No space left on device at ") and "bug" not in last, result.output
+    assert len(written) == 3 and json.loads((out / "manifest.json").read_text())["status"] == "training"
+    assert not list(out.rglob(".*.tmp"))
+    monkeypatch.undo()  # space freed
+    result = CliRunner().invoke(main, ["finetune", "--resume", str(out)])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "manifest.json").read_text())["status"] == "complete" and (out / "model.pt").is_file()
