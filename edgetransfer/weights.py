@@ -121,7 +121,7 @@ def fetch(make: Callable[[], nn.Module], arch_name: str, weights: str) -> nn.Mod
     """Run a builder that may download weights, every ``torch.load`` inside it reading tensors
     only; any failure becomes one clear line.
 
-    torchvision reads its hub cache with ``weights_only=False``: a pickle planted there (where
+    torchvision reads its hub cache with the full unpickler: a pickle planted there (where
     offline users are told to put weights) would run. ``TORCH_FORCE_WEIGHTS_ONLY_LOAD``, which
     torch reads at each load, makes that load a safe one.
     """

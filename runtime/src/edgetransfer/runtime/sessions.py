@@ -111,7 +111,6 @@ def write_optimized(
     options = session_options()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED if portable else ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.optimized_model_filepath = str(path)
-    options.log_severity_level = 3  # it warns that an ORT_ENABLE_ALL graph is for this machine: the caller knows
     source: str | bytes = model if isinstance(model, bytes) else str(model)
     try:
         ort.InferenceSession(source, options, providers=["CPUExecutionProvider"], disabled_optimizers=list(disabled_optimizers))
