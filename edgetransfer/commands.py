@@ -115,6 +115,12 @@ RESUME_EXIT = 130
 @field_option(FinetuneConfig, "seed", "--seed", help="Seeds the split, the new classifier and training.")
 @field_option(FinetuneConfig, "device", "--device", help="auto, cpu, cuda or cuda:N.")
 @field_option(FinetuneConfig, "amp", "--amp/--no-amp", help="Mixed precision on CUDA.")
+@field_option(
+    FinetuneConfig,
+    "feature_engine",
+    "--feature-engine",
+    help="What computes head mode's frozen features: onnxruntime (checked against PyTorch on the first batch), torch, or auto (onnxruntime when the pass is long enough to pay for its export).",
+)
 @field_option(FinetuneConfig, "workers", "--workers", help="Data loader processes. [default: 0 for the demo, else up to 4]")
 @field_option(DataSpec, "strict", "--strict", help="Fail on unreadable images instead of skipping them.")
 @click.option("--threads", type=click.IntRange(1, MAX_THREADS), default=None, help="torch CPU threads (torch.set_num_threads).")

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from .choice import Choice
+from .choice import AdaptMethod, FeatureEngine, Mode, OptimizerName, Precision, Target
 from .data import DEMO_M, EMBEDDED, Augment, DataSpec, default_workers
 from .errors import OptionError
 from .runtime.preprocessing import MAX_INPUT_SIZE
@@ -22,6 +22,7 @@ __all__ = [
     "QAT_TARGETS",
     "GPU_TARGETS",
     "Mode",
+    "FeatureEngine",
     "AdaptMethod",
     "OptimizerName",
     "FinetuneConfig",
@@ -33,54 +34,6 @@ __all__ = [
 DEFAULT_OPSET = 18  # the dynamo exporter's native opset; ONNX Runtime >= 1.14 and TensorRT 10 run it
 DEMO_IMAGE_SIZE = 64
 DANN_EPOCHS = 20  # the adversarial game is slower than plain fine-tuning: on digits -> digits-M, 10 epochs recovered 50% of the gap, 20 epochs 73%
-
-
-class Target(Choice):
-    """Where a variant runs."""
-
-    ORT_CPU = "ort-cpu"
-    ORT_CUDA = "ort-cuda"
-    ORT_TRT = "ort-trt"
-    TENSORRT = "tensorrt"
-    OPENVINO = "openvino"
-
-    @property
-    def on_gpu(self) -> bool:
-        """An NVIDIA GPU's target: symmetric int8 activations and 8-bit weights, no uint8."""
-        return self in (Target.ORT_CUDA, Target.ORT_TRT, Target.TENSORRT)
-
-
-class Precision(Choice):
-    FP32 = "fp32"
-    FP16 = "fp16"
-    BF16 = "bf16"
-    INT8 = "int8"
-
-
-class Mode(Choice):
-    HEAD = "head"  # frozen feature extractor (optionally its last K blocks unfrozen), new classifier
-    FULL = "full"  # everything trains; the backbone at lr * backbone_lr_scale
-    PROTOTYPE = "prototype"  # frozen feature extractor, class means as a cosine classifier: no training
-
-
-class AdaptMethod(Choice):
-    """Unsupervised domain adaptation (see :mod:`edgetransfer.adapt`)."""
-
-    DANN = "dann"  # domain-adversarial training (Ganin et al. 2016): the backbone trains
-    ADABN = "adabn"  # BatchNorm statistics recomputed on the target images (Li et al. 2016)
-
-    @classmethod
-    def kind(cls) -> str:
-        return "adaptation method"
-
-
-class OptimizerName(Choice):
-    @classmethod
-    def kind(cls) -> str:
-        return "optimizer"
-
-    ADAMW = "adamw"
-    SGD = "sgd"
 
 
 # Bounds on what a run may ask for: beyond them a value is a typo (an epoch count that never ends,
@@ -142,6 +95,7 @@ class FinetuneConfig:
     seed: int = 0
     device: str = "auto"
     amp: bool = True
+    feature_engine: FeatureEngine = FeatureEngine.AUTO
     workers: int | None = None
     shots: int | None = None
     adapt: str | None = None
@@ -159,6 +113,7 @@ class FinetuneConfig:
         object.__setattr__(self, "mode", Mode.parse(self.mode or default_mode))
         object.__setattr__(self, "optimizer", OptimizerName.parse(self.optimizer))
         object.__setattr__(self, "augment", Augment.parse(self.augment))
+        object.__setattr__(self, "feature_engine", FeatureEngine.parse(self.feature_engine))
         for ok, message in self._checks():
             if not ok:
                 raise OptionError(message)
@@ -230,6 +185,7 @@ class FinetuneConfig:
             mode=self.mode.value if self.mode else None,
             optimizer=self.optimizer.value,
             augment=self.augment.value,
+            feature_engine=self.feature_engine.value,
             adapt_method=self.adapt_method.value if self.adapt_method else None,
         )
         return data

@@ -1,4 +1,4 @@
-"""What this CPU can do for INT8, read before quantising (torch-free)."""
+"""What this CPU can do for INT8 and bf16, read before quantising or training (torch-free)."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ class CpuFeatures:
     vnni: bool = False  # AVX-512 VNNI or AVX-VNNI: int8 dot products in one instruction
     amx: bool = False  # AMX-INT8 tiles (Sapphire Rapids and later)
     arm_dotprod: bool = False
+    bf16: bool = False  # native bfloat16 arithmetic (AVX-512 BF16, AMX-BF16, Arm BF16): where bf16 autocast pays
 
     @property
     def x86(self) -> bool:
@@ -38,7 +39,7 @@ class CpuFeatures:
         return self.x86 and not self.int8_fast
 
     def summary(self) -> str:
-        flags = [name for name in ("avx2", "avx512", "vnni", "amx", "arm_dotprod") if getattr(self, name)]
+        flags = [name for name in ("avx2", "avx512", "vnni", "amx", "arm_dotprod", "bf16") if getattr(self, name)]
         return f"{self.model} ({self.machine}; {', '.join(flags) or 'no SIMD int8 features found'})"
 
     def to_dict(self) -> dict:
@@ -69,4 +70,5 @@ def cpu_features(cpuinfo: str | None = None) -> CpuFeatures:
         vnni="avx512_vnni" in flags or "avx_vnni" in flags,
         amx="amx_int8" in flags,
         arm_dotprod="asimddp" in flags,
+        bf16=bool({"avx512_bf16", "amx_bf16", "bf16"} & flags),
     )

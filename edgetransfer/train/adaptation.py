@@ -18,7 +18,7 @@ from ..errors import ModelError
 from ..models import BuiltModel
 from ..progress import console
 from ..runtime.text import printable
-from .loops import image_loader
+from .loops import cpu_layout, image_loader
 
 __all__ = ["Adaptation"]
 
@@ -92,7 +92,7 @@ class Adaptation:
         captured: list[torch.Tensor] = []
         hook = self.built.heads[0].register_forward_pre_hook(lambda m, args: captured.append(args[0]))
         try:
-            logits = model(torch.cat([x, target]))
+            logits = model(cpu_layout(torch.cat([x, target])))
         finally:
             hook.remove()
         assert self.discriminator is not None, "DANN's step needs its domain classifier"

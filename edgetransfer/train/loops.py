@@ -4,6 +4,7 @@ data loaders every loop uses."""
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from pathlib import Path
@@ -16,6 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 from ..config import FinetuneConfig, Mode
+from ..cpu import CpuFeatures, cpu_features
 from ..data import Dataset, TorchImages, eval_transform, train_transform
 from ..distributed import SINGLE, Context
 from ..errors import EdgeTransferError, ModelError, RunError, unknown_name
@@ -24,8 +26,9 @@ from ..progress import console, progress
 from ..rundir import RunDir
 from ..runtime.files import write_bytes
 from ..safeload import safe_load
+from .features import FrozenPass
 
-__all__ = ["device_for", "autocast_for", "image_loader", "make_loop", "CachedHeadLoop", "ImageLoop"]
+__all__ = ["device_for", "precision_for", "autocast_for", "cpu_layout", "image_loader", "make_loop", "CachedHeadLoop", "ImageLoop"]
 
 FEATURES = RunDir.FEATURES
 
@@ -43,8 +46,36 @@ def device_for(name: str, dist: Context = SINGLE) -> torch.device:
         raise unknown_name("device", name, ["auto", "cpu", "cuda", "cuda:0"]) from None
 
 
+@functools.cache
+def _this_cpu() -> CpuFeatures:
+    return cpu_features()
+
+
+def precision_for(device: torch.device, enabled: bool, cpu: CpuFeatures | None = None) -> str:
+    """What training and evaluation compute in: ``fp16`` autocast on CUDA, ``bf16`` autocast on a
+    CPU with native bf16 arithmetic (elsewhere bf16 is emulated and slower than FP32), else ``fp32``.
+    ``enabled`` is the run's ``amp`` (``--no-amp``: always ``fp32``)."""
+    if not enabled:
+        return "fp32"
+    if device.type == "cuda":
+        return "fp16"
+    if device.type == "cpu" and (cpu or _this_cpu()).bf16:
+        return "bf16"
+    return "fp32"
+
+
+_AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
 def autocast_for(device: torch.device, enabled: bool):
-    return torch.autocast(device.type, dtype=torch.float16, enabled=enabled and device.type == "cuda")
+    dtype = _AUTOCAST.get(precision_for(device, enabled))
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+def cpu_layout(x: torch.Tensor) -> torch.Tensor:
+    """A CPU batch of images in channels-last (PyTorch's faster CPU layout for convolutions, by far
+    for depthwise ones); anything else as it is."""
+    return x.contiguous(memory_format=torch.channels_last) if x.device.type == "cpu" and x.dim() == 4 else x
 
 
 def image_loader(samples, transform, config: FinetuneConfig, shuffle: bool, generator: torch.Generator | None = None):
@@ -76,7 +107,9 @@ class CachedHeadLoop:
         for param in built.module.parameters():
             param.requires_grad_(False)
         self.generator = torch.Generator().manual_seed(config.seed)
+        self.frozen = FrozenPass(built, device, config.feature_engine, check_logits=self._check_head)
         self.train_pass_s = 0.0  # one backbone pass over the training images (0 when cached)
+        self.features_by = "torch"  # the engine that computed the cached features
         started = time.perf_counter()
         self.train_x, self.train_y, self.val_x, self.val_y, widths = self._features(dataset, run_dir)
         self.features_s = time.perf_counter() - started
@@ -87,7 +120,7 @@ class CachedHeadLoop:
 
     def _features(self, dataset: Dataset, run_dir: Path):
         path = run_dir / FEATURES
-        key = {"train": [s.name for s in dataset.train], "val": [s.name for s in dataset.val]}
+        key = {"train": [s.name for s in dataset.train], "val": [s.name for s in dataset.val], "engine": self.config.feature_engine.value}
         if path.is_file():
             try:
                 cached = safe_load(path)
@@ -96,13 +129,23 @@ class CachedHeadLoop:
                 cached = {}
             if isinstance(cached, dict) and cached.get("key") == key:
                 widths = cached.get("widths", [cached["train_x"].shape[1]])
+                self.features_by = str(cached.get("computed_by", "torch"))
                 return cached["train_x"], cached["train_y"], cached["val_x"], cached["val_y"], widths
         transform = eval_transform(self.built.preprocessing)
         started = time.perf_counter()
         train_x, train_y, widths = self._extract(dataset.train, transform, "features (train)")
         self.train_pass_s = time.perf_counter() - started
         val_x, val_y, _ = self._extract(dataset.val, transform, "features (val)")
-        payload = {"key": key, "train_x": train_x, "train_y": train_y, "val_x": val_x, "val_y": val_y, "widths": widths}
+        self.features_by = self.frozen.engine or "torch"
+        payload = {
+            "key": key,
+            "computed_by": self.frozen.engine,
+            "train_x": train_x,
+            "train_y": train_y,
+            "val_x": val_x,
+            "val_y": val_y,
+            "widths": widths,
+        }
         if self.dist.main:
             write_bytes(path, lambda f: torch.save(payload, f))
         return train_x, train_y, val_x, val_y, widths
@@ -111,39 +154,21 @@ class CachedHeadLoop:
         """What the heads read for ``samples`` (side by side, for several heads), the labels and
         each head's width; under torchrun each rank computes its share and all gather."""
         total, samples = len(samples), self.dist.shard(samples)
-        heads = self.built.heads
-        captured: list[list[torch.Tensor]] = [[] for _ in heads]
-        hooks = [
-            head.register_forward_pre_hook(lambda m, args, into=into: into.append(args[0].float().cpu()))
-            for head, into in zip(heads, captured, strict=True)
-        ]
-        labels, first_logits = [], None
         self.built.module.eval()
-        try:
-            with progress() as bar, torch.no_grad():
-                task = bar.add_task(label, total=len(samples), status="")
-                for x, y in image_loader(samples, transform, self.config, shuffle=False):
-                    with autocast_for(self.device, self.config.amp):
-                        logits = self.built.module(x.to(self.device, non_blocking=True))
-                    first_logits = logits.float().cpu() if first_logits is None else first_logits
-                    labels.append(y)
-                    bar.advance(task, len(y))
-        finally:
-            for hook in hooks:
-                hook.remove()
-        if first_logits is not None:  # the check runs the heads: only once their hooks are gone
-            self._check_head([part[0] for part in captured], first_logits)
-        widths = [part[0].shape[1] for part in captured]
-        features = torch.cat([torch.cat(part) for part in captured], dim=1)
-        return self.dist.unshard(features, total), self.dist.unshard(torch.cat(labels), total), widths
+        with progress() as bar:
+            task = bar.add_task(label, total=len(samples), status="")
+            batches = image_loader(samples, transform, self.config, shuffle=False)
+            features, labels = self.frozen.run(batches, total, lambda n: bar.advance(task, n))
+            bar.update(task, status=self.frozen.engine or "")
+        return self.dist.unshard(features, total), self.dist.unshard(labels, total), self.frozen.widths
 
-    def _check_head(self, inputs: list[torch.Tensor], logits: torch.Tensor) -> None:
+    def _check_head(self, features: torch.Tensor, logits: torch.Tensor) -> None:
         """Refuse a model whose logits are not what its heads make of their cached inputs (a
         model that changes the logits after its classifier): training on cached features would
         train something else than the model that is exported."""
-        head = self.built.head([x.shape[1] for x in inputs])
+        head = self.built.head(self.frozen.widths)
         with torch.no_grad():
-            remade = head.to(self.device)(torch.cat(inputs, dim=1).to(self.device)).float().cpu()
+            remade = head.to(self.device)(features.to(self.device)).float().cpu()
         tolerance = (2e-2 if self.config.amp and self.device.type == "cuda" else 1e-3) * max(1.0, float(logits.abs().max()))
         if remade.shape != logits.shape or not torch.allclose(remade, logits, rtol=0, atol=tolerance):
             raise ModelError(
@@ -165,8 +190,20 @@ class CachedHeadLoop:
         with torch.no_grad():
             return torch.cat([self.head(x.to(self.device)).float().cpu() for x in self._other[1].split(1024)])
 
+    def frozen_record(self) -> dict[str, Any]:
+        """How the cached features were computed (read from the cache when they came from it)."""
+        return {**self.frozen.record(), "engine": self.features_by, "train_pass_s": self.train_pass_s}
+
+    def test_logits(self, samples) -> torch.Tensor:
+        """The model's logits for the test images: the frozen pass's features through the head."""
+        features, _, _ = self._extract(samples, eval_transform(self.built.preprocessing), "test")
+        self.head.eval()
+        with torch.no_grad():
+            return torch.cat([self.head(x.to(self.device)).float().cpu() for x in features.split(1024)])
+
     def backbone_changed(self, dataset: Dataset) -> None:
         """The backbone's BatchNorm statistics were adapted: validation features are computed again."""
+        self.frozen.forget()
         self.val_x, self.val_y, _ = self._extract(dataset.val, eval_transform(self.built.preprocessing), "features (val, adapted)")
         self._other = None
 
@@ -212,6 +249,8 @@ class ImageLoop:
         self.val_total = len(dataset.val)
         self.val = image_loader(dist.shard(dataset.val), eval_transform(built.preprocessing), config, False)
         self.trainable = self._select_trainable()
+        if device.type == "cpu":  # before DDP wraps it; Trainer.finish puts the default layout back
+            built.module.to(memory_format=torch.channels_last)
         self.model = built.module
         if dist.active:  # gradients averaged over ranks; parameters start from rank 0's
             ids = [device.index] if device.type == "cuda" else None
@@ -259,7 +298,7 @@ class ImageLoop:
         if self.dist.active:
             self.sampler.set_epoch(self.epoch)
         for x, y in self.train:
-            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True), self.model
+            yield cpu_layout(x.to(self.device, non_blocking=True)), y.to(self.device, non_blocking=True), self.model
 
     def logits_of(self, samples) -> torch.Tensor:
         """The model's logits for other images (the labelled target images)."""
@@ -267,10 +306,23 @@ class ImageLoop:
         with torch.no_grad():
             return torch.cat(
                 [
-                    self.built.module(x.to(self.device)).float().cpu()
+                    self.built.module(cpu_layout(x.to(self.device))).float().cpu()
                     for x, _ in image_loader(samples, eval_transform(self.built.preprocessing), self.config, False)
                 ]
             )
+
+    def frozen_record(self) -> None:
+        return None  # no frozen pass: images go through the network
+
+    def test_logits(self, samples) -> torch.Tensor:
+        """The model's logits for the test images (every rank computes them all)."""
+        self.built.module.eval()
+        with torch.no_grad():
+            logits = []
+            for x, _ in image_loader(samples, eval_transform(self.built.preprocessing), self.config, False):
+                with autocast_for(self.device, self.config.amp):
+                    logits.append(self.built.module(cpu_layout(x.to(self.device))).float().cpu())
+        return torch.cat(logits)
 
     def backbone_changed(self, dataset: Dataset) -> None:
         pass  # images go through the network for every measurement
@@ -281,6 +333,6 @@ class ImageLoop:
         with torch.no_grad():
             for x, y in self.val:
                 with autocast_for(self.device, self.config.amp):
-                    logits.append(self.built.module(x.to(self.device)).float().cpu())
+                    logits.append(self.built.module(cpu_layout(x.to(self.device))).float().cpu())
                 labels.append(y)
         return self.dist.unshard(torch.cat(logits), self.val_total), self.dist.unshard(torch.cat(labels), self.val_total)

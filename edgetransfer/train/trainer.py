@@ -15,7 +15,7 @@ from torch import nn
 from ..adapt import dann_lr_factor, summary
 from ..checkpoint import save_checkpoint
 from ..config import AdaptMethod, FinetuneConfig, OptimizerName
-from ..data import Dataset, eval_transform
+from ..data import Dataset
 from ..distributed import SINGLE, Context
 from ..metrics import confusion_matrix, per_class_accuracy, topk_accuracy
 from ..models import BuiltModel
@@ -26,7 +26,7 @@ from ..runtime.files import write_bytes, write_json
 from ..safeload import safe_load
 from ..training import cosine_with_warmup, seed_stage
 from .adaptation import Adaptation
-from .loops import autocast_for, image_loader
+from .loops import autocast_for, precision_for
 
 __all__ = ["Trainer", "EpochCallback", "make_optimizer"]
 
@@ -60,6 +60,8 @@ class Trainer:
         else:
             self.scheduler = cosine_with_warmup(self.optimizer, config.epochs, config.warmup_epochs, loop.steps_per_epoch)
         self.scaler = torch.amp.GradScaler("cuda", enabled=config.amp and loop.device.type == "cuda")
+        # bf16 pays in convolutions; a head on cached features is one small matrix product, kept in FP32 on a CPU
+        self.amp = config.amp and not (config.caches_features and loop.device.type == "cpu")
         self.history: list[dict[str, Any]] = []
         self.best_top1, self.best_epoch, self.stale = -1.0, 0, 0
         self.probe: dict[str, Any] | None = None
@@ -123,7 +125,7 @@ class Trainer:
     def _train_one_epoch(self) -> tuple[float, float]:
         total_loss, correct, seen = 0.0, 0, 0
         for x, y, model in self.loop.train_batches():
-            with autocast_for(self.loop.device, self.config.amp):
+            with autocast_for(self.loop.device, self.amp):
                 if self.dann:
                     assert self.adaptation is not None
                     logits, domain_loss = self.adaptation.forward(model, x, self.scheduler.last_epoch / self.total_steps)
@@ -161,6 +163,7 @@ class Trainer:
         """Evaluate the best checkpoint, write metrics.json and curves.png (rank 0)."""
         self.dist.barrier()  # rank 0 has written the best checkpoint
         best = safe_load(self.run_dir / CHECKPOINT)
+        self.built.module.to(memory_format=torch.contiguous_format)  # trained in channels-last on a CPU: the default layout again
         self.built.module.load_state_dict(best["state_dict"])
         adapted = self._adapt_batchnorm(dataset) if self.adaptation is not None and not self.dann else {}
         logits, labels = self.loop.val_logits()
@@ -198,6 +201,9 @@ class Trainer:
                 "processes": self.dist.world,
                 "device": str(self.loop.device),
             },
+            "frozen_pass": self.loop.frozen_record(),
+            "precision": precision_for(self.loop.device, self.amp),
+            "layout": "channels-last" if self.loop.device.type == "cpu" and not self.config.caches_features else "NCHW",
         }
         if self.dist.main:
             write_json(self.run_dir / METRICS, metrics)
@@ -238,13 +244,8 @@ class Trainer:
         """The chosen checkpoint's top-1 on the test split, measured once, after every choice."""
         if not dataset.test:
             return None
-        module = self.built.module
-        module.eval()
-        right = 0
-        with torch.no_grad():
-            for x, y in image_loader(dataset.test, eval_transform(self.built.preprocessing), self.config, False):
-                with autocast_for(self.loop.device, self.config.amp):
-                    right += int((module(x.to(self.loop.device)).float().cpu().argmax(1) == y).sum())
+        labels = torch.tensor([sample.label for sample in dataset.test])
+        right = int((self.loop.test_logits(dataset.test).argmax(1) == labels).sum())
         return {"images": len(dataset.test), "top1": right / len(dataset.test)}
 
 
