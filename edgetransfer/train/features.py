@@ -92,13 +92,13 @@ class FrozenPass:
     note: str | None = None
     max_difference: float | None = None
     _session: Any = field(default=None, repr=False)
-
     widths: list[int] = field(default_factory=list)  # each head's input width, known after the first batch
 
     def run(
         self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], total: int, advance: Callable[[int], None]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Features and labels of every batch (``total`` images in all, for the estimate)."""
+        """Features and labels of every batch; ``total``: the images of the whole pass (on every
+        rank of a distributed job), which decides whether an export pays."""
         features, labels = [], []
         tap = FeatureTap(self.built.module, self.built.heads).eval()
         faster_layout = self.device.type == "cpu"
@@ -155,6 +155,8 @@ class FrozenPass:
         if self.wanted is FeatureEngine.TORCH:
             return
         reason = self._unusable(pixels)
+        if reason is not None and self.wanted is FeatureEngine.AUTO:
+            return  # auto's own choice (another device, a short pass): nothing to note
         if reason is None:
             try:
                 self._session = self._export(tap, x)
@@ -170,9 +172,8 @@ class FrozenPass:
             self.engine = "onnxruntime"
             return
         self._session = None
-        if self.wanted is FeatureEngine.ONNXRUNTIME or not reason.startswith("not worth"):
-            self.note = reason
-            console.print("[yellow]note:[/]", escape(f"frozen features computed by PyTorch: {reason}"))
+        self.note = reason
+        console.print("[yellow]note:[/]", escape(f"frozen features computed by PyTorch: {reason}"))
 
     def _unusable(self, pixels: int) -> str | None:
         if self.device.type != "cpu":

@@ -110,6 +110,7 @@ class CachedHeadLoop:
         self.frozen = FrozenPass(built, device, config.feature_engine, check_logits=self._check_head)
         self.train_pass_s = 0.0  # one backbone pass over the training images (0 when cached)
         self.features_by = "torch"  # the engine that computed the cached features
+        self.layout = "NCHW"  # what the epochs train on: features, whatever layout the backbone ran in
         started = time.perf_counter()
         self.train_x, self.train_y, self.val_x, self.val_y, widths = self._features(dataset, run_dir)
         self.features_s = time.perf_counter() - started
@@ -186,9 +187,7 @@ class CachedHeadLoop:
         if self._other is None or self._other[0] is not samples:
             features, _, _ = self._extract(samples, eval_transform(self.built.preprocessing), "features (target eval)")
             self._other = (samples, features)
-        self.head.eval()
-        with torch.no_grad():
-            return torch.cat([self.head(x.to(self.device)).float().cpu() for x in self._other[1].split(1024)])
+        return self._head_logits(self._other[1])
 
     def frozen_record(self) -> dict[str, Any]:
         """How the cached features were computed (read from the cache when they came from it)."""
@@ -197,9 +196,7 @@ class CachedHeadLoop:
     def test_logits(self, samples) -> torch.Tensor:
         """The model's logits for the test images: the frozen pass's features through the head."""
         features, _, _ = self._extract(samples, eval_transform(self.built.preprocessing), "test")
-        self.head.eval()
-        with torch.no_grad():
-            return torch.cat([self.head(x.to(self.device)).float().cpu() for x in features.split(1024)])
+        return self._head_logits(features)
 
     def backbone_changed(self, dataset: Dataset) -> None:
         """The backbone's BatchNorm statistics were adapted: validation features are computed again."""
@@ -218,10 +215,13 @@ class CachedHeadLoop:
             yield self.train_x[index].to(self.device), self.train_y[index].to(self.device), self.head
 
     def val_logits(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._head_logits(self.val_x), self.val_y
+
+    def _head_logits(self, features: torch.Tensor) -> torch.Tensor:
+        """The head's logits for cached features, in eval mode, 1,024 rows at a time."""
         self.head.eval()
         with torch.no_grad():
-            logits = [self.head(x.to(self.device)).float().cpu() for x in self.val_x.split(1024)]
-        return torch.cat(logits), self.val_y
+            return torch.cat([self.head(x.to(self.device)).float().cpu() for x in features.split(1024)])
 
 
 class ImageLoop:
@@ -249,6 +249,7 @@ class ImageLoop:
         self.val_total = len(dataset.val)
         self.val = image_loader(dist.shard(dataset.val), eval_transform(built.preprocessing), config, False)
         self.trainable = self._select_trainable()
+        self.layout = "channels-last" if device.type == "cpu" else "NCHW"
         if device.type == "cpu":  # before DDP wraps it; Trainer.finish puts the default layout back
             built.module.to(memory_format=torch.channels_last)
         self.model = built.module

@@ -203,7 +203,7 @@ class Trainer:
             },
             "frozen_pass": self.loop.frozen_record(),
             "precision": precision_for(self.loop.device, self.amp),
-            "layout": "channels-last" if self.loop.device.type == "cpu" and not self.config.caches_features else "NCHW",
+            "layout": self.loop.layout,
         }
         if self.dist.main:
             write_json(self.run_dir / METRICS, metrics)
