@@ -73,6 +73,7 @@ from .errors import RunError
 from .export import export_onnx
 from .optimize.calibration import balanced_sample
 from .progress import console
+from .qat_fast import fast_quantizers
 from .qat_scheme import (
     fold_batchnorm,
     inplace_off,
@@ -84,6 +85,7 @@ from .qat_scheme import (
 from .rundir import RunDir, now
 from .runtime.files import read_json, write_bytes, write_json
 from .safeload import safe_load
+from .train.allocator import kept_blocks
 from .train.features import channels_last
 from .train.loops import cpu_layout
 from .training import cosine_with_warmup, seed_stage
@@ -240,6 +242,12 @@ def _batch(config: dict, options: QatOptions) -> int:
 
 def _train(state: _State, on_epoch: Callable[[int], None] | None) -> QatResult:
     started = time.perf_counter()
+    with kept_blocks():  # freed activations reused, not faulted in again at every step (allocator.py)
+        _epochs(state, on_epoch, started)
+    return _finish(state, state.seconds + time.perf_counter() - started)
+
+
+def _epochs(state: _State, on_epoch: Callable[[int], None] | None, started: float) -> None:
     options, config, module = state.options, state.config, state.built.module
     pre, dataset, batch = state.built.preprocessing, state.parent.dataset, _batch(state.config, state.options)
     augment = Augment.parse(config.get("augment", Augment.CROP.value))
@@ -281,7 +289,6 @@ def _train(state: _State, on_epoch: Callable[[int], None] | None) -> QatResult:
         write_bytes(state.child / LAST, functools.partial(torch.save, resume))
         if on_epoch is not None:
             on_epoch(epoch)
-    return _finish(state, state.seconds + time.perf_counter() - started)
 
 
 def _finish(state: _State, seconds: float) -> QatResult:
@@ -355,7 +362,8 @@ def _train_epoch(module: nn.Module, optimizer, scheduler, samples, transform, ba
     module.train()
     loss_fn = nn.CrossEntropyLoss(label_smoothing=smoothing)
     total, count = 0.0, 0
-    with channels_last(module):  # PyTorch's faster CPU layout, fake quantisers included; the default one after
+    # PyTorch's faster CPU layout, with ModelOpt's quantizers computing in it (qat_fast.py); as before after
+    with channels_last(module), fast_quantizers(module):
         for x, y in _batches(samples, transform, batch, shuffle=True, seed=seed):
             optimizer.zero_grad(set_to_none=True)
             loss = loss_fn(module(cpu_layout(x)), y)
@@ -370,7 +378,7 @@ def _train_epoch(module: nn.Module, optimizer, scheduler, samples, transform, ba
 def _top1(module: nn.Module, samples, transform, batch: int) -> float:
     module.eval()
     right = 0
-    with torch.no_grad(), channels_last(module):
+    with torch.no_grad(), channels_last(module), fast_quantizers(module):
         for x, y in _batches(samples, transform, batch):
             right += int((module(cpu_layout(x)).argmax(1) == y).sum())
     return right / max(len(samples), 1)

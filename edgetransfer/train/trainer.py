@@ -26,7 +26,8 @@ from ..runtime.files import write_bytes, write_json
 from ..safeload import safe_load
 from ..training import cosine_with_warmup, seed_stage
 from .adaptation import Adaptation
-from .loops import autocast_for, precision_for
+from .allocator import kept_blocks
+from .loops import autocast_for, default_form, precision_for
 
 __all__ = ["Trainer", "EpochCallback", "make_optimizer"]
 
@@ -65,6 +66,7 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.best_top1, self.best_epoch, self.stale = -1.0, 0, 0
         self.probe: dict[str, Any] | None = None
+        self.allocator: dict[str, Any] | None = None  # what the training steps' C allocator kept (see allocator.py)
 
     def restore(self, state: dict[str, Any]) -> None:
         self.built.module.load_state_dict(state["model"])
@@ -78,7 +80,8 @@ class Trainer:
         console.print(f"resuming {self.run_dir} after epoch {len(self.history)} of {self.config.epochs}", markup=False)
 
     def run(self, on_epoch: EpochCallback | None) -> None:
-        with progress() as bar:
+        with progress() as bar, kept_blocks() as allocator:
+            self.allocator = allocator.record
             task = bar.add_task("epochs", total=self.config.epochs, completed=len(self.history), status="")
             for epoch in range(len(self.history) + 1, self.epochs + 1):
                 record = self._epoch(epoch)
@@ -163,7 +166,7 @@ class Trainer:
         """Evaluate the best checkpoint, write metrics.json and curves.png (rank 0)."""
         self.dist.barrier()  # rank 0 has written the best checkpoint
         best = safe_load(self.run_dir / CHECKPOINT)
-        self.built.module.to(memory_format=torch.contiguous_format)  # trained in channels-last on a CPU: the default layout again
+        default_form(self.built.module)  # trained in channels-last (and bf16 with FP32 depthwise) on a CPU: as built again
         self.built.module.load_state_dict(best["state_dict"])
         adapted = self._adapt_batchnorm(dataset) if self.adaptation is not None and not self.dann else {}
         logits, labels = self.loop.val_logits()
@@ -204,6 +207,8 @@ class Trainer:
             "frozen_pass": self.loop.frozen_record(),
             "precision": precision_for(self.loop.device, self.amp),
             "layout": self.loop.layout,
+            "depthwise_fp32": getattr(self.loop, "depthwise_fp32", False),
+            "allocator": self.allocator,
         }
         if self.dist.main:
             write_json(self.run_dir / METRICS, metrics)
