@@ -1,5 +1,6 @@
 """How fast fine-tuning runs, by part: the frozen pass of head mode against ONNX Runtime, loading
-alone, and full training steps (forward, backward) by memory layout and precision, at 224 px.
+alone, and full and QAT training steps (forward, backward) by memory layout, precision and
+allocator, against the step as it ran before, at 224 px.
 
     python benchmarks/finetune_speed_bench.py                # demo parts and runs, about 5 minutes on 2 cores
     python benchmarks/finetune_speed_bench.py --images 20000 # plus head mode on a generated folder of 20,000 JPEGs
@@ -12,6 +13,7 @@ are against a baseline measured in the same run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -27,14 +29,19 @@ import torch
 from PIL import Image
 from sklearn.datasets import load_digits, load_sample_images
 
-from edgetransfer.config import FeatureEngine, FinetuneConfig
+from edgetransfer.config import FeatureEngine, FinetuneConfig, QatOptions
+from edgetransfer.cpu import cpu_features
 from edgetransfer.data import DataSpec, eval_transform, load_dataset, train_transform
 from edgetransfer.finetune import finetune
 from edgetransfer.models import build
 from edgetransfer.progress import set_quiet
+from edgetransfer.qat import run_qat
+from edgetransfer.qat_fast import fast_quantizers
+from edgetransfer.qat_scheme import fold_batchnorm, inplace_off, qat_scheme, quantize
 from edgetransfer.runtime.sessions import open_session
+from edgetransfer.train.allocator import kept_blocks
 from edgetransfer.train.features import FrozenPass, channels_last
-from edgetransfer.train.loops import image_loader, precision_for
+from edgetransfer.train.loops import depthwise_fp32, image_loader, precision_for
 from edgetransfer.weights import DEFAULT_ARCH, default_weights
 
 from fingerprint import fingerprint, save_results
@@ -122,44 +129,80 @@ def loading(built, samples, workers: int, augment: bool = False) -> dict:
     return {"workers": workers, "transform": "train" if augment else "eval", "images_s": count / seconds}
 
 
-def training_steps(built, x: torch.Tensor, y: torch.Tensor) -> list[dict]:
-    """Full fine-tuning's step (forward, loss, backward, AdamW) by layout and precision; forward and
-    backward timed apart."""
-    module = built.module
-    module.train()
-    optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4)
+def step_rate(module, x: torch.Tensor, y: torch.Tensor, dtype) -> dict:
+    """Images per second of one training step (forward, loss, backward, AdamW) of ``module`` on
+    ``x``, with forward and backward + update timed apart."""
+    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-5)
     loss_fn = torch.nn.CrossEntropyLoss()
+    parts = {"forward": 0.0, "backward": 0.0}
+
+    def step():
+        started = time.perf_counter()
+        with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+            loss = loss_fn(module(x).float(), y)
+        middle = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        parts["forward"] += middle - started
+        parts["backward"] += time.perf_counter() - middle
+
+    per_s = rate(step, len(x), repeats=2)
+    calls = 3
+    return {"images_s": per_s, "forward_ms": 1000 * parts["forward"] / calls, "backward_and_update_ms": 1000 * parts["backward"] / calls}
+
+
+def training_steps(x: torch.Tensor, y: torch.Tensor) -> list[dict]:
+    """Full fine-tuning's step by layout, precision and allocator; the first row is the step as
+    finetune ran it before (NCHW, FP32, glibc's default allocator), the last what it runs now on
+    this CPU. A fresh model for each row, so no row trains on another's updates."""
+    bf16 = precision_for(torch.device("cpu"), True) == "bf16"
+    variants = [
+        ("NCHW, FP32 (before)", False, None, False, False),
+        ("channels-last, FP32", True, None, False, False),
+        ("channels-last, FP32, freed blocks kept", True, None, False, True),
+    ]
+    if bf16:
+        variants += [
+            ("channels-last, bf16 autocast, freed blocks kept", True, torch.bfloat16, False, True),
+            ("channels-last, bf16 autocast, depthwise in FP32, freed blocks kept", True, torch.bfloat16, True, True),
+        ]
     rows = []
-    variants = [("NCHW, FP32", False, None), ("channels-last, FP32", True, None)]
-    if precision_for(torch.device("cpu"), True) == "bf16":
-        variants.append(("channels-last, bf16 autocast", True, torch.bfloat16))
-    for name, layout, dtype in variants:
+    for name, layout, dtype, depthwise, kept in variants:
+        module = build(DEFAULT_ARCH, 10, default_weights(DEFAULT_ARCH), SIZE).module.train()
         data = x.contiguous(memory_format=torch.channels_last) if layout else x
-        with channels_last(module, layout):
-            parts = {"forward": 0.0, "backward": 0.0}
+        with channels_last(module, layout), kept_blocks() if kept else contextlib.nullcontext():
+            if depthwise:
+                depthwise_fp32(module)
+            rows.append({"step": name, "finetune_now": False, **step_rate(module, data, y, dtype)})
+    rows[-1]["finetune_now"] = True
+    return rows
 
-            def step(data=data, dtype=dtype, parts=parts):
-                started = time.perf_counter()
-                with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
-                    loss = loss_fn(module(data).float(), y)
-                middle = time.perf_counter()
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                parts["forward"] += middle - started
-                parts["backward"] += time.perf_counter() - middle
 
-            per_s = rate(step, len(x), repeats=2)
-            calls = 3
-            rows.append(
-                {
-                    "step": name,
-                    "images_s": per_s,
-                    "forward_ms": 1000 * parts["forward"] / calls,
-                    "backward_and_update_ms": 1000 * parts["backward"] / calls,
-                }
-            )
-    module.eval()
+def qat_steps(x: torch.Tensor, y: torch.Tensor) -> list[dict]:
+    """QAT's step (ModelOpt's fake quantisation, BatchNorm folded, calibrated on these images):
+    as before (NCHW, ModelOpt's own forward), then what each change adds; the last is what
+    ``finetune --from RUN --qat`` runs now. FP32 throughout: QAT mirrors the INT8 kernels."""
+    variants = [
+        ("NCHW, ModelOpt's quantizers (before)", False, False, False),
+        ("channels-last, ModelOpt's quantizers", True, False, False),
+        ("channels-last, quantizers in the tensor's layout", True, True, False),
+        ("channels-last, quantizers in the tensor's layout, freed blocks kept", True, True, True),
+    ]
+    rows = []
+    for name, layout, fast, kept in variants:
+        module = build(DEFAULT_ARCH, 10, default_weights(DEFAULT_ARCH), SIZE).module.eval()
+        fold_batchnorm(module, SIZE)
+        inplace_off(module)
+        quantize(module, qat_scheme("ort-cpu", cpu_features()), [x[:16]])
+        module.train()
+        data = x.contiguous(memory_format=torch.channels_last) if layout else x
+        with (
+            channels_last(module, layout),
+            fast_quantizers(module) if fast else contextlib.nullcontext(),
+            kept_blocks() if kept else contextlib.nullcontext(),
+        ):
+            rows.append({"step": name, **step_rate(module, data, y, None)})
     return rows
 
 
@@ -177,6 +220,37 @@ def end_to_end(work: Path, engine: FeatureEngine) -> dict:
         "test_top1": metrics["test"]["top1"],
         "test_images": metrics["test"]["images"],
     }
+
+
+def epochs_now(work: Path) -> list[dict]:
+    """One epoch of full fine-tuning and one of QAT (on the head run ``end_to_end`` made), end to
+    end as finetune runs them now: images per second over the epoch's training images, loading,
+    steps and the validation pass included."""
+    full = finetune(FinetuneConfig(image_size=SIZE, mode="full", epochs=1, probe_epochs=0), work / "full").metrics
+    epoch = full["epochs"][0]
+    rows = [
+        {
+            "command": f"edgetransfer finetune --image-size {SIZE} --mode full --epochs 1 --probe-epochs 0",
+            "precision": full["precision"],
+            "epoch_s": epoch["seconds"],
+            "images_s": full["train_images"] / epoch["seconds"],
+            "val_top1": full["final"]["top1"],
+            "val_images": full["val_images"],
+        }
+    ]
+    qat = run_qat(work / f"demo-{FeatureEngine.AUTO.value}", QatOptions(epochs=1)).metrics
+    epoch = qat["history"][1]
+    rows.append(
+        {
+            "command": "edgetransfer finetune --from RUN --qat --qat-epochs 1",
+            "precision": "fp32",
+            "epoch_s": epoch["seconds"],
+            "images_s": full["train_images"] / epoch["seconds"],
+            "val_top1": epoch["val_top1"],
+            "val_images": full["val_images"],
+        }
+    )
+    return rows
 
 
 def large_folder(work: Path, count: int) -> dict:
@@ -254,17 +328,27 @@ def markdown(report: dict) -> str:
     lines += ["", "| loading alone (decode + transform) | images/s |", "|---|---|"]
     for row in report["loading"]:
         lines.append(f"| {row['source']}, {row['transform']} transform, {row['workers']} worker processes | {row['images_s']:.1f} |")
-    base = report["training"][0]["images_s"]
-    lines += ["", "| full fine-tuning step, batch 32 | images/s | forward ms | backward + update ms | x NCHW |", "|---|---|---|---|---|"]
-    for row in report["training"]:
-        lines.append(
-            f"| {row['step']} | {row['images_s']:.1f} | {row['forward_ms']:.0f} | {row['backward_and_update_ms']:.0f} | {row['images_s'] / base:.2f}x |"
-        )
+    for key, title in (("training", "full fine-tuning step, batch 32"), ("qat", "QAT step (ModelOpt, INT8 fake quantisation), batch 32")):
+        base = report[key][0]["images_s"]
+        lines += ["", f"| {title} | images/s | forward ms | backward + update ms | x before |", "|---|---|---|---|---|"]
+        for row in report[key]:
+            lines.append(
+                f"| {row['step']} | {row['images_s']:.1f} | {row['forward_ms']:.0f} | {row['backward_and_update_ms']:.0f} | {row['images_s'] / base:.2f}x |"
+            )
     lines += ["", "| end to end, in process | engine | total s | features s | val top-1 | test top-1 |", "|---|---|---|---|---|---|"]
     for row in report["end_to_end"]:
         lines.append(
             f"| `{row['command']}` | {row['engine']} | {row['total_s']:.1f} | {row['features_s']:.1f} |"
             f" {100 * row['val_top1']:.2f}% of {row['val_images']} | {100 * row['test_top1']:.2f}% of {row['test_images']} |"
+        )
+    lines += [
+        "",
+        "| one epoch, end to end, in process (loading and validation included) | precision | s | images/s | val top-1 |",
+        "|---|---|---|---|---|",
+    ]
+    for row in report["epochs"]:
+        lines.append(
+            f"| `{row['command']}` | {row['precision']} | {row['epoch_s']:.1f} | {row['images_s']:.1f} | {100 * row['val_top1']:.2f}% of {row['val_images']} |"
         )
     large = report.get("large")
     if large:
@@ -298,10 +382,12 @@ def main() -> None:
         {"source": "demo digits", **loading(built, dataset.train, 0, augment=True)},
     ]
     y = torch.tensor([s.label for s in dataset.train[:32]])
-    report["training"] = training_steps(build(DEFAULT_ARCH, 10, default_weights(DEFAULT_ARCH), SIZE), x[:32].clone(), y)
+    report["training"] = training_steps(x[:32].clone(), y)
+    report["qat"] = qat_steps(x[:32].clone(), y)
     with tempfile.TemporaryDirectory() as folder:
         work = Path(folder)
         report["end_to_end"] = [end_to_end(work, FeatureEngine.AUTO), end_to_end(work, FeatureEngine.TORCH)]
+        report["epochs"] = epochs_now(work)
         if args.images:
             sample = make_photo_digits(work / "sample", 640, seed=1)
             jpegs = load_dataset(DataSpec(source=str(sample), test_fraction=0.0)).train

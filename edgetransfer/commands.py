@@ -114,7 +114,12 @@ RESUME_EXIT = 130
 @field_option(FinetuneConfig, "patience", "--patience", help="Stop after N epochs without a better val top-1.")
 @field_option(FinetuneConfig, "seed", "--seed", help="Seeds the split, the new classifier and training.")
 @field_option(FinetuneConfig, "device", "--device", help="auto, cpu, cuda or cuda:N.")
-@field_option(FinetuneConfig, "amp", "--amp/--no-amp", help="Mixed precision on CUDA.")
+@field_option(
+    FinetuneConfig,
+    "amp",
+    "--amp/--no-amp",
+    help="Mixed precision: fp16 on CUDA, bf16 on a CPU with native bf16 (avx512_bf16 or AMX); --no-amp trains in FP32.",
+)
 @field_option(
     FinetuneConfig,
     "feature_engine",

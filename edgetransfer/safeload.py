@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,10 @@ def safe_load(path: str | Path, error: type[EdgeTransferError] = RunError) -> An
         error: the file is missing, truncated or corrupt, or holds more than tensors and plain values.
     """
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # a file that is not torch's warns of its "pickle protocol" before it fails: the error says it once
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError as exc:
         raise error(f"file not found: {path}") from exc
     except pickle.UnpicklingError as exc:

@@ -15,10 +15,10 @@ import torch
 from edgetransfer.checkpoint import load_checkpoint
 from edgetransfer.config import FinetuneConfig
 from edgetransfer.cpu import CpuFeatures, cpu_features
-from edgetransfer.data import DataSpec
+from edgetransfer.data import DataSpec, eval_transform, load_dataset
 from edgetransfer.finetune import finetune
 from edgetransfer.train.allocator import kept_blocks
-from edgetransfer.train.loops import autocast_for, cpu_layout, default_form, depthwise_fp32, precision_for
+from edgetransfer.train.loops import autocast_for, cpu_layout, default_form, depthwise_fp32, image_loader, precision_for
 
 AVX2 = CpuFeatures("an AVX2 EPYC", "x86_64", avx2=True)
 ZEN4 = CpuFeatures("a Zen 4 EPYC", "x86_64", avx2=True, avx512=True, vnni=True, bf16=True)
@@ -96,8 +96,14 @@ def test_full_training_records_its_precision_layout_and_allocator(monkeypatch, t
     assert metrics["depthwise_fp32"] is cpu.bf16
     glibc = platform.libc_ver()[0] == "glibc" and platform.system() == "Linux"
     assert metrics["allocator"] == {"allocator": "glibc" if glibc else "other", "kept_blocks": glibc}
+    assert metrics["evaluated_in"] == "fp32"  # what the exported model computes
     built, _ = load_checkpoint(result.run_dir / "model.pt")
     assert not any("forward" in layer.__dict__ for layer in built.module.modules())
+    val = load_dataset(config.data).val
+    with torch.no_grad():
+        logits = torch.cat([built.module.eval()(x) for x, _ in image_loader(val, eval_transform(built.preprocessing), result.config, False)])
+    right = int((logits.argmax(1) == torch.tensor([s.label for s in val])).sum())
+    assert metrics["final"]["top1"] == right / len(val)  # the reported top-1 is the FP32 model's
 
 
 def resident() -> int:

@@ -4,8 +4,11 @@ Each gets a one-line error (or the documented behaviour), and nothing that shoul
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import struct
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -98,6 +101,17 @@ def test_a_planted_pickle_as_checkpoint_or_weights_never_runs(tmp_path):
     with pytest.raises(WeightsError, match=r"holds Python objects besides tensors") as caught:
         build("resnet18", 3, weights=str(tmp_path / "model.pt"))
     assert not marker.exists() and "weights_only=False" not in str(caught.value)
+
+
+def test_a_file_that_is_not_torchs_is_one_error_and_no_warning(tmp_path):
+    from edgetransfer.safeload import safe_load
+
+    garbage = tmp_path / "features.pt"
+    garbage.write_bytes(b"\x80garbage")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch's "Detected pickle protocol" warning would fail here
+        with pytest.raises(RunError, match=r"^cannot read .*features.pt: it is not a file torch saved"):
+            safe_load(garbage)
 
 
 def test_the_resume_state_holds_only_tensors_and_plain_values(trained_run, tmp_path):
@@ -241,6 +255,20 @@ def test_extreme_images_get_one_line_before_any_large_allocation(run, tmp_path, 
         predictor.predict(path)
     with pytest.raises(ImageError, match=r"has none to classify"):
         Preprocessing(32, 36).resize_crop(Image.new("RGB", (0, 0)))
+
+
+def test_an_icon_wrapping_a_huge_png_is_refused_before_it_is_decoded(run, tmp_path):
+    """An ICO's directory says 256x256 whatever it wraps; Pillow would decode the embedded PNG whole."""
+    png = io.BytesIO()
+    Image.new("L", (9000, 8000)).save(png, format="PNG", optimize=True)
+    body = png.getvalue()
+    header = struct.pack("<HHH", 0, 1, 1) + struct.pack("<BBBBHHII", 0, 0, 0, 0, 1, 32, len(body), 22)
+    path = tmp_path / "huge.ico"
+    path.write_bytes(header + body)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no Pillow warning reaches the user either
+        with pytest.raises(ImageError, match=r"is 9000x8000 pixels, more than the 64 million edgetransfer decodes"):
+            Predictor(run / "model.onnx").predict(path)
 
 
 def test_image_size_has_an_upper_bound():

@@ -208,6 +208,7 @@ class Trainer:
             "precision": precision_for(self.loop.device, self.amp),
             "layout": self.loop.layout,
             "depthwise_fp32": getattr(self.loop, "depthwise_fp32", False),
+            "evaluated_in": precision_for(self.loop.device, getattr(self.loop, "evaluate_amp", self.amp)),
             "allocator": self.allocator,
         }
         if self.dist.main:

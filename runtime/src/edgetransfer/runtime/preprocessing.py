@@ -9,6 +9,7 @@ import enum
 import io
 import math
 import os
+import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Union, cast
@@ -200,6 +201,15 @@ def check_shape(size: tuple[int, int], name: str = "the image") -> None:
         )
 
 
+def _header_size(image: Image.Image) -> tuple[int, int]:
+    """The size the decoder will produce, from headers alone. An icon's directory says at most
+    256x256 whatever its embedded PNG or BMP holds, and Pillow decodes that embedded image in full
+    on ``load``: its own header is read instead."""
+    if image.format in ("ICO", "CUR"):
+        return image.ico.getimage(image.size).size  # type: ignore[attr-defined]
+    return image.size
+
+
 def load_rgb(source: str | os.PathLike | bytes, draft_side: int | None = None) -> Image.Image:
     """Open and fully decode an image file (or encoded bytes) as RGB.
 
@@ -214,8 +224,9 @@ def load_rgb(source: str | os.PathLike | bytes, draft_side: int | None = None) -
     name = "<bytes>" if isinstance(source, bytes) else str(source)
     try:
         handle = io.BytesIO(source) if isinstance(source, bytes) else Path(source)
-        with Image.open(handle) as image:
-            width, height = image.size  # from the header: refuse before decoding
+        with Image.open(handle) as image, warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Image was not the expected size")  # an icon's: its true size is checked below
+            width, height = _header_size(image)  # refuse before decoding
             if width * height > MAX_PIXELS:
                 raise ImageError(
                     f"image {name} is {width}x{height} pixels, more than the {MAX_PIXELS // 10**6} million edgetransfer decodes; scale it down first"
