@@ -63,9 +63,9 @@ def _this_cpu() -> CpuFeatures:
 
 
 def precision_for(device: torch.device, enabled: bool, cpu: CpuFeatures | None = None) -> str:
-    """What training and evaluation compute in: ``fp16`` autocast on CUDA, ``bf16`` autocast on a
-    CPU with native bf16 arithmetic (elsewhere bf16 is emulated and slower than FP32), else ``fp32``.
-    ``enabled`` is the run's ``amp`` (``--no-amp``: always ``fp32``)."""
+    """What training computes in: ``fp16`` autocast on CUDA, ``bf16`` autocast on a CPU with native
+    bf16 arithmetic (elsewhere bf16 is emulated and slower than FP32), else ``fp32``. ``enabled`` is
+    the run's ``amp`` (``--no-amp``: always ``fp32``). Evaluation on a CPU is FP32 regardless."""
     if not enabled:
         return "fp32"
     if device.type == "cuda":

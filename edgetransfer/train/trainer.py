@@ -204,6 +204,17 @@ class Trainer:
                 "processes": self.dist.world,
                 "device": str(self.loop.device),
             },
+            **self._computed_how(),
+        }
+        if self.dist.main:
+            write_json(self.run_dir / METRICS, metrics)
+            plot_training(metrics, self.run_dir / CURVES)
+        return metrics
+
+    def _computed_how(self) -> dict[str, Any]:
+        """How the run computed: the frozen pass, training's precision and layout, evaluation's
+        precision, the allocator."""
+        return {
             "frozen_pass": self.loop.frozen_record(),
             "precision": precision_for(self.loop.device, self.amp),
             "layout": self.loop.layout,
@@ -211,10 +222,6 @@ class Trainer:
             "evaluated_in": precision_for(self.loop.device, getattr(self.loop, "evaluate_amp", self.amp)),
             "allocator": self.allocator,
         }
-        if self.dist.main:
-            write_json(self.run_dir / METRICS, metrics)
-            plot_training(metrics, self.run_dir / CURVES)
-        return metrics
 
     def _target_top1(self) -> float | None:
         samples = self.adaptation.eval if self.adaptation is not None else []

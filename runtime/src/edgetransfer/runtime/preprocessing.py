@@ -9,10 +9,10 @@ import enum
 import io
 import math
 import os
+import struct
 import warnings
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
-from typing import Any, Union, cast
+from typing import Any, BinaryIO, Union, cast
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -201,13 +201,34 @@ def check_shape(size: tuple[int, int], name: str = "the image") -> None:
         )
 
 
-def _header_size(image: Image.Image) -> tuple[int, int]:
-    """The size the decoder will produce, from headers alone. An icon's directory says at most
-    256x256 whatever its embedded PNG or BMP holds, and Pillow decodes that embedded image in full
-    on ``load``: its own header is read instead."""
-    if image.format in ("ICO", "CUR"):
-        return image.ico.getimage(image.size).size  # type: ignore[attr-defined]
-    return image.size
+_ICON = (b"\x00\x00\x01\x00", b"\x00\x00\x02\x00")  # ICO and CUR
+_PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _icon_size(handle: BinaryIO) -> tuple[int, int] | None:
+    """The largest image an ICO or CUR file embeds, from the embedded headers (``None`` for any
+    other file). Pillow decodes an icon's largest image whole as it opens the file, and the icon's
+    own directory says at most 256x256 whatever the embedded PNG or BMP holds."""
+    head = handle.read(6)
+    if head[:4] not in _ICON:
+        return None
+    count = min(struct.unpack("<H", head[4:6])[0], 256)
+    entries = [handle.read(16) for _ in range(count)]
+    largest = (0, 0)
+    for entry in entries:
+        if len(entry) < 16:
+            break
+        handle.seek(struct.unpack("<I", entry[12:16])[0])
+        data = handle.read(24)
+        if data[:8] == _PNG and len(data) == 24:
+            size = struct.unpack(">II", data[16:24])
+        elif len(data) >= 12:
+            width, height = struct.unpack("<ii", data[4:12])  # a DIB: its height counts the mask too
+            size = (abs(width), abs(height) // 2)
+        else:
+            continue
+        largest = max(largest, size, key=lambda s: s[0] * s[1])
+    return largest
 
 
 def load_rgb(source: str | os.PathLike | bytes, draft_side: int | None = None) -> Image.Image:
@@ -223,24 +244,36 @@ def load_rgb(source: str | os.PathLike | bytes, draft_side: int | None = None) -
     """
     name = "<bytes>" if isinstance(source, bytes) else str(source)
     try:
-        handle = io.BytesIO(source) if isinstance(source, bytes) else Path(source)
-        with Image.open(handle) as image, warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Image was not the expected size")  # an icon's: its true size is checked below
-            width, height = _header_size(image)  # refuse before decoding
-            if width * height > MAX_PIXELS:
-                raise ImageError(
-                    f"image {name} is {width}x{height} pixels, more than the {MAX_PIXELS // 10**6} million edgetransfer decodes; scale it down first"
-                )
-            if draft_side and image.format == "JPEG" and min(width, height) > 2 * draft_side:
-                scale = draft_side / min(width, height)  # draft keeps at least the size asked for
-                image.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))
-            image.load()
-            return to_rgb(image, owned=True)
+        with io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb") as handle:
+            return _decode(handle, name, draft_side)
     except FileNotFoundError:
         raise ImageError(f"image not found: {name}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, struct.error, Image.DecompressionBombError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ImageError(f"cannot read image {name}: {reason}") from exc
+
+
+def _decode(handle: BinaryIO, name: str, draft_side: int | None) -> Image.Image:
+    icon = _icon_size(handle)
+    handle.seek(0)
+    if icon is not None:  # an icon's largest image is decoded as the icon is opened: refused before
+        _check_pixels(*icon, name)
+    with Image.open(handle) as image, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Image was not the expected size")  # an icon's, its size checked above
+        width, height = image.size  # from the header: refuse before decoding
+        _check_pixels(width, height, name)
+        if draft_side and image.format == "JPEG" and min(width, height) > 2 * draft_side:
+            scale = draft_side / min(width, height)  # draft keeps at least the size asked for
+            image.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))
+        image.load()
+        return to_rgb(image, owned=True)
+
+
+def _check_pixels(width: int, height: int, name: str) -> None:
+    if width * height > MAX_PIXELS:
+        raise ImageError(
+            f"image {name} is {width}x{height} pixels, more than the {MAX_PIXELS // 10**6} million edgetransfer decodes; scale it down first"
+        )
 
 
 def is_single(images: Any) -> bool:
