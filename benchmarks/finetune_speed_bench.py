@@ -374,7 +374,7 @@ def markdown(report: dict) -> str:
             "",
             f"`edgetransfer finetune --image-size {SIZE}` on {large['images']:,} generated JPEGs (digits on photo patches), in its own process:"
             f" {large['end_to_end_s']:.0f} s end to end, frozen pass {large['feature_pass_images_s']:.1f} images/s ({large['engine']}) over"
-            f" {large['train_images']:,} training images; peak memory of the process tree (main and loader workers, proportional set sizes summed, sampled every 0.3 s) {large['peak_tree_pss_mib']:,} MiB, the main process's own {large['peak_main_uss_mib']:,} MiB; val top-1 {100 * large['val_top1']:.2f}%"
+            f" {large['train_images']:,} training images; peak memory of the process tree (main and loader workers, proportional set sizes summed, sampled every 0.3 s) {large['peak_tree_pss_mib']:,} MiB; val top-1 {100 * large['val_top1']:.2f}%"
             f" of {large['val_images']:,}, test top-1 {100 * large['test_top1']:.2f}% of {large['test_images']:,}. Generating the folder took {large['generate_s']:.0f} s.",
         ]
     return "\n".join(lines) + "\n"

@@ -25,7 +25,10 @@ COMMANDS = {
     "finetune": ("edgetransfer.commands", "Fine-tune a pretrained CNN on an image folder (or the demo digits) into runs/."),
     "export": ("edgetransfer.deploy_commands", "Export a fine-tuned run to ONNX, check it against PyTorch, and build optimised variants."),
     "bench": ("edgetransfer.deploy_commands", "Benchmark every variant of a run against eager PyTorch, on the same data, in the same run."),
-    "info": ("edgetransfer.commands", "Show a run's manifest, or (without RUN_DIR) the architectures that can be fine-tuned."),
+    "info": (
+        "edgetransfer.commands",
+        "Summarise a run (model, data, accuracy, every artifact and its state), or (without RUN_DIR) list the architectures that can be fine-tuned.",
+    ),
     "predict": ("edgetransfer.runtime_commands", "Classify images with an exported model (torch-free runtime)."),
     "enrol": (
         "edgetransfer.runtime_commands",

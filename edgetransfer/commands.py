@@ -21,6 +21,7 @@ from .progress import console, out, set_quiet
 from .qat import resume_qat, run_qat
 from .report import epochs_table, finetune_summary_table, qat_summary_table
 from .rundir import RunDir
+from .runinfo import run_summary
 from .weights import DEFAULT_ARCH
 
 __all__ = ["finetune", "info"]
@@ -262,19 +263,24 @@ def _default_run_dir(arch: str, mode: str) -> Path:
 @click.command()
 @click.argument("run_dir", required=False, type=click.Path(path_type=Path))
 @click.option("--timm", "include_timm", is_flag=True, help="List every timm architecture too.")
+@click.option("--json", "as_json", is_flag=True, help="With RUN_DIR: print its manifest (JSON) instead of the summary.")
 @friendly
-def info(run_dir: Path | None, include_timm: bool) -> None:
-    """Show a run's manifest, or (without RUN_DIR) the architectures that can be fine-tuned.
+def info(run_dir: Path | None, include_timm: bool, as_json: bool) -> None:
+    """Summarise a run (model, data, accuracy, every artifact and its state), or (without RUN_DIR)
+    list the architectures that can be fine-tuned.
 
     \b
     Examples:
       edgetransfer info
       edgetransfer info runs/20261128-101500-efficientnet_lite0-head
+      edgetransfer info runs/20261128-101500-efficientnet_lite0-head --json
     """
     if run_dir is None:
         names = list_architectures(include_timm=include_timm)
         click.echo(f"{DEFAULT_ARCH} (default, embedded offline weights)")
         click.echo("\n".join(names if include_timm else names + ["timm:<any timm model> (edgetransfer info --timm)"]))
         return
-
-    click.echo(json.dumps(RunDir(run_dir).manifest().data, indent=2))
+    if as_json:
+        click.echo(json.dumps(RunDir(run_dir).manifest().data, indent=2))
+        return
+    out.print(run_summary(RunDir(run_dir)))

@@ -1,12 +1,15 @@
 from __future__ import annotations
 
+import io
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from rich.console import Console
 
 from edgetransfer.bench import BenchOptions, bench_run
 from edgetransfer.benchreport import BENCH_SCHEMA, BenchReport, Latency
@@ -16,7 +19,8 @@ from edgetransfer.errors import DataError, EdgeTransferError, RunError, UnknownN
 from edgetransfer.export import ExportOptions, export_onnx
 from edgetransfer.optimize import Precision, QuantOptions, Target, build_variants
 from edgetransfer.report import bench_markdown, recommendation_line
-from edgetransfer.rundir import Manifest
+from edgetransfer.rundir import Manifest, RunDir
+from edgetransfer.runinfo import run_summary
 from edgetransfer.runtime.files import sha256_file
 
 from conftest import copy_run, write_folder
@@ -190,3 +194,38 @@ def test_variants_are_timed_in_turn_round_after_round_and_a_noisy_baseline_is_fl
     assert "moved by 91% of its median" in noisy_baseline(report)  # (37.2 - 13.5) / 26.0
     eager.latency["1"] = Latency(1, 10, 20.0, 20.0, 30.0, 30.0, 50.0, [19.0, 20.0, 21.0])
     assert noisy_baseline(report) is None
+
+
+def summary(run) -> str:
+    """``info RUN``'s summary as text, wide enough that no cell wraps."""
+    console = Console(width=400, record=True, file=io.StringIO())
+    console.print(run_summary(RunDir(run)))
+    return console.export_text()
+
+
+def test_info_summarises_a_run_and_checks_each_artifact_against_its_sha256(run_dir, tmp_path):
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    result = CliRunner().invoke(main, ["info", str(run_dir)])
+    assert result.exit_code == 0 and "validation top-1" in result.output and "ort-cpu-int8" in result.output, result.output
+    text = summary(run_dir)
+    assert f"{100 * metrics['final']['top1']:.2f}% of {metrics['val_images']} images" in text
+    assert f"{100 * metrics['test']['top1']:.2f}% of {metrics['test']['images']} images" in text
+    assert "efficientnet_lite0 (head), 64 px" in text and "10 classes; 120 train, 40 val, 40 test images" in text
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    int8 = manifest["artifacts"]["ort-cpu-int8"]["report"]
+    lines = {line.split("│")[1].strip(): line for line in text.splitlines() if line.count("│") > 6}
+    assert set(manifest["artifacts"]) <= set(lines)
+    assert f"{100 * int8['top1']:.2f}% of {int8['eval_images']} test images" in lines["ort-cpu-int8"]
+    assert f"{100 * int8['integer_coverage']['integer_share']:.1f}%" in lines["ort-cpu-int8"]
+    assert all(" ok " in lines[name] for name in manifest["artifacts"])
+    # a changed file and a missing one are named as such; --json prints the manifest as it is
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    with open(copy / "model.onnx", "ab") as model:
+        model.write(b"\0")
+    (copy / manifest["artifacts"]["ort-cpu-int8"]["path"]).unlink()
+    text = summary(copy)
+    lines = {line.split("│")[1].strip(): line for line in text.splitlines() if line.count("│") > 6}
+    assert "changed since it was recorded" in lines["onnx"] and "missing" in lines["ort-cpu-int8"]
+    result = CliRunner().invoke(main, ["info", str(copy), "--json"])
+    assert json.loads(result.output) == manifest

@@ -103,7 +103,7 @@ def test_killed_run_resumes_from_the_command_line(tmp_path):
 def test_info_lists_architectures_and_shows_a_run(tmp_path, trained_run):
     code, output = run_cli("info")
     assert code == 0 and "timm:efficientnet_lite0" in output and "resnet18" in output
-    code, output = run_cli("info", str(trained_run))
+    code, output = run_cli("info", str(trained_run), "--json")
     manifest = json.loads(output)
     assert code == 0 and manifest == json.loads((trained_run / "manifest.json").read_text())
     assert manifest["status"] == "complete" and "checkpoint" in manifest["artifacts"]
