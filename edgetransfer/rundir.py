@@ -8,6 +8,7 @@ is defined here and nowhere else.
 
 from __future__ import annotations
 
+import errno
 import itertools
 import os
 import stat
@@ -301,8 +302,13 @@ def _open_lock_file(path: Path):
     flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
     try:
         descriptor = os.open(path, flags, 0o644)
-    except OSError as exc:  # ELOOP: a link planted after the check above
-        raise RunError(f"cannot open the lock file {path} ({exc.strerror}): {hint}") from exc
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # a link planted after the check above
+            raise RunError(f"cannot open the lock file {path} ({exc.strerror}): {hint}") from exc
+        # a folder that takes no new files (/proc, read-only, no permission, full): the user's to choose another
+        raise RunError(
+            f"cannot create the lock file {path} ({exc.strerror}): {path.parent} takes no new files; use a folder you can write to"
+        ) from exc
     if not stat.S_ISREG(os.fstat(descriptor).st_mode):
         os.close(descriptor)
         raise RunError(f"{path} is not a regular file: {hint}")

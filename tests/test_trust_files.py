@@ -10,6 +10,7 @@ import json
 import math
 import os
 import pickle
+import re
 from pathlib import Path
 
 import numpy as np
@@ -87,6 +88,16 @@ def test_a_lock_file_that_is_a_link_is_refused_and_its_target_untouched(run, tmp
     finally:
         lock.unlink()
     assert victim.read_text() == "keep" and checksums(run) == before
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc, a folder that takes no new files")
+def test_a_run_folder_where_no_file_can_be_made_is_one_line_naming_it():
+    result = CliRunner().invoke(main, ["finetune", "--out", "/proc/edgetransfer-run", "--epochs", "1"])
+    assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1
+    assert re.match(
+        r"Error: cannot create the lock file /proc/\.edgetransfer-run\.lock \(.+\): /proc takes no new files; use a folder you can write to$",
+        result.output.strip(),
+    )
 
 
 def test_an_output_that_is_a_pipe_or_a_folder_is_refused_not_replaced(run, tmp_path):
