@@ -15,6 +15,7 @@ from .report import predictions_table
 from .runtime import Predictor
 from .runtime.cli import DEFAULT_TIMEOUT, enrolment_line
 from .runtime.enrol import enrol_file
+from .runtime.sessions import MAX_CAP_MB
 
 __all__ = ["predict", "enrol"]
 
@@ -36,8 +37,24 @@ __all__ = ["predict", "enrol"]
     show_default=True,
     help="Seconds one run of the model may take (a model file can hold a graph that never ends).",
 )
+@click.option(
+    "--max-memory-mb",
+    type=click.IntRange(1, MAX_CAP_MB),
+    default=None,
+    help="Cap the memory ONNX Runtime may hold, in MB: a model asking for more is refused before it gets it. [default: no cap]",
+)
 @friendly
-def predict(model: Path, images: tuple[Path, ...], top_k: int, providers, allow_fallback: bool, device: str, as_json: bool, timeout: float) -> None:
+def predict(
+    model: Path,
+    images: tuple[Path, ...],
+    top_k: int,
+    providers,
+    allow_fallback: bool,
+    device: str,
+    as_json: bool,
+    timeout: float,
+    max_memory_mb: int | None,
+) -> None:
     """Classify images with an exported model (torch-free runtime).
 
     \b
@@ -47,7 +64,9 @@ def predict(model: Path, images: tuple[Path, ...], top_k: int, providers, allow_
       edgetransfer predict model.onnx img.png --provider cuda --provider cpu --allow-fallback
       edgetransfer predict runs/demo/openvino-int8.xml cat.jpg     # OpenVINO IR (edgetransfer[openvino])
     """
-    predictor = Predictor(model, providers=list(providers) or None, allow_fallback=allow_fallback, device=device, timeout=timeout)
+    predictor = Predictor(
+        model, providers=list(providers) or None, allow_fallback=allow_fallback, device=device, timeout=timeout, max_memory_mb=max_memory_mb
+    )
     results = predictor.predict([str(p) for p in images], top_k=top_k)
     if as_json:
         rows = [

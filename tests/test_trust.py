@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import struct
 import warnings
 from pathlib import Path
@@ -413,6 +414,67 @@ def test_predict_on_an_image_file_under_1_mb_stays_under_1_gb(run, tmp_path, siz
     assert done.returncode == 0, done.stderr[-2000:]
     peak = float(done.stdout.split("peak_mb")[-1])
     assert 50 < peak < 1024, done.stdout
+
+
+def hungry_model(path: Path) -> Path:
+    """A servable classifier (image in, 3 logits out) whose graph asks for 3 GB at once
+    (ConstantOfShape of 750 million floats) before it answers."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = [
+        helper.make_node("ConstantOfShape", ["shape"], ["big"], value=helper.make_tensor("one", TensorProto.FLOAT, [1], [1.0])),
+        helper.make_node("ReduceSum", ["big"], ["total"], keepdims=1),
+        helper.make_node("GlobalAveragePool", ["input"], ["pooled"]),
+        helper.make_node("Flatten", ["pooled"], ["flat"]),
+        helper.make_node("Add", ["flat", "total"], ["logits"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "hungry",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, 16, 16])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 3])],
+        [numpy_helper.from_array(np.array([750_000_000], dtype=np.int64), "shape")],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads the peak from Linux's /proc")
+def test_a_memory_cap_refuses_a_model_asking_for_more_before_it_gets_it(run, tmp_path):
+    """In a fresh process (the cap is the process's): a model asking ONNX Runtime for 3 GB under a
+    256 MB cap is refused in one line with no more than that taken; a real model runs under it;
+    a second, different cap is refused."""
+    import subprocess
+    import sys
+    import textwrap
+
+    hungry = hungry_model(tmp_path / "hungry.onnx")
+    script = textwrap.dedent(f"""
+        import re
+        import numpy as np
+        from edgetransfer.runtime import Predictor, PredictorError
+        from edgetransfer.runtime.preprocessing import Preprocessing
+        image = np.zeros((16, 16, 3), np.uint8)
+        model = Predictor({str(hungry)!r}, preprocessing=Preprocessing(16, 16), labels=["a", "b", "c"], max_memory_mb=256)
+        try:
+            model.predict(image)
+        except PredictorError as exc:
+            print("refused:", exc)
+        print("real:", Predictor({str(run / "model.onnx")!r}, max_memory_mb=256).predict(image, top_k=1)[0].label)
+        try:
+            Predictor({str(run / "model.onnx")!r}, max_memory_mb=512)
+        except PredictorError as exc:
+            print("second:", exc)
+        status = open("/proc/self/status").read()
+        print("peak_mb", int(re.search(r"VmHWM:\\s+(\\d+) kB", status).group(1)) / 1024)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stderr == "", done.stderr[-2000:]  # nothing of ONNX Runtime's own on the terminal
+    lines = dict(line.split(" ", 1) for line in done.stdout.splitlines())
+    assert re.fullmatch(r"the model asked ONNX Runtime for 2,861 MB at once, more than this process's cap of 256 MB; .*", lines["refused:"])
+    assert lines["real:"] in Predictor(run / "model.onnx").labels  # a real model runs under the same cap
+    assert lines["second:"] == "ONNX Runtime's memory in this process is already capped at 256 MB; one cap per process"
+    assert float(lines["peak_mb"]) < 1024  # the 3 GB were never taken
 
 
 # --- one writer at a time ---------------------------------------------------------------------

@@ -176,6 +176,12 @@ def _session_options(parser: argparse.ArgumentParser) -> None:
         "--timeout", type=_seconds, default=DEFAULT_TIMEOUT, help=f"seconds one run of the model may take (default {DEFAULT_TIMEOUT:g})"
     )
     parser.add_argument(
+        "--max-memory-mb",
+        type=_positive,
+        default=None,
+        help="cap the memory ONNX Runtime may hold, in MB: a model asking for more is refused before it gets it (default: no cap)",
+    )
+    parser.add_argument(
         "--fast-jpeg", action="store_true", help="decode large JPEGs at a reduced scale: faster, pixels within 2 levels of the exact path"
     )
 
@@ -189,6 +195,7 @@ def _predictor(args: argparse.Namespace):
         threads=args.threads,
         fast_jpeg=args.fast_jpeg,
         timeout=args.timeout,
+        max_memory_mb=args.max_memory_mb,
     )
 
 

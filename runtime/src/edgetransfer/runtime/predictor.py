@@ -21,7 +21,7 @@ from .metadata import UINT8_NHWC, model_info, verify_recorded
 from .openvino_ir import OpenVinoSession
 from .preprocessing import ImageInput, Preprocessing, is_single, to_image
 from .providers import OrtSession, check_providers, openvino_session, probe_provider, provider_name
-from .sessions import run_batched
+from .sessions import cap_memory, run_batched
 
 __all__ = ["Predictor", "Prediction", "PredictorError", "ImageInput", "probe_provider", "softmax"]
 
@@ -53,6 +53,10 @@ class Predictor:
             slow everything else down on small shared machines.
         timeout: seconds one ``session.run`` may take before it is stopped and refused (ONNX
             models; a model file can hold a graph that never ends). Default: no limit.
+        max_memory_mb: cap the CPU memory ONNX Runtime holds in this process (every session
+            opened from now on, together; weights included), so that a model file cannot make it
+            take more: a request over the cap is refused before it is allocated. One cap per
+            process (:func:`~edgetransfer.runtime.sessions.cap_memory`). Default: no cap.
         batch_size: how many images one ``session.run`` gets at most.
         device: OpenVINO device for an IR (``"CPU"``, ``"GPU"``, ``"AUTO"``).
         fast_jpeg: decode JPEG files at a reduced scale (libjpeg's DCT scaling) while their
@@ -76,6 +80,7 @@ class Predictor:
         threads: int | None = None,
         spinning: bool = False,
         timeout: float | None = None,
+        max_memory_mb: int | None = None,
         batch_size: int = 32,
         device: str = "CPU",
         fast_jpeg: bool = False,
@@ -89,9 +94,14 @@ class Predictor:
         self._model = model
         if timeout is not None and not timeout > 0:
             raise PredictorError(f"timeout must be a positive number of seconds, got {timeout}")
+        openvino_ir = not isinstance(model, bytes) and Path(model).suffix.lower() == ".xml"
+        if max_memory_mb is not None:
+            if openvino_ir:
+                raise PredictorError("max_memory_mb caps ONNX Runtime's memory; an OpenVINO IR runs on OpenVINO, which it does not cap")
+            cap_memory(max_memory_mb)
         self._session_settings = ([provider_name(p) for p in (providers or ["cpu"])], threads, spinning, timeout)
         self._overrides = (preprocessing, labels)
-        if not isinstance(model, bytes) and Path(model).suffix.lower() == ".xml":
+        if openvino_ir and not isinstance(model, bytes):
             self._session = openvino_session(Path(model), providers, device, threads)
             self.fallback = None
         else:

@@ -18,7 +18,7 @@ import numpy as np
 from .errors import PredictorError, first_line
 from .metadata import PREPROCESSING_KEYS
 from .openvino_ir import OpenVinoSession
-from .sessions import fixed_batch, mixed_builds, open_session
+from .sessions import fixed_batch, mixed_builds, open_session, over_memory_cap
 from .text import printable
 
 __all__ = [
@@ -96,14 +96,15 @@ class OrtSession:
         Runtime's ``RunOptions.terminate``, set from a timer thread) and refused.
 
         Raises:
-            PredictorError: the run did not finish within ``timeout``.
+            PredictorError: the run did not finish within ``timeout``, or asked for more memory
+                than the process's cap (:func:`~edgetransfer.runtime.sessions.cap_memory`).
         """
-        if self.timeout is None:
-            return self.session.run([name], {self.input_name: chunk})[0]
         options = self._run_options()
-        timer = threading.Timer(self.timeout, setattr, (options, "terminate", True))
-        timer.daemon = True
-        timer.start()
+        timer = None
+        if self.timeout is not None:
+            timer = threading.Timer(self.timeout, setattr, (options, "terminate", True))
+            timer.daemon = True
+            timer.start()
         try:
             return self.session.run([name], {self.input_name: chunk}, options)[0]
         except Exception as exc:
@@ -112,9 +113,13 @@ class OrtSession:
                     f"the model did not finish within {self.timeout:g} s and was stopped; a model that runs this long is broken"
                     " or hostile (give a longer timeout if it is only slow)"
                 ) from exc
+            refused = over_memory_cap(exc)
+            if refused:
+                raise PredictorError(refused) from exc
             raise
         finally:
-            timer.cancel()
+            if timer is not None:
+                timer.cancel()
 
 
 def check_servable(session) -> None:

@@ -8,6 +8,7 @@ spinning threads slow down everything else in the process, torch included.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Sequence
 from importlib.util import find_spec
 from pathlib import Path
@@ -16,7 +17,17 @@ import numpy as np
 
 from .errors import PredictorError, first_line
 
-__all__ = ["session_options", "open_session", "write_optimized", "fixed_batch", "run_batched", "onnxruntime_builds", "mixed_builds"]
+__all__ = [
+    "session_options",
+    "open_session",
+    "cap_memory",
+    "over_memory_cap",
+    "write_optimized",
+    "fixed_batch",
+    "run_batched",
+    "onnxruntime_builds",
+    "mixed_builds",
+]
 
 # distributions that each install the same ``onnxruntime`` module
 ORT_DISTRIBUTIONS = ("onnxruntime", "onnxruntime-gpu", "onnxruntime-openvino", "onnxruntime-directml", "onnxruntime-qnn")
@@ -53,6 +64,46 @@ def mixed_builds() -> str | None:
     return f"{listed} are installed together and overwrite each other's files; keep one: pip uninstall -y {' '.join(builds)} && pip install {keep}"
 
 
+_MEMORY_CAP: list[int] = []  # this process's cap on ONNX Runtime's CPU memory, in bytes, once one is set
+MAX_CAP_MB = 1 << 30
+_REQUEST = re.compile(r"Available memory of (\d+) is smaller than requested bytes of (\d+)")
+
+
+def cap_memory(megabytes: int) -> None:
+    """Cap the CPU memory that the ONNX Runtime sessions this process opens from now on hold at
+    once (weights and activations together, all sessions together): a shared arena with that
+    ``max_mem`` (ONNX Runtime's ``create_and_register_allocator``; sessions opt in with
+    ``session.use_env_allocators``). A model that asks for more is refused at that request, before
+    the memory is taken. One cap per process; asking for the same one again does nothing.
+
+    Raises:
+        PredictorError: not a whole number of megabytes from 1 up, or another cap already set.
+    """
+    import onnxruntime as ort  # imported when a session is made: a broken install (two builds at once) must not stop the runtime saying so
+
+    if isinstance(megabytes, bool) or not isinstance(megabytes, int) or not 1 <= megabytes <= MAX_CAP_MB:
+        raise PredictorError(f"max_memory_mb must be a whole number of megabytes from 1 to {MAX_CAP_MB}, got {megabytes!r}")
+    cap = megabytes << 20
+    if _MEMORY_CAP:
+        if _MEMORY_CAP[0] != cap:
+            raise PredictorError(f"ONNX Runtime's memory in this process is already capped at {_MEMORY_CAP[0] >> 20} MB; one cap per process")
+        return
+    info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+    ort.create_and_register_allocator(info, ort.OrtArenaCfg({"max_mem": cap, "arena_extend_strategy": 1}))
+    _MEMORY_CAP.append(cap)
+
+
+def over_memory_cap(exc: BaseException) -> str | None:
+    """What to say when ``exc`` is ONNX Runtime refusing a request over the cap, else ``None``."""
+    found = _REQUEST.search(str(exc))
+    if found is None or not _MEMORY_CAP:
+        return None
+    return (
+        f"the model asked ONNX Runtime for {int(found[2]) / 2**20:,.0f} MB at once, more than this process's cap of"
+        f" {_MEMORY_CAP[0] >> 20:,} MB; a model that needs this much is hostile or too large for this machine (raise the cap only for a model you trust)"
+    )
+
+
 def session_options(threads: int | None = None, spinning: bool = False, optimized: bool = True):
     """``SessionOptions`` with ``threads`` intra-op threads (one inter-op thread when given) and
     spinning on or off; ``optimized=False`` turns ONNX Runtime's graph optimisation off, so that a
@@ -61,7 +112,11 @@ def session_options(threads: int | None = None, spinning: bool = False, optimize
     import onnxruntime as ort  # imported when a session is made: a broken install (two builds at once) must not stop the runtime saying so
 
     options = ort.SessionOptions()
-    options.log_severity_level = 3  # errors only: ONNX Runtime's coloured warnings (a model's external-data path, …) never reach the terminal
+    # fatal only: ONNX Runtime's coloured warnings (a model's external-data path, …) and its error
+    # lines never reach the terminal; every error comes back as an exception, which is said once
+    options.log_severity_level = 4
+    if _MEMORY_CAP:
+        options.add_session_config_entry("session.use_env_allocators", "1")
     if not optimized:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if threads:
@@ -93,7 +148,7 @@ def open_session(
     try:
         return ort.InferenceSession(source, sess_options=session_options(threads, spinning, optimized), providers=list(providers))
     except Exception as exc:  # InvalidProtobuf, Fail, NoSuchFile, InvalidGraph: all "not a usable model"
-        raise PredictorError(f"cannot load model {name}: {first_line(exc)}") from exc
+        raise PredictorError(f"cannot load model {name}: {over_memory_cap(exc) or first_line(exc)}") from exc
 
 
 def write_optimized(
