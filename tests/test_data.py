@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
 from collections import Counter
 
 import numpy as np
@@ -9,6 +11,8 @@ from PIL import Image
 
 from edgetransfer.data import DataSpec, load_dataset, load_image
 from edgetransfer.errors import DataError
+from edgetransfer.runtime import preprocessing
+from edgetransfer.runtime.errors import ImageError
 from edgetransfer.runtime.preprocessing import load_rgb, to_rgb
 
 from conftest import write_folder
@@ -119,6 +123,52 @@ def test_sixteen_bit_png_round_trip(tmp_path):
     path = tmp_path / "deep.png"
     Image.fromarray(np.full((5, 5), 4096 * 8, dtype=np.uint16)).save(path)
     assert tuple(np.asarray(load_rgb(path))[0, 0]) == (128, 128, 128)
+
+
+@pytest.mark.parametrize(
+    "pixels, mode, top",
+    [
+        (np.linspace(0, 1, 700 * 30, dtype=np.float32).reshape(700, 30), "F", 1.0),  # a float image in [0, 1]
+        (np.linspace(-5, 900, 700 * 30, dtype=np.float32).reshape(700, 30), "F", 900.0),  # scaled by its largest value
+        (np.arange(700 * 30, dtype=np.int32).reshape(700, 30) * 3, "I", 3 * (700 * 30 - 1)),
+        (np.arange(700 * 30, dtype=np.int32).reshape(700, 30) % 100, "I", 255.0),  # small values are not stretched
+    ],
+)
+def test_deep_images_are_scaled_band_by_band_as_one_array_would_be(pixels, mode, top, monkeypatch):
+    monkeypatch.setattr(preprocessing, "BAND_ROWS", 64)  # 700 rows: eleven bands, the last one short
+    expected = np.clip(pixels.astype(np.float32) / np.float32(top) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    image = to_rgb(Image.fromarray(pixels, mode=mode))
+    assert image.mode == "RGB" and image.size == (30, 700)
+    assert np.array_equal(np.asarray(image)[..., 1], expected)
+
+
+def test_a_float_image_with_a_nan_in_its_last_band_is_refused(monkeypatch):
+    monkeypatch.setattr(preprocessing, "BAND_ROWS", 64)
+    pixels = np.zeros((300, 20), dtype=np.float32)
+    pixels[-1, -1] = np.nan
+    with pytest.raises(ImageError, match="not numbers"):
+        to_rgb(Image.fromarray(pixels, mode="F"))
+
+
+PEAK = """
+import re, sys
+from edgetransfer.runtime.preprocessing import load_rgb
+def kilobytes(field):  # this process's own, unlike ru_maxrss, which keeps the parent's peak across exec
+    return int(re.search(field + r":\\s+(\\d+) kB", open("/proc/self/status").read()).group(1))
+before = kilobytes("VmRSS")
+image = load_rgb(sys.argv[1])
+print((kilobytes("VmHWM") - before) / 1024)
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc/self/status")
+def test_a_32_megapixel_float_tiff_decodes_in_little_more_than_its_own_size(tmp_path):
+    path = tmp_path / "deep.tif"
+    Image.fromarray(np.random.default_rng(0).random((4000, 8000), dtype=np.float32), mode="F").save(path)
+    own = path.stat().st_size / 2**20  # 122 MB of float pixels; its RGB copy is as large again
+    peak = float(subprocess.run([sys.executable, "-c", PEAK, str(path)], capture_output=True, text=True, check=True).stdout)
+    # one array of float copies (as before) peaked at 4 times the image's size
+    assert peak < 2.5 * own, f"decoding took {peak:.0f} MB over the import for a {own:.0f} MB image"
 
 
 @pytest.mark.parametrize(

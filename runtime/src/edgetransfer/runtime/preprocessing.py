@@ -39,7 +39,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 MAX_INPUT_SIZE = 4096  # a model input side; larger ones are mistakes that exhaust memory
 MAX_ASPECT_RATIO = 64  # resizing the short side of a thinner image would make an enormous one
-MAX_PIXELS = 64 * 10**6  # decoded RGB at most 192 MB, whatever the file's size
+MAX_PIXELS = 64 * 10**6  # decoded RGB at most 256 MB (Pillow keeps 4 bytes a pixel), whatever the file's size
 # |(pixel - mean) / std| for pixels in [0, 1]: ImageNet's is under 3, inputs in 0..255 (std 1/255)
 # reach 255; a std of 1e-40 or a mean of 1e38 would feed a network inf or overflow it into NaN
 MAX_NORMALIZED = 10_000.0
@@ -171,18 +171,46 @@ def to_rgb(image: Image.Image, owned: bool = False) -> Image.Image:
         ImageOps.exif_transpose(image, in_place=True)
     else:
         image = ImageOps.exif_transpose(image)
-    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-        array = np.asarray(image, dtype=np.float32)
-        if image.mode == "F" and not np.isfinite(array).all():
-            raise ImageError("the image has pixels that are not numbers (NaN or infinity); save it with finite values")
-        top = 65535.0 if image.mode.startswith("I;16") else max(float(array.max()), 255.0)
-        if image.mode == "F" and array.max() <= 1.0:
-            top = 1.0
-        array = np.clip(array / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        image = Image.fromarray(array, mode="L")
+    if image.mode in _HIGH_DEPTH:
+        image = _to_8bit(image, owned)
     if image.mode != "RGB":
         image = image.convert("RGB")
     return image
+
+
+_HIGH_DEPTH = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+BAND_ROWS = 256  # rows of a 16/32-bit image scaled at a time
+
+
+def _to_8bit(image: Image.Image, owned: bool) -> Image.Image:
+    """A 16- or 32-bit single-channel image scaled to 8 bits (16-bit by 65535, a float image in
+    [0, 1] by 1, anything else by its largest value or 255), a band of rows at a time: as one
+    array, a 64-megapixel float TIFF needed 1 GB of float copies on top of its own 256 MB.
+
+    Raises:
+        ImageError: a float image with NaN or infinite pixels.
+    """
+    width, height = image.size
+    boxes = [(0, top, width, min(top + BAND_ROWS, height)) for top in range(0, height, BAND_ROWS)]
+    top = 65535.0
+    if not image.mode.startswith("I;16"):
+        peak = -math.inf
+        for box in boxes:
+            band = np.asarray(image.crop(box), dtype=np.float32)
+            if image.mode == "F" and not np.isfinite(band).all():
+                raise ImageError("the image has pixels that are not numbers (NaN or infinity); save it with finite values")
+            peak = max(peak, float(band.max()))
+        top = 1.0 if image.mode == "F" and peak <= 1.0 else max(peak, 255.0)
+    scaled = np.empty((height, width), dtype=np.uint8)
+    for box in boxes:
+        band = np.array(image.crop(box), dtype=np.float32)  # a copy: scaled in place
+        band /= top
+        band *= 255.0
+        band += 0.5
+        scaled[box[1] : box[3]] = np.clip(band, 0, 255, out=band)
+    if owned:
+        image.close()  # its pixels are freed before the RGB copy is made
+    return Image.fromarray(scaled)
 
 
 def check_shape(size: tuple[int, int], name: str = "the image") -> None:
