@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -291,17 +292,21 @@ def _dynamo_export(built: BuiltModel, options: ExportOptions, output: str):
         example = torch.zeros(batch, 3, size, size)
     dynamic = None if options.static_batch else {INPUT: {0: torch.export.Dim("batch", min=1, max=4096)}}
     try:
-        program = torch.onnx.export(
-            wrapper,
-            (example,),
-            dynamo=True,
-            input_names=[INPUT],
-            output_names=[output],
-            dynamic_shapes=dynamic,
-            opset_version=options.opset,
-            optimize=True,
-            verbose=False,
-        )
+        with warnings.catch_warnings():
+            # a model that caches tensors in attributes while it runs (timm's attention-bias caches):
+            # torch warns that they become constants, which is what inference wants; parity checks it
+            warnings.filterwarnings("ignore", message="The tensor attributes", category=UserWarning)
+            program = torch.onnx.export(
+                wrapper,
+                (example,),
+                dynamo=True,
+                input_names=[INPUT],
+                output_names=[output],
+                dynamic_shapes=dynamic,
+                opset_version=options.opset,
+                optimize=True,
+                verbose=False,
+            )
     except Exception as exc:
         raise ExportError(f"cannot export {built.arch.name} to ONNX: {_unsupported(exc)}") from exc
     if program is None:  # only with dynamo=False, which is not asked for
