@@ -48,9 +48,12 @@ def test_a_failed_symbolic_shape_inference_falls_back_and_says_so(tmp_path, monk
         ("efficientformerv2_s0", 224, {"img_size": 224}),  # "Incomplete symbolic shape inference"
     ],
 )
-def test_architectures_symbolic_shape_inference_fails_on_are_prepared_for_int8(tmp_path: Path, name, size, options):
+def test_architectures_symbolic_shape_inference_fails_on_are_prepared_for_int8(tmp_path: Path, name, size, options, monkeypatch):
     """timm models (random weights) whose graphs ONNX Runtime's symbolic shape inference cannot
-    finish: the fallback prepares a model that still computes the same."""
+    finish: the fallback prepares a model that still computes the same, and the model ONNX
+    Runtime dumps when it gives up does not land in the user's working directory."""
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
     module = timm.create_model(name, pretrained=False, num_classes=3, **options).eval()
     images = torch.randn(2, 3, size, size)
     program = torch.onnx.export(module, (images,), dynamo=True, opset_version=18, dynamic_shapes={"x": {0: torch.export.Dim.AUTO}}, verbose=False)
@@ -58,6 +61,7 @@ def test_architectures_symbolic_shape_inference_fails_on_are_prepared_for_int8(t
     prepared = tmp_path / "prepared.onnx"
     warning = ortq.preprocess_for_quantization(tmp_path / "model.onnx", prepared)
     assert warning is not None and "symbolic shape inference failed" in warning
+    assert list((tmp_path / "cwd").iterdir()) == []
     with torch.no_grad():
         expected = module(images).numpy()
     assert abs(ortq.run_logits(prepared, images.numpy()) - expected).max() < 1e-3

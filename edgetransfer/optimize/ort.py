@@ -5,6 +5,7 @@ static INT8 (QDQ), a layer back in float, logits. The target that builds variant
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -142,7 +143,8 @@ def preprocess_for_quantization(src: Path, dst: Path) -> str | None:
         QuantizationError: the model cannot be prepared either way (naming ONNX Runtime's reason).
     """
     try:
-        quant_pre_process(str(src), str(dst), skip_symbolic_shape=False)
+        with _scratch_directory():
+            quant_pre_process(str(Path(src).resolve()), str(Path(dst).resolve()), skip_symbolic_shape=False)
         return None
     except Exception as exc:  # TypeError, AssertionError, "Incomplete symbolic shape inference": a missing rule
         symbolic = f"{type(exc).__name__}: {first_line(exc, 160)}"
@@ -151,6 +153,20 @@ def preprocess_for_quantization(src: Path, dst: Path) -> str | None:
     except Exception as exc:  # the model is not one ONNX Runtime's quantiser can read
         raise QuantizationError(f"ONNX Runtime cannot prepare the model for INT8 ({type(exc).__name__}: {first_line(exc, 200)})") from exc
     return f"ONNX Runtime's symbolic shape inference failed ({symbolic}); INT8 was prepared with ONNX's shape inference instead"
+
+
+@contextmanager
+def _scratch_directory() -> Iterator[None]:
+    """Run in a temporary working directory: ONNX Runtime's symbolic shape inference saves the
+    model it could not finish into the current one (``sym_shape_infer_temp.onnx`` and its external
+    data, 14 MB for EfficientFormer-V2-S0), which would land wherever the user ran the command."""
+    previous = os.getcwd()
+    with tempfile.TemporaryDirectory(prefix="edgetransfer-shapes-") as scratch:
+        os.chdir(scratch)
+        try:
+            yield
+        finally:
+            os.chdir(previous)
 
 
 def calibrate(model: Path, stream: BatchStream, method: CalibMethod, symmetric: bool, cache: Path) -> Path:
