@@ -62,7 +62,7 @@ def test_a_pickle_planted_in_the_torch_hub_cache_is_refused_and_never_runs(tmp_p
     cache = tmp_path / "torch" / "hub" / "checkpoints"
     cache.mkdir(parents=True)
     marker = tmp_path / "marker"
-    name = tvm.ResNet18_Weights.DEFAULT.url.rsplit("/", 1)[-1]  # where the README tells offline users to put it
+    name = tvm.ResNet18_Weights.DEFAULT.url.rsplit("/", 1)[-1]  # where docs/finetune.md tells offline users to put it
     (cache / name).write_bytes(pickle.dumps(_Planted(marker), protocol=2))
     with pytest.raises(WeightsError, match=r"^the cached DEFAULT weights for resnet18 hold more than tensors .* delete the file"):
         build("resnet18", 3, weights="DEFAULT")

@@ -36,12 +36,7 @@ DEFAULT_TIMEOUT = 60.0  # seconds a run of the model may take: a model file can 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _parser()
-    args, extra = parser.parse_known_args(argv)
-    if getattr(args, "run", None) is _enrol and not any(e.startswith("-") for e in extra):
-        args.images = [*args.images, *map(Path, extra)]  # images after --label NAME (argparse stops at the option)
-    elif extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args = parse_args(argv)
     try:
         return args.run(args)
     except EdgeTransferError as exc:
@@ -62,7 +57,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
-def _parser() -> argparse.ArgumentParser:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line as :func:`main` reads it, without running anything.
+
+    Raises:
+        SystemExit: a usage error (argparse has printed it).
+    """
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if getattr(args, "run", None) is _enrol and not any(e.startswith("-") for e in extra):
+        args.images = [*args.images, *map(Path, extra)]  # images after --label NAME (argparse stops at the option)
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="edgetransfer-runtime",
         description="Run, inspect and check an exported edgetransfer model (ONNX, or an OpenVINO IR .xml).",
