@@ -103,6 +103,8 @@ def test_concurrent_calls_match_serial_calls(run, val_images):
         (np.zeros((8, 8, 3), np.float32), r"must be uint8 \(HxWx3 RGB\), got dtype float32"),
         (np.zeros((8, 8, 5), np.uint8), r"must be HxWx3 RGB \(or HxW grey\), got shape \(8, 8, 5\)"),
         (b"GIF89a but not really", r"cannot read image <bytes>"),
+        (b"", r"^cannot read image <bytes>: it is empty or not in an image format Pillow reads$"),
+        (b"plain text, no image", r"^cannot read image <bytes>: it is empty or not in an image format Pillow reads$"),
         ("/no/such/image.png", r"image not found: /no/such/image.png"),
         (12345, r"cannot use a int as an image"),
     ],
