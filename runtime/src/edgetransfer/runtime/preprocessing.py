@@ -278,7 +278,7 @@ def load_rgb(source: str | os.PathLike | bytes, draft_side: int | None = None) -
         raise ImageError(f"image not found: {name}") from None
     except UnidentifiedImageError as exc:  # Pillow's message names its file object, not the file
         raise ImageError(f"cannot read image {name}: it is empty or not in an image format Pillow reads") from exc
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, struct.error, Image.DecompressionBombError) as exc:
+    except (OSError, SyntaxError, ValueError, struct.error, Image.DecompressionBombError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ImageError(f"cannot read image {name}: {reason}") from exc
 
