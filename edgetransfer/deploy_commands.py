@@ -19,6 +19,7 @@ from .progress import console, out, set_quiet
 from .progress import out as stdout
 from .report import bench_table, parity_table, recommendation_line, variants_table
 from .rundir import RunDir
+from .triton import TritonOptions, write_repository
 
 __all__ = ["export", "bench"]
 
@@ -52,7 +53,11 @@ def _threads(ctx, param, value: str | None) -> str | None:
 @field_option(ExportOptions, "verify", "--verify/--no-verify", help="Check parity against PyTorch on validation images.")
 @field_option(ExportOptions, "output", "--output", help="Where to write. [default: RUN_DIR/model.onnx]")
 @click.option(
-    "--target", "targets", multiple=True, type=click.Choice([t.value for t in Target]), help="Also build variants for this target (repeatable)."
+    "--target",
+    "targets",
+    multiple=True,
+    type=click.Choice([*(t.value for t in Target), "triton"]),
+    help="Also build variants for this target (repeatable); triton: a Triton model repository in RUN_DIR/triton/.",
 )
 @click.option(
     "--precision",
@@ -102,6 +107,21 @@ def _threads(ctx, param, value: str | None) -> str | None:
 )
 @field_option(TensorRTOptions, "workspace_mib", "--trt-workspace-mib", help="TensorRT builder workspace.")
 @field_option(TensorRTOptions, "timing_cache", "--trt-timing-cache", help="Reuse this timing cache. [default: RUN_DIR/tensorrt.timing-cache]")
+@field_option(TritonOptions, "name", "--triton-name", help="Triton: the model's name in the repository. [default: RUN-PRECISION]")
+@field_option(TritonOptions, "gpu", "--triton-gpu", help="Triton: KIND_GPU instances (fp16 and int8 from the ort-cuda variant).")
+@field_option(TritonOptions, "instances", "--triton-instances", help="Triton: model instances side by side.")
+@field_option(TritonOptions, "max_batch_size", "--triton-max-batch", help="Triton: the largest batch the dynamic batcher forms.")
+@field_option(
+    TritonOptions, "queue_delay_us", "--triton-delay-us", help="Triton: how long the dynamic batcher waits for a fuller batch (microseconds)."
+)
+@field_option(TritonOptions, "threads", "--triton-threads", help="Triton: ONNX Runtime intra-op threads per instance. [default: the backend's]")
+@field_option(
+    TritonOptions,
+    "accelerator",
+    "--triton-accelerator",
+    type=click.Choice(["openvino", "tensorrt"]),
+    help="Triton: the ONNX Runtime backend's execution accelerator (openvino on a CPU, tensorrt on a GPU).",
+)
 @click.pass_context
 @friendly
 def export(ctx: click.Context, run_dir: Path, targets, precisions, trt_batch, **options) -> None:
@@ -114,17 +134,22 @@ def export(ctx: click.Context, run_dir: Path, targets, precisions, trt_batch, **
       edgetransfer export runs/demo --target ort-cpu --precision fp32 --precision int8
       edgetransfer export runs/demo --target tensorrt --precision fp16 --trt-batch 1 8 32
       edgetransfer export runs/demo --target openvino --precision fp32 --precision bf16 --precision int8
+      edgetransfer export runs/demo --target triton --precision int8 --triton-max-batch 16 --triton-threads 2
     """
 
     if precisions and not targets:
-        raise OptionError("--precision goes with --target (ort-cpu, ort-cuda, ort-trt, tensorrt or openvino)")
-    targets = [Target(t) for t in targets]
+        raise OptionError("--precision goes with --target (ort-cpu, ort-cuda, ort-trt, tensorrt, openvino or triton)")
+    triton = "triton" in targets
+    if _any_given(ctx, TritonOptions) and not triton:
+        raise OptionError("the --triton-* options go with --target triton")
+    targets = [Target(t) for t in targets if t != "triton"]
     precisions = [Precision(p) for p in precisions] or [Precision.FP32]
     quant = from_options(QuantOptions, options)
     tensorrt = from_options(TensorRTOptions, options, min_batch=trt_batch[0], opt_batch=trt_batch[1], max_batch=trt_batch[2])
     check_combinations(targets, precisions, quant)
     export_options = from_options(ExportOptions, options)
-    if needs_export(run_dir, bool(targets), _any_given(ctx, ExportOptions)):
+    triton_options = from_options(TritonOptions, options) if triton else None
+    if needs_export(run_dir, bool(targets) or triton, _any_given(ctx, ExportOptions)):
         with console.status("exporting to ONNX and checking parity"):
             result = export_onnx(run_dir, export_options)
         out.print(parity_table(result))
@@ -135,6 +160,9 @@ def export(ctx: click.Context, run_dir: Path, targets, precisions, trt_batch, **
         out.print(variants_table(variants))
         for variant in variants:
             click.echo(str(variant.path))
+    if triton_options is not None:
+        for folder in write_repository(run_dir, precisions, triton_options, quant):
+            click.echo(str(folder))
 
 
 def _any_given(ctx: click.Context, cls: type) -> bool:

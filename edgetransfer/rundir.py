@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import itertools
 import os
+import shutil
 import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -120,13 +121,16 @@ class RunDir:
                     lock_path.unlink(missing_ok=True)
 
     def _remove_stale_temporaries(self) -> None:
-        """Temporary files of an interrupted write (``.NAME.<random>.tmp``): with the lock held no
+        """Temporary files and folders of an interrupted write (``.NAME.<random>.tmp``): with the lock held no
         writer can still be using them. Only this run's: a run inside it (a QAT child) has a lock
         of its own, and its writer may be busy."""
         if not self.path.is_dir():
             return
         for folder, subfolders, files in os.walk(self.path):
             subfolders[:] = [s for s in subfolders if not (Path(folder, s) / MANIFEST_FILE).is_file()]
+            for name in [s for s in subfolders if s.startswith(".") and s.endswith(".tmp")]:  # a folder staged whole
+                shutil.rmtree(Path(folder, name), ignore_errors=True)
+                subfolders.remove(name)
             for name in files:
                 if name.startswith(".") and name.endswith(".tmp"):
                     Path(folder, name).unlink(missing_ok=True)

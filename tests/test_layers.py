@@ -19,7 +19,7 @@ LINT = "import sys; from importlinter.cli import lint_imports_command; sys.argv 
 # What a function may import for itself: the optional extras (imported where they are used, so that
 # the package works without them) and the POSIX-only standard modules. The runtime imports ONNX
 # Runtime when it opens a session, so that a broken install (two builds at once) can still be named.
-LAZY = {"openvino", "nncf", "tensorrt", "modelopt", "quark", "aimet_onnx", "resource", "fcntl"}
+LAZY = {"openvino", "nncf", "tensorrt", "modelopt", "quark", "aimet_onnx", "tritonclient", "resource", "fcntl"}
 RUNTIME_LAZY = LAZY | {"onnxruntime"}
 
 
