@@ -43,6 +43,7 @@ __all__ = [
     "ParityError",
     "QuantizationError",
     "EngineMismatchError",
+    "TritonError",
 ]
 
 
@@ -72,3 +73,7 @@ class QuantizationError(EdgeTransferError):
 
 class EngineMismatchError(EdgeTransferError):
     """A serialized TensorRT engine was built for another TensorRT version or GPU."""
+
+
+class TritonError(EdgeTransferError):
+    """A model a Triton repository cannot describe, or a ``config.pbtxt`` that does not match its model."""

@@ -24,7 +24,7 @@ from google.protobuf import text_format
 from onnx import TensorProto
 
 from .config import MAX_BATCH, Precision, require_finite, require_ranges
-from .errors import EdgeTransferError, MissingDependencyError, OptionError, RunError
+from .errors import MissingDependencyError, OptionError, RunError, TritonError
 from .export import run_onnx
 from .optimize.context import QuantOptions
 from .optimize.targets import Target, spec
@@ -50,10 +50,6 @@ TYPES = {
 LABELS_FILE = "labels.txt"
 PREPROCESSING_FILE = "preprocessing.json"  # what a client does to an image before it sends it (Triton ignores the file)
 MODEL_FILE = "model.onnx"
-
-
-class TritonError(EdgeTransferError):
-    """A model that a Triton repository cannot describe, or a ``config.pbtxt`` that does not match its model."""
 
 
 @dataclass(frozen=True)
