@@ -241,7 +241,7 @@ def write_repository(
     with run.lock():
         run.require_complete()
         for precision in precisions:
-            name = options.name or f"{run.name}-{precision.value}"
+            name = options.name or re.sub(r"[^A-Za-z0-9_.-]", "_", f"{run.name}-{precision.value}").lstrip(".-")
             if options.name and len(precisions) > 1:
                 name = f"{options.name}-{precision.value}"
             parent, source = _served_model(run, precision, options, quant)
@@ -271,6 +271,8 @@ def _write(run: RunDir, name: str, parent: str, source: Path, precision: Precisi
         raise TritonError(f"a label of {source.name} holds a line break, which Triton's one-label-per-line {LABELS_FILE} cannot; rename the class")
     config = model_config(name, model, precision, options)
     root = run.path / "triton"
+    if root.is_symlink() or (root.exists() and not root.is_dir()):  # a link would write outside the run
+        raise OptionError(f"{root} is a link or a file, not the folder this command writes; move it away")
     root.mkdir(exist_ok=True)
     final = root / name
     if final.exists() and (final.is_symlink() or not final.is_dir()):
@@ -294,6 +296,7 @@ def _write(run: RunDir, name: str, parent: str, source: Path, precision: Precisi
 def _replace_folder(staged: Path, final: Path) -> None:
     """Move ``staged`` to ``final``; an older ``final`` is moved aside first and removed after."""
     old = final.with_name(f".{final.name}.old.tmp")
+    shutil.rmtree(old, ignore_errors=True)
     if final.exists():
         final.rename(old)
     staged.rename(final)

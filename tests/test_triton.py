@@ -19,6 +19,7 @@ from tritonclient.grpc import model_config_pb2 as pb
 
 from edgetransfer.cli import main
 from edgetransfer.config import Precision
+from edgetransfer.errors import OptionError
 from edgetransfer.export import export_onnx
 from edgetransfer.optimize import QuantOptions
 from edgetransfer.rundir import RunDir
@@ -165,3 +166,14 @@ def test_a_folder_a_killed_write_left_is_swept_by_the_next_stage(run):
     with RunDir(run).lock():
         pass
     assert not stale.parents[1].exists()
+
+
+def test_a_triton_folder_that_is_a_link_is_refused_and_its_target_untouched(run, tmp_path):
+    copied = tmp_path / "run"
+    shutil.copytree(run, copied, ignore=shutil.ignore_patterns("triton"))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (copied / "triton").symlink_to(elsewhere, target_is_directory=True)
+    with pytest.raises(OptionError, match=r"triton is a link or a file"):
+        write_repository(copied, [Precision.FP32])
+    assert list(elsewhere.iterdir()) == []
