@@ -109,6 +109,7 @@ def _threads(ctx, param, value: str | None) -> str | None:
 @field_option(TensorRTOptions, "timing_cache", "--trt-timing-cache", help="Reuse this timing cache. [default: RUN_DIR/tensorrt.timing-cache]")
 @field_option(TritonOptions, "name", "--triton-name", help="Triton: the model's name in the repository. [default: RUN-PRECISION]")
 @field_option(TritonOptions, "gpu", "--triton-gpu", help="Triton: KIND_GPU instances (fp16 and int8 from the ort-cuda variant).")
+@field_option(TritonOptions, "uint8", "--triton-uint8", help="Triton: serve the fused-preprocess export (uint8 NHWC crops in; fp32 only).")
 @field_option(TritonOptions, "instances", "--triton-instances", help="Triton: model instances side by side.")
 @field_option(TritonOptions, "max_batch_size", "--triton-max-batch", help="Triton: the largest batch the dynamic batcher forms.")
 @field_option(

@@ -23,9 +23,9 @@ import onnx
 from google.protobuf import text_format
 from onnx import TensorProto
 
-from .config import MAX_BATCH, Precision, require_finite, require_ranges
+from .config import MAX_BATCH, ExportOptions, Precision, require_finite, require_ranges
 from .errors import MissingDependencyError, OptionError, RunError, TritonError
-from .export import run_onnx
+from .export import export_onnx, run_onnx
 from .optimize.context import QuantOptions
 from .optimize.targets import Target, spec
 from .optimize.variants import build_variants
@@ -66,6 +66,8 @@ class TritonOptions:
         queue_delay_us: how long the dynamic batcher waits for a fuller batch.
         threads: ONNX Runtime's intra-op threads per instance (``None``: the backend's default).
         accelerator: ``openvino`` (CPU) or ``tensorrt`` (GPU): the backend's execution accelerator.
+        uint8: serve the fused-preprocess export (``model-uint8.onnx``, exported when missing):
+            clients send uint8 NHWC crops and the graph scales and normalises them (fp32 only).
     """
 
     name: str | None = None
@@ -75,6 +77,7 @@ class TritonOptions:
     queue_delay_us: int = 500
     threads: int | None = None
     accelerator: str | None = None
+    uint8: bool = False
 
     def __post_init__(self) -> None:
         require_finite(self)
@@ -231,6 +234,10 @@ def write_repository(
         TritonError: a model Triton cannot describe (a fixed batch axis, an unsupported type).
     """
     run = RunDir(run_dir)
+    if options.uint8 and precisions != [Precision.FP32]:
+        raise OptionError(
+            "--triton-uint8 serves the fused-preprocess export, which is FP32: its variants are built from model.onnx; drop --precision"
+        )
     for precision in precisions:
         if precision is Precision.BF16 or (precision is Precision.FP16 and not options.gpu):
             raise OptionError(
@@ -251,6 +258,10 @@ def write_repository(
 
 def _served_model(run: RunDir, precision: Precision, options: TritonOptions, quant: QuantOptions) -> tuple[str, Path]:
     """The manifest name and file of the model a precision serves, built when the run lacks it."""
+    if precision is Precision.FP32 and options.uint8:
+        if not (run.path / run.ONNX_UINT8).is_file():
+            export_onnx(run, ExportOptions(fuse_preprocess=True))
+        return "onnx-uint8", run.verify("onnx-uint8", run.rebuild_hint("onnx-uint8"))
     if precision is Precision.FP32:
         return "onnx", run_onnx(run)
     target = Target.ORT_CUDA if options.gpu else Target.ORT_CPU
@@ -307,5 +318,5 @@ def _record(run: RunDir, final: Path, parent: str, precision: Precision, options
     manifest = run.manifest()
     settings = {**dataclasses.asdict(options), "precision": precision.value, "model": str(final.relative_to(run.path) / "1" / MODEL_FILE)}
     settings["model_sha256"] = sha256_file(final / "1" / MODEL_FILE)
-    manifest.record(f"triton-{precision.value}", final.relative_to(run.path) / "config.pbtxt", kind="triton-config", parent=parent, settings=settings)
+    manifest.record(f"triton:{final.name}", final.relative_to(run.path) / "config.pbtxt", kind="triton-config", parent=parent, settings=settings)
     manifest.save()

@@ -61,7 +61,7 @@ def test_the_config_is_read_from_the_model_it_serves(run, fp32):
     assert config.parameters["intra_op_thread_count"].string_value == "2"
     assert (fp32 / "labels.txt").read_text().splitlines() == classes
     assert sha256_file(fp32 / "1/model.onnx") == sha256_file(run / "model.onnx")  # the verified export, as it is
-    entry = RunDir(run).manifest().artifacts["triton-fp32"]
+    entry = RunDir(run).manifest().artifacts[f"triton:{fp32.name}"]
     assert (entry["kind"], entry["parent"], entry["settings"]["model_sha256"]) == ("triton-config", "onnx", sha256_file(run / "model.onnx"))
     assert "target" not in entry["settings"]  # not a runnable variant: bench leaves it alone
 
@@ -177,3 +177,19 @@ def test_a_triton_folder_that_is_a_link_is_refused_and_its_target_untouched(run,
     with pytest.raises(OptionError, match=r"triton is a link or a file"):
         write_repository(copied, [Precision.FP32])
     assert list(elsewhere.iterdir()) == []
+
+
+def test_the_fused_preprocess_export_serves_uint8_crops_with_the_same_answers(run, digit_folder):
+    [folder] = write_repository(run, [Precision.FP32], TritonOptions(name="crops", uint8=True))
+    config = parsed(folder)
+    assert [(i.name, pb.DataType.Name(i.data_type), list(i.dims)) for i in config.input] == [("input", "TYPE_UINT8", [64, 64, 3])]
+    assert RunDir(run).manifest().artifacts["triton:crops"]["parent"] == "onnx-uint8"
+    images = sorted(digit_folder.rglob("*.png"))[::5]
+    pre = Preprocessing.from_dict(json.loads((folder / "preprocessing.json").read_text()))
+    crops = np.stack([np.asarray(pre.resize_crop(load_rgb(path)), dtype=np.uint8) for path in images])  # no scaling: the graph does it
+    logits = ort.InferenceSession(str(folder / "1/model.onnx"), providers=["CPUExecutionProvider"]).run(["logits"], {"input": crops})[0]
+    labels = (folder / "labels.txt").read_text().splitlines()
+    expected = [p[0].label for p in Predictor(run / "model.onnx").predict([str(p) for p in images], top_k=1)]
+    assert [labels[i] for i in logits.argmax(1)] == expected
+    with pytest.raises(OptionError, match="--triton-uint8 serves the fused-preprocess export"):
+        write_repository(run, [Precision.INT8], TritonOptions(uint8=True))
