@@ -27,7 +27,7 @@ from .config import MAX_BATCH, ExportOptions, Precision, require_finite, require
 from .errors import MissingDependencyError, OptionError, RunError, TritonError
 from .export import export_onnx, run_onnx
 from .optimize.context import QuantOptions
-from .optimize.targets import Target, spec
+from .optimize.targets import Target
 from .optimize.variants import build_variants
 from .rundir import RunDir
 from .runtime.files import read_json, sha256_file, write_json
@@ -94,7 +94,7 @@ class TritonOptions:
             )
 
     def preferred_batches(self) -> list[int]:
-        """Powers of two up to ``max_batch`` and ``max_batch`` itself, from 2: batch sizes the
+        """Powers of two up to ``max_batch_size`` and ``max_batch_size`` itself, from 2: batch sizes the
         model runs well at, which the batcher forms when it can."""
         sizes = {self.max_batch_size}
         size = 2
@@ -269,7 +269,6 @@ def _served_model(run: RunDir, precision: Precision, options: TritonOptions, qua
     try:
         return name, run.verify(name, "")
     except RunError:  # not built yet, or changed since: build it (the guard holds INT8 to its budget)
-        spec(target).check_available([precision])
         build_variants(run, [target], [precision], quant)
         return name, run.verify(name, run.rebuild_hint(name))
 
