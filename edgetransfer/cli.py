@@ -34,6 +34,10 @@ COMMANDS = {
         "edgetransfer.runtime_commands",
         "Add a class to a prototype model from a few images, or replace or remove one (no training, no torch).",
     ),
+    "serve": (
+        "edgetransfer.runtime_commands",
+        "Serve a run's recommended variant (or a model file) over HTTP with adaptive batching (needs edgetransfer[serve]).",
+    ),
 }
 
 

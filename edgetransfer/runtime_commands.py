@@ -1,10 +1,13 @@
 """The ``edgetransfer`` commands that run an exported model through the torch-free runtime
-(``predict``, ``enrol``); ``edgetransfer.cli`` loads this module, and no torch, when one of them runs."""
+(``predict``, ``enrol``, ``serve``); ``edgetransfer.cli`` loads this module, and no torch, when one
+of them runs."""
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -15,9 +18,16 @@ from .report import predictions_table
 from .runtime import Predictor
 from .runtime.cli import DEFAULT_TIMEOUT, enrolment_line
 from .runtime.enrol import enrol_file
+from .runtime.files import read_json
+from .runtime.metadata import MANIFEST_FILE
+from .runtime.serve import add_serve_options, config_from_args
+from .runtime.serve import serve as serve_config
 from .runtime.sessions import MAX_CAP_MB
+from .runtime.text import printable
 
-__all__ = ["predict", "enrol"]
+__all__ = ["predict", "enrol", "serve", "served_model"]
+
+SERVABLE = (".onnx", ".xml")  # what the runtime's Predictor runs: ONNX, OpenVINO IR
 
 
 @click.command()
@@ -126,3 +136,94 @@ def enrol(
         threads=threads,
     )
     click.echo(enrolment_line(done, path))
+
+
+class _PassOnCommand(click.Command):
+    """A command whose options are the runtime's ``serve`` options, shown in its help."""
+
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        with formatter.section("Options"):
+            formatter.write(_serve_parser().format_help().split(":\n", 1)[1])  # argparse's options, without its headings
+            formatter.write(f"{'  --help':<24}Show this message and exit.\n")
+
+
+def _serve_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edgetransfer serve MODEL_OR_RUN", add_help=False, usage="%(prog)s [OPTIONS]")
+    add_serve_options(parser)
+    return parser
+
+
+@click.command(cls=_PassOnCommand, context_settings={"ignore_unknown_options": True}, options_metavar="")
+@click.argument("target", metavar="MODEL_OR_RUN", type=click.Path(path_type=Path))
+@click.argument("options", metavar="[OPTIONS]...", nargs=-1, type=click.UNPROCESSED)
+@friendly
+def serve(target: Path, options: tuple[str, ...]) -> None:
+    """Serve a run's recommended variant (or a model file) over HTTP with adaptive batching (needs edgetransfer[serve]).
+
+    A run directory serves the variant its bench recommended (else its ONNX model). Endpoints:
+    POST /v1/classify, GET /v1/model, /livez, /readyz, /metrics. More: docs/serving.md.
+
+    \b
+    Examples:
+      edgetransfer serve runs/demo
+      edgetransfer serve runs/demo/model.onnx --port 8080 --max-batch 16
+      edgetransfer serve runs/demo --host 0.0.0.0 --api-key-file key.txt
+    """
+    model, variant, note = served_model(target)
+    args = _serve_parser().parse_args(options)
+    if note:
+        click.echo(note, err=True)
+    args.model, args.variant = model, args.variant or variant
+    serve_config(config_from_args(args))
+
+
+def served_model(target: Path) -> tuple[Path, str, str]:
+    """The model file to serve for ``target`` (a model file, or a run directory), its variant's
+    name, and a note when a run's recommendation cannot be served and its ONNX model is instead.
+
+    Raises:
+        OptionError: ``target`` is neither, or the run has no servable model yet.
+    """
+    if target.is_file():
+        return target, target.stem, ""
+    manifest = target / MANIFEST_FILE
+    if not manifest.is_file():
+        raise OptionError(
+            f"{printable(target)} is neither a model file nor a run directory; give a .onnx or .xml file, or a run made by edgetransfer finetune"
+        )
+    artifacts = _artifacts(manifest)
+    recommended = _recommended(target)
+    entry = artifacts.get(recommended) if recommended else None
+    path = _artifact_path(target, entry)
+    if path is not None and path.suffix in SERVABLE and path.is_file():
+        return path, str(recommended), ""
+    fallback = _artifact_path(target, artifacts.get("onnx"))
+    if fallback is None or not fallback.is_file():
+        raise OptionError(f"the run {printable(target)} has no exported model yet: run edgetransfer export {printable(target)}")
+    if recommended is None:
+        return fallback, "onnx", ""
+    return fallback, "onnx", f"serving the run's ONNX model: its recommended variant {printable(recommended)} is not a model the runtime serves"
+
+
+def _artifacts(manifest: Path) -> dict[str, Any]:
+    try:
+        artifacts = read_json(manifest).get("artifacts")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise OptionError(f"cannot read {printable(manifest)} ({exc}); run edgetransfer export on the run again") from None
+    return artifacts if isinstance(artifacts, dict) else {}
+
+
+def _recommended(run: Path) -> str | None:
+    try:
+        recommendation = read_json(run / "bench.json").get("recommendation")
+    except (OSError, ValueError, AttributeError):  # no bench yet, or an unreadable one: the ONNX model
+        return None
+    variant = recommendation.get("variant") if isinstance(recommendation, dict) else None
+    return variant if isinstance(variant, str) else None
+
+
+def _artifact_path(run: Path, entry: Any) -> Path | None:
+    if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
+        return None
+    path = Path(entry["path"])
+    return path if path.is_absolute() else run / path

@@ -161,21 +161,21 @@ def test_results_go_to_stdout_and_progress_to_stderr(trained_run, tmp_path, tmp_
 def test_the_command_list_is_each_command_s_own_first_paragraph():
     from edgetransfer.cli import COMMANDS
 
-    assert sorted(COMMANDS) == ["bench", "enrol", "export", "finetune", "info", "predict"]
+    assert sorted(COMMANDS) == ["bench", "enrol", "export", "finetune", "info", "predict", "serve"]
     for name, (_, line) in COMMANDS.items():
         command = main.get_command(click.Context(main), name)
         assert command.name == name and line == " ".join(command.help.split("\n\n")[0].split()), name
 
 
 def test_help_and_the_runtime_commands_start_without_torch():
-    """``edgetransfer --help`` lists the commands without importing any; predict and enrol load
-    only the torch-free runtime."""
+    """``edgetransfer --help`` lists the commands without importing any; predict, enrol and serve
+    load only the torch-free runtime (and serve's launcher not even its web server)."""
     code = (
         "import sys; from edgetransfer.cli import main\n"
-        "for args in (['--help'], ['predict', '--help'], ['enrol', '--help']):\n"
+        "for args in (['--help'], ['predict', '--help'], ['enrol', '--help'], ['serve', '--help']):\n"
         "    try: main(args)\n"
         "    except SystemExit as exc: assert exc.code == 0, args\n"
-        "heavy = sorted(m for m in ('torch', 'timm', 'sklearn', 'onnx') if m in sys.modules)\n"
+        "heavy = sorted(m for m in ('torch', 'timm', 'sklearn', 'onnx', 'bentoml', 'starlette') if m in sys.modules)\n"
         "print('heavy:', heavy)"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -4,6 +4,7 @@
     edgetransfer-runtime info model.onnx
     edgetransfer-runtime check model.onnx [images...]
     edgetransfer-runtime enrol model.onnx --label NAME images... [--replace] [--in-place | --output PATH]
+    edgetransfer-runtime serve model.onnx [--port 3000] [--max-batch 8]   (the serve extra)
 
 argparse only: the runtime installs no CLI framework. Every message that reaches the terminal
 passes through :func:`printable`, since labels, paths and metadata come from files.
@@ -26,6 +27,7 @@ import numpy as np
 from .enrol import enrol_file
 from .errors import EdgeTransferError, PredictorError, first_line
 from .predictor import Predictor
+from .serve import add_serve_parser
 from .sessions import mixed_builds, onnxruntime_builds
 from .text import printable
 
@@ -107,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(run=_check)
 
     _enrol_parser(commands)
+    add_serve_parser(commands)
     return parser
 
 

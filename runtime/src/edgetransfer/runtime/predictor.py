@@ -17,13 +17,13 @@ from . import wire
 from .enrolment import FEATURES, PROTOTYPES, Enrolment, check_label, enrolled_model, image_record, now, prototype_of
 from .errors import PredictorError
 from .files import write_bytes
-from .metadata import UINT8_NHWC, model_info, verify_recorded
+from .metadata import UINT8_NHWC, ModelInfo, model_info, verify_recorded
 from .openvino_ir import OpenVinoSession
 from .preprocessing import ImageInput, Preprocessing, is_single, to_image
 from .providers import OrtSession, check_providers, openvino_session, probe_provider, provider_name
 from .sessions import cap_memory, run_batched
 
-__all__ = ["Predictor", "Prediction", "PredictorError", "ImageInput", "probe_provider", "softmax"]
+__all__ = ["Predictor", "Prediction", "PredictorError", "ImageInput", "probe_provider", "softmax", "prepare", "ranked"]
 
 
 @dataclass(frozen=True)
@@ -143,19 +143,23 @@ class Predictor:
         """
         single = is_single(images)
         batch = [cast(ImageInput, images)] if single else list(cast(Sequence[ImageInput], images))
-        probabilities = softmax(self.logits(batch))
-        k = max(1, min(top_k, probabilities.shape[1]))
-        results = []
-        for row in probabilities:
-            order = np.argsort(-row, kind="stable")[:k]
-            results.append([Prediction(self.info.labels[i], int(i), float(row[i])) for i in order])
+        results = ranked(softmax(self.logits(batch)), self.info.labels, top_k)
         return results[0] if single else results
 
     def logits(self, images: Sequence[ImageInput]) -> np.ndarray:
         """Raw model outputs, one row per image."""
         if len(images) == 0:
             return np.zeros((0, len(self.info.labels)), dtype=np.float32)
-        logits = run_batched(self._session.run, self._feed(images), self.batch_size, self._fixed_batch)
+        return self.run_prepared(self._feed(images))
+
+    def run_prepared(self, pixels: np.ndarray) -> np.ndarray:
+        """The logits of rows that :func:`prepare` made (stacked), one row per image.
+
+        Raises:
+            PredictorError: rows of the wrong shape or type for the model, or outputs that are
+                not finite or do not fit the labels.
+        """
+        logits = run_batched(self._session.run, pixels, self.batch_size, self._fixed_batch)
         if not np.isfinite(logits).all():
             raise PredictorError("the model's outputs are not all finite numbers (NaN or infinity): the model file is broken; export it again")
         if logits.ndim != 2 or logits.shape[1] != len(self.info.labels):
@@ -287,9 +291,31 @@ class Predictor:
         self._model, self._session, self.info, self.verified_by = model, session, info, None
 
     def _prepare(self, image: ImageInput) -> np.ndarray:
-        pre = self.info.preprocessing
-        pixels = np.asarray(pre.resize_crop(to_image(image, 2 * pre.resize_size if self.fast_jpeg else None)), dtype=np.uint8)
-        return pixels if self.info.input_format == UINT8_NHWC else pre.normalize(pixels)
+        return prepare(image, self.info, self.fast_jpeg)
+
+
+def prepare(image: ImageInput, info: ModelInfo, fast_jpeg: bool = False) -> np.ndarray:
+    """One image as a row of the model's input, the way :meth:`Predictor.predict` makes it:
+    decoded, resized, cropped and, for a float model, normalised (a uint8 NHWC crop for a model
+    with its preprocessing fused in).
+
+    Raises:
+        ImageError: an image that cannot be read, or that is too large or too thin.
+    """
+    pre = info.preprocessing
+    pixels = np.asarray(pre.resize_crop(to_image(image, 2 * pre.resize_size if fast_jpeg else None)), dtype=np.uint8)
+    return pixels if info.input_format == UINT8_NHWC else pre.normalize(pixels)
+
+
+def ranked(probabilities: np.ndarray, labels: Sequence[str], k: int) -> list[list[Prediction]]:
+    """The ``k`` most probable classes of each row (ties in index order), best first; ``k`` is
+    capped at the number of classes and is at least 1."""
+    k = max(1, min(k, probabilities.shape[1]))
+    results = []
+    for row in probabilities:
+        order = np.argsort(-row, kind="stable")[:k]
+        results.append([Prediction(labels[i], int(i), float(row[i])) for i in order])
+    return results
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
