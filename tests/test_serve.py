@@ -410,6 +410,20 @@ def test_the_real_server_survives_bad_requests_and_overload(server, predictor, i
         garbage.sendall(os.urandom(2000) + b"\r\n\r\n")
         garbage.recv(1000)  # an answer (400) or a closed connection, and nothing else
 
+    async def steady(clients: int, each: int) -> list[int]:
+        async with httpx.AsyncClient(base_url=url, headers=AUTH, timeout=60) as client:
+
+            async def one(k: int) -> list[int]:
+                return [
+                    (await client.post("/v1/classify", content=images[(k + n) % 6], headers={"content-type": "image/png"})).status_code
+                    for n in range(each)
+                ]
+
+            return [status for statuses in await asyncio.gather(*(one(k) for k in range(clients))) for status in statuses]
+
+    # past BentoML's client renewing its connections (every 100 requests), with requests in flight
+    assert set(asyncio.run(steady(4, 60))) == {200}
+
     async def flood(count: int) -> list[httpx.Response]:
         async with httpx.AsyncClient(base_url=url, headers=AUTH, timeout=60, limits=httpx.Limits(max_connections=count)) as client:
             return await asyncio.gather(
