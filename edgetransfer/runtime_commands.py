@@ -25,7 +25,7 @@ from .runtime.serve import serve as serve_config
 from .runtime.sessions import MAX_CAP_MB
 from .runtime.text import printable
 
-__all__ = ["predict", "enrol", "serve", "served_model"]
+__all__ = ["predict", "enrol", "serve", "served_model", "serve_parser"]
 
 SERVABLE = (".onnx", ".xml")  # what the runtime's Predictor runs: ONNX, OpenVINO IR
 
@@ -143,21 +143,22 @@ class _PassOnCommand(click.Command):
 
     def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         with formatter.section("Options"):
-            formatter.write(_serve_parser().format_help().split(":\n", 1)[1])  # argparse's options, without its headings
+            formatter.write(serve_parser().format_help().split("options:\n", 1)[1])  # argparse's options, without its headings
             formatter.write(f"{'  --help':<24}Show this message and exit.\n")
 
 
-def _serve_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="edgetransfer serve MODEL_OR_RUN", add_help=False, usage="%(prog)s [OPTIONS]")
+def serve_parser() -> argparse.ArgumentParser:
+    """The command line of ``edgetransfer serve``: the runtime's ``serve`` options, read by argparse."""
+    parser = argparse.ArgumentParser(prog="edgetransfer serve", add_help=False, usage="%(prog)s MODEL_OR_RUN [OPTIONS]")
+    parser.add_argument("model", metavar="MODEL_OR_RUN", type=Path)
     add_serve_options(parser)
     return parser
 
 
 @click.command(cls=_PassOnCommand, context_settings={"ignore_unknown_options": True}, options_metavar="")
-@click.argument("target", metavar="MODEL_OR_RUN", type=click.Path(path_type=Path))
-@click.argument("options", metavar="[OPTIONS]...", nargs=-1, type=click.UNPROCESSED)
+@click.argument("arguments", metavar="MODEL_OR_RUN [OPTIONS]...", nargs=-1, type=click.UNPROCESSED)
 @friendly
-def serve(target: Path, options: tuple[str, ...]) -> None:
+def serve(arguments: tuple[str, ...]) -> None:
     """Serve a run's recommended variant (or a model file) over HTTP with adaptive batching (needs edgetransfer[serve]).
 
     A run directory serves the variant its bench recommended (else its ONNX model). Endpoints:
@@ -169,8 +170,8 @@ def serve(target: Path, options: tuple[str, ...]) -> None:
       edgetransfer serve runs/demo/model.onnx --port 8080 --max-batch 16
       edgetransfer serve runs/demo --host 0.0.0.0 --api-key-file key.txt
     """
-    model, variant, note = served_model(target)
-    args = _serve_parser().parse_args(options)
+    args = serve_parser().parse_args(arguments)
+    model, variant, note = served_model(args.model)
     if note:
         click.echo(note, err=True)
     args.model, args.variant = model, args.variant or variant

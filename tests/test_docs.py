@@ -27,11 +27,12 @@ import yaml
 
 from edgetransfer.cli import COMMANDS, main
 from edgetransfer.runtime.cli import parse_args as runtime_parse_args
+from edgetransfer.runtime_commands import serve_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 FENCE = re.compile(r"^```(\w+)\n(.*?)^```", re.MULTILINE | re.DOTALL)
-STOP = {"|", ">", ">>", "2>", "&&", ";", "||"}
+STOP = {"|", ">", ">>", "2>", "&&", ";", "||", "&"}
 
 
 def nav_pages() -> list[Path]:
@@ -82,6 +83,8 @@ def parse(words: list[str]) -> None:
         command = main.get_command(group, name)
         assert command is not None, f"no command {name!r}"
         command.make_context(name, rest, parent=group)
+        if name == "serve":  # its options are the runtime's, passed on unparsed: parse them as it will
+            serve_parser().parse_args(rest)
 
 
 def documented_commands() -> list[tuple[str, list[str]]]:

@@ -88,13 +88,13 @@ class LocalBackend:
         info = self.predictor.info
         return {"props": info.to_props(), "variant": "local", "sha256": "0" * 64, "provider": self.predictor.provider}
 
-    async def infer(self, pixels):
-        self.batches.append(len(pixels))
+    async def infer(self, crops):
+        self.batches.append(len(crops))
         if self.gate is not None:
             await self.gate.wait()
         if self.error is not None:
             raise self.error
-        return self.predictor.run_prepared(pixels)
+        return self.predictor.run_crops(crops)
 
 
 class Recorder:
@@ -326,7 +326,7 @@ def test_a_run_serves_its_recommended_variant_or_its_onnx_model(run, tmp_path, m
 
     started = []
     monkeypatch.setattr("edgetransfer.runtime_commands.serve_config", started.append)
-    result = CliRunner().invoke(cli_main, ["serve", str(run), "--port", "8123", "--max-batch", "16"])
+    result = CliRunner().invoke(cli_main, ["serve", "--port", "8123", str(run), "--max-batch", "16"])
     assert result.exit_code == 0, result.output
     assert (started[0].model, started[0].variant, started[0].port, started[0].max_batch) == (str(run / "model.onnx"), "onnx", 8123, 16)
     refused = CliRunner().invoke(cli_main, ["serve", str(run), "--max-queue", "0"])

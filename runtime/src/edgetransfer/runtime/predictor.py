@@ -23,7 +23,7 @@ from .preprocessing import ImageInput, Preprocessing, is_single, to_image
 from .providers import OrtSession, check_providers, openvino_session, probe_provider, provider_name
 from .sessions import cap_memory, run_batched
 
-__all__ = ["Predictor", "Prediction", "PredictorError", "ImageInput", "probe_provider", "softmax", "prepare", "ranked"]
+__all__ = ["Predictor", "Prediction", "PredictorError", "ImageInput", "probe_provider", "softmax", "prepare", "crop", "ranked"]
 
 
 @dataclass(frozen=True)
@@ -169,6 +169,20 @@ class Predictor:
             )
         return logits
 
+    def run_crops(self, crops: np.ndarray) -> np.ndarray:
+        """The logits of stacked :func:`crop` results (uint8 NHWC), normalised here as
+        :func:`prepare` would have: the same rows, so the same answers as :meth:`predict`.
+
+        Raises:
+            PredictorError: crops of the wrong shape or type, or outputs as in :meth:`run_prepared`.
+        """
+        size = self.info.preprocessing.input_size
+        if crops.dtype != np.uint8 or crops.ndim != 4 or crops.shape[1:] != (size, size, 3):
+            raise PredictorError(f"crops must be uint8 of shape (N, {size}, {size}, 3), got {crops.dtype} {crops.shape}")
+        if self.info.input_format == UINT8_NHWC:
+            return self.run_prepared(crops)
+        return self.run_prepared(np.stack([self.info.preprocessing.normalize(c) for c in crops]))
+
     def _feed(self, images: Sequence[ImageInput]) -> np.ndarray:
         if len(images) == 1 or self._decoders == 1:
             return np.stack([self._prepare(image) for image in images])
@@ -302,9 +316,20 @@ def prepare(image: ImageInput, info: ModelInfo, fast_jpeg: bool = False) -> np.n
     Raises:
         ImageError: an image that cannot be read, or that is too large or too thin.
     """
+    pixels = crop(image, info, fast_jpeg)
+    return pixels if info.input_format == UINT8_NHWC else info.preprocessing.normalize(pixels)
+
+
+def crop(image: ImageInput, info: ModelInfo, fast_jpeg: bool = False) -> np.ndarray:
+    """One image decoded, resized and cropped to the model's size: uint8 HWC RGB, a quarter of
+    the bytes of the float row :func:`prepare` makes from it (what a server sends between its
+    processes; :meth:`Predictor.run_crops` finishes the row).
+
+    Raises:
+        ImageError: an image that cannot be read, or that is too large or too thin.
+    """
     pre = info.preprocessing
-    pixels = np.asarray(pre.resize_crop(to_image(image, 2 * pre.resize_size if fast_jpeg else None)), dtype=np.uint8)
-    return pixels if info.input_format == UINT8_NHWC else pre.normalize(pixels)
+    return np.asarray(pre.resize_crop(to_image(image, 2 * pre.resize_size if fast_jpeg else None)), dtype=np.uint8)
 
 
 def ranked(probabilities: np.ndarray, labels: Sequence[str], k: int) -> list[list[Prediction]]:

@@ -74,6 +74,7 @@ def add_serve_options(parser: argparse.ArgumentParser) -> None:
     option("--device", default=default.device, help="OpenVINO device, for an .xml model (CPU, GPU, AUTO)")
     option("--top-k", type=int, default=default.top_k, help=f"classes per image unless a request asks ?top_k=N (default {default.top_k})")
     option("--fast-jpeg", action="store_true", help="decode large JPEGs at a reduced scale: faster, pixels within 2 levels of the exact path")
+    option("--no-access-log", dest="access_log", action="store_false", help="log no line per request (faster under heavy load)")
     option("--variant", default="", help="the name answers give the model (default: the file's name)")
     option(
         "--api-key-file",
@@ -105,6 +106,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         device=args.device,
         top_k=args.top_k,
         fast_jpeg=args.fast_jpeg,
+        access_log=args.access_log,
         api_key=_api_key(args.api_key_file),
     )
 

@@ -46,6 +46,7 @@ class ServeConfig:
         timeout_s: seconds a request may take in all; then it is answered 504.
         threads: ONNX Runtime threads, and threads that decode images (default: one per core).
         top_k: classes per image in an answer unless the request asks (``?top_k=``).
+        access_log: log a line per request (BentoML's access log).
         api_key: when set, every path but the health checks needs ``Authorization: Bearer KEY``.
     """
 
@@ -64,6 +65,7 @@ class ServeConfig:
     device: str = "CPU"
     top_k: int = 5
     fast_jpeg: bool = False
+    access_log: bool = True
     api_key: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:

@@ -36,7 +36,7 @@ from starlette.routing import Route
 
 from .errors import EdgeTransferError, first_line
 from .metadata import ModelInfo
-from .predictor import prepare, ranked, softmax
+from .predictor import crop, ranked, softmax
 from .serve_config import ServeConfig
 from .text import printable
 
@@ -48,11 +48,12 @@ NAME_LIMIT = 80  # characters of a client's file name echoed back
 
 
 class Backend(Protocol):
-    """Runs the model: ``describe`` once, then ``infer`` on stacked rows :func:`prepare` made."""
+    """Runs the model: ``describe`` once, then ``infer`` on stacked crops :func:`crop` made
+    (uint8 NHWC, finished into rows by :meth:`Predictor.run_crops`), returning logits."""
 
     async def describe(self) -> dict[str, Any]: ...
 
-    async def infer(self, pixels: np.ndarray) -> np.ndarray: ...
+    async def infer(self, crops: np.ndarray) -> np.ndarray: ...
 
 
 class Metrics(Protocol):
@@ -183,9 +184,9 @@ async def _classify(state: _State, request: Request) -> dict:
     k = _top_k(request, state.config.top_k)
     images = await _images(request, state.config)
     info = await _info(state)
-    pixels = await asyncio.gather(*(_prepare(state, info, n, name, data) for n, (name, data) in enumerate(images)))
+    crops = await asyncio.gather(*(_crop(state, info, n, name, data) for n, (name, data) in enumerate(images)))
     try:
-        logits = await state.backend.infer(np.stack(pixels))
+        logits = await state.backend.infer(np.stack(crops))
     except HttpError:
         raise
     except Exception as exc:  # the batcher's refusal or the model's failure: one line, the server stays up
@@ -234,9 +235,9 @@ async def _images(request: Request, config: ServeConfig) -> list[tuple[str, byte
     return images
 
 
-async def _prepare(state: _State, info: ModelInfo, n: int, name: str, data: bytes) -> np.ndarray:
+async def _crop(state: _State, info: ModelInfo, n: int, name: str, data: bytes) -> np.ndarray:
     try:
-        return await anyio.to_thread.run_sync(prepare, data, info, state.config.fast_jpeg, limiter=state.decoders)
+        return await anyio.to_thread.run_sync(crop, data, info, state.config.fast_jpeg, limiter=state.decoders)
     except EdgeTransferError as exc:
         raise HttpError(400, f"image {n + 1} ({name}): {printable(first_line(exc, 300))}") from None
     except Exception as exc:  # a decoder's own failure on a hostile file is still the file's fault

@@ -14,6 +14,7 @@ Two services, each its own process, talking over a Unix socket in a private fold
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any, cast
 
@@ -59,6 +60,11 @@ def _batched(func):
     workers=1,
     # never the bound itself: the front admits at most max_queue requests, each within the timeout
     traffic={"timeout": CONFIG.timeout_s, "max_concurrency": 4 * CONFIG.max_queue},
+    # the front's client keeps its connections: BentoML renews them every 100 requests by default,
+    # closing the old ones under the requests still on them (bentoml/BentoML#5540)
+    runner_connection={"max_requests": 2**31 - 1, "max_age": 10.0 * 365 * 86400},
+    logging={"access": {"enabled": False}},  # the front logs each request; this one would log it again
+    metrics={"enabled": False},
 )
 class Inference:
     def __init__(self) -> None:
@@ -77,9 +83,9 @@ class Inference:
         return {"props": self.predictor.info.to_props(), "variant": CONFIG.variant, "sha256": self.sha256, "provider": self.predictor.provider}
 
     @_batched
-    def infer(self, pixels: np.ndarray) -> np.ndarray:
-        _batch_images.observe(len(pixels))
-        return self.predictor.run_prepared(pixels)
+    def infer(self, crops: np.ndarray) -> np.ndarray:
+        _batch_images.observe(len(crops))
+        return self.predictor.run_crops(crops)
 
 
 class _Metrics:
@@ -97,16 +103,27 @@ class _Remote:
     """The model service, reached through the front's BentoML dependency.
 
     A call whose connection broke is made once more: BentoML's client (1.4.31 and later) replaces
-    its connection pool every 100 requests and closes the old one under the requests still on it
-    (bentoml/BentoML#5540), which fails about 3% of them at 8 concurrent clients. Both calls are
-    free of side effects, so the retry cannot run anything twice that matters.
+    its connection pool (by default every 100 requests, here never: see ``runner_connection``
+    above) and closes the old one under the requests still on it (bentoml/BentoML#5540). Both
+    calls are free of side effects, so the retry cannot run anything twice that matters.
+
+    At most two batches' worth of requests are in the model service at once; the others wait
+    here, admitted and cheap. BentoML's batcher learns how long to hold a request for company
+    from how long recent requests waited in its queue: a long queue there (a burst) would teach it
+    to hold even a lone request that long for minutes afterwards.
     """
+
+    def __init__(self) -> None:
+        self._slots: asyncio.Semaphore | None = None  # made in the server's event loop, on first use
 
     async def describe(self) -> dict[str, Any]:
         return await self._call("describe")
 
-    async def infer(self, pixels: np.ndarray) -> np.ndarray:
-        return await self._call("infer", pixels)
+    async def infer(self, crops: np.ndarray) -> np.ndarray:
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(2 * CONFIG.max_batch)
+        async with self._slots:
+            return await self._call("infer", crops)
 
     @staticmethod
     async def _call(name: str, *args: Any) -> Any:
@@ -117,7 +134,7 @@ class _Remote:
             return await method(*args)
 
 
-@bentoml.service(name="edgetransfer", workers=1, traffic={"timeout": CONFIG.timeout_s})
+@bentoml.service(name="edgetransfer", workers=1, traffic={"timeout": CONFIG.timeout_s}, logging={"access": {"enabled": CONFIG.access_log}})
 @bentoml.asgi_app(BodyLimit(build_app(CONFIG, _Remote(), _Metrics()), CONFIG.max_body_bytes), path="/v1")
 class Classifier:
     inference = bentoml.depends(Inference)
