@@ -31,6 +31,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections import Counter
@@ -311,8 +312,8 @@ def main() -> None:
     del predictor
     print(f"{variant} ({model}); in-process {best}", flush=True)
     args.max_batch = args.max_batch or best["best_batch"]
-    folder = args.out.parent / "serve_load_logs"
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix="serve_load_"))  # the servers' logs
+    print(f"server logs: {folder}", flush=True)
     modes = {}
     for name, max_batch in (("batching", args.max_batch), ("no batching", 1)):
         print(f"{name} (--max-batch {max_batch}):", flush=True)
