@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parent.parent
 RUNTIME_SOURCES = REPO / "runtime" / "src" / "edgetransfer" / "runtime"
 ALLOWED = {"numpy", "PIL", "onnxruntime", "openvino"} | set(sys.stdlib_module_names)
 # the server (the serve extra) and only it: the launcher (serve.py) and everything else never load them
-SERVER = {"serve_http.py": {"starlette", "anyio"}, "service.py": {"bentoml", "aiohttp"}}
+SERVER = {"serve_http.py": {"starlette", "anyio"}, "server.py": {"bentoml", "uvicorn", "starlette", "anyio", "prometheus_client"}}
 FORBIDDEN_IN_VENV = ("torch", "onnx", "click", "rich", "matplotlib", "timm", "sklearn")
 
 
@@ -224,7 +224,7 @@ def test_the_runtime_wheel_installs_alone_without_torch_and_predicts_like_the_to
         assert not [n for n in archive.namelist() if n.startswith("edgetransfer/runtime/")]
     requires = [line.split(": ", 1)[1] for line in _metadata(runtime_wheel) if line.startswith("Requires-Dist: ")]
     names = sorted(re.match(r"[\w.-]+", r).group().lower() for r in requires)
-    assert names == ["aiohttp", "bentoml", "numpy", "onnxruntime", "openvino", "pillow", "python-multipart", "starlette"]
+    assert names == ["bentoml", "numpy", "onnxruntime", "openvino", "pillow", "prometheus-client", "python-multipart", "starlette", "uvicorn"]
     assert any(
         r.startswith("edgetransfer-runtime")
         for r in (line.split(": ", 1)[1] for line in _metadata(toolkit_wheel) if line.startswith("Requires-Dist: "))

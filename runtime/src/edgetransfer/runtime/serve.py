@@ -1,7 +1,7 @@
-"""``edgetransfer-runtime serve MODEL``: the model over HTTP with adaptive batching, on BentoML
+"""``edgetransfer-runtime serve MODEL``: the model over HTTP with BentoML's adaptive batching
 (the ``serve`` extra; why BentoML: docs/serving.md). This module checks everything it can in
 this process, so that a bad model, a port in use or a missing extra is one line, and then
-replaces itself with ``bentoml serve`` on :mod:`.service`, which signals reach directly.
+replaces itself with the server (:mod:`.server`), which signals reach directly.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from .text import printable
 
 __all__ = ["add_serve_parser", "serve", "server_command", "config_from_args"]
 
-SERVICE = "edgetransfer.runtime.service:Classifier"
+SERVER = "edgetransfer.runtime.server"
+SERVE_EXTRA = ("bentoml", "uvicorn", "starlette", "multipart", "prometheus_client")  # what the server imports
 
 
 def add_serve_parser(commands) -> None:
@@ -135,19 +136,18 @@ def serve(config: ServeConfig) -> None:
 
 
 def server_command(config: ServeConfig) -> tuple[list[str], dict[str, str]]:
-    """The ``bentoml serve`` command line and environment for ``config``, after checking that
-    the model loads, the port is free and BentoML is there."""
-    if importlib.util.find_spec("bentoml") is None:
-        raise MissingDependencyError("serving needs BentoML: pip install 'edgetransfer-runtime[serve]' (or 'edgetransfer[serve]')")
+    """The server's command line and environment for ``config``, after checking that the model
+    loads, the port is free and the serve extra is there."""
+    missing = [name for name in SERVE_EXTRA if importlib.util.find_spec(name) is None]
+    if missing:
+        raise MissingDependencyError(f"serving needs {', '.join(missing)}: pip install 'edgetransfer-runtime[serve]' (or 'edgetransfer[serve]')")
     Predictor(config.model, providers=list(config.providers) or None, threads=1, device=config.device)
     _check_port(config.host, config.port)
     env = {**os.environ, CONFIG_ENV: config.to_json(), "BENTOML_DO_NOT_TRACK": "True"}
     env.pop(API_KEY_ENV, None)
     if config.api_key:
         env[API_KEY_ENV] = config.api_key
-    root = Path(__file__).resolve().parents[2]  # the folder that holds edgetransfer/runtime
-    argv = [sys.executable, "-m", "bentoml", "serve", SERVICE, "--host", config.host, "--port", str(config.port), "--working-dir", str(root)]
-    return argv, env
+    return [sys.executable, "-m", SERVER], env
 
 
 def _check_port(host: str, port: int) -> None:

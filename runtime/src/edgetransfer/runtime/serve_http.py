@@ -1,6 +1,6 @@
 """The HTTP face of ``edgetransfer-runtime serve``: a Starlette app that takes images, checks and
-preprocesses each one on its own, and hands the rows to a :class:`Backend` that runs the model
-(in the server, BentoML's adaptive batcher in another process; in tests, a Predictor).
+crops each one on its own, and hands the crops to a :class:`Backend` that runs the model (in the
+server, a Predictor behind BentoML's adaptive batcher: :mod:`.server`).
 
     POST /v1/classify   one image as the body (image/*, application/octet-stream), or several as
                         multipart/form-data files; ?top_k=N. JSON: per image its top-k, with the
@@ -12,7 +12,7 @@ and never fails the other requests its batch would have held. Bounds: at most ``
 requests inside at once (503 with Retry-After at once past that), a body over ``max_body_mb`` is
 a 413 (refused on its Content-Length before it is read, or as soon as it passes the limit), at
 most ``max_images`` images, and at most one image per decoding thread in memory at a time.
-Starlette comes with BentoML: this module is imported only by the server (the ``serve`` extra).
+Starlette is in the ``serve`` extra: this module is imported only by the server.
 """
 
 from __future__ import annotations
@@ -165,9 +165,12 @@ async def _admitted(state: _State, request: Request, handler: Callable[[_State, 
     state.metrics.inside(1)
     status, images = 500, 0
     try:
-        body = await handler(state, request)
+        body = await asyncio.wait_for(handler(state, request), state.config.timeout_s)
         status, images = 200, len(body["results"])
         return JSONResponse(body)
+    except asyncio.TimeoutError:
+        status = 504
+        return HttpError(504, f"the request took over the server's limit of {state.config.timeout_s:g} s; retry, or send fewer images").response()
     except HttpError as exc:
         status = exc.status
         return exc.response()
