@@ -1,5 +1,5 @@
 """What ``edgetransfer-runtime serve`` serves and within which bounds: one frozen record, checked
-once, handed to the server's processes as JSON in an environment variable.
+once, handed to the server process as JSON in an environment variable.
 
 Every bound has a default that keeps one server's memory finite: at most ``max_queue`` requests
 are inside at once (one more is answered 503 at once), each body at most ``max_body_mb``, each
@@ -19,7 +19,7 @@ from .errors import OptionError
 
 __all__ = ["ServeConfig", "CONFIG_ENV", "API_KEY_ENV"]
 
-CONFIG_ENV = "EDGETRANSFER_SERVE_CONFIG"  # the JSON the server's processes read at import
+CONFIG_ENV = "EDGETRANSFER_SERVE_CONFIG"  # the JSON the server reads at start
 API_KEY_ENV = "EDGETRANSFER_API_KEY"  # a key clients must send as "Authorization: Bearer KEY"
 MAX_PORT = 65535
 MAX_BATCH = 1024

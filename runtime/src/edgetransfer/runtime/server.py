@@ -5,7 +5,7 @@ edgetransfer.runtime.server`` by the launcher (:mod:`.serve`), which hands it th
 
     POST /v1/classify, GET /v1/model   the app of :mod:`.serve_http`
     GET  /livez, /healthz               the process answers
-    GET  /readyz                        the model is loaded and has answered a probe
+    GET  /readyz                        the model has answered a first run (uvicorn listens only then)
     GET  /metrics                       Prometheus text
 
 Requests are read, checked and cropped on the event loop and a thread pool; BentoML's
@@ -137,21 +137,17 @@ def server_app(config: ServeConfig, model: BatchedModel | None = None, metrics: 
     """The whole server's ASGI app: classify and model info at ``/v1``, health and metrics."""
     metrics = metrics or PromMetrics()
     model = model or BatchedModel(config, metrics)
-    ready = asyncio.Event()
 
     @contextlib.asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
-        size = model.predictor.info.preprocessing.input_size  # one run of the model before it listens
+        size = model.predictor.info.preprocessing.input_size  # one run of the model before uvicorn listens
         await model.infer(np.zeros((1, size, size, 3), dtype=np.uint8))
-        ready.set()
         yield
 
     async def alive(_: Request) -> Response:
         return JSONResponse({"status": "alive"})
 
-    async def readiness(_: Request) -> Response:
-        if not ready.is_set():
-            return JSONResponse({"status": "starting"}, status_code=503, headers={"Retry-After": "1"})
+    async def readiness(_: Request) -> Response:  # answered only once the lifespan's first run is done
         return JSONResponse({"status": "ready"})
 
     async def exported(_: Request) -> Response:
