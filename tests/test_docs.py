@@ -82,7 +82,7 @@ def parse(words: list[str]) -> None:
         name, *rest = [*getattr(group, "protected_args", []), *group.args]
         command = main.get_command(group, name)
         assert command is not None, f"no command {name!r}"
-        command.make_context(name, rest, parent=group)
+        command.make_context(name, list(rest), parent=group)  # click's parser consumes the list it is given
         if name == "serve":  # its options are the runtime's, passed on unparsed: parse them as it will
             serve_parser().parse_args(rest)
 
