@@ -14,6 +14,7 @@ from .qat_scheme import restore
 from .runtime.files import write_bytes
 from .runtime.preprocessing import Preprocessing
 from .safeload import safe_load
+from .taskheads import install_task_heads
 
 __all__ = ["save_checkpoint", "load_checkpoint", "FORMAT"]
 
@@ -62,6 +63,8 @@ def load_checkpoint(path: str | Path) -> tuple[BuiltModel, dict[str, Any]]:
     built = build(payload["arch"], payload["num_classes"], weights="none", image_size=pre.input_size)
     built.preprocessing = pre
     built.weights = payload["weights"]
+    if "tasks" in payload:  # one Linear head per task where the classifier was
+        install_task_heads(built, [len(labels) for labels in _tasks(path, payload)])
     if payload.get("head") == "prototype":
         width = payload["state_dict"].get(_prototype_key(built), torch.zeros(0, 0)).shape[-1]
         install_prototype_head(built, PrototypeHead.empty(width, payload["num_classes"]))
@@ -73,6 +76,20 @@ def load_checkpoint(path: str | Path) -> tuple[BuiltModel, dict[str, Any]]:
         raise RunError(f"{path} does not fit {payload['arch']}: {str(exc).splitlines()[0]}") from exc
     built.module.eval()
     return built, payload
+
+
+def _tasks(path: Path, payload: dict[str, Any]) -> list[list[str]]:
+    """A multi-task checkpoint's classes per task, checked against its class list.
+
+    Raises:
+        RunError: tasks that are not a mapping of names to class lists adding up to its classes.
+    """
+    tasks = payload["tasks"]
+    if not isinstance(tasks, dict) or not all(isinstance(v, list) and len(v) >= 2 for v in tasks.values()):
+        raise RunError(f"{path}: its tasks are not a mapping of task names to two or more classes each")
+    if sum(len(v) for v in tasks.values()) != payload["num_classes"]:
+        raise RunError(f"{path}: its tasks' classes do not add up to its {payload['num_classes']}-class classifier")
+    return list(tasks.values())
 
 
 def _prototype_key(built: BuiltModel) -> str:

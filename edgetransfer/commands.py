@@ -22,6 +22,7 @@ from .qat import resume_qat, run_qat
 from .report import epochs_table, finetune_summary_table, qat_summary_table
 from .rundir import RunDir
 from .runinfo import run_summary
+from .tasks import TaskSpec, parse_task, tasks_option
 from .weights import DEFAULT_ARCH
 
 __all__ = ["finetune", "info"]
@@ -35,6 +36,20 @@ RESUME_EXIT = 130
     "source",
     "--data",
     help="Image folder (class subfolders, or train/ and val/), 'digits' for the embedded demo, or 'digits-m' for the same digits on photo patches.",
+)
+@click.option(
+    "--task",
+    "task_specs",
+    multiple=True,
+    metavar="NAME=FOLDER",
+    help="One task of a multi-task model (repeat it): its name and its image folder (class subfolders, or digits/faces).",
+)
+@click.option(
+    "--tasks",
+    "tasks_from",
+    metavar="demo|FILE.csv",
+    default=None,
+    help="Several tasks at once: 'demo' (digits: which digit; faces: face or not), or a CSV file with an 'image' column and one column per task.",
 )
 @field_option(FinetuneConfig, "arch", "--arch", help="torchvision builder name (resnet18, …) or timm:NAME.")
 @field_option(
@@ -176,6 +191,8 @@ def finetune(ctx: click.Context, **options) -> None:
       edgetransfer finetune --data photos/ --arch resnet18 --weights IMAGENET1K_V1
       edgetransfer finetune --data photos/ --adapt camera-frames/ --adapt-eval labelled-frames/
       edgetransfer finetune --adapt digits-m       # digits -> digits on photo patches, with DANN
+      edgetransfer finetune --tasks demo           # two tasks (digit, face) on one backbone
+      edgetransfer finetune --task part=parts/ --task side=sides/
       edgetransfer finetune --resume runs/20261128-101500-efficientnet_lite0-head
       edgetransfer finetune --from runs/20261128-101500-efficientnet_lite0-head --qat --qat-target openvino
     """
@@ -194,7 +211,8 @@ def finetune(ctx: click.Context, **options) -> None:
             return
         config, run_dir = FinetuneConfig(), resume_dir
     else:
-        config = from_options(FinetuneConfig, options, data=from_options(DataSpec, options))
+        data = from_options(DataSpec, options)
+        config = from_options(FinetuneConfig, options, data=data, tasks=_tasks(ctx, options, data))
         run_dir = options["out"] or _default_run_dir(config.arch, config.mode.value)
     try:
         result = run_finetune(config, run_dir, resume=resume_dir is not None)
@@ -241,6 +259,16 @@ def _qat(ctx: click.Context, options: dict, resume: Path | None = None) -> None:
         raise
     out.print(qat_summary_table(result.metrics, result.run_dir))
     click.echo(str(result.run_dir))
+
+
+def _tasks(ctx: click.Context, options: dict, data: DataSpec) -> tuple[TaskSpec, ...]:
+    """The tasks of ``--task`` and ``--tasks`` (split like ``--data`` would be), or none."""
+    if not options["task_specs"] and options["tasks_from"] is None:
+        return ()
+    if ctx.get_parameter_source("source") is not click.core.ParameterSource.DEFAULT:
+        raise OptionError("--data names one task's images; with several tasks give each its own --task NAME=FOLDER (or --tasks)")
+    found = tasks_option(options["tasks_from"], data) if options["tasks_from"] is not None else ()
+    return (*found, *(parse_task(text, data) for text in options["task_specs"]))
 
 
 def _refuse_options_with_resume(ctx: click.Context) -> None:

@@ -12,6 +12,7 @@ from .choice import AdaptMethod, FeatureEngine, Mode, OptimizerName, Precision, 
 from .data import DEMO_M, EMBEDDED, Augment, DataSpec, default_workers
 from .errors import OptionError
 from .runtime.preprocessing import MAX_INPUT_SIZE
+from .tasks import MAX_TASKS, TaskSpec
 from .weights import DEFAULT_ARCH, default_weights
 
 __all__ = [
@@ -101,6 +102,7 @@ class FinetuneConfig:
     adapt: str | None = None
     adapt_method: AdaptMethod | None = None
     adapt_eval: str | None = None
+    tasks: tuple[TaskSpec, ...] = ()  # several tasks on one backbone (then ``data`` is unused)
 
     def __post_init__(self) -> None:
         require_finite(self)
@@ -108,6 +110,7 @@ class FinetuneConfig:
             object.__setattr__(self, "adapt_method", AdaptMethod.parse(self.adapt_method or AdaptMethod.DANN))
             if self.adapt_eval is None and self.adapt == DEMO_M:
                 object.__setattr__(self, "adapt_eval", DEMO_M)  # the demo measures on digits-M's test split
+        object.__setattr__(self, "tasks", tuple(self.tasks))
         trains_blocks = self.adapt_method is AdaptMethod.DANN and not self.unfreeze_blocks
         default_mode = Mode.FULL if trains_blocks else Mode.HEAD
         object.__setattr__(self, "mode", Mode.parse(self.mode or default_mode))
@@ -157,7 +160,25 @@ class FinetuneConfig:
                 self.adapt_method is not AdaptMethod.DANN or not self.caches_features,
                 "dann trains the backbone and head mode trains a frozen one's cached features; use --mode full, --unfreeze K, or --adapt-method adabn",
             ),
+            *self._task_checks(),
         ]
+
+    def _task_checks(self) -> list[tuple[bool, str]]:
+        if not self.tasks:
+            return []
+        return [
+            (2 <= len(self.tasks) <= MAX_TASKS, f"a multi-task run takes 2 to {MAX_TASKS} tasks, got {len(self.tasks)}; one task is --data"),
+            (
+                self.mode is Mode.HEAD and self.unfreeze_blocks == 0,
+                "several tasks train their heads on the frozen backbone's cached features (--mode head);"
+                " --mode full, --unfreeze and prototype heads take one task",
+            ),
+            (self.adapt is None and self.shots is None, "--adapt and --shots take one task (--data), not --tasks"),
+        ]
+
+    @property
+    def multitask(self) -> bool:
+        return bool(self.tasks)
 
     @property
     def caches_features(self) -> bool:
@@ -166,17 +187,19 @@ class FinetuneConfig:
     def resolved(self) -> "FinetuneConfig":
         """Fill the defaults that depend on other fields (weights, size, epochs, lr, workers)."""
         weights = self.weights if self.weights is not None else default_weights(self.arch)
+        embedded = all(t.data.source in EMBEDDED for t in self.tasks) if self.tasks else self.data.source in EMBEDDED
+        data = self.tasks[0].data if self.tasks else self.data
         scratch = weights.lower() == "none"  # nothing pretrained: no probe, one lr, live BatchNorm
         return replace(
             self,
             weights=weights,
             backbone_lr_scale=self.backbone_lr_scale or (1.0 if scratch else 0.1),
             train_bn_stats=self.train_bn_stats if self.train_bn_stats is not None else scratch,
-            image_size=self.image_size or (DEMO_IMAGE_SIZE if self.data.source in EMBEDDED else None),
+            image_size=self.image_size or (DEMO_IMAGE_SIZE if embedded else None),
             epochs=self.epochs or (30 if self.caches_features else DANN_EPOCHS if self.adapt_method is AdaptMethod.DANN else 10),
             probe_epochs=self.probe_epochs if self.probe_epochs is not None else (0 if self.caches_features or scratch else 10),
             lr=self.lr or (1e-2 if self.caches_features else 1e-3),
-            workers=self.workers if self.workers is not None else default_workers(self.data),
+            workers=self.workers if self.workers is not None else default_workers(data),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -194,6 +217,7 @@ class FinetuneConfig:
     def from_dict(cls, data: dict[str, Any]) -> "FinetuneConfig":
         data = dict(data)
         data["data"] = DataSpec.from_dict(data["data"])
+        data["tasks"] = tuple(TaskSpec.from_dict(task) for task in data.get("tasks") or ())
         return cls(**data)
 
 

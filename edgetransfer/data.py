@@ -21,6 +21,7 @@ import torch.utils.data
 import torchvision.transforms as T
 from PIL import Image
 from rich.markup import escape
+from skimage.data import lfw_subset
 from sklearn.datasets import load_digits, load_sample_images
 
 from .choice import Choice
@@ -32,6 +33,7 @@ from .runtime.text import printable
 __all__ = [
     "DEMO",
     "DEMO_M",
+    "FACES",
     "EMBEDDED",
     "DataSpec",
     "Sample",
@@ -46,7 +48,8 @@ __all__ = [
 
 DEMO = "digits"
 DEMO_M = "digits-m"  # the same digits blended with photo patches, made like MNIST-M: a shifted domain
-EMBEDDED = frozenset({DEMO, DEMO_M})  # data sets built in memory, no folder
+FACES = "faces"  # scikit-image's lfw_subset: 100 faces and 100 other patches (the two-task demo's second task)
+EMBEDDED = frozenset({DEMO, DEMO_M, FACES})  # data sets built in memory, no folder
 DIGITS_M_SIZE = 32
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".jfif", ".jp2"})
 
@@ -148,6 +151,8 @@ def load_dataset(spec: DataSpec, workers: int = 4) -> Dataset:
         return _split(spec, *_digits(), layout="demo")
     if spec.source == DEMO_M:
         return _split(spec, *_digits_m(), layout="demo")
+    if spec.source == FACES:
+        return _split(spec, *_faces(), layout="demo")
     root = Path(spec.source).expanduser()
     if not root.exists():
         raise DataError(f"data path not found: {root} (give an image folder, or omit --data for the demo)")
@@ -167,6 +172,14 @@ def _digits() -> tuple[list[str], list[Sample]]:
     pixels = (digits.images * (255.0 / 16.0)).round().astype(np.uint8)
     samples = [Sample(img, int(y), f"digits/{i:04d}") for i, (img, y) in enumerate(zip(pixels, digits.target, strict=True))]
     return [str(c) for c in digits.target_names], samples
+
+
+def _faces() -> tuple[list[str], list[Sample]]:
+    """scikit-image's ``lfw_subset``, shipped inside its wheel: 100 greyscale 25x25 face crops of
+    Labeled Faces in the Wild, then 100 patches of the same photos that are not faces."""
+    pixels = (lfw_subset() * 255.0).round().astype(np.uint8)
+    half = len(pixels) // 2
+    return ["face", "not-face"], [Sample(img, int(i >= half), f"faces/{i:03d}") for i, img in enumerate(pixels)]
 
 
 def _digits_m(seed: int = 0) -> tuple[list[str], list[Sample]]:
@@ -285,6 +298,7 @@ def _train_val(spec: DataSpec, root: Path, workers: int) -> Dataset:
 
 check_images = _check  # decode every image once: (good samples, [(name, why)] of the bad)
 scan_classes = _scan  # class subfolders of a folder: (classes, samples)
+split = _split  # the seeded, stratified split of checked samples
 
 
 def _need_two_classes(classes: list[str], train: list[Sample]) -> None:

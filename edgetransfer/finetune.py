@@ -36,8 +36,11 @@ from .prototype import PROTOTYPE, fit_head, install_prototype_head
 from .rundir import Manifest, RunDir, now
 from .runtime.files import write_json
 from .safeload import safe_load
+from .taskheads import install_task_heads
+from .tasks import load_tasks
 from .train.adaptation import Adaptation
 from .train.loops import CachedHeadLoop, device_for, make_loop
+from .train.multitask import MultiTaskTrainer
 from .train.trainer import EpochCallback, Trainer
 from .training import cosine_with_warmup, seed_stage
 
@@ -94,6 +97,8 @@ def _finetune(config: FinetuneConfig, run_dir: Path, resume: bool, on_epoch: Epo
     existed = run_dir.exists()
     config, manifest, state = _open_run_everywhere(dist, run_dir, config, resume)
     started = time.perf_counter()
+    if config.multitask:
+        return _multitask_run(config, run_dir, (manifest, state), on_epoch, dist, None if resume else existed)
     try:
         dataset = _with_shots(load_dataset(config.data, workers=max(1, config.workers or 0)), config)
         seed_stage(config.seed)  # before building: the new classifier's initial weights come from it
@@ -219,11 +224,49 @@ def _record(manifest: Manifest, config: FinetuneConfig, metrics: dict[str, Any],
         "data": config.data.to_dict(),
         "finished": now(),
     }
+    if metrics.get("tasks"):
+        manifest.data["finetune"]["tasks"] = {
+            name: {"classes": task["classes"], "val_top1": task["val_top1"], "test": task["test"]} for name, task in metrics["tasks"].items()
+        }
+        manifest.data["finetune"]["data"] = {"tasks": [task.to_dict() for task in config.tasks]}
     if metrics.get("adapt"):
         manifest.data["finetune"]["adapt"] = {k: metrics["adapt"][k] for k in ("method", "target", "target_images", "target_top1", "eval_images")}
     manifest.data["status"] = "complete"
     manifest.save()
     (run_dir / LAST).unlink(missing_ok=True)
+
+
+def _multitask_run(
+    config: FinetuneConfig, run_dir: Path, opened, on_epoch: EpochCallback | None, dist: Context, existed: bool | None
+) -> FinetuneResult:
+    """Several tasks: one Linear head per task on the frozen backbone (see :mod:`.train.multitask`).
+    ``existed``: whether ``run_dir`` was there before this new run (``None`` when resuming)."""
+    manifest, state = opened
+    started = time.perf_counter()
+    try:
+        datasets = load_tasks(config.tasks, workers=max(1, config.workers or 0))
+        sizes = [len(dataset.classes) for dataset in datasets.values()]
+        seed_stage(config.seed)  # before building: the heads' initial weights come from it
+        built = build(config.arch, sum(sizes), config.weights, config.image_size)
+        heads = install_task_heads(built, sizes)
+        if config.image_size is None:
+            config = replace(config, image_size=built.preprocessing.input_size)
+        device = device_for(config.device, dist)
+        built.module.to(device)
+        built.check_size()
+        trainer = MultiTaskTrainer(config, built, heads, datasets, device, run_dir, dist)
+    except EdgeTransferError:
+        if dist.main and existed is not None:
+            _discard(run_dir, existed)
+        raise
+    if state is not None:
+        trainer.restore(state)
+    trainer.run(on_epoch)
+    metrics = trainer.finish(time.perf_counter() - started)
+    if dist.main:
+        _record(manifest, config, metrics, run_dir)
+    dist.barrier()
+    return FinetuneResult(run_dir, metrics, config, dist.main)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -26,7 +26,9 @@ def plot_training(metrics: dict[str, Any], path: Path) -> Path:
     loss_ax.plot(epochs, [r["val_loss"] for r in history], "o-", label="val")
     loss_ax.set(title="loss", xlabel="epoch")
     acc_ax.plot(epochs, [100 * r["train_top1"] for r in history], "o-", label="train")
-    acc_ax.plot(epochs, [100 * r["val_top1"] for r in history], "o-", label="val")
+    acc_ax.plot(epochs, [100 * r["val_top1"] for r in history], "o-", label="val (mean of the tasks)" if "tasks" in metrics else "val")
+    for task in metrics.get("tasks", {}):
+        acc_ax.plot(epochs, [100 * r["tasks"][task]["val_top1"] for r in history], ".--", label=f"val: {task}")
     if any(r.get("target_top1") is not None for r in history):
         acc_ax.plot(
             epochs,
@@ -41,7 +43,10 @@ def plot_training(metrics: dict[str, Any], path: Path) -> Path:
     for ax in (loss_ax, acc_ax):
         ax.grid(alpha=0.3)
         ax.legend()
-    _confusion(cm_ax, metrics["final"]["confusion_matrix"], metrics["classes"])
+    shown = metrics["final"].get("confusion_of")  # a multi-task run: its first task's
+    _confusion(cm_ax, metrics["final"]["confusion_matrix"], metrics["tasks"][shown]["classes"] if shown else metrics["classes"])
+    if shown:
+        cm_ax.set_title(f"val confusion of task {shown} (rows: true)")
     fig.suptitle(f"{metrics['arch']} ({metrics['mode']}), val top-1 {100 * metrics['final']['top1']:.2f}%")
     fig.tight_layout()
     with atomic_path(path) as tmp:

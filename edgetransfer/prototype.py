@@ -31,6 +31,7 @@ from torch import nn
 
 from .errors import ModelError
 from .models import BuiltModel
+from .taskheads import one_linear_classifier, swap_classifier
 
 __all__ = ["PrototypeHead", "PROTOTYPE", "SHRINKAGE", "install_prototype_head", "fit_head", "embed", "prototypes_from", "fit_scale", "l2_normalize"]
 
@@ -167,20 +168,6 @@ def install_prototype_head(built: BuiltModel, head: nn.Module) -> None:
         ModelError: the model has two heads (distilled) or a classifier that is not a Linear
             layer reading a feature vector.
     """
-    heads = built.heads
-    if len(heads) != 1 or not isinstance(heads[0], (nn.Linear, PrototypeHead)):
-        kind = "two classifier heads" if len(heads) != 1 else f"a {type(heads[0]).__name__} classifier"
-        raise ModelError(
-            f"{built.arch.name} has {kind}; a prototype head replaces one Linear classifier on a feature vector."
-            " Choose another architecture (resnet18, timm:efficientnet_lite0, mobilenet_v3_small, …)"
-        )
-    for name, module in built.module.named_modules():
-        if module is heads[0]:
-            parent_name, _, attribute = name.rpartition(".")
-            parent = built.module.get_submodule(parent_name) if parent_name else built.module
-            if attribute.isdigit() and isinstance(parent, (nn.Sequential, nn.ModuleList)):
-                parent[int(attribute)] = head
-            else:
-                setattr(parent, attribute, head)
-            return
-    raise ModelError(f"cannot find {built.arch.name}'s classifier among its layers")  # pragma: no cover - heads come from the module
+    if not isinstance(built.heads[0], PrototypeHead) or len(built.heads) != 1:
+        one_linear_classifier(built, "a prototype head")
+    swap_classifier(built, head)

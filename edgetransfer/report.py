@@ -72,7 +72,9 @@ def finetune_summary_table(metrics: dict[str, Any], run_dir: Path) -> Table:
         )
     else:
         table.add_row("best epoch", f"{metrics['best_epoch']} of {len(metrics['epochs'])}")
-    table.add_row("val top-1", f"{100 * final['top1']:.2f}%")
+    if metrics.get("tasks"):
+        _task_rows(table, metrics["tasks"])
+    table.add_row("val top-1", f"{100 * final['top1']:.2f}%" + (" (mean of the tasks; chose the epoch)" if metrics.get("tasks") else ""))
     test = metrics.get("test")
     if test:
         table.add_row("test top-1", f"{100 * test['top1']:.2f}% of {test['images']} images no stage chose on")
@@ -91,6 +93,16 @@ def finetune_summary_table(metrics: dict[str, Any], run_dir: Path) -> Table:
     spent = f"prototypes {proto['seconds']:.2f} s" if proto else f"epochs {timing['epochs_s']:.1f} s"
     table.add_row("time", f"{timing['total_s']:.1f} s (features {timing['features_s']:.1f} s, {spent})")
     return table
+
+
+def _task_rows(table: Table, tasks: dict[str, Any]) -> None:
+    """One row per task of a multi-task run: its classes, val and test top-1 (with the interval)."""
+    for name, task in tasks.items():
+        test = task["test"]
+        tested = f"; test {100 * test['top1']:.2f}% of {test['images']} [{test['interval'][0]:.1f}, {test['interval'][1]:.1f}]" if test else ""
+        table.add_row(
+            Text(f"task {name}"), Text(f"{len(task['classes'])} classes, val {100 * task['val_top1']:.2f}% of {task['val_images']}{tested}")
+        )
 
 
 def qat_summary_table(metrics: dict[str, Any], run_dir: Path) -> Table:
@@ -216,12 +228,19 @@ def _bench_rows(report: BenchReport):
                 f"±{50 * t.spread:.0f}%" if t.spread is not None else "—",
                 f"{t.throughput_ips:.0f}",
                 f"{r.speedup_vs_eager.get(batch, float('nan')):.2f}×",
-                f"{100 * acc.top1:.2f}%",
+                f"{100 * acc.top1:.2f}%" + _per_task(acc.per_task),
                 f"{acc.top1_change_points or 0.0:+.2f}",
                 f"{interval[0]:+.1f}…{interval[1]:+.1f}" if interval else "—",
                 _share(r.coverage),
                 f"{(r.size_bytes or 0) / 2**20:.1f}",
             ]
+
+
+def _per_task(per_task: dict[str, dict[str, float]] | None) -> str:
+    """A multi-task model's top-1 of each task, after the pooled one."""
+    if not per_task:
+        return ""
+    return " (" + ", ".join(f"{name} {100 * task['top1']:.1f}% of {task['images']}" for name, task in per_task.items()) + ")"
 
 
 _BENCH_COLUMNS = [

@@ -25,6 +25,7 @@ from .errors import RunError
 from .manifest import SCHEMA, Manifest, now, versions
 from .runtime.files import read_json, sha256_file
 from .runtime.metadata import MANIFEST_FILE
+from .tasks import TaskSpec, load_tasks, side_by_side
 
 if TYPE_CHECKING:
     from .data import Dataset, DataSpec, Sample
@@ -46,6 +47,7 @@ class RunDir:
     CURVES = "curves.png"
     MANIFEST = MANIFEST_FILE
     FEATURES = "cache/features.pt"
+    FEATURES_OF = "cache/features-{task}.pt"  # a multi-task run's, one per task
     ONNX = "model.onnx"
     ONNX_UINT8 = "model-uint8.onnx"
     BENCH_JSON = "bench.json"
@@ -189,6 +191,9 @@ class RunDir:
     @cached_property
     def dataset(self) -> Dataset:
         """The run's data, split exactly as it was for training."""
+        tasks = self.read_config().get("tasks")
+        if tasks:  # a multi-task run: every task's images, labelled task:class
+            return side_by_side(load_tasks(tuple(TaskSpec.from_dict(task) for task in tasks)))
         return load_dataset(self.data_spec())
 
     def validation(self, limit: int | None = None) -> list[Sample]:

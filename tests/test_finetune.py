@@ -129,8 +129,8 @@ def kill_during(monkeypatch, epoch: int, batch: int) -> None:
 def kill_after_features(monkeypatch) -> None:
     original = CachedHeadLoop._features
 
-    def features(self, dataset, run_dir):
-        original(self, dataset, run_dir)
+    def features(self, dataset):
+        original(self, dataset)
         raise Killed()
 
     monkeypatch.setattr(CachedHeadLoop, "_features", features)

@@ -148,8 +148,9 @@ def make_loop(config, built, dataset, device, run_dir, dist: Context = SINGLE):
 class CachedHeadLoop:
     """Head mode: the frozen backbone runs once per image; epochs train the head on features."""
 
-    def __init__(self, config, built: BuiltModel, dataset: Dataset, device, run_dir: Path, dist: Context = SINGLE) -> None:
+    def __init__(self, config, built: BuiltModel, dataset: Dataset, device, run_dir: Path, dist: Context = SINGLE, cache: Path | None = None) -> None:
         self.config, self.built, self.device, self.dist = config, built, device, dist
+        self.cache = cache or run_dir / FEATURES  # one file per task in a multi-task run
         for param in built.module.parameters():
             param.requires_grad_(False)
         self.generator = torch.Generator().manual_seed(config.seed)
@@ -158,15 +159,15 @@ class CachedHeadLoop:
         self.features_by = "torch"  # the engine that computed the cached features
         self.layout = "NCHW"  # what the epochs train on: features, whatever layout the backbone ran in
         started = time.perf_counter()
-        self.train_x, self.train_y, self.val_x, self.val_y, widths = self._features(dataset, run_dir)
+        self.train_x, self.train_y, self.val_x, self.val_y, widths = self._features(dataset)
         self.features_s = time.perf_counter() - started
         self.head = built.head(widths)
         for param in self.head.parameters():
             param.requires_grad_(True)
         self._other: tuple[list, torch.Tensor] | None = None
 
-    def _features(self, dataset: Dataset, run_dir: Path):
-        path = run_dir / FEATURES
+    def _features(self, dataset: Dataset):
+        path = self.cache
         key = {"train": [s.name for s in dataset.train], "val": [s.name for s in dataset.val], "engine": self.config.feature_engine.value}
         if path.is_file():
             try:
