@@ -36,6 +36,8 @@ from .rundir import RunDir, now
 from .runtime.files import write_bytes, write_json
 from .runtime.metadata import UINT8_NHWC
 from .runtime.preprocessing import Preprocessing
+from .runtime.tasks import Tasks
+from .taskheads import tasks_of
 from .timing import Timed, batched_logits, time_alone, time_in_rounds
 
 __all__ = ["BenchOptions", "bench_run", "machine_fingerprint", "recommend"]
@@ -67,6 +69,7 @@ class _Data:
     labels: np.ndarray
     split: str
     cache: dict[str, np.ndarray] = field(default_factory=dict)
+    tasks: Tasks | None = None  # a multi-task model: each image is measured on its own task's classes
 
     def inputs(self, input_format: str) -> np.ndarray:
         """All evaluation images, prepared once per input format (outside any timed region)."""
@@ -163,6 +166,7 @@ def _bench(run: RunDir, options: BenchOptions, out_dir: Path | None) -> BenchRep
         raise OptionError(f"--out {out_dir} is a file; bench writes bench.json, bench.md and bench.png into a folder: choose one")
     built, payload = run.load_checkpoint()
     data = _evaluation_data(run, options, payload["classes"], built.preprocessing)
+    data.tasks = tasks_of(payload)
     threads = options.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
     report = BenchReport(
@@ -225,7 +229,9 @@ def _measure(
             row.coverage = integer_coverage(variant.path)
         inputs = data.inputs(runner.input_format)
         logits = batched_logits(runner, inputs, max(options.batch_sizes))
-        row.accuracy = BenchAccuracy.measure(logits, data.labels, eager.get("logits"))
+        if data.tasks is not None:
+            logits = data.tasks.masked(logits, data.labels)
+        row.accuracy = BenchAccuracy.measure(logits, data.labels, eager.get("logits"), data.tasks)
         if variant.name == "eager":
             eager["logits"] = logits
         row.rss_mb = round(rss_mb(), 1)

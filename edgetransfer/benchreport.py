@@ -12,6 +12,7 @@ import numpy as np
 from .cpu import CpuFeatures
 from .metrics import topk_accuracy
 from .results import IntegerCoverage, compare, known_fields, without_none
+from .runtime.tasks import Tasks
 
 __all__ = ["Latency", "BenchAccuracy", "BenchRow", "Machine", "Recommendation", "BenchReport", "BENCH_SCHEMA"]
 
@@ -65,15 +66,25 @@ class BenchAccuracy:
     top1_agreement: float | None = None
     max_abs_logit_diff: float | None = None
     top1_change_interval: list[float] | None = None  # 95%, paired with eager on the same images
+    per_task: dict[str, dict[str, float]] | None = None  # a multi-task model: each task's top-1 and image count
 
     @classmethod
-    def measure(cls, logits: np.ndarray, labels: np.ndarray, eager: np.ndarray | None) -> BenchAccuracy:
+    def measure(cls, logits: np.ndarray, labels: np.ndarray, eager: np.ndarray | None, tasks: Tasks | None = None) -> BenchAccuracy:
+        """``logits`` of a multi-task model come masked to each image's task (:meth:`Tasks.masked`)."""
         top1, top5 = topk_accuracy(logits, labels, 1), topk_accuracy(logits, labels, 5)
+        per_task = None
+        if tasks is not None:
+            rows = tasks.task_of(labels)
+            per_task = {
+                name: {"top1": topk_accuracy(logits[rows == index], labels[rows == index], 1), "images": int((rows == index).sum())}
+                for index, name in enumerate(tasks.names)
+            }
         if eager is None:
-            return cls(top1, top5)
+            return cls(top1, top5, per_task=per_task)
         against = compare(logits, eager, labels)
         interval = against.change_interval
-        return cls(top1, top5, against.top1_change_points, against.top1_agreement, against.max_abs_diff, list(interval) if interval else None)
+        changes = (against.top1_change_points, against.top1_agreement, against.max_abs_diff, list(interval) if interval else None)
+        return cls(top1, top5, *changes, per_task=per_task)
 
 
 @dataclass

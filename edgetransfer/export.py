@@ -35,6 +35,8 @@ from .runtime.files import atomic_path
 from .runtime.metadata import FLOAT_NCHW, UINT8_NHWC, ModelInfo
 from .runtime.preprocessing import Preprocessing
 from .runtime.sessions import fixed_batch, open_session, run_batched
+from .runtime.tasks import TASK_OUTPUT, Tasks
+from .taskheads import tasks_of
 
 __all__ = ["ExportResult", "export_onnx", "write_onnx", "verify_onnx", "needs_export", "run_onnx", "parent_onnx", "INPUT", "OUTPUT", "PROTOTYPE_NODE"]
 
@@ -61,6 +63,18 @@ class _Logits(nn.Module):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - the ONNX input name
         return self.model(input)
+
+
+class _TaskOutputs(nn.Module):
+    """A multi-task model's outputs: every task's logits side by side, then each task's alone."""
+
+    def __init__(self, model: nn.Module, sizes: list[int]) -> None:
+        super().__init__()
+        self.model, self.sizes = model, list(sizes)
+
+    def forward(self, input: torch.Tensor) -> tuple[torch.Tensor, ...]:  # noqa: A002
+        logits = self.model(input)
+        return (logits, *logits.split(self.sizes, dim=1))
 
 
 class _FusedPreprocess(nn.Module):
@@ -113,8 +127,11 @@ def _export_run(run: RunDir, options: ExportOptions, output: Path, started: floa
         arch=built.arch.name,
         checkpoint_sha256=run.checkpoint_sha256(),
         edgetransfer_version=__version__,
+        tasks=tasks_of(payload),
     )
     quantized = "qat" in payload
+    if quantized and info.tasks:
+        raise ExportError("a QAT run of a multi-task model is not supported; export the multi-task run itself")
     if quantized and options.fuse_preprocess:
         raise ExportError("a QAT model is exported with float NCHW input only; drop --fuse-preprocess")
     with atomic_path(output) as tmp:
@@ -124,9 +141,14 @@ def _export_run(run: RunDir, options: ExportOptions, output: Path, started: floa
             parity = verify_qdq(built, tmp, images, payload["qat"])
         else:
             images = [load_image(s) for s in run.validation(options.verify_images)] if options.verify else []
-            parity = verify_onnx(built, tmp, options, images) if options.verify else None
+            parity = verify_onnx(built, tmp, options, images, info.tasks) if options.verify else None
     _record(run, output, options, parity)
     return ExportResult(output, parity, info, time.perf_counter() - started)
+
+
+def output_names(info: ModelInfo) -> list[str]:
+    """The graph's outputs: ``logits``, then one per task of a multi-task model."""
+    return [OUTPUT, *(TASK_OUTPUT.format(task=name) for name in (info.tasks.names if info.tasks else ()))]
 
 
 def run_onnx(run: RunDir) -> Path:
@@ -200,7 +222,7 @@ def write_onnx(built: BuiltModel, options: ExportOptions, info: ModelInfo, path:
     if prototype is not None:  # the graph ends in the classifier's input; the head is appended below
         prototype.features_only = True
     try:
-        model = _dynamo_export(built, options, POOLED if prototype is not None else OUTPUT)
+        model = _dynamo_export(built, options, [POOLED] if prototype is not None else output_names(info), info.tasks)
     finally:
         if prototype is not None:
             prototype.features_only = False
@@ -282,8 +304,11 @@ def _append_prototype_head(model, head) -> None:
     )
 
 
-def _dynamo_export(built: BuiltModel, options: ExportOptions, output: str):
-    wrapper = (_FusedPreprocess(built.module, built.preprocessing) if options.fuse_preprocess else _Logits(built.module)).eval()
+def _dynamo_export(built: BuiltModel, options: ExportOptions, outputs: list[str], tasks: Tasks | None = None):
+    wrapper: nn.Module = _FusedPreprocess(built.module, built.preprocessing) if options.fuse_preprocess else _Logits(built.module)
+    if tasks is not None:
+        wrapper = _TaskOutputs(wrapper, [len(labels) for labels in tasks.labels])
+    wrapper.eval()
     size = built.preprocessing.input_size
     batch = options.static_batch or 2
     if options.fuse_preprocess:
@@ -301,7 +326,7 @@ def _dynamo_export(built: BuiltModel, options: ExportOptions, output: str):
                 (example,),
                 dynamo=True,
                 input_names=[INPUT],
-                output_names=[output],
+                output_names=outputs,
                 dynamic_shapes=dynamic,
                 opset_version=options.opset,
                 optimize=True,
@@ -324,9 +349,10 @@ def _unsupported(exc: Exception) -> str:
     return first_line(Exception(text)) if text.strip() else type(exc).__name__
 
 
-def verify_onnx(built: BuiltModel, path: Path, options: ExportOptions, images: list) -> Parity:
+def verify_onnx(built: BuiltModel, path: Path, options: ExportOptions, images: list, tasks: Tasks | None = None) -> Parity:
     """ONNX Runtime (CPU) against eager PyTorch on the same images, in batches (the last one
-    partial, or padded for a static batch), every image counted.
+    partial, or padded for a static batch), every image counted; every output of a multi-task
+    model (the side-by-side logits and each task's) against its part of PyTorch's logits.
 
     Raises:
         ParityError: some output differs by more than ``atol + rtol * |torch|``.
@@ -336,26 +362,31 @@ def verify_onnx(built: BuiltModel, path: Path, options: ExportOptions, images: l
     normalized = np.stack([pre.normalize(p) for p in pixels])
     feed = np.stack(pixels) if options.fuse_preprocess else normalized
     with torch.no_grad():
-        eager = built.module(torch.from_numpy(normalized)).numpy()
+        logits = built.module(torch.from_numpy(normalized)).numpy()
     session = open_session(path)
+    names = [OUTPUT, *(TASK_OUTPUT.format(task=name) for name in tasks.names)] if tasks else [OUTPUT]
+    eager = [logits, *(logits[:, columns] for columns in tasks.slices)] if tasks else [logits]
     batch = options.static_batch or min(16, len(images))
-    onnx_logits = run_batched(lambda chunk: session.run([OUTPUT], {INPUT: chunk})[0], feed, batch, fixed_batch(session))
-    agreement = compare(onnx_logits, eager)
-    difference, scale = np.abs(onnx_logits - eager), np.abs(eager)
+    side_by_side = run_batched(lambda chunk: np.concatenate(session.run(names, {INPUT: chunk}), axis=1), feed, batch, fixed_batch(session))
+    exported = np.split(side_by_side, np.cumsum([part.shape[1] for part in eager])[:-1], axis=1)
+    agreement = min(compare(mine, theirs).top1_agreement for mine, theirs in zip(exported[1:] or exported, eager[1:] or eager, strict=True))
+    difference, scale = np.abs(side_by_side - np.concatenate(eager, axis=1)), np.abs(np.concatenate(eager, axis=1))
     parity = Parity(
-        agreement.images,
+        len(images),
         int(batch),
-        agreement.max_abs_diff,
-        agreement.top1_agreement,
+        float(difference.max()) if difference.size else 0.0,
+        agreement,
         options.atol,
         session.get_providers()[0],
         options.rtol,
         float((difference / np.maximum(scale, 1e-30)).max()),
         bool((difference <= options.atol + options.rtol * scale).all()),
+        outputs={name: float(np.abs(mine - theirs).max()) for name, mine, theirs in zip(names, exported, eager, strict=True)} if tasks else None,
     )
     if not parity.within_tolerance:
+        worst = f" (worst output: {max(parity.outputs, key=parity.outputs.__getitem__)})" if parity.outputs else ""
         raise ParityError(
-            f"ONNX Runtime and PyTorch differ by up to {parity.max_abs_diff:.2e} in the logits ({parity.max_rel_diff:.2e}"
+            f"ONNX Runtime and PyTorch differ by up to {parity.max_abs_diff:.2e} in the logits{worst} ({parity.max_rel_diff:.2e}"
             f" relative; atol {options.atol:g}, rtol {options.rtol:g}, top-1 agreement {100 * parity.top1_agreement:.1f}%);"
             " nothing was written. Raise --atol or --rtol if this is expected, or --no-verify to skip the check"
         )

@@ -135,6 +135,7 @@ class Parity:
     max_rel_diff: float = 0.0
     within_tolerance: bool = True
     floor_max_abs_diff: float | None = None  # a QDQ export: how far float64 moves the fake-quantised model (atol is made from it)
+    outputs: dict[str, float] | None = None  # a multi-task model: each output's largest difference (top1_agreement: the worst task's)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -167,7 +167,10 @@ class BuildContext:
         return self.reference is not None
 
     def compare(self, logits: np.ndarray) -> Comparison:
-        """A variant's logits against the float model's, on the held-out images."""
+        """A variant's logits against the float model's, on the held-out images (a multi-task
+        model's: each image on its own task's classes, see :meth:`Tasks.masked`)."""
+        if self.info.tasks is not None:
+            logits = self.info.tasks.masked(logits, self.labels)
         return compare(logits, self.float_logits, self.labels).with_split(self.split)
 
     def selection(self) -> Selection:
@@ -178,9 +181,9 @@ class BuildContext:
             source = "validation images" if self.run.dataset.test else "every other validation image"
             stream = self.stream(samples, max(1, len(samples)))
             images = _all_images(stream, self.input_name)
-            self._selection = Selection(
-                images, run_logits(self.float_model, images), [s.name for s in samples], source, np.array([s.label for s in samples])
-            )
+            labels = np.array([s.label for s in samples])
+            names = [s.name for s in samples]
+            self._selection = Selection(images, run_logits(self.float_model, images), names, source, labels, self.info.tasks)
         return self._selection
 
     def stream(self, samples: list[Sample], batch: int) -> BatchStream:
@@ -221,7 +224,10 @@ def open_context(run: RunDir, quant: QuantOptions, tensorrt: TensorRTOptions) ->
     stream = BatchStream(samples, info.preprocessing, input_name, info.input_format, max(1, len(samples)))
     images = _all_images(stream, input_name)
     labels = np.array([s.label for s in samples])
-    return BuildContext(run, base, info, input_name, images, labels, run_logits(reference or base, images), quant, tensorrt, split, reference)
+    float_logits = run_logits(reference or base, images)
+    if info.tasks is not None:  # each image on its own task's classes
+        float_logits = info.tasks.masked(float_logits, labels)
+    return BuildContext(run, base, info, input_name, images, labels, float_logits, quant, tensorrt, split, reference)
 
 
 def _all_images(stream: BatchStream, input_name: str) -> np.ndarray:

@@ -39,6 +39,7 @@ import onnx
 
 from ..errors import QuantizationError
 from ..results import GuardStep
+from ..runtime.tasks import Tasks
 
 __all__ = [
     "Score",
@@ -92,7 +93,27 @@ class Selection:
     float_logits: np.ndarray
     names: list[str]
     source: str
-    labels: np.ndarray | None = None  # used only for a QAT model (:func:`hold_prequantized`)
+    labels: np.ndarray | None = None  # a QAT model's criterion (:func:`hold_prequantized`); a multi-task model's task per image
+    tasks: Tasks | None = None  # a multi-task model: the worst task decides (:meth:`score`)
+
+    def score(self, logits: np.ndarray) -> Score:
+        """How far ``logits`` are from float: :func:`distance`; for a multi-task model the worst
+        task's disagreement (each task on its own images and its own columns), so that damage
+        to one task cannot hide in the others' agreement."""
+        per_task = self.per_task(logits)
+        mse = distance(logits, self.float_logits)[1]
+        return (max(per_task.values()), mse) if per_task else (distance(logits, self.float_logits)[0], mse)
+
+    def per_task(self, logits: np.ndarray) -> dict[str, float]:
+        """Each task's top-1 disagreement with float in points (empty for one task)."""
+        if self.tasks is None or self.labels is None:
+            return {}
+        rows = self.tasks.task_of(self.labels)
+        return {
+            name: distance(logits[rows == index][:, columns], self.float_logits[rows == index][:, columns])[0]
+            for index, (name, columns) in enumerate(zip(self.tasks.names, self.tasks.slices, strict=True))
+            if (rows == index).any()
+        }
 
     def ranking(self, count: int = RANKING_IMAGES) -> tuple[np.ndarray, np.ndarray]:
         """The first ``count`` images (the selection is class-balanced in order) and their float logits."""
@@ -138,6 +159,7 @@ class GuardResult:
                 "names": list(selection.names),
             },
             "disagreement_points": round(self.final[0], 3),
+            **({"criterion": "the worst task's top-1 disagreement", "tasks": list(selection.tasks.names)} if selection.tasks else {}),
             "logit_mse": round(self.final[1], 6),
             "ranking": [{"layer": name, "logit_mse_alone": round(error, 6)} for name, error in self.ranking],
             "recovery": self.recovery,
@@ -200,7 +222,7 @@ def hold_budget(
     steps: list[GuardStep] = []
 
     def measure(kept: Sequence[str]) -> Score:
-        result = distance(subject.logits(kept, selection.images), selection.float_logits)
+        result = selection.score(subject.logits(kept, selection.images))
         steps.append(GuardStep(tuple(kept), result[0], result[1], len(selection.images)))
         return result
 

@@ -26,7 +26,7 @@ import numpy as np
 
 from .enrol import enrol_file
 from .errors import EdgeTransferError, PredictorError, first_line
-from .predictor import Predictor
+from .predictor import Predictor, as_json
 from .serve import add_serve_parser
 from .sessions import mixed_builds, onnxruntime_builds
 from .text import printable
@@ -213,20 +213,26 @@ def _predictor(args: argparse.Namespace):
 
 
 def _predict(args: argparse.Namespace) -> int:
+    """One line per image: its top-k (a multi-task model: a header, then one tab-separated
+    column per task); ``--json`` nests a multi-task model's predictions by task."""
     predictor = _predictor(args)
     results = predictor.predict([str(p) for p in args.images], top_k=args.top_k)
+    tasks = predictor.tasks
     if args.json:
-        rows = [
-            {"image": str(path), "predictions": [{"label": p.label, "index": p.index, "probability": p.probability} for p in preds]}
-            for path, preds in zip(args.images, results, strict=True)
-        ]
-        print(json.dumps({"provider": predictor.provider, "results": rows}, indent=2))
+        rows = [{"image": str(path), "predictions": as_json(preds)} for path, preds in zip(args.images, results, strict=True)]
+        print(json.dumps({"provider": predictor.provider, **({"tasks": list(tasks.names)} if tasks else {}), "results": rows}, indent=2))
         return 0
+    if tasks:
+        print("\t".join(["image", *(printable(name) for name in tasks.names)]))
     for path, preds in zip(args.images, results, strict=True):
-        best = ", ".join(f"{printable(p.label)} {100 * p.probability:.2f}%" for p in preds)
-        print(f"{printable(path)}: {best}")
+        columns = [_best(preds[name]) for name in tasks.names] if tasks else [_best(preds)]
+        print(f"{printable(path)}{chr(9) if tasks else ': '}" + "\t".join(columns))
     print(f"(on {printable(predictor.provider)})", file=sys.stderr)
     return 0
+
+
+def _best(preds) -> str:
+    return ", ".join(f"{printable(p.label)} {100 * p.probability:.2f}%" for p in preds)
 
 
 def describe(model: Path) -> dict[str, Any]:

@@ -12,13 +12,14 @@ from typing import Any
 from .errors import DataError, PredictorError, UnknownNameError
 from .files import sha256_file
 from .preprocessing import Preprocessing
+from .tasks import Tasks
 
 __all__ = ["ModelInfo", "InputFormat", "FLOAT_NCHW", "UINT8_NHWC", "MANIFEST_FILE", "PREPROCESSING_KEYS", "verify_recorded", "model_info"]
 
 MANIFEST_FILE = "manifest.json"  # beside a model in a run directory: what was recorded about it
 # the metadata keys that describe labels and preprocessing (ModelInfo.to_props); the others are provenance
 PREPROCESSING_KEYS = frozenset(
-    {"labels", "input_format", "input_size", "resize_size", "crop_pct", "interpolation", "mean", "std", "channel_order", "layout"}
+    {"labels", "tasks", "input_format", "input_size", "resize_size", "crop_pct", "interpolation", "mean", "std", "channel_order", "layout"}
 )
 
 FLOAT_NCHW = "float32-nchw-normalized"  # the app resizes, crops, scales and normalises
@@ -36,11 +37,13 @@ class ModelInfo:
     arch: str = "unknown"
     checkpoint_sha256: str = ""
     edgetransfer_version: str = ""
+    tasks: Tasks | None = None  # a multi-task model's tasks (``labels`` then lists every task:label)
 
     def to_props(self) -> dict[str, str]:
         """String key/value pairs for ONNX ``metadata_props``."""
         pre = self.preprocessing
         return {
+            **({"tasks": self.tasks.to_json()} if self.tasks else {}),
             "edgetransfer.version": self.edgetransfer_version,
             "labels": json.dumps(list(self.labels)),
             "input_format": self.input_format,
@@ -83,8 +86,10 @@ class ModelInfo:
         input_format = props.get("input_format", FLOAT_NCHW)
         if input_format not in (FLOAT_NCHW, UINT8_NHWC):
             raise PredictorError(f"invalid edgetransfer metadata in the model: input_format {input_format!r} is not {FLOAT_NCHW!r} or {UINT8_NHWC!r}")
+        labels = _labels(props)
         return cls(
-            labels=_labels(props),
+            labels=labels,
+            tasks=Tasks.from_json(props["tasks"], labels) if "tasks" in props else None,
             preprocessing=pre,
             input_format=input_format,
             arch=props.get("arch", "unknown"),
@@ -93,7 +98,10 @@ class ModelInfo:
         )
 
     def describe(self) -> dict[str, Any]:
-        return {**self.to_props(), "labels": list(self.labels)}
+        described: dict[str, Any] = {**self.to_props(), "labels": list(self.labels)}
+        if self.tasks:
+            described["tasks"] = {name: list(labels) for name, labels in zip(self.tasks.names, self.tasks.labels, strict=True)}
+        return described
 
 
 def _field(props: dict[str, str], name: str):
@@ -171,7 +179,7 @@ def model_info(session, preprocessing: Preprocessing | None, labels: Sequence[st
                 " its metadata belongs to another model: export again"
             )
         if preprocessing is not None:
-            info = ModelInfo(info.labels, preprocessing, info.input_format, info.arch, info.checkpoint_sha256)
+            info = ModelInfo(info.labels, preprocessing, info.input_format, info.arch, info.checkpoint_sha256, tasks=info.tasks)
         return info
     if preprocessing is None:
         raise PredictorError(

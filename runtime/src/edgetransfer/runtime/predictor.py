@@ -22,8 +22,9 @@ from .openvino_ir import OpenVinoSession
 from .preprocessing import ImageInput, Preprocessing, is_single, to_image
 from .providers import OrtSession, check_providers, openvino_session, probe_provider, provider_name
 from .sessions import cap_memory, run_batched
+from .tasks import Tasks
 
-__all__ = ["Predictor", "Prediction", "PredictorError", "ImageInput", "probe_provider", "softmax", "prepare", "crop", "ranked"]
+__all__ = ["Predictor", "Prediction", "PredictorError", "ImageInput", "probe_provider", "softmax", "prepare", "crop", "ranked", "answers", "as_json"]
 
 
 @dataclass(frozen=True)
@@ -118,7 +119,13 @@ class Predictor:
 
     @property
     def labels(self) -> tuple[str, ...]:
+        """Every class, in the order of the logits (a multi-task model's as ``task:label``)."""
         return self.info.labels
+
+    @property
+    def tasks(self) -> Tasks | None:
+        """A multi-task model's tasks (names and labels, in the order of the logits); else ``None``."""
+        return self.info.tasks
 
     @property
     def session(self) -> OrtSession | OpenVinoSession:
@@ -136,15 +143,24 @@ class Predictor:
 
         Returns:
             For one image a list of :class:`Prediction`, best first; for a list, one such list
-            per image.
+            per image. For a multi-task model (:attr:`tasks`), each image's answer is a mapping
+            of task name to such a list (``top_k`` per task).
 
         Raises:
             PredictorError: an unreadable image or an array of the wrong shape or dtype.
         """
         single = is_single(images)
         batch = [cast(ImageInput, images)] if single else list(cast(Sequence[ImageInput], images))
-        results = ranked(softmax(self.logits(batch)), self.info.labels, top_k)
-        return results[0] if single else results
+        logits = self.logits(batch)
+        tasks = self.info.tasks
+        if tasks is None:
+            results = ranked(softmax(logits), self.info.labels, top_k)
+            return results[0] if single else results
+        per_task = {
+            name: ranked(softmax(part), labels, top_k) for (name, part), labels in zip(tasks.split(logits).items(), tasks.labels, strict=True)
+        }
+        answers = [{name: per_task[name][row] for name in tasks.names} for row in range(len(batch))]
+        return answers[0] if single else answers
 
     def logits(self, images: Sequence[ImageInput]) -> np.ndarray:
         """Raw model outputs, one row per image."""
@@ -330,6 +346,23 @@ def crop(image: ImageInput, info: ModelInfo, fast_jpeg: bool = False) -> np.ndar
     """
     pre = info.preprocessing
     return np.asarray(pre.resize_crop(to_image(image, 2 * pre.resize_size if fast_jpeg else None)), dtype=np.uint8)
+
+
+def answers(logits: np.ndarray, info: ModelInfo, k: int) -> list:
+    """Each row's top-``k``: a list of :class:`Prediction` (best first), or for a multi-task
+    model a mapping of task name to such a list (each task's softmax over its own classes)."""
+    tasks = info.tasks
+    if tasks is None:
+        return ranked(softmax(logits), info.labels, k)
+    per_task = {name: ranked(softmax(part), labels, k) for (name, part), labels in zip(tasks.split(logits).items(), tasks.labels, strict=True)}
+    return [{name: per_task[name][row] for name in tasks.names} for row in range(len(logits))]
+
+
+def as_json(found: list[Prediction] | dict[str, list[Prediction]]) -> list | dict:
+    """One image's answer as JSON: a list of {label, index, probability}, nested by task for a multi-task model."""
+    if isinstance(found, dict):
+        return {task: as_json(ranked_) for task, ranked_ in found.items()}
+    return [{"label": p.label, "index": p.index, "probability": p.probability} for p in found]
 
 
 def ranked(probabilities: np.ndarray, labels: Sequence[str], k: int) -> list[list[Prediction]]:

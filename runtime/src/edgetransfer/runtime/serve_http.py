@@ -36,7 +36,7 @@ from starlette.routing import Route
 
 from .errors import EdgeTransferError, first_line
 from .metadata import ModelInfo
-from .predictor import crop, ranked, softmax
+from .predictor import answers, as_json, crop
 from .serve_config import ServeConfig
 from .text import printable
 
@@ -195,13 +195,10 @@ async def _classify(state: _State, request: Request) -> dict:
     except Exception as exc:  # the batcher's refusal or the model's failure: one line, the server stays up
         raise _backend_error(exc) from None
     described = state.described or {}
-    results = ranked(softmax(np.asarray(logits, dtype=np.float32)), info.labels, k)
+    results = answers(np.asarray(logits, dtype=np.float32), info, k)
     return {
         "model": {"variant": described.get("variant"), "sha256": described.get("sha256")},
-        "results": [
-            {"image": name, "predictions": [{"label": p.label, "index": p.index, "probability": p.probability} for p in found]}
-            for (name, _), found in zip(images, results, strict=True)
-        ],
+        "results": [{"image": name, "predictions": as_json(found)} for (name, _), found in zip(images, results, strict=True)],
     }
 
 
@@ -269,6 +266,7 @@ async def _model(state: _State) -> dict[str, Any]:
         "provider": described.get("provider"),
         "arch": info.arch,
         "labels": list(info.labels),
+        **({"tasks": {name: list(labels) for name, labels in zip(info.tasks.names, info.tasks.labels, strict=True)}} if info.tasks else {}),
         "input_format": info.input_format,
         "preprocessing": info.preprocessing.to_dict(),
         "limits": {
