@@ -35,7 +35,7 @@ from .runtime.files import atomic_path
 from .runtime.metadata import FLOAT_NCHW, UINT8_NHWC, ModelInfo
 from .runtime.preprocessing import Preprocessing
 from .runtime.sessions import fixed_batch, open_session, run_batched
-from .runtime.tasks import TASK_OUTPUT, Tasks
+from .runtime.tasks import Tasks
 from .taskheads import tasks_of
 
 __all__ = ["ExportResult", "export_onnx", "write_onnx", "verify_onnx", "needs_export", "run_onnx", "parent_onnx", "INPUT", "OUTPUT", "PROTOTYPE_NODE"]
@@ -146,11 +146,6 @@ def _export_run(run: RunDir, options: ExportOptions, output: Path, started: floa
     return ExportResult(output, parity, info, time.perf_counter() - started)
 
 
-def output_names(info: ModelInfo) -> list[str]:
-    """The graph's outputs: ``logits``, then one per task of a multi-task model."""
-    return [OUTPUT, *(TASK_OUTPUT.format(task=name) for name in (info.tasks.names if info.tasks else ()))]
-
-
 def run_onnx(run: RunDir) -> Path:
     """The run's exported model (exported first when there is none), checked to come from the
     run's checkpoint.
@@ -222,7 +217,9 @@ def write_onnx(built: BuiltModel, options: ExportOptions, info: ModelInfo, path:
     if prototype is not None:  # the graph ends in the classifier's input; the head is appended below
         prototype.features_only = True
     try:
-        model = _dynamo_export(built, options, [POOLED] if prototype is not None else output_names(info), info.tasks)
+        model = _dynamo_export(
+            built, options, [POOLED] if prototype is not None else [OUTPUT, *(info.tasks.outputs if info.tasks else [])], info.tasks
+        )
     finally:
         if prototype is not None:
             prototype.features_only = False
@@ -364,7 +361,7 @@ def verify_onnx(built: BuiltModel, path: Path, options: ExportOptions, images: l
     with torch.no_grad():
         logits = built.module(torch.from_numpy(normalized)).numpy()
     session = open_session(path)
-    names = [OUTPUT, *(TASK_OUTPUT.format(task=name) for name in tasks.names)] if tasks else [OUTPUT]
+    names = [OUTPUT, *(tasks.outputs if tasks else [])]
     eager = [logits, *(logits[:, columns] for columns in tasks.slices)] if tasks else [logits]
     batch = options.static_batch or min(16, len(images))
     side_by_side = run_batched(lambda chunk: np.concatenate(session.run(names, {INPUT: chunk}), axis=1), feed, batch, fixed_batch(session))

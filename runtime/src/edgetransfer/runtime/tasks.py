@@ -36,6 +36,11 @@ class Tasks:
         return [slice(int(a), int(b)) for a, b in zip(starts[:-1], starts[1:], strict=True)]
 
     @property
+    def outputs(self) -> list[str]:
+        """The names of the graph's per-task outputs, after its first (``logits``)."""
+        return [TASK_OUTPUT.format(task=name) for name in self.names]
+
+    @property
     def flat_labels(self) -> tuple[str, ...]:
         return tuple(f"{name}:{label}" for name, labels in zip(self.names, self.labels, strict=True) for label in labels)
 
