@@ -159,14 +159,23 @@ def parity_table(result) -> Table:
 
 
 def predictions_table(images, results, provider: str) -> Table:
-    """Top-k labels per image."""
+    """Top-k labels per image (a multi-task model's: one column per task)."""
     table = Table(title=Text(f"predictions ({provider})"), title_justify="left")
-    for column in ("image", "rank", "label", "probability"):
-        table.add_column(column, justify="right" if column in ("rank", "probability") else "left")
-    for image, predictions in zip(images, results, strict=True):
-        for rank, prediction in enumerate(predictions, 1):
+    tasks = list(results[0]) if results and isinstance(results[0], dict) else [None]
+    table.add_column("image")
+    table.add_column("rank", justify="right")
+    for task in tasks:
+        table.add_column(Text(printable(task)) if task else "label")
+        table.add_column("probability", justify="right")
+    for image, answer in zip(images, results, strict=True):
+        ranked = [answer[task] for task in tasks] if tasks != [None] else [answer]
+        for rank in range(max(map(len, ranked))):
             # paths and labels are shown as they are, never read as markup; control characters escaped
-            table.add_row(Text(printable(image)) if rank == 1 else "", str(rank), Text(printable(prediction.label)), f"{prediction.probability:.4f}")
+            cells: list = [Text(printable(image)) if rank == 0 else "", str(rank + 1)]
+            for predictions in ranked:
+                found = predictions[rank] if rank < len(predictions) else None
+                cells += [Text(printable(found.label)), f"{found.probability:.4f}"] if found else ["", ""]
+            table.add_row(*cells)
     return table
 
 

@@ -20,6 +20,7 @@ from .runtime.cli import DEFAULT_TIMEOUT, enrolment_line
 from .runtime.enrol import enrol_file
 from .runtime.files import read_json
 from .runtime.metadata import MANIFEST_FILE
+from .runtime.predictor import as_json as answer_json
 from .runtime.serve import add_serve_options, config_from_args
 from .runtime.serve import serve as serve_config
 from .runtime.sessions import MAX_CAP_MB
@@ -79,11 +80,9 @@ def predict(
     )
     results = predictor.predict([str(p) for p in images], top_k=top_k)
     if as_json:
-        rows = [
-            {"image": str(path), "predictions": [{"label": p.label, "index": p.index, "probability": p.probability} for p in preds]}
-            for path, preds in zip(images, results, strict=True)
-        ]
-        click.echo(json.dumps({"provider": predictor.provider, "results": rows}, indent=2))
+        rows = [{"image": str(path), "predictions": answer_json(preds)} for path, preds in zip(images, results, strict=True)]
+        tasks = {"tasks": list(predictor.tasks.names)} if predictor.tasks else {}
+        click.echo(json.dumps({"provider": predictor.provider, **tasks, "results": rows}, indent=2))
         return
 
     out.print(predictions_table(images, results, predictor.provider), soft_wrap=True)

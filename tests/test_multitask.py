@@ -4,6 +4,7 @@ predicted per task in the torch-free runtime."""
 from __future__ import annotations
 
 import csv
+import io
 import json
 import shutil
 import subprocess
@@ -142,6 +143,38 @@ def test_the_runtime_cli_prints_a_column_per_task_and_nests_json(two_task_run, t
     assert printed["tasks"] == ["digit", "face"]
     nested = printed["results"][0]["predictions"]
     assert len(nested["digit"]) == 3 and len(nested["face"]) == 2 and {p["label"] for p in nested["face"]} == {"face", "not-face"}
+
+
+def test_the_toolkit_predict_shows_a_column_per_task(two_task_run, tmp_path):
+    image = tmp_path / "digit.png"
+    Image.fromarray(np.asarray(digits_pixels(1, classes=1, size=8)[0][1])).save(image)
+    result = CliRunner().invoke(main, ["predict", str(two_task_run / "model.onnx"), str(image), "--top-k", "2"])
+    assert result.exit_code == 0, result.output
+    header = next(line for line in result.output.splitlines() if "rank" in line)
+    assert header.index("digit") < header.index("face")
+    result = CliRunner().invoke(main, ["predict", str(two_task_run / "model.onnx"), str(image), "--json"])
+    assert set(json.loads(result.output)["results"][0]["predictions"]) == {"digit", "face"}
+
+
+def test_the_server_answers_per_task_as_predict_does(two_task_run):
+    pytest.importorskip("bentoml", reason="the serve extra is not installed")
+    from test_serve import app_for, send
+
+    predictor = Predictor(two_task_run / "model.onnx")
+    image = np.asarray(digits_pixels(1, classes=1, size=8)[0][1])
+    encoded = io.BytesIO()
+    Image.fromarray(image).save(encoded, format="PNG")
+    app, _ = app_for(predictor)
+    answer, info = send(
+        app, ("POST", "/classify?top_k=1", {"content": encoded.getvalue(), "headers": {"content-type": "image/png"}}), ("GET", "/model", {})
+    )
+    assert answer.status_code == 200, answer.text
+    served = answer.json()["results"][0]["predictions"]
+    expected = predictor.predict(encoded.getvalue(), top_k=1)
+    assert {task: [p["label"] for p in ranked] for task, ranked in served.items()} == {
+        task: [p.label for p in ranked] for task, ranked in expected.items()
+    }
+    assert info.json()["tasks"] == {"digit": [str(i) for i in range(10)], "face": ["face", "not-face"]}
 
 
 def test_metadata_whose_tasks_do_not_fit_the_labels_is_refused():
