@@ -23,6 +23,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -52,14 +53,15 @@ SINGLE = {"digit": DEMO, "face": FACES}
 def train(work: Path, args: argparse.Namespace) -> dict[str, Path]:
     """The two-task run and one run per task, with the same settings; each exported to ONNX."""
     settings = {"epochs": args.epochs, "image_size": args.image_size, "seed": args.seed}
+    split = DataSpec(test_fraction=args.test_fraction)
     runs = {"two-task": work / "two-task", **{task: work / task for task in SINGLE}}
     seconds = {}
     for name, run in runs.items():
         started = time.perf_counter()
         if name == "two-task":
-            config = FinetuneConfig(tasks=tasks_option("demo"), **settings)
+            config = FinetuneConfig(tasks=tasks_option("demo", split), **settings)
         else:
-            config = FinetuneConfig(data=DataSpec(source=SINGLE[name]), **settings)
+            config = FinetuneConfig(data=replace(split, source=SINGLE[name]), **settings)
         finetune(config, run)
         export_onnx(run)
         seconds[name] = round(time.perf_counter() - started, 1)
@@ -172,7 +174,8 @@ def markdown(report: dict) -> str:
     lines = [
         "# Multi-task heads: one two-task model against the two single-task models it replaces",
         "",
-        f"timm:efficientnet_lite0 (embedded weights), head mode, {args['image_size']} px, {args['epochs']} epochs, seed {args['seed']}, the same settings for all three runs."
+        f"timm:efficientnet_lite0 (embedded weights), head mode, {args['image_size']} px, {args['epochs']} epochs, seed {args['seed']},"
+        f" each task split 0.2 validation / {args['test_fraction']} test; the same settings for all three runs."
         f" Tasks: digit (scikit-learn's digits, 10 classes) and face (scikit-image's lfw_subset, face or not).",
         "",
         f"Machine: {cpu['model']} ({', '.join(cpu['flags'])}; cpuinfo: {', '.join(cpu['cpuinfo_flags'])}), {machine['cores']} cores;"
@@ -254,6 +257,7 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--test-fraction", type=float, default=0.3, help="each task's test share (more test images, narrower intervals)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--iterations", type=int, default=100)

@@ -168,11 +168,7 @@ class FinetuneConfig:
             return []
         return [
             (2 <= len(self.tasks) <= MAX_TASKS, f"a multi-task run takes 2 to {MAX_TASKS} tasks, got {len(self.tasks)}; one task is --data"),
-            (
-                self.mode is Mode.HEAD and self.unfreeze_blocks == 0,
-                "several tasks train their heads on the frozen backbone's cached features (--mode head);"
-                " --mode full, --unfreeze and prototype heads take one task",
-            ),
+            (self.mode is not Mode.PROTOTYPE, "a prototype head takes one task (--data); several tasks train a Linear head each"),
             (self.adapt is None and self.shots is None, "--adapt and --shots take one task (--data), not --tasks"),
         ]
 

@@ -41,6 +41,7 @@ from .tasks import load_tasks
 from .train.adaptation import Adaptation
 from .train.loops import CachedHeadLoop, device_for, make_loop
 from .train.multitask import MultiTaskTrainer
+from .train.taskloops import CachedTasks, ImageTasks
 from .train.trainer import EpochCallback, Trainer
 from .training import cosine_with_warmup, seed_stage
 
@@ -239,11 +240,13 @@ def _record(manifest: Manifest, config: FinetuneConfig, metrics: dict[str, Any],
 def _multitask_run(
     config: FinetuneConfig, run_dir: Path, opened, on_epoch: EpochCallback | None, dist: Context, existed: bool | None
 ) -> FinetuneResult:
-    """Several tasks: one Linear head per task on the frozen backbone (see :mod:`.train.multitask`).
+    """Several tasks: one Linear head per task on one backbone (see :mod:`.train.multitask`).
     ``existed``: whether ``run_dir`` was there before this new run (``None`` when resuming)."""
     manifest, state = opened
     started = time.perf_counter()
     try:
+        if dist.active and not config.caches_features:
+            raise RunError("several tasks train the backbone in one process; run it without torchrun (head mode shares the frozen pass)")
         datasets = load_tasks(config.tasks, workers=max(1, config.workers or 0))
         sizes = [len(dataset.classes) for dataset in datasets.values()]
         seed_stage(config.seed)  # before building: the heads' initial weights come from it
@@ -254,19 +257,41 @@ def _multitask_run(
         device = device_for(config.device, dist)
         built.module.to(device)
         built.check_size()
-        trainer = MultiTaskTrainer(config, built, heads, datasets, device, run_dir, dist)
+        probe = _probe_tasks(config, built, heads, datasets, device, run_dir) if state is None else None
+        if config.caches_features:
+            tasks = CachedTasks(config, built, heads, datasets, device, run_dir, dist)
+        else:
+            tasks = ImageTasks(config, built, heads, datasets, device, [task.weight for task in config.tasks])
+        trainer = MultiTaskTrainer(config, built, tasks, datasets, run_dir, dist)
     except EdgeTransferError:
         if dist.main and existed is not None:
             _discard(run_dir, existed)
         raise
     if state is not None:
         trainer.restore(state)
+    trainer.probe = probe if probe is not None else trainer.probe
     trainer.run(on_epoch)
     metrics = trainer.finish(time.perf_counter() - started)
     if dist.main:
         _record(manifest, config, metrics, run_dir)
     dist.barrier()
     return FinetuneResult(run_dir, metrics, config, dist.main)
+
+
+def _probe_tasks(config: FinetuneConfig, built: BuiltModel, heads, datasets: dict[str, Dataset], device, run_dir: Path):
+    """Before training the backbone for several tasks: each task's head trained on cached frozen
+    features first (the linear probe of one task, for every head), so that the backbone is never
+    updated through the gradients of random classifiers."""
+    if config.caches_features or not config.probe_epochs:
+        return None
+    started = time.perf_counter()
+    probe_config = replace(config, epochs=config.probe_epochs, lr=PROBE_LR, batch_size=64)
+    cached = CachedTasks(probe_config, built, heads, datasets, device, run_dir)
+    trainer = MultiTaskTrainer(probe_config, built, cached, datasets, run_dir, save=False)
+    trainer.run(label="linear probe")
+    for param in built.module.parameters():
+        param.requires_grad_(True)
+    return {"epochs": config.probe_epochs, "val_top1": trainer.history[-1]["val_top1"], "seconds": time.perf_counter() - started}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,13 +23,14 @@ from .data import DEMO, FACES, Dataset, DataSpec, Sample, check_images, load_dat
 from .errors import DataError, OptionError
 from .runtime.text import printable
 
-__all__ = ["TaskSpec", "TASKS_DEMO", "MAX_TASKS", "parse_task", "tasks_option", "load_tasks", "check_task_name", "side_by_side"]
+__all__ = ["TaskSpec", "TASKS_DEMO", "MAX_TASKS", "parse_task", "tasks_option", "load_tasks", "check_task_name", "side_by_side", "with_weights"]
 
 TASKS_DEMO = "demo"
 MAX_TASKS = 16
 NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")  # a task's name is an ONNX output's name and a CSV column
 IMAGE_COLUMN = "image"
 MAX_CSV_ROWS = 10**7
+MAX_WEIGHT = 1000.0
 
 
 @dataclass(frozen=True)
@@ -40,21 +41,25 @@ class TaskSpec:
         name: lower-case letters, digits and ``_``, starting with a letter (an output's name).
         data: the task's images and split (``data.source``: a folder, an embedded data set, or a CSV file).
         column: the CSV column that labels the task (``None`` unless ``data.source`` is a CSV file).
+        weight: the weight of the task's loss in full mode (the losses are summed); head mode needs none.
     """
 
     name: str
     data: DataSpec = field(default_factory=DataSpec)
     column: str | None = None
+    weight: float = 1.0
 
     def __post_init__(self) -> None:
         check_task_name(self.name)
+        if not (isinstance(self.weight, (int, float)) and 0 < self.weight <= MAX_WEIGHT):
+            raise OptionError(f"task {self.name}'s loss weight must be in (0, {MAX_WEIGHT}], got {printable(repr(self.weight))[:40]}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "data": self.data.to_dict(), "column": self.column}
+        return {"name": self.name, "data": self.data.to_dict(), "column": self.column, "weight": self.weight}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TaskSpec":
-        return cls(str(data["name"]), DataSpec.from_dict(data["data"]), data.get("column"))
+        return cls(str(data["name"]), DataSpec.from_dict(data["data"]), data.get("column"), float(data.get("weight", 1.0)))
 
 
 def check_task_name(name: str) -> str:
@@ -75,6 +80,29 @@ def parse_task(text: str, base: DataSpec | None = None) -> TaskSpec:
     if not sep or not source:
         raise OptionError(f"--task takes NAME=FOLDER (a folder of class subfolders), got {printable(text)[:80]!r}")
     return TaskSpec(check_task_name(name.strip()), replace(base or DataSpec(), source=source))
+
+
+def with_weights(tasks: tuple[TaskSpec, ...], weights: tuple[str, ...]) -> tuple[TaskSpec, ...]:
+    """``--task-weight NAME=W`` applied to the tasks.
+
+    Raises:
+        OptionError: not NAME=NUMBER, or a name that is not a task.
+    """
+    given: dict[str, float] = {}
+    for text in weights:
+        name, sep, value = text.partition("=")
+        try:
+            given[name.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise OptionError(f"--task-weight takes NAME=NUMBER, got {printable(text)[:80]!r}")
+    unknown = sorted(set(given) - {t.name for t in tasks})
+    if unknown:
+        raise OptionError(
+            f"--task-weight names {printable(', '.join(unknown))[:80]}, which is not a task; the tasks: {', '.join(t.name for t in tasks)}"
+        )
+    return tuple(replace(task, weight=given.get(task.name, task.weight)) for task in tasks)
 
 
 def tasks_option(value: str, base: DataSpec | None = None) -> tuple[TaskSpec, ...]:

@@ -25,6 +25,7 @@ from edgetransfer.data import DataSpec
 from edgetransfer.errors import DataError, OptionError, QuantizationError
 from edgetransfer.export import export_onnx
 from edgetransfer.finetune import finetune
+from edgetransfer.models import build
 from edgetransfer.optimize import Precision, QuantOptions, Target, build_variants
 from edgetransfer.optimize.guard import Selection, distance, hold_budget
 from edgetransfer.optimize.rounding import Rounding
@@ -92,6 +93,29 @@ def test_a_killed_two_task_run_resumes_to_the_same_bits(two_task_run, tmp_path):
         assert torch.equal(resumed["state_dict"][key], value), key
     history = json.loads((run / "metrics.json").read_text())["epochs"]
     assert [r["val_top1"] for r in history] == [r["val_top1"] for r in json.loads((two_task_run / "metrics.json").read_text())["epochs"]]
+
+
+@pytest.mark.slow
+def test_full_mode_trains_the_backbone_on_the_weighted_tasks_and_resumes_to_the_same_bits(tmp_path):
+    weighted = tuple(replace(task, weight=w) for task, w in zip(tasks_option("demo", DataSpec(limit_per_class=10)), (1.0, 0.25), strict=True))
+    config = FinetuneConfig(tasks=weighted, mode="full", epochs=3, probe_epochs=1, image_size=32)
+    whole = finetune(config, tmp_path / "whole")
+    assert whole.metrics["weighting"] == {"method": "fixed weights on the sum of the tasks' losses", "weights": {"digit": 1.0, "face": 0.25}}
+    assert whole.metrics["probe"]["epochs"] == 1 and whole.metrics["frozen_pass"] is None  # images went through the network
+    trained = safe_load(tmp_path / "whole" / "model.pt")
+    pretrained = build(config.arch, 12, None, 32).module.state_dict()
+    assert not torch.equal(trained["state_dict"]["conv_stem.weight"], pretrained["conv_stem.weight"])  # the backbone trained
+
+    def kill_after_one(record):
+        if record["epoch"] == 1:
+            raise Killed()
+
+    with pytest.raises(Killed):
+        finetune(config, tmp_path / "killed", on_epoch=kill_after_one)
+    finetune(config, tmp_path / "killed", resume=True)
+    resumed = safe_load(tmp_path / "killed" / "model.pt")
+    for key, value in trained["state_dict"].items():
+        assert torch.equal(resumed["state_dict"][key], value), key
 
 
 def test_the_export_has_one_output_per_task_with_parity_on_each(two_task_run):
@@ -291,8 +315,8 @@ def test_task_names_and_combinations_that_cannot_work_are_refused_in_one_line(tm
             parse_task(text)
     with pytest.raises(OptionError, match="2 to 16 tasks"):
         FinetuneConfig(tasks=(parse_task("digit=digits"),))
-    with pytest.raises(OptionError, match="--mode head"):
-        two_task_config(mode="full")
+    with pytest.raises(OptionError, match="prototype head takes one task"):
+        two_task_config(mode="prototype")
     with pytest.raises(OptionError, match="'demo' or a CSV file"):
         tasks_option(str(tmp_path / "missing.csv"))
     result = CliRunner().invoke(main, ["finetune", "--tasks", "demo", "--data", "digits", "--out", str(tmp_path / "run")])

@@ -91,19 +91,21 @@ class TensorRTRunner(Runner):
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self.engine = runtime.deserialize_cuda_engine(Path(self.engine_path).read_bytes())
         self.context = self.engine.create_execution_context()
-        self.input_name, self.output_name = self.engine.get_tensor_name(0), self.engine.get_tensor_name(1)
+        # the input, then the logits, then (a multi-task model) each task's logits: every output needs an address
+        self.input_name, *self.output_names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.stream = torch.cuda.Stream()
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         torch = self.torch
         x = torch.from_numpy(batch).cuda()
         self.context.set_input_shape(self.input_name, tuple(x.shape))
-        out = torch.empty(tuple(self.context.get_tensor_shape(self.output_name)), dtype=torch.float32, device="cuda")
+        outputs = [torch.empty(tuple(self.context.get_tensor_shape(name)), dtype=torch.float32, device="cuda") for name in self.output_names]
         self.context.set_tensor_address(self.input_name, x.data_ptr())
-        self.context.set_tensor_address(self.output_name, out.data_ptr())
+        for name, out in zip(self.output_names, outputs, strict=True):
+            self.context.set_tensor_address(name, out.data_ptr())
         self.context.execute_async_v3(self.stream.cuda_stream)
         self.stream.synchronize()
-        return out.cpu().numpy()
+        return outputs[0].cpu().numpy()
 
     def deactivate(self) -> None:
         self.context = self.engine = None

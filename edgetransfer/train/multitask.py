@@ -12,7 +12,6 @@ run resume and repeat an uninterrupted one exactly.
 
 from __future__ import annotations
 
-import itertools
 import time
 from pathlib import Path
 from typing import Any
@@ -32,15 +31,13 @@ from ..progress import console, progress
 from ..rundir import RunDir
 from ..runtime.files import write_bytes, write_json
 from ..safeload import safe_load
-from ..taskheads import TaskHeads, task_slices
-from ..training import cosine_with_warmup, seed_stage
-from .loops import CachedHeadLoop
+from ..training import cosine_with_warmup
+from .loops import default_form, precision_for
 from .trainer import make_optimizer
 
-__all__ = ["MultiTaskTrainer", "task_labels", "WEIGHTING"]
+__all__ = ["MultiTaskTrainer", "task_labels"]
 
 CHECKPOINT, LAST, METRICS, CURVES = RunDir.CHECKPOINT, RunDir.LAST, RunDir.METRICS, RunDir.CURVES
-WEIGHTING = "none needed: a step trains one task's head on that task's loss; the heads share no parameter"
 CHOSEN_ON = "mean of the tasks' validation top-1"
 
 
@@ -50,42 +47,40 @@ def task_labels(tasks: dict[str, list[str]]) -> list[str]:
 
 
 class MultiTaskTrainer:
-    """Train ``heads`` (installed in ``built``) on each task's cached features."""
+    """Train the heads installed in ``built`` (and, in full mode, the backbone) on every task.
+
+    Args:
+        tasks: the epoch's steps and each task's measurements (:mod:`.taskloops`).
+        save: write the checkpoint and the resume state (off for the linear probe before full mode).
+    """
 
     def __init__(
-        self, config: FinetuneConfig, built: BuiltModel, heads: TaskHeads, datasets: dict[str, Dataset], device, run_dir: Path, dist: Context = SINGLE
+        self, config: FinetuneConfig, built: BuiltModel, tasks, datasets: dict[str, Dataset], run_dir: Path, dist: Context = SINGLE, save: bool = True
     ):
-        self.config, self.built, self.heads, self.datasets, self.run_dir, self.dist = config, built, heads, datasets, run_dir, dist
+        self.config, self.built, self.tasks, self.datasets, self.run_dir, self.dist = config, built, tasks, datasets, run_dir, dist
+        self.save = save and dist.main
         self.names = list(datasets)
-        self.slices = task_slices(heads.sizes)
-        self.loops = [
-            CachedHeadLoop(config, built, dataset, device, run_dir, dist, cache=run_dir / RunDir.FEATURES_OF.format(task=name))
-            for name, dataset in datasets.items()
-        ]
         assert config.lr is not None and config.epochs is not None and config.warmup_epochs is not None, "a resolved FinetuneConfig"
-        self.steps_per_epoch = sum(loop.steps_per_epoch for loop in self.loops)
-        self.optimizer = make_optimizer(config, [{"params": list(heads.parameters()), "lr": config.lr, "name": "heads"}])
-        self.scheduler = cosine_with_warmup(self.optimizer, config.epochs, config.warmup_epochs, self.steps_per_epoch)
-        self.criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+        self.optimizer = make_optimizer(config, tasks.param_groups(config.lr))
+        self.scheduler = cosine_with_warmup(self.optimizer, config.epochs, config.warmup_epochs, tasks.steps_per_epoch)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=tasks.amp and tasks.device.type == "cuda")
         self.history: list[dict[str, Any]] = []
         self.best_top1, self.best_epoch, self.stale = -1.0, 0, 0
-
-    @property
-    def features_s(self) -> float:
-        return sum(loop.features_s for loop in self.loops)
+        self.probe: dict[str, Any] | None = None
 
     def restore(self, state: dict[str, Any]) -> None:
         self.built.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.history = state["history"]
+        self.scaler.load_state_dict(state["scaler"])
+        self.history, self.probe = state["history"], state.get("probe")
         self.best_top1, self.best_epoch, self.stale = state["best_top1"], state["best_epoch"], state["stale"]
         console.print(f"resuming {self.run_dir} after epoch {len(self.history)} of {self.config.epochs}", markup=False)
 
-    def run(self, on_epoch=None) -> None:
+    def run(self, on_epoch=None, label: str = "epochs") -> None:
         assert self.config.epochs is not None
         with progress() as bar:
-            task = bar.add_task("epochs", total=self.config.epochs, completed=len(self.history), status="")
+            task = bar.add_task(label, total=self.config.epochs, completed=len(self.history), status="")
             for epoch in range(len(self.history) + 1, self.config.epochs + 1):
                 record = self._epoch(epoch)
                 bar.update(task, advance=1, status=f"mean val top-1 {100 * record['val_top1']:.2f}%")
@@ -95,29 +90,16 @@ class MultiTaskTrainer:
                     console.print(f"early stop: no better mean val top-1 for {self.stale} epochs")
                     break
 
-    def _batches(self, epoch: int):
-        """(task index, rows) of every task's training batches, interleaved task by task."""
-        generator = torch.Generator().manual_seed(seed_stage(self.config.seed, epoch, self.dist.rank))
-        per_task = []
-        for index, loop in enumerate(self.loops):
-            order = torch.randperm(len(loop.train_y), generator=generator)
-            per_task.append([(index, rows) for rows in order.split(self.config.batch_size)])
-        return [batch for group in itertools.zip_longest(*per_task) for batch in group if batch is not None]
-
     def _epoch(self, epoch: int) -> dict[str, Any]:
         started = time.perf_counter()
-        self.heads.train()
         losses, right, seen = 0.0, 0, 0
-        for index, rows in self._batches(epoch):
-            loop, head = self.loops[index], self.heads.heads[index]
-            x, y = loop.train_x[rows].to(loop.device), loop.train_y[rows].to(loop.device)
-            logits = head(x).float()
-            loss = self.criterion(logits, y)
+        for loss, correct, images in self.tasks.steps(epoch):
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
             self.scheduler.step()
-            losses, right, seen = losses + loss.item() * len(y), right + int((logits.argmax(1) == y).sum()), seen + len(y)
+            losses, right, seen = losses + loss.item() * images, right + correct, seen + images
         per_task = self._val()
         val_top1 = float(np.mean([t["top1"] for t in per_task.values()]))
         record = {
@@ -133,11 +115,11 @@ class MultiTaskTrainer:
         self.history.append(record)
         if val_top1 > self.best_top1:
             self.best_top1, self.best_epoch, self.stale = val_top1, epoch, 0
-            if self.dist.main:
+            if self.save:
                 self._save_checkpoint(epoch=epoch, val_top1=val_top1)
         else:
             self.stale += 1
-        if self.dist.main:
+        if self.save:
             self._save_state()
         return record
 
@@ -148,13 +130,13 @@ class MultiTaskTrainer:
     def _val(self) -> dict[str, dict[str, Any]]:
         """Each task's validation logits (its own columns), top-1 and loss."""
         measured = {}
-        for name, loop, columns in zip(self.names, self.loops, self.slices, strict=True):
-            logits = loop.val_logits()[0][:, columns]
+        for index, name in enumerate(self.names):
+            logits, labels = self.tasks.val(index)
             measured[name] = {
                 "logits": logits,
-                "labels": loop.val_y,
-                "top1": topk_accuracy(logits.numpy(), loop.val_y.numpy(), 1),
-                "loss": float(nn.functional.cross_entropy(logits, loop.val_y)),
+                "labels": labels,
+                "top1": topk_accuracy(logits.numpy(), labels.numpy(), 1),
+                "loss": float(nn.functional.cross_entropy(logits, labels)),
             }
         return measured
 
@@ -163,6 +145,8 @@ class MultiTaskTrainer:
             "model": self.built.module.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "probe": self.probe,
             "history": self.history,
             "best_top1": self.best_top1,
             "best_epoch": self.best_epoch,
@@ -174,11 +158,10 @@ class MultiTaskTrainer:
         """Evaluate the chosen checkpoint on every task's validation and test images; write
         metrics.json and curves.png (rank 0)."""
         self.dist.barrier()
+        default_form(self.built.module)  # trained in channels-last (and bf16 with FP32 depthwise) on a CPU: as built again
         self.built.module.load_state_dict(safe_load(self.run_dir / CHECKPOINT)["state_dict"])
         val = self._val()
-        tasks = {
-            name: self._task_metrics(name, loop, columns, val[name]) for name, loop, columns in zip(self.names, self.loops, self.slices, strict=True)
-        }
+        tasks = {name: self._task_metrics(index, name, val[name]) for index, name in enumerate(self.names)}
         first = tasks[self.names[0]]
         metrics = {
             "arch": self.config.arch,
@@ -188,7 +171,8 @@ class MultiTaskTrainer:
             "classes": task_labels({name: t["classes"] for name, t in tasks.items()}),
             "tasks": tasks,
             "chosen_on": CHOSEN_ON,
-            "weighting": WEIGHTING,
+            "weighting": self.tasks.weighting,
+            "probe": self.probe,
             "train_images": sum(t["train_images"] for t in tasks.values()),
             "val_images": sum(t["val_images"] for t in tasks.values()),
             "test_images": sum(t["test"]["images"] if t["test"] else 0 for t in tasks.values()),
@@ -202,26 +186,30 @@ class MultiTaskTrainer:
                 "confusion_of": self.names[0],
             },
             "test": None,
-            "timing": {
-                "features_s": self.features_s,
-                "epochs_s": sum(r["seconds"] for r in self.history),
-                "total_s": total_s,
-                "torch_threads": torch.get_num_threads(),
-            },
-            "frozen_pass": [loop.frozen_record() for loop in self.loops],
+            "timing": self._timing(total_s),
+            "frozen_pass": self.tasks.frozen_record(),
+            "precision": precision_for(self.tasks.device, self.tasks.amp),
         }
         if self.dist.main:
             write_json(self.run_dir / METRICS, metrics)
             plot_training(metrics, self.run_dir / CURVES)
         return metrics
 
-    def _task_metrics(self, name: str, loop: CachedHeadLoop, columns: slice, val: dict[str, Any]) -> dict[str, Any]:
+    def _timing(self, total_s: float) -> dict[str, Any]:
+        return {
+            "features_s": self.tasks.features_s + (self.probe or {}).get("seconds", 0.0),
+            "epochs_s": sum(r["seconds"] for r in self.history),
+            "total_s": total_s,
+            "torch_threads": torch.get_num_threads(),
+        }
+
+    def _task_metrics(self, index: int, name: str, val: dict[str, Any]) -> dict[str, Any]:
         dataset = self.datasets[name]
         logits, labels = val["logits"].numpy(), val["labels"].numpy()
         test = None
         if dataset.test:
             test_labels = np.array([sample.label for sample in dataset.test])
-            right = int((loop.test_logits(dataset.test)[:, columns].numpy().argmax(1) == test_labels).sum())
+            right = int((self.tasks.test_logits(index, dataset.test).numpy().argmax(1) == test_labels).sum())
             test = {"images": len(test_labels), "top1": right / len(test_labels), "interval": wilson_interval(right, len(test_labels))}
         return {
             "classes": list(dataset.classes),

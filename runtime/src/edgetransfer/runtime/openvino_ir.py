@@ -157,10 +157,11 @@ class OpenVinoSession:
         model, self.props = read_ir(xml, core)
         outputs = [port.get_names() for port in model.outputs]
         prototype = len(outputs) == 2 and "logits" in outputs[0] and "features" in outputs[1]  # logits, then embeddings
-        if len(model.inputs) != 1 or (len(outputs) != 1 and not prototype):
+        tasks = "tasks" in self.props and len(outputs) > 2 and "logits" in outputs[0]  # every task's logits, then each task's
+        if len(model.inputs) != 1 or (len(outputs) != 1 and not prototype and not tasks):
             raise OpenVinoError(
                 f"{xml} has {len(model.inputs)} inputs and {len(model.outputs)} outputs; a classifier has one"
-                " of each (a prototype model's second output is its features)"
+                " of each (a prototype model's second output is its features, a multi-task model's next outputs its tasks')"
             )
         self.compiled = compile_ir(model, self.props, device, threads, hint, core)
         self.providers = [f"OpenVINO:{device}"]
