@@ -258,6 +258,7 @@ def _multitask_run(
         built.module.to(device)
         built.check_size()
         probe = _probe_tasks(config, built, heads, datasets, device, run_dir) if state is None else None
+        tasks: CachedTasks | ImageTasks
         if config.caches_features:
             tasks = CachedTasks(config, built, heads, datasets, device, run_dir, dist)
         else:
