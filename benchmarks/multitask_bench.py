@@ -6,9 +6,10 @@ size), the two-task demo (``--tasks demo``: digit and face) and one single-task 
 
 * **accuracy**: each task's test images (no stage chose on them) through the two-task model and
   through that task's own model (ONNX Runtime, FP32), with the paired 95% interval of the change;
-* **latency at batch 1**: the two-task model, one single-task model, and the two single-task
-  models run in turn (what a device without multi-task heads does), timed in interleaved rounds
-  on the same images, with the same ONNX Runtime threads;
+* **latency at batch 1**: in one ``edgetransfer bench`` run of the two-task run, its ONNX model,
+  one single-task model (``--model``) and the two single-task models run in turn (``--replaces``:
+  what a device without multi-task heads does), timed in interleaved rounds on the same images,
+  with the same ONNX Runtime threads;
 * **INT8**: the two-task model's ONNX Runtime INT8 variant under the default guard (whose worst
   task decides), and each task's test top-1 change against the float two-task model.
 
@@ -19,7 +20,6 @@ Writes ``benchmarks/results/multitask.{md,json,png}``. Run:
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
 import time
@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
+from edgetransfer.bench import BenchOptions, bench_run
 from edgetransfer.config import FinetuneConfig
 from edgetransfer.data import DEMO, FACES, DataSpec
 from edgetransfer.errors import EdgeTransferError
@@ -40,7 +41,6 @@ from edgetransfer.progress import set_quiet
 from edgetransfer.results import paired_interval
 from edgetransfer.rundir import RunDir
 from edgetransfer.runtime import Predictor
-from edgetransfer.runtime.predictor import prepare
 from edgetransfer.tasks import tasks_option
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -99,37 +99,36 @@ def accuracy(runs: dict[str, Path], models: dict[str, Predictor]) -> dict[str, d
     return rows
 
 
-def latency(models: dict[str, Predictor], image: np.ndarray, rounds: int, iterations: int) -> dict:
-    """Batch-1 latency in interleaved rounds: the two-task model, each single-task model, and the
-    two single-task models in turn; the medians of the rounds' means and the ratios to one model."""
-    prepared = {name: np.stack([prepare(image, model.info)]) for name, model in models.items()}
-    for _ in range(10):  # warm up
-        for name, model in models.items():
-            model.run_prepared(prepared[name])
-    cases = {
-        "two-task": ["two-task"],
-        "digit": ["digit"],
-        "face": ["face"],
-        "digit then face": ["digit", "face"],
-    }
-    times: dict[str, list[float]] = {case: [] for case in cases}
-    for _ in range(rounds):
-        for case, parts in cases.items():
-            started = time.perf_counter()
-            for _ in range(iterations):
-                for part in parts:
-                    models[part].run_prepared(prepared[part])
-            times[case].append(1000 * (time.perf_counter() - started) / iterations)
-    median = {case: statistics.median(values) for case, values in times.items()}
-    spread = {case: (max(values) - min(values)) / median[case] for case, values in times.items()}
-    one = median["digit"]
+def latency(runs: dict[str, Path], args: argparse.Namespace) -> dict:
+    """Batch 1 in one ``edgetransfer bench`` run of the two-task run: its ONNX model, one
+    single-task model (``--model``), and the single-task models run in turn (``--replaces``),
+    timed in interleaved rounds on the same test images with the same threads."""
+    options = BenchOptions(
+        batch_sizes=(1,),
+        threads=args.threads,
+        rounds=args.rounds,
+        iterations=args.iterations,
+        variants=("onnx",),
+        models=(runs["digit"] / "model.onnx",),
+        replaces=(runs["digit"], runs["face"]),
+    )
+    report = bench_run(runs["two-task"], options, out_dir=runs["two-task"] / "bench")
+    rows = {row.variant: row for row in report.results}
+    cases = {"two-task": rows["onnx"], "digit": rows["model.onnx"], "digit then face": rows["in turn: digit + face"], "eager two-task": rows["eager"]}
+    failed = [f"{row.variant}: {row.reason}" for row in cases.values() if not row.measured]
+    if failed:
+        raise SystemExit(f"bench could not measure {'; '.join(failed)}")
+    times = {case: next(iter(row.latency.values())) for case, row in cases.items()}
+    one = times["digit"].mean_ms
     return {
-        "median_ms": {case: round(value, 3) for case, value in median.items()},
-        "spread": {case: round(value, 3) for case, value in spread.items()},
-        "two_task_vs_one": round(median["two-task"] / one, 3),
-        "in_turn_vs_one": round(median["digit then face"] / one, 3),
-        "rounds": rounds,
-        "iterations": iterations,
+        "mean_ms": {case: round(t.mean_ms, 3) for case, t in times.items()},
+        "spread": {case: round(t.spread or 0.0, 3) for case, t in times.items()},
+        "two_task_vs_one": round(times["two-task"].mean_ms / one, 3),
+        "in_turn_vs_one": round(times["digit then face"].mean_ms / one, 3),
+        "rounds": args.rounds,
+        "iterations": times["digit"].iterations,
+        "per_task_top1": {case: row.accuracy.per_task if row.accuracy else None for case, row in cases.items()},
+        "eval_images": report.eval_images,
     }
 
 
@@ -199,19 +198,19 @@ def markdown(report: dict) -> str:
             f" | {100 * row['two_task_top1']:.2f}% ({row['two_task_interval'][0]:.1f}–{row['two_task_interval'][1]:.1f})"
             f" | {row['change_points']:+.2f} | {low:+.2f} to {high:+.2f} | {verdict} |"
         )
-    median = lat["median_ms"]
+    mean = lat["mean_ms"]
     lines += [
         "",
-        f"## Latency at batch 1 ({lat['rounds']} interleaved rounds of {lat['iterations']} calls; median of the rounds' means)",
+        f"## Latency at batch 1 (one `edgetransfer bench` run: {lat['rounds']} interleaved rounds, {lat['iterations']} calls each; mean)",
         "",
         "| model(s) | ms | ± rounds | vs one single-task model | goal |",
         "|---|---|---|---|---|",
-        f"| digit (one single-task model) | {median['digit']:.2f} | ±{50 * lat['spread']['digit']:.0f}% | 1.00× | |",
-        f"| face (one single-task model) | {median['face']:.2f} | ±{50 * lat['spread']['face']:.0f}% | {median['face'] / median['digit']:.2f}× | |",
-        f"| two-task model | {median['two-task']:.2f} | ±{50 * lat['spread']['two-task']:.0f}% | {lat['two_task_vs_one']:.2f}× |"
+        f"| digit (one single-task model, ONNX Runtime) | {mean['digit']:.2f} | ±{50 * lat['spread']['digit']:.0f}% | 1.00× | |",
+        f"| two-task model (ONNX Runtime) | {mean['two-task']:.2f} | ±{50 * lat['spread']['two-task']:.0f}% | {lat['two_task_vs_one']:.2f}× |"
         f" ≤ {GOALS['two_task_vs_one']}× ({'yes' if lat['two_task_vs_one'] <= GOALS['two_task_vs_one'] else 'NO'}) |",
-        f"| digit then face, in turn | {median['digit then face']:.2f} | ±{50 * lat['spread']['digit then face']:.0f}% | {lat['in_turn_vs_one']:.2f}× |"
+        f"| digit then face, in turn (ONNX Runtime) | {mean['digit then face']:.2f} | ±{50 * lat['spread']['digit then face']:.0f}% | {lat['in_turn_vs_one']:.2f}× |"
         f" ≥ {GOALS['in_turn_vs_one']}× ({'yes' if lat['in_turn_vs_one'] >= GOALS['in_turn_vs_one'] else 'NO'}) |",
+        f"| two-task model, eager PyTorch | {mean['eager two-task']:.2f} | ±{50 * lat['spread']['eager two-task']:.0f}% | {mean['eager two-task'] / mean['digit']:.2f}× | |",
         "",
         "## INT8 (ONNX Runtime, default guard: 1.0 point, the worst task decides)",
         "",
@@ -236,11 +235,11 @@ def markdown(report: dict) -> str:
 
 
 def plot(report: dict, path: Path) -> None:
-    median = report["latency"]["median_ms"]
+    mean = report["latency"]["mean_ms"]
     fig = Figure(figsize=(11, 4))
     bars, acc_ax = fig.subplots(1, 2)
-    names = ["digit", "face", "two-task", "digit then face"]
-    bars.bar(names, [median[n] for n in names], color=["#8aa", "#8aa", "#2a7", "#c66"])
+    names = ["digit", "two-task", "digit then face"]
+    bars.bar(names, [mean[n] for n in names], color=["#8aa", "#2a7", "#c66"])
     bars.set(title="batch-1 latency (ms)", ylabel="ms")
     tasks = list(report["accuracy"])
     for offset, (key, label) in enumerate((("single_top1", "own model"), ("two_task_top1", "two-task model"))):
@@ -260,7 +259,7 @@ def main() -> None:
     parser.add_argument("--test-fraction", type=float, default=0.3, help="each task's test share (more test images, narrower intervals)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--iterations", type=int, default=100)
+    parser.add_argument("--iterations", type=int, default=300)
     parser.add_argument("--no-int8", action="store_true", help="skip the INT8 build")
     parser.add_argument("--out", default="multitask", help="results stem under benchmarks/results/")
     args = parser.parse_args()
@@ -268,12 +267,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="multitask-") as folder:
         runs = train(Path(folder), args)
         models = {name: Predictor(run / "model.onnx", threads=args.threads, batch_size=64) for name, run in runs.items()}
-        image = test_images(runs["digit"])[0][0]
         report = {
             "settings": vars(args),
             "machine": fingerprint(args.threads),
             "accuracy": accuracy(runs, models),
-            "latency": latency(models, image, args.rounds, args.iterations),
+            "latency": latency(runs, args),
             "int8": {"refused": "skipped (--no-int8)", "seconds": 0} if args.no_int8 else int8(runs, args.threads),
         }
     save_results(args.out, report, markdown(report))

@@ -20,11 +20,12 @@ import numpy as np
 import torch
 from rich.markup import escape
 
-from .backends import EagerRunner, Runner, SkipVariant
+from .backends import EagerRunner, InTurnRunner, Runner, SkipVariant
 from .benchreport import BenchAccuracy, BenchReport, BenchRow, Recommendation
 from .config import BenchOptions
 from .data import DataSpec, load_dataset, load_image
 from .errors import DataError, OptionError, RunError, first_line, unknown_name
+from .export import run_onnx
 from .machine import gpu_memory_reset, machine_fingerprint, peak_rss_mb, rss_mb
 from .optimize import spec
 from .optimize.coverage import integer_coverage, is_quantized
@@ -100,7 +101,39 @@ def _variants(run: RunDir, options: BenchOptions) -> list[_Variant]:
     for model in map(Path, options.models):
         target = spec("openvino" if model.suffix == ".xml" else "ort-cpu")
         found.append(_Variant(model.name, model, target.kind, target.runner, target.files(model), from_manifest=False))
+    if options.replaces:
+        found.append(_replaced(run, [RunDir(path) for path in options.replaces]))
     return found
+
+
+def _replaced(run: RunDir, singles: list[RunDir]) -> _Variant:
+    """The single-task runs a multi-task run replaces, as one variant run in turn (their models
+    in the order of the tasks whose labels they output).
+
+    Raises:
+        OptionError: ``run`` has no tasks, a task without its single-task run, or models made
+            for other input than the multi-task model's.
+    """
+    tasks = tasks_of(run.load_checkpoint()[1])
+    if tasks is None:
+        raise OptionError(f"--replaces compares a multi-task run with the runs it replaces; {run} has one task")
+    pre = run.load_checkpoint()[0].preprocessing
+    by_labels = {}
+    for single in singles:
+        built, payload = single.load_checkpoint()
+        if built.preprocessing != pre:
+            raise OptionError(
+                f"{single} takes other input ({built.preprocessing.input_size} px, its own normalisation) than {run}; train it at the same size"
+            )
+        by_labels[tuple(payload["classes"])] = single
+    missing = [name for name, labels in zip(tasks.names, tasks.labels, strict=True) if labels not in by_labels]
+    if missing or len(singles) != len(tasks.names):
+        raise OptionError(
+            f"--replaces takes one single-task run per task, whose classes are the task's; none for {', '.join(missing) or 'every task'}"
+        )
+    models = [run_onnx(by_labels[labels]) for labels in tasks.labels]
+    name = "in turn: " + " + ".join(by_labels[labels].name for labels in tasks.labels)
+    return _Variant(name, models[0], "onnx", lambda path, threads: InTurnRunner(models, threads), models, from_manifest=False)
 
 
 def _qat_variants(run: RunDir) -> list[_Variant]:
@@ -229,9 +262,12 @@ def _measure(
             row.coverage = integer_coverage(variant.path)
         inputs = data.inputs(runner.input_format)
         logits = batched_logits(runner, inputs, max(options.batch_sizes))
-        if data.tasks is not None:
-            logits = data.tasks.masked(logits, data.labels)
-        row.accuracy = BenchAccuracy.measure(logits, data.labels, eager.get("logits"), data.tasks)
+        reference = eager.get("logits")
+        if reference is not None and logits.shape[1] != reference.shape[1]:  # a --model of other classes: timed only
+            row.reason = f"latency only: it outputs {logits.shape[1]} classes, this run's model {reference.shape[1]}"
+        else:
+            logits = data.tasks.masked(logits, data.labels) if data.tasks is not None else logits
+            row.accuracy = BenchAccuracy.measure(logits, data.labels, reference, data.tasks)
         if variant.name == "eager":
             eager["logits"] = logits
         row.rss_mb = round(rss_mb(), 1)

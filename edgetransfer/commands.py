@@ -35,7 +35,7 @@ RESUME_EXIT = 130
     DataSpec,
     "source",
     "--data",
-    help="Image folder (class subfolders, or train/ and val/), 'digits' for the embedded demo, or 'digits-m' for the same digits on photo patches.",
+    help="Image folder (class subfolders, or train/ and val/), 'digits' for the embedded demo, 'digits-m' for the same digits on photo patches, or 'faces' (face or not).",
 )
 @click.option(
     "--task",

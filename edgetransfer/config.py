@@ -320,6 +320,9 @@ class BenchOptions:
         max_accuracy_drop: top-1 points a recommended variant may lose against eager.
         variants: names to bench (manifest artifacts); empty: all.
         models: extra ONNX files to bench on the CPU.
+        replaces: single-task runs a multi-task run replaces: their ONNX models are benched run in
+            turn, as one variant whose outputs are theirs side by side (each task's accuracy is its
+            own model's, the latency that of running them all).
         data: image folder to evaluate on (its classes must be the model's); default: the run's test split.
         eval_images: cap on evaluation images.
     """
@@ -334,6 +337,7 @@ class BenchOptions:
     max_accuracy_drop: float = 1.0
     variants: tuple[str, ...] = ()
     models: tuple[Path, ...] = ()
+    replaces: tuple[Path, ...] = ()
     data: Path | None = None
     eval_images: int | None = None
 
@@ -369,5 +373,6 @@ class BenchOptions:
         data["batch_sizes"] = list(self.batch_sizes)
         data["variants"] = list(self.variants)
         data["models"] = [str(m) for m in self.models]
+        data["replaces"] = [str(r) for r in self.replaces]
         data["data"] = str(self.data) if self.data else None
         return data

@@ -189,6 +189,12 @@ def _any_given(ctx: click.Context, cls: type) -> bool:
 )
 @click.option("--variant", "variants", multiple=True, help="Only these variants from the run's manifest (eager is always measured).")
 @click.option("--model", "models", multiple=True, type=click.Path(path_type=Path), help="Also bench this ONNX file or OpenVINO .xml (CPU).")
+@click.option(
+    "--replaces",
+    multiple=True,
+    type=click.Path(path_type=Path),
+    help="A multi-task run: the single-task runs it replaces (one per task); their models are benched run in turn, as one variant.",
+)
 @field_option(BenchOptions, "data", "--data", help="Evaluate on this image folder (same classes as the model). [default: the run's test split]")
 @field_option(BenchOptions, "eval_images", "--eval-images", help="Evaluate on at most N images (spread over the classes).")
 @field_option(BenchOptions, "warmup", "--warmup", help="Untimed runs before timing.")
@@ -213,6 +219,7 @@ def bench(run_dir: Path, threads: str | None, fail_over_budget: bool, out: Path 
       edgetransfer bench runs/demo
       edgetransfer bench runs/demo --batch-sizes 1,8,32 --threads auto --min-seconds 2
       edgetransfer bench runs/demo --max-accuracy-drop 0.5 --fail-over-budget   # gate your CI
+      edgetransfer bench runs/two-task --replaces runs/digit --replaces runs/face  # multi-task against the two models
     """
 
     set_quiet(quiet)

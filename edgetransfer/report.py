@@ -223,9 +223,7 @@ def _bench_rows(report: BenchReport):
             yield [r.variant, "—", r.status] + [""] * (len(_BENCH_COLUMNS) - 3)
             continue
         acc = r.accuracy
-        if acc is None:  # a measured row always has its accuracy
-            continue
-        interval = acc.top1_change_interval
+        interval = acc.top1_change_interval if acc else None
         for batch, t in r.latency.items():
             yield [
                 r.variant,
@@ -237,8 +235,8 @@ def _bench_rows(report: BenchReport):
                 f"±{50 * t.spread:.0f}%" if t.spread is not None else "—",
                 f"{t.throughput_ips:.0f}",
                 f"{r.speedup_vs_eager.get(batch, float('nan')):.2f}×",
-                f"{100 * acc.top1:.2f}%" + _per_task(acc.per_task),
-                f"{acc.top1_change_points or 0.0:+.2f}",
+                f"{100 * acc.top1:.2f}%" + _per_task(acc.per_task) if acc else "— (other classes)",
+                f"{acc.top1_change_points or 0.0:+.2f}" if acc else "—",
                 f"{interval[0]:+.1f}…{interval[1]:+.1f}" if interval else "—",
                 _share(r.coverage),
                 f"{(r.size_bytes or 0) / 2**20:.1f}",

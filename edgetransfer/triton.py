@@ -149,8 +149,10 @@ def model_config(name: str, model: onnx.ModelProto, precision: Precision, option
     config = pb.ModelConfig(name=name, backend="onnxruntime", max_batch_size=options.max_batch_size, default_model_filename=MODEL_FILE)
     for tensor_name, kind, dims in inputs:
         config.input.add(name=tensor_name, data_type=pb.DataType.Value(kind), dims=dims)
+    tasks = _task_labels(model)
     for tensor_name, kind, dims in outputs:
-        label_file = LABELS_FILE if tensor_name == "logits" else ""  # Triton's classification extension
+        # Triton's classification extension: the labels of the logits, and of each task's logits
+        label_file = LABELS_FILE if tensor_name == "logits" else f"labels_{tensor_name}.txt" if tensor_name in tasks else ""
         config.output.add(name=tensor_name, data_type=pb.DataType.Value(kind), dims=dims, label_filename=label_file)
     group = pb.ModelInstanceGroup.Kind.Value("KIND_GPU" if options.gpu else "KIND_CPU")
     config.instance_group.add(count=options.instances, kind=group)
@@ -206,9 +208,22 @@ def check_repository(model_dir: str | Path) -> Any:
         raise TritonError(f"{model_dir}: {LABELS_FILE} or {PREPROCESSING_FILE} is missing or unreadable ({printable(exc)}); {again}") from exc
     if labels != list(info.labels):
         raise TritonError(f"{model_dir / LABELS_FILE} does not hold the model's labels in order; {again}")
+    for output, task_labels in _task_labels(model).items():
+        path = model_dir / f"labels_{output}.txt"
+        if not path.is_file() or path.read_text(encoding="utf-8").splitlines() != task_labels:
+            raise TritonError(f"{path} is missing or does not hold the labels of output {output} in order; {again}")
     if preprocessing != _client_preprocessing(info):
         raise TritonError(f"{model_dir / PREPROCESSING_FILE} is not the model's preprocessing; {again}")
     return config
+
+
+def _task_labels(model: onnx.ModelProto) -> dict[str, list[str]]:
+    """A multi-task model's per-task outputs and each one's labels (none for one task)."""
+    props = {p.key: p.value for p in model.metadata_props}
+    info = ModelInfo.from_props(props) if "tasks" in props else None
+    if info is None or info.tasks is None:
+        return {}
+    return {output: list(labels) for output, labels in zip(info.tasks.outputs, info.tasks.labels, strict=True)}
 
 
 def _client_preprocessing(info: ModelInfo) -> dict[str, Any]:
@@ -293,6 +308,8 @@ def _write(run: RunDir, name: str, parent: str, source: Path, precision: Precisi
         (staged / "1").mkdir(parents=True)
         shutil.copyfile(source, staged / "1" / MODEL_FILE)
         (staged / LABELS_FILE).write_text("".join(f"{label}\n" for label in labels), encoding="utf-8")
+        for output, task_labels in _task_labels(model).items():
+            (staged / f"labels_{output}.txt").write_text("".join(f"{label}\n" for label in task_labels), encoding="utf-8")
         (staged / "config.pbtxt").write_text(text_format.MessageToString(config), encoding="utf-8")
         write_json(staged / PREPROCESSING_FILE, _client_preprocessing(info))
         check_repository(staged)

@@ -19,10 +19,11 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
+from edgetransfer.bench import BenchOptions, bench_run
 from edgetransfer.cli import main
 from edgetransfer.config import FinetuneConfig
 from edgetransfer.data import DataSpec
-from edgetransfer.errors import DataError, OptionError, QuantizationError
+from edgetransfer.errors import DataError, OptionError, QuantizationError, TritonError
 from edgetransfer.export import export_onnx
 from edgetransfer.finetune import finetune
 from edgetransfer.models import build
@@ -35,6 +36,7 @@ from edgetransfer.runtime.cli import main as runtime_main
 from edgetransfer.runtime.tasks import Tasks
 from edgetransfer.safeload import safe_load
 from edgetransfer.tasks import load_tasks, parse_task, tasks_option
+from edgetransfer.triton import check_repository
 
 from conftest import digits_pixels
 
@@ -199,6 +201,47 @@ def test_the_server_answers_per_task_as_predict_does(two_task_run):
         task: [p.label for p in ranked] for task, ranked in expected.items()
     }
     assert info.json()["tasks"] == {"digit": [str(i) for i in range(10)], "face": ["face", "not-face"]}
+
+
+@pytest.mark.slow
+def test_bench_measures_the_single_task_models_it_replaces_in_turn(two_task_run, tmp_path):
+    singles = {}
+    for task, source in (("digit", "digits"), ("face", "faces")):
+        singles[task] = tmp_path / task
+        finetune(FinetuneConfig(data=replace(SMALL, source=source), epochs=EPOCHS), singles[task])
+        export_onnx(singles[task])
+    run = tmp_path / "two-task"
+    shutil.copytree(two_task_run, run)
+    options = BenchOptions(
+        batch_sizes=(1,), rounds=1, iterations=3, warmup=1, replaces=(singles["face"], singles["digit"]), models=(singles["digit"] / "model.onnx",)
+    )
+    report = bench_run(run, options)
+    rows = {row.variant: row for row in report.results}
+    in_turn = rows["in turn: digit + face"]  # in the order of the tasks, whatever order they were given in
+    assert in_turn.measured and rows["onnx"].measured, in_turn.reason
+    for task in ("digit", "face"):
+        own = json.loads((singles[task] / "metrics.json").read_text())["test"]
+        measured = in_turn.accuracy.per_task[task]
+        assert measured["images"] == own["images"] and abs(measured["top1"] - own["top1"]) <= 1 / own["images"]
+    assert set(rows["onnx"].accuracy.per_task) == {"digit", "face"}
+    alone = rows["model.onnx"]  # one single-task model beside them: timed in the same rounds, its accuracy not comparable
+    assert alone.measured and alone.accuracy is None and "latency only" in alone.reason and alone.latency
+    with pytest.raises(OptionError, match="one single-task run per task"):
+        bench_run(run, replace(options, replaces=(singles["digit"],)))
+
+
+def test_a_triton_repository_labels_every_task_output(two_task_run, tmp_path):
+    pytest.importorskip("tritonclient", reason="the triton extra is not installed")
+    run = tmp_path / "run"
+    shutil.copytree(two_task_run, run)
+    result = CliRunner().invoke(main, ["export", str(run), "--target", "triton", "--precision", "fp32"])
+    assert result.exit_code == 0, result.output
+    folder = next((run / "triton").iterdir())
+    assert (folder / "labels_logits_face.txt").read_text().splitlines() == ["face", "not-face"]
+    assert 'label_filename: "labels_logits_digit.txt"' in (folder / "config.pbtxt").read_text()
+    (folder / "labels_logits_face.txt").write_text("not-face\nface\n")  # planted: swapped labels
+    with pytest.raises(TritonError, match="labels of output logits_face"):
+        check_repository(folder)
 
 
 def test_metadata_whose_tasks_do_not_fit_the_labels_is_refused():

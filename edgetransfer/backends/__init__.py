@@ -6,7 +6,7 @@ Heavy libraries are imported inside the runner that needs them.
 from .base import Runner, SkipVariant
 from .eager import EagerRunner
 from .openvino import OpenVinoRunner
-from .ort import OrtRunner
+from .ort import InTurnRunner, OrtRunner
 from .tensorrt import TensorRTRunner
 
-__all__ = ["Runner", "SkipVariant", "EagerRunner", "OrtRunner", "OpenVinoRunner", "TensorRTRunner"]
+__all__ = ["Runner", "SkipVariant", "EagerRunner", "OrtRunner", "InTurnRunner", "OpenVinoRunner", "TensorRTRunner"]

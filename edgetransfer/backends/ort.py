@@ -8,7 +8,7 @@ from ..runtime import probe_provider
 from ..runtime.sessions import open_session
 from .base import Runner, SkipVariant
 
-__all__ = ["OrtRunner"]
+__all__ = ["OrtRunner", "InTurnRunner"]
 
 
 class OrtRunner(Runner):
@@ -44,3 +44,26 @@ class OrtRunner(Runner):
 
     def deactivate(self) -> None:
         self.session = None
+
+
+class InTurnRunner(Runner):
+    """Several single-task ONNX models run one after the other on the same batch, their logits
+    side by side: what a device without multi-task heads runs in place of one multi-task model."""
+
+    def __init__(self, models: list[Path], threads: int | None = None) -> None:
+        super().__init__(" + ".join(str(m) for m in models))
+        self.runners = [OrtRunner(model, threads=threads) for model in models]
+
+    def activate(self) -> None:
+        for runner in self.runners:
+            runner.activate()
+        self.provider = self.runners[0].provider
+        self.input_format = self.runners[0].input_format
+        self.settings = {**self.runners[0].settings, "models": str(len(self.runners)), "run": "in turn"}
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        return np.concatenate([runner.infer(batch) for runner in self.runners], axis=1)
+
+    def deactivate(self) -> None:
+        for runner in self.runners:
+            runner.deactivate()
