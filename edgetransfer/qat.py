@@ -118,6 +118,10 @@ def run_qat(
     parent = RunDir(parent_dir)
     parent.require_complete()
     config = parent.read_config()
+    if config.get("tasks"):
+        raise RunError(
+            f"{parent} is a multi-task run; QAT takes one task (post-training INT8 holds every task to the budget: export --precision int8)"
+        )
     if (record := parent.qat_record()) is not None:
         raise RunError(f"{parent} is already a QAT run; run QAT from its parent, {record.get('parent')}")
     child = RunDir(out if out is not None else parent / f"qat-{options.target}")

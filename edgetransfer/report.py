@@ -138,7 +138,11 @@ def parity_table(result) -> Table:
     table = Table(title=Text(f"exported: {result.path}"), title_justify="left", show_header=False)
     table.add_column(style="bold")
     table.add_column()
-    table.add_row("model", Text(f"{result.info.arch}, {len(result.info.labels)} classes, input {result.info.input_format}"))
+    tasks = result.info.tasks
+    classes = f"{len(result.info.labels)} classes"
+    if tasks:
+        classes = "tasks " + ", ".join(f"{name} ({len(labels)} classes)" for name, labels in zip(tasks.names, tasks.labels, strict=True))
+    table.add_row("model", Text(f"{result.info.arch}, {classes}, input {result.info.input_format}"))
     pre = result.info.preprocessing
     table.add_row(
         "preprocessing",
@@ -149,7 +153,8 @@ def parity_table(result) -> Table:
         table.add_row(
             "parity",
             f"max |logit diff| {p.max_abs_diff:.2e}, relative {p.max_rel_diff:.2e} (atol {p.atol:g},"
-            f" rtol {p.rtol:g}), top-1 agreement {100 * p.top1_agreement:.1f}%",
+            f" rtol {p.rtol:g}), top-1 agreement {100 * p.top1_agreement:.1f}%"
+            + (f" (the worst task's; every output checked: {', '.join(p.outputs)})" if p.outputs else ""),
         )
         table.add_row("checked on", f"{p.images} validation images, batches of {p.batch_size}, {p.provider}")
     else:

@@ -56,11 +56,18 @@ def _about(run: RunDir, manifest: dict[str, Any], metrics: dict[str, Any]) -> Ta
         else _top1(metrics.get("val_top1"), None),
         "test top-1": _top1((metrics.get("test") or {}).get("top1"), (metrics.get("test") or {}).get("images")),
     }
+    tasks = metrics.get("tasks")
+    if isinstance(tasks, dict) and tasks:  # a multi-task run: its validation top-1 is the tasks' mean; each task's test top-1
+        rows["validation top-1"] += " (mean of the tasks')"
+        del rows["test top-1"]
+        for name, task in tasks.items():
+            test = task.get("test") if isinstance(task, dict) else None
+            rows[f"task {name}"] = "test top-1 " + _top1((test or {}).get("top1"), (test or {}).get("images"))
     parent = manifest.get("parent")
     if isinstance(parent, dict):
         rows["parent"] = str(parent.get("run", "?"))
     for key, value in rows.items():
-        table.add_row(key, Text(printable(value)))
+        table.add_row(Text(printable(key)), Text(printable(value)))
     return table
 
 

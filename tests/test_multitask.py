@@ -244,6 +244,19 @@ def test_a_triton_repository_labels_every_task_output(two_task_run, tmp_path):
         check_repository(folder)
 
 
+def test_info_shows_each_tasks_test_top1(two_task_run):
+    result = CliRunner().invoke(main, ["info", str(two_task_run)])
+    assert result.exit_code == 0, result.output
+    face = json.loads((two_task_run / "metrics.json").read_text())["tasks"]["face"]["test"]
+    assert "task face" in result.output and f"{100 * face['top1']:.2f}% of {face['images']} images" in result.output
+    assert "mean of the tasks" in result.output
+
+
+def test_qat_of_a_multi_task_run_is_refused_before_any_work(two_task_run, tmp_path):
+    result = CliRunner().invoke(main, ["finetune", "--from", str(two_task_run), "--qat", "--out", str(tmp_path / "qat")])
+    assert result.exit_code != 0 and "multi-task run; QAT takes one task" in result.output and not (tmp_path / "qat").exists()
+
+
 def test_metadata_whose_tasks_do_not_fit_the_labels_is_refused():
     labels = ("a:x", "a:y", "b:p", "b:q")
     assert Tasks.from_json('[{"name": "a", "labels": ["x", "y"]}, {"name": "b", "labels": ["p", "q"]}]', labels).slices == [slice(0, 2), slice(2, 4)]
