@@ -193,6 +193,13 @@ def _share(coverage) -> str:
     return "—" if coverage is None else f"{100 * coverage.share:.1f}%"
 
 
+def _variant_tasks(per_task: dict | None) -> str:
+    """A multi-task variant's top-1 change of each task against float, in points."""
+    if not per_task:
+        return ""
+    return " (" + ", ".join(f"{name} {100 * (t['top1'] - t['float_top1']):+.2f}" for name, t in per_task.items()) + ")"
+
+
 def variants_table(variants) -> Table:
     """Each optimised variant with its accuracy against the float model, on held-out images, with
     the 95% interval of the change (the two models ran on the same images)."""
@@ -209,7 +216,7 @@ def variants_table(variants) -> Table:
         table.add_row(
             Text(v.name),
             f"{size:.1f}",
-            f"{100 * a.top1:.2f}%" if a and a.top1 is not None else "—",
+            (f"{100 * a.top1:.2f}%" if a and a.top1 is not None else "—") + _variant_tasks(r.details.get("per_task")),
             f"{a.top1_change_points:+.2f}" if a and a.top1_change_points is not None else "—",
             f"{interval[0]:+.2f} to {interval[1]:+.2f}" if interval else "—",
             f"{100 * a.top1_agreement:.1f}%" if a else "—",

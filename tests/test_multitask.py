@@ -305,7 +305,7 @@ def test_the_guard_refuses_damage_to_one_task_that_the_other_task_would_hide():
     assert distance(tasks.masked(damaged, labels), tasks.masked(float_logits, labels))[0] == pytest.approx(1.0)  # 2 of 200 images
     assert per_task.per_task(damaged) == {"digit": 0.0, "face": pytest.approx(20.0)}
     assert per_task.score(damaged)[0] == pytest.approx(20.0)
-    with pytest.raises(QuantizationError, match="20.00%"):
+    with pytest.raises(QuantizationError, match="20.00% of the worst task.s selection images"):
         hold_budget(_Planted(float_logits, damaged, fixes=99), per_task, 1.5, 8, lambda message: None)
     result = hold_budget(_Planted(float_logits, damaged, fixes=3), per_task, 1.5, 8, lambda message: None)
     assert len(result.kept) == 3 and result.final[0] == 0.0
@@ -321,7 +321,9 @@ def test_int8_of_a_two_task_model_is_built_under_the_worst_task_guard(two_task_r
     quantised = onnx.load(str(variant.path))
     assert [o.name for o in quantised.graph.output] == ["logits", "logits_digit", "logits_face"]
     assert json.loads({p.key: p.value for p in quantised.metadata_props}["tasks"])[1]["name"] == "face"
-    guard = RunDir(run).manifest().artifacts[variant.name]["report"]["guard"]
+    report = RunDir(run).manifest().artifacts[variant.name]["report"]
+    guard = report["guard"]
+    assert {name: task["images"] for name, task in report["per_task"].items()} == {"digit": 30, "face": 6}  # each task's test images
     assert guard["criterion"] == "the worst task's top-1 disagreement" and guard["tasks"] == ["digit", "face"]
     answers = Predictor(variant.path).predict(np.zeros((24, 24, 3), np.uint8), top_k=1)
     assert set(answers) == {"digit", "face"}

@@ -173,6 +173,27 @@ class BuildContext:
             logits = self.info.tasks.masked(logits, self.labels)
         return compare(logits, self.float_logits, self.labels).with_split(self.split)
 
+    def assess(self, report, logits: np.ndarray) -> None:
+        """A variant's accuracy against the float model on the held-out images, into its report:
+        for a multi-task model also each task's, on its own images, with the paired interval."""
+        report.accuracy = self.compare(logits)
+        tasks = self.info.tasks
+        if tasks is None:
+            return
+        masked, rows = tasks.masked(logits, self.labels), tasks.task_of(self.labels)
+        per_task = {}
+        for index, name in enumerate(tasks.names):
+            mine = rows == index
+            if mine.any():
+                found = compare(masked[mine], self.float_logits[mine], self.labels[mine])
+                per_task[name] = {
+                    "images": found.images,
+                    "top1": found.top1,
+                    "float_top1": found.reference_top1,
+                    "change_interval": found.change_interval,
+                }
+        report.details["per_task"] = per_task
+
     def selection(self) -> Selection:
         """The images the INT8 guard chooses on (labels unused): :meth:`RunDir.selection`, never
         a held-out image."""

@@ -96,6 +96,13 @@ class Selection:
     labels: np.ndarray | None = None  # a QAT model's criterion (:func:`hold_prequantized`); a multi-task model's task per image
     tasks: Tasks | None = None  # a multi-task model: the worst task decides (:meth:`score`)
 
+    @property
+    def scope(self) -> str:
+        """What a disagreement is a share of, for the messages."""
+        if self.tasks is None:
+            return f"{len(self.images)} selection images"
+        return f"the worst task's selection images ({len(self.images)} in all, each task on its own)"
+
     def score(self, logits: np.ndarray) -> Score:
         """How far ``logits`` are from float: :func:`distance`; for a multi-task model the worst
         task's disagreement (each task on its own images and its own columns), so that damage
@@ -229,7 +236,7 @@ def hold_budget(
     full = measure([])
     if full[0] <= budget:
         return GuardResult([], full, steps, seconds=time.perf_counter() - started)
-    report(f"{subject.name} changes the top-1 of {full[0]:.2f}% of {len(selection.images)} selection images (budget {budget})")
+    report(f"{subject.name} changes the top-1 of {full[0]:.2f}% of {selection.scope} (budget {budget})")
     recovery = recover() if recover else None
     if recovery is not None:
         full = measure([])
@@ -238,13 +245,13 @@ def hold_budget(
             return GuardResult([], full, steps, [], time.perf_counter() - started, recovery=recovery)
     limit = min(max_float, len(layers := subject.layers()))
     if not limit:
-        _refuse(subject, full[0], 0, budget, started)
+        _refuse(subject, full[0], 0, budget, started, selection.scope)
     report(f"{subject.name} guard: ranking its layers")
     ranking = rank_layers(subject, layers, *selection.ranking(), report)
     ranked = [name for name, _ in ranking]
     most = measure(ranked[:limit])
     if most[0] > budget:
-        _refuse(subject, most[0], limit, budget, started)
+        _refuse(subject, most[0], limit, budget, started, selection.scope)
     kept, score = _fewest_in_float(measure, ranked, (limit, most), budget, lambda text: report(f"{subject.name} guard: {text}"))
     return GuardResult(ranked[:kept], score, steps, ranking, time.perf_counter() - started, recovery=recovery)
 
@@ -265,9 +272,9 @@ def _fewest_in_float(
     return high, outcome[high]
 
 
-def _refuse(subject: GuardSubject, disagreement: float, kept: int, budget: float, started: float) -> None:
+def _refuse(subject: GuardSubject, disagreement: float, kept: int, budget: float, started: float, scope: str = "the selection images") -> None:
     raise QuantizationError(
-        f"{subject.name} changes the top-1 of {disagreement:.2f}% of the selection images even with {kept} layer(s)"
+        f"{subject.name} changes the top-1 of {disagreement:.2f}% of {scope} even with {kept} layer(s)"
         f" kept in float (budget {budget} points; {time.perf_counter() - started:.0f} s of guard); nothing was written."
         f" Raise --max-accuracy-drop or --max-float-layers, or use {subject.fallback}"
     )

@@ -234,7 +234,7 @@ def build_variant(context: BuildContext, target: Target, precision: Precision) -
     report = VariantReport(evaluated_on=f"OpenVINO CPU ({hint})", details={"inference_precision": hint})
     if precision is Precision.INT8:
         model = _int8(context, model, report)
-    report.accuracy = context.compare(logits(model, context.held_out, hint))
+    context.assess(report, logits(model, context.held_out, hint))
     budget = context.quant.max_accuracy_drop
     if precision is Precision.BF16 and (report.drop_points or 0.0) > budget:
         report.warnings.append(

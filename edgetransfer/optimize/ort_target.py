@@ -74,7 +74,7 @@ def build_onnx(context: BuildContext, target: Target, precision: Precision, outp
             _int8(context, target, tmp, Path(work), report, reference)
             if target is Target.ORT_CPU:
                 report.coverage = _coverage(tmp, report)
-        report.accuracy = context.compare(run_logits(tmp, context.held_out, reference=reference))
+        context.assess(report, run_logits(tmp, context.held_out, reference=reference))
     return Variant(output.name.removesuffix(".onnx"), target, precision, output, report)
 
 
