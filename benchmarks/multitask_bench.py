@@ -162,7 +162,28 @@ def int8(runs: dict[str, Path], threads: int) -> dict:
         "seconds": seconds,
         "guard": {k: guard.get(k) for k in ("method", "criterion", "disagreement_points", "budget_points")},
         "kept_in_float": len(variant.report.kept_in_float or []),
+        "int8_macs_percent": round(100 * variant.report.coverage.share, 1) if variant.report.coverage else None,
         "tasks": tasks,
+        "digit_alone": int8_alone(runs["digit"]),
+    }
+
+
+def int8_alone(run: Path) -> dict:
+    """The same INT8 build of the single-task digit run, beside it: how much of what the guard
+    keeps in float the digit task needs on its own."""
+    started = time.perf_counter()
+    try:
+        variant = build_variants(run, [Target.ORT_CPU], [Precision.INT8], QuantOptions())[0]
+    except EdgeTransferError as exc:
+        return {"refused": str(exc), "seconds": round(time.perf_counter() - started, 1)}
+    accuracy = variant.report.accuracy
+    return {
+        "seconds": round(time.perf_counter() - started, 1),
+        "kept_in_float": len(variant.report.kept_in_float or []),
+        "int8_macs_percent": round(100 * variant.report.coverage.share, 1) if variant.report.coverage else None,
+        "disagreement_points": variant.report.details.get("guard", {}).get("disagreement_points"),
+        "change_points": accuracy.top1_change_points if accuracy else None,
+        "change_interval": accuracy.change_interval if accuracy else None,
     }
 
 
@@ -230,6 +251,17 @@ def markdown(report: dict) -> str:
             low, high = row["change_interval"]
             lines.append(
                 f"| {task} | {row['images']} | {100 * row['float_top1']:.2f}% | {100 * row['int8_top1']:.2f}% | {row['change_points']:+.2f} | {low:+.2f} to {high:+.2f} |"
+            )
+        alone = quant.get("digit_alone") or {}
+        lines += ["", f"Integer coverage of the two-task INT8 model: {quant.get('int8_macs_percent')}% of its multiply-accumulates run in int8."]
+        if "refused" in alone:
+            lines.append(f"The single-task digit run's INT8 build with the same options was refused: {alone['refused']}")
+        elif alone:
+            low, high = alone["change_interval"] or (float("nan"), float("nan"))
+            lines.append(
+                f"The single-task digit run's INT8 build with the same options, for comparison: {alone['kept_in_float']} layer(s) in float,"
+                f" {alone['int8_macs_percent']}% of MACs in int8, disagreement {alone['disagreement_points']} points on its selection images,"
+                f" test top-1 change {alone['change_points']:+.2f} ({low:+.2f} to {high:+.2f}); built in {alone['seconds']} s."
             )
     return "\n".join(lines) + "\n"
 
