@@ -27,13 +27,13 @@ from ..distributed import SINGLE, Context
 from ..metrics import confusion_matrix, topk_accuracy, wilson_interval
 from ..models import BuiltModel
 from ..plots import plot_training
-from ..progress import console, progress
+from ..progress import console
 from ..rundir import RunDir
 from ..runtime.files import write_bytes, write_json
 from ..safeload import safe_load
 from ..training import cosine_with_warmup
 from .loops import default_form, precision_for
-from .trainer import make_optimizer
+from .trainer import epoch_loop, make_optimizer
 
 __all__ = ["MultiTaskTrainer", "task_labels"]
 
@@ -78,17 +78,7 @@ class MultiTaskTrainer:
         console.print(f"resuming {self.run_dir} after epoch {len(self.history)} of {self.config.epochs}", markup=False)
 
     def run(self, on_epoch=None, label: str = "epochs") -> None:
-        assert self.config.epochs is not None
-        with progress() as bar:
-            task = bar.add_task(label, total=self.config.epochs, completed=len(self.history), status="")
-            for epoch in range(len(self.history) + 1, self.config.epochs + 1):
-                record = self._epoch(epoch)
-                bar.update(task, advance=1, status=f"mean val top-1 {100 * record['val_top1']:.2f}%")
-                if on_epoch is not None:
-                    on_epoch(record)
-                if self.config.patience and self.stale >= self.config.patience:
-                    console.print(f"early stop: no better mean val top-1 for {self.stale} epochs")
-                    break
+        epoch_loop(self.config, len(self.history) + 1, self._epoch, lambda: self.stale, on_epoch, label, "mean val top-1")
 
     def _epoch(self, epoch: int) -> dict[str, Any]:
         started = time.perf_counter()

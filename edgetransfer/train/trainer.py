@@ -29,7 +29,7 @@ from .adaptation import Adaptation
 from .allocator import kept_blocks
 from .loops import autocast_for, default_form, precision_for
 
-__all__ = ["Trainer", "EpochCallback", "make_optimizer"]
+__all__ = ["Trainer", "EpochCallback", "make_optimizer", "epoch_loop"]
 
 CHECKPOINT, LAST, METRICS, CURVES = RunDir.CHECKPOINT, RunDir.LAST, RunDir.METRICS, RunDir.CURVES
 EpochCallback = Callable[[dict[str, Any]], None]
@@ -80,17 +80,9 @@ class Trainer:
         console.print(f"resuming {self.run_dir} after epoch {len(self.history)} of {self.config.epochs}", markup=False)
 
     def run(self, on_epoch: EpochCallback | None) -> None:
-        with progress() as bar, kept_blocks() as allocator:
+        with kept_blocks() as allocator:
             self.allocator = allocator.record
-            task = bar.add_task("epochs", total=self.config.epochs, completed=len(self.history), status="")
-            for epoch in range(len(self.history) + 1, self.epochs + 1):
-                record = self._epoch(epoch)
-                bar.update(task, advance=1, status=f"val top-1 {100 * record['val_top1']:.2f}%")
-                if on_epoch is not None:
-                    on_epoch(record)
-                if self.config.patience and self.stale >= self.config.patience:
-                    console.print(f"early stop: no better val top-1 for {self.stale} epochs")
-                    break
+            epoch_loop(self.config, len(self.history) + 1, self._epoch, lambda: self.stale, on_epoch)
 
     def _epoch(self, epoch: int) -> dict[str, Any]:
         started = time.perf_counter()
@@ -260,6 +252,30 @@ class Trainer:
         labels = torch.tensor([sample.label for sample in dataset.test])
         right = int((self.loop.test_logits(dataset.test).argmax(1) == labels).sum())
         return {"images": len(dataset.test), "top1": right / len(dataset.test)}
+
+
+def epoch_loop(
+    config: FinetuneConfig,
+    first: int,
+    one_epoch: Callable[[int], dict[str, Any]],
+    stale: Callable[[], int],
+    on_epoch: EpochCallback | None,
+    label: str = "epochs",
+    measure: str = "val top-1",
+) -> None:
+    """Epochs ``first`` to ``config.epochs`` with a progress bar, each record passed to
+    ``on_epoch``, stopping early after ``config.patience`` epochs without a better ``measure``."""
+    assert config.epochs is not None, "a resolved FinetuneConfig"
+    with progress() as bar:
+        task = bar.add_task(label, total=config.epochs, completed=first - 1, status="")
+        for epoch in range(first, config.epochs + 1):
+            record = one_epoch(epoch)
+            bar.update(task, advance=1, status=f"{measure} {100 * record['val_top1']:.2f}%")
+            if on_epoch is not None:
+                on_epoch(record)
+            if config.patience and stale() >= config.patience:
+                console.print(f"early stop: no better {measure} for {stale()} epochs")
+                break
 
 
 def make_optimizer(config: FinetuneConfig, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
