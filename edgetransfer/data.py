@@ -298,7 +298,6 @@ def _train_val(spec: DataSpec, root: Path, workers: int) -> Dataset:
 
 check_images = _check  # decode every image once: (good samples, [(name, why)] of the bad)
 scan_classes = _scan  # class subfolders of a folder: (classes, samples)
-split = _split  # the seeded, stratified split of checked samples
 
 
 def _need_two_classes(classes: list[str], train: list[Sample]) -> None:

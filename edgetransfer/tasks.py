@@ -6,20 +6,22 @@ images for several tasks (an empty cell: the image is not labelled for that task
 two embedded data sets, no download: scikit-learn's digits ("which digit") and scikit-image's
 ``lfw_subset`` ("face or not"), each image shown to the task it is labelled for.
 
-Each task keeps its own seeded, stratified validation and test split; in head mode the backbone
-is frozen, so an image of one task's training split that is another's test image teaches the
-backbone nothing.
+Each task keeps its own seeded, stratified validation and test split (folders and embedded data
+sets are different images per task). The tasks of one CSV file label the same images, so there
+each image goes to the same split in every task: no task's test image trains the backbone
+through another task.
 """
 
 from __future__ import annotations
 
 import csv
+import random
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .data import DEMO, FACES, Dataset, DataSpec, Sample, check_images, load_dataset, split
+from .data import DEMO, FACES, Dataset, DataSpec, Sample, check_images, load_dataset
 from .errors import DataError, OptionError
 from .runtime.text import printable
 
@@ -150,7 +152,7 @@ def load_tasks(tasks: tuple[TaskSpec, ...], workers: int = 4) -> dict[str, Datas
 
 
 def _csv_task(task: TaskSpec, workers: int) -> Dataset:
-    """The images that ``task.column`` labels, split on their own."""
+    """The images that ``task.column`` labels, split by image (:func:`_by_image`)."""
     path = Path(task.data.source)
     rows = _rows(path)
     labelled = [((row.get(IMAGE_COLUMN) or "").strip(), (row.get(task.column or "") or "").strip()) for row in rows]
@@ -167,9 +169,31 @@ def _csv_task(task: TaskSpec, workers: int) -> Dataset:
             raise DataError(f"{path}: image {printable(image)[:80]!r} lies outside the CSV file's folder; give paths inside it")
         samples.append(Sample(str(file), index[label], image))
     good, skipped = check_images(samples, task.data.strict, workers)
-    dataset = split(task.data, classes, good, layout="csv")
+    dataset = _by_image(task.data, classes, good)
     dataset.skipped = skipped
     return dataset
+
+
+def _by_image(spec: DataSpec, classes: list[str], samples: list[Sample]) -> Dataset:
+    """One CSV file labels the same images for several tasks, so each image goes to the same
+    split in every task: its split is drawn from the seed and its name alone. Otherwise one
+    task's test image could be another's training image, and a backbone trained in full mode
+    would have seen it. Each task still needs training images of every class and some
+    validation images.
+
+    Raises:
+        DataError: a class with no training image, or a task with no validation image.
+    """
+    parts: dict[str, list[Sample]] = {"train": [], "val": [], "test": []}
+    for sample in samples:
+        draw = random.Random(f"{spec.seed}:{sample.name}").random()
+        parts["test" if draw < spec.test_fraction else "val" if draw < spec.test_fraction + spec.val_fraction else "train"].append(sample)
+    counts = {label: sum(s.label == label for s in parts["train"]) for label in range(len(classes))}
+    if not parts["val"] or not all(counts.values()):
+        empty = [classes[label] for label, count in counts.items() if not count]
+        what = f"no training image of {', '.join(empty)}" if empty else "no validation image"
+        raise DataError(f"split by image, the task has {what}; label more images, or change --val-fraction/--test-fraction or --seed")
+    return Dataset(classes, parts["train"], parts["val"], "csv (split by image)", test=parts["test"])
 
 
 def _rows(path: Path) -> list[dict[str, str]]:

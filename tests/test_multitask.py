@@ -361,6 +361,8 @@ def test_a_csv_file_labels_images_for_several_tasks_and_an_empty_cell_skips_one(
     parity, shape = loaded["parity"], loaded["shape"]
     assert parity.classes == ["even", "odd"] and len(parity.train) + len(parity.val) == 12
     assert shape.classes == ["round", "thin"] and len(shape.train) + len(shape.val) == 8
+    for split in ("train", "val"):  # an image labelled for both tasks is in the same split in both
+        assert {s.name for s in getattr(shape, split)} <= {s.name for s in getattr(parity, split)}
     with labels.open("a") as file:
         file.write("../outside.png,odd,thin\n")
     with pytest.raises(DataError, match="outside the CSV file's folder"):
