@@ -84,19 +84,27 @@ def accuracy(runs: dict[str, Path], models: dict[str, Predictor]) -> dict[str, d
         multi = np.array([answer[task][0].index for answer in models["two-task"].predict(images, top_k=1)])
         single = np.array([answer[0].index for answer in models[task].predict(images, top_k=1)])
         right_multi, right_single = multi == labels, single == labels
-        lost, gained = int((right_single & ~right_multi).sum()), int((right_multi & ~right_single).sum())
         rows[task] = {
             "images": len(labels),
             "single_top1": float(right_single.mean()),
             "two_task_top1": float(right_multi.mean()),
             "single_interval": wilson_interval(int(right_single.sum()), len(labels)),
             "two_task_interval": wilson_interval(int(right_multi.sum()), len(labels)),
-            "change_points": round(100 * (gained - lost) / len(labels), 3),
-            "change_interval": paired_interval(lost, gained, len(labels)),
-            "lost": lost,
-            "gained": gained,
+            **paired_change(right_single, right_multi),
         }
     return rows
+
+
+def paired_change(before: np.ndarray, after: np.ndarray) -> dict:
+    """The top-1 change from ``before`` to ``after`` (right or wrong per image, same images), in
+    points, with its paired 95% interval and the images lost and gained."""
+    lost, gained = int((before & ~after).sum()), int((after & ~before).sum())
+    return {
+        "change_points": round(100 * (gained - lost) / len(before), 3),
+        "change_interval": paired_interval(lost, gained, len(before)),
+        "lost": lost,
+        "gained": gained,
+    }
 
 
 def latency(runs: dict[str, Path], args: argparse.Namespace) -> dict:
@@ -149,14 +157,7 @@ def int8(runs: dict[str, Path], threads: int) -> dict:
         images, labels = test_images(runs[task])
         before = np.array([a[task][0].index for a in float_model.predict(images, top_k=1)]) == labels
         after = np.array([a[task][0].index for a in quantised.predict(images, top_k=1)]) == labels
-        lost, gained = int((before & ~after).sum()), int((after & ~before).sum())
-        tasks[task] = {
-            "images": len(labels),
-            "float_top1": float(before.mean()),
-            "int8_top1": float(after.mean()),
-            "change_points": round(100 * (gained - lost) / len(labels), 3),
-            "change_interval": paired_interval(lost, gained, len(labels)),
-        }
+        tasks[task] = {"images": len(labels), "float_top1": float(before.mean()), "int8_top1": float(after.mean()), **paired_change(before, after)}
     return {
         "variant": variant.name,
         "seconds": seconds,

@@ -114,10 +114,10 @@ def _replaced(run: RunDir, singles: list[RunDir]) -> _Variant:
         OptionError: ``run`` has no tasks, a task without its single-task run, or models made
             for other input than the multi-task model's.
     """
-    tasks = tasks_of(run.load_checkpoint()[1])
+    built, payload = run.load_checkpoint()
+    tasks, pre = tasks_of(payload), built.preprocessing
     if tasks is None:
         raise OptionError(f"--replaces compares a multi-task run with the runs it replaces; {run} has one task")
-    pre = run.load_checkpoint()[0].preprocessing
     by_labels = {}
     for single in singles:
         built, payload = single.load_checkpoint()

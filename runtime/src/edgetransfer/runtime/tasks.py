@@ -87,6 +87,7 @@ class Tasks:
         """``logits`` with every column outside each row's own task at :data:`MASKED`: the argmax of
         a row is then its task's top-1, and top-1 against the flat labels is the task's top-1."""
         keep = np.zeros(logits.shape, dtype=bool)
+        rows = self.task_of(labels)
         for index, columns in enumerate(self.slices):
-            keep[self.task_of(labels) == index, columns] = True
+            keep[rows == index, columns] = True
         return np.where(keep, logits, MASKED).astype(logits.dtype, copy=False)
