@@ -41,6 +41,15 @@ def test_a_failed_symbolic_shape_inference_falls_back_and_says_so(tmp_path, monk
         ortq.preprocess_for_quantization(tmp_path / "cnn.onnx", prepared)
 
 
+def test_relative_paths_are_prepared_with_symbolic_shape_inference(tmp_path, monkeypatch):
+    """The step runs in a scratch working directory: paths relative to the user's own must be
+    resolved before it moves there, or the symbolic step never finds the model and falls back."""
+    monkeypatch.chdir(tmp_path)
+    depthwise_cnn(tmp_path / "cnn.onnx")
+    assert ortq.preprocess_for_quantization(Path("cnn.onnx"), Path("prepared.onnx")) is None
+    assert onnx.load(str(tmp_path / "prepared.onnx")).graph.node
+
+
 @pytest.mark.parametrize(
     "name, size, options",
     [

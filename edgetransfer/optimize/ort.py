@@ -142,9 +142,10 @@ def preprocess_for_quantization(src: Path, dst: Path) -> str | None:
     Raises:
         QuantizationError: the model cannot be prepared either way (naming ONNX Runtime's reason).
     """
+    source, target = str(Path(src).resolve()), str(Path(dst).resolve())  # before the working directory changes
     try:
         with _scratch_directory():
-            quant_pre_process(str(Path(src).resolve()), str(Path(dst).resolve()), skip_symbolic_shape=False)
+            quant_pre_process(source, target, skip_symbolic_shape=False)
         return None
     except Exception as exc:  # TypeError, AssertionError, "Incomplete symbolic shape inference": a missing rule
         symbolic = f"{type(exc).__name__}: {first_line(exc, 160)}"
