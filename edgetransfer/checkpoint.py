@@ -63,8 +63,8 @@ def load_checkpoint(path: str | Path) -> tuple[BuiltModel, dict[str, Any]]:
     built = build(payload["arch"], payload["num_classes"], weights="none", image_size=pre.input_size)
     built.preprocessing = pre
     built.weights = payload["weights"]
-    if "tasks" in payload:  # one Linear head per task where the classifier was
-        install_task_heads(built, [len(labels) for labels in _tasks(path, payload)])
+    if "tasks" in payload:  # one head per task where the classifier was
+        _install_tasks(built, path, payload)
     if payload.get("head") == "prototype":
         width = payload["state_dict"].get(_prototype_key(built), torch.zeros(0, 0)).shape[-1]
         install_prototype_head(built, PrototypeHead.empty(width, payload["num_classes"]))
@@ -76,6 +76,19 @@ def load_checkpoint(path: str | Path) -> tuple[BuiltModel, dict[str, Any]]:
         raise RunError(f"{path} does not fit {payload['arch']}: {str(exc).splitlines()[0]}") from exc
     built.module.eval()
     return built, payload
+
+
+def _install_tasks(built: BuiltModel, path: Path, payload: dict[str, Any]) -> None:
+    """A Linear head per task, and an empty prototype head (of the right shapes) for each task
+    the checkpoint names in ``task_heads`` as a prototype task."""
+    sizes = [len(labels) for labels in _tasks(path, payload)]
+    heads = install_task_heads(built, sizes)
+    kinds = payload.get("task_heads") or {}
+    if not isinstance(kinds, dict) or set(kinds) - set(payload["tasks"]) or not set(kinds.values()) <= {"linear", "prototype"}:
+        raise RunError(f"{path}: its task_heads are not a mapping of its tasks to linear or prototype")
+    for index, name in enumerate(payload["tasks"]):
+        if kinds.get(name) == "prototype":
+            heads.heads[index] = PrototypeHead.empty(heads.width, sizes[index])
 
 
 def _tasks(path: Path, payload: dict[str, Any]) -> list[list[str]]:

@@ -22,7 +22,7 @@ from .qat import resume_qat, run_qat
 from .report import epochs_table, finetune_summary_table, qat_summary_table
 from .rundir import RunDir
 from .runinfo import run_summary
-from .tasks import TaskSpec, parse_task, tasks_option, with_weights
+from .tasks import TaskSpec, parse_task, tasks_option, with_heads, with_weights
 from .weights import DEFAULT_ARCH
 
 __all__ = ["finetune", "info"]
@@ -57,6 +57,13 @@ RESUME_EXIT = 130
     multiple=True,
     metavar="NAME=W",
     help="With several tasks in full mode (or --unfreeze): the weight of a task's loss in their sum. [default: 1 each]",
+)
+@click.option(
+    "--task-head",
+    "task_heads",
+    multiple=True,
+    metavar="NAME=linear|prototype",
+    help="With several tasks in head mode: a task's head; prototype: class means of frozen features, no training, classes enrolled later into that task. [default: linear each]",
 )
 @field_option(FinetuneConfig, "arch", "--arch", help="torchvision builder name (resnet18, …) or timm:NAME.")
 @field_option(
@@ -199,6 +206,7 @@ def finetune(ctx: click.Context, **options) -> None:
       edgetransfer finetune --data photos/ --adapt camera-frames/ --adapt-eval labelled-frames/
       edgetransfer finetune --adapt digits-m       # digits -> digits on photo patches, with DANN
       edgetransfer finetune --tasks demo           # two tasks (digit, face) on one backbone
+      edgetransfer finetune --tasks demo --task-head face=prototype   # face: class means, enrol more later
       edgetransfer finetune --task part=parts/ --task side=sides/ --mode full --task-weight side=0.5
       edgetransfer finetune --resume runs/20261128-101500-efficientnet_lite0-head
       edgetransfer finetune --from runs/20261128-101500-efficientnet_lite0-head --qat --qat-target openvino
@@ -271,13 +279,14 @@ def _qat(ctx: click.Context, options: dict, resume: Path | None = None) -> None:
 def _tasks(ctx: click.Context, options: dict, data: DataSpec) -> tuple[TaskSpec, ...]:
     """The tasks of ``--task`` and ``--tasks`` (split like ``--data`` would be), or none."""
     if not options["task_specs"] and options["tasks_from"] is None:
-        if options["task_weights"]:
-            raise OptionError("--task-weight goes with several tasks (--task NAME=FOLDER or --tasks)")
+        if options["task_weights"] or options["task_heads"]:
+            raise OptionError("--task-weight and --task-head go with several tasks (--task NAME=FOLDER or --tasks)")
         return ()
     if ctx.get_parameter_source("source") is not click.core.ParameterSource.DEFAULT:
         raise OptionError("--data names one task's images; with several tasks give each its own --task NAME=FOLDER (or --tasks)")
     found = tasks_option(options["tasks_from"], data) if options["tasks_from"] is not None else ()
-    return with_weights((*found, *(parse_task(text, data) for text in options["task_specs"])), options["task_weights"])
+    tasks = with_weights((*found, *(parse_task(text, data) for text in options["task_specs"])), options["task_weights"])
+    return with_heads(tasks, options["task_heads"])
 
 
 def _refuse_options_with_resume(ctx: click.Context) -> None:

@@ -168,8 +168,19 @@ class FinetuneConfig:
             return []
         return [
             (2 <= len(self.tasks) <= MAX_TASKS, f"a multi-task run takes 2 to {MAX_TASKS} tasks, got {len(self.tasks)}; one task is --data"),
-            (self.mode is not Mode.PROTOTYPE, "a prototype head takes one task (--data); several tasks train a Linear head each"),
+            (
+                self.mode is not Mode.PROTOTYPE,
+                "--mode prototype takes one task (--data); with several tasks give one a prototype head: --task-head NAME=prototype",
+            ),
             (self.adapt is None and self.shots is None, "--adapt and --shots take one task (--data), not --tasks"),
+            (
+                not any(t.prototype for t in self.tasks) or self.caches_features,
+                "a prototype task's classes are means of frozen features, so it goes with --mode head and no --unfreeze",
+            ),
+            (
+                not all(t.prototype for t in self.tasks),
+                "every task is a prototype task, so nothing would train; keep a Linear head on one task, or make each its own run (--mode prototype)",
+            ),
         ]
 
     @property

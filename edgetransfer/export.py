@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
-from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from . import __version__
@@ -25,23 +24,22 @@ from .config import ExportOptions
 from .data import load_image
 from .errors import ExportError, ParityError, RunError, first_line
 from .models import BuiltModel
+from .onnxheads import POOLED, append_prototype_head, append_task_heads
 from .progress import console
 from .prototype import PrototypeHead
 from .qat_export import PARITY_IMAGES, export_qdq, verify_qdq
 from .results import Parity, compare
 from .rundir import RunDir
-from .runtime.enrolment import FEATURES, PROTOTYPES
 from .runtime.files import atomic_path
 from .runtime.metadata import FLOAT_NCHW, UINT8_NHWC, ModelInfo
 from .runtime.preprocessing import Preprocessing
 from .runtime.sessions import fixed_batch, open_session, run_batched
 from .runtime.tasks import Tasks
-from .taskheads import tasks_of
+from .taskheads import TaskHeads, tasks_of
 
-__all__ = ["ExportResult", "export_onnx", "write_onnx", "verify_onnx", "needs_export", "run_onnx", "parent_onnx", "INPUT", "OUTPUT", "PROTOTYPE_NODE"]
+__all__ = ["ExportResult", "export_onnx", "write_onnx", "verify_onnx", "needs_export", "run_onnx", "parent_onnx", "INPUT", "OUTPUT"]
 
 INPUT, OUTPUT = "input", "logits"
-POOLED, PROTOTYPE_NODE = "pooled", "edgetransfer.prototype"  # the prototype head's input, and its nodes' name prefix
 
 
 @dataclass
@@ -213,19 +211,33 @@ def write_onnx(built: BuiltModel, options: ExportOptions, info: ModelInfo, path:
         _finish(model, built, info, path)
         return
 
-    prototype = next((m for m in built.module.modules() if isinstance(m, PrototypeHead)), None)
-    if prototype is not None:  # the graph ends in the classifier's input; the head is appended below
-        prototype.features_only = True
+    appended = _appended_head(built)
+    if appended is not None:  # the graph ends in the classifier's input; the heads are appended below
+        appended.features_only = True
     try:
-        model = _dynamo_export(
-            built, options, [POOLED] if prototype is not None else [OUTPUT, *(info.tasks.outputs if info.tasks else [])], info.tasks
-        )
+        if appended is not None:
+            model = _dynamo_export(built, options, [POOLED])
+        else:
+            model = _dynamo_export(built, options, [OUTPUT, *(info.tasks.outputs if info.tasks else [])], info.tasks)
     finally:
-        if prototype is not None:
-            prototype.features_only = False
-    if prototype is not None:
-        _append_prototype_head(model, prototype)
+        if appended is not None:
+            appended.features_only = False
+    if isinstance(appended, PrototypeHead):
+        append_prototype_head(model, appended, OUTPUT)
+    elif appended is not None and info.tasks is not None:
+        append_task_heads(model, appended.heads, info.tasks, OUTPUT)
     _finish(model, built, info, path)
+
+
+def _appended_head(built: BuiltModel) -> PrototypeHead | TaskHeads | None:
+    """The head that export writes in ONNX itself: a prototype head, or the heads of a multi-task
+    model with a prototype task (see :mod:`.onnxheads`); ``None`` when the exporter writes it all."""
+    for module in built.module.modules():
+        if isinstance(module, TaskHeads):
+            return module if any(isinstance(head, PrototypeHead) for head in module.heads) else None
+        if isinstance(module, PrototypeHead):
+            return module
+    return None
 
 
 def _finish(model, built: BuiltModel, info: ModelInfo, path: Path) -> None:
@@ -238,67 +250,6 @@ def _finish(model, built: BuiltModel, info: ModelInfo, path: Path) -> None:
     except Exception as exc:
         raise ExportError(f"the exported model of {built.arch.name} fails the ONNX checker: {first_line(exc)}") from exc
     onnx.save_model(model, path)
-
-
-def _l2_nodes(prefix: str, source: str, output: str, axes: str, eps: str) -> list:
-    """ONNX nodes for ``output = source / sqrt(max(sum(source * source, axes), eps))``, named under ``prefix``."""
-    inner = prefix.replace("/", ".")
-    return [
-        helper.make_node("Mul", [source, source], [f"{inner}.squares"], name=f"{prefix}/square"),
-        helper.make_node("ReduceSum", [f"{inner}.squares", axes], [f"{inner}.sum"], name=f"{prefix}/sum", keepdims=1),
-        helper.make_node("Max", [f"{inner}.sum", eps], [f"{inner}.safe"], name=f"{prefix}/max"),
-        helper.make_node("Sqrt", [f"{inner}.safe"], [f"{inner}.norm"], name=f"{prefix}/sqrt"),
-        helper.make_node("Div", [source, f"{inner}.norm"], [output], name=f"{prefix}/divide"),
-    ]
-
-
-def _append_prototype_head(model, head) -> None:
-    """A prototype head in plain ONNX after the classifier's input (``POOLED``), as
-    :class:`~edgetransfer.prototype.PrototypeHead` computes it:
-
-        centred  = l2(x - center)                       l2(v) = v / sqrt(max(sum(v * v), 1e-24))
-        features = l2(centred @ whitening)              (second output; no MatMul when not whitened)
-        logits   = Gemm(features, prototypes, alpha=scale, transB=1)          (first output)
-
-    Its nodes' names start with ``PROTOTYPE_NODE``, so INT8 quantisation leaves the head in
-    float. ``prototypes`` (the initializer ``PROTOTYPES``, one row per class) is the only tensor
-    enrolment rewrites, with the labels, so the runtime can do it on the serialised model without
-    onnx or torch; the class dimension of the logits is named, not fixed, for the same reason.
-    """
-    graph = model.graph
-    pooled = graph.output.pop()
-    batch = pooled.type.tensor_type.shape.dim[0]
-    batch = batch.dim_param or batch.dim_value
-    width = head.prototypes.shape[1]
-    name = PROTOTYPE_NODE
-
-    def constant(array: np.ndarray, suffix: str) -> str:
-        graph.initializer.append(numpy_helper.from_array(array, f"{name}.{suffix}"))
-        return f"{name}.{suffix}"
-
-    axes, eps = constant(np.array([1], dtype=np.int64), "axes"), constant(np.array(1e-24, dtype=np.float32), "eps")
-
-    def l2(source: str, output: str, step: str) -> list:
-        return _l2_nodes(f"{name}/{step}", source, output, axes, eps)
-
-    center = constant(head.center.detach().cpu().numpy().astype(np.float32), "center")
-    nodes = [helper.make_node("Sub", [POOLED, center], [f"{name}.shifted"], name=f"{name}/centre")]
-    if head.whitens:
-        whitening = constant(head.whitening.detach().cpu().numpy().astype(np.float32), "whitening")
-        nodes += l2(f"{name}.shifted", f"{name}.centred", "l2")
-        nodes.append(helper.make_node("MatMul", [f"{name}.centred", whitening], [f"{name}.whitened"], name=f"{name}/whiten"))
-        nodes += l2(f"{name}.whitened", FEATURES, "l2_whitened")
-    else:
-        nodes += l2(f"{name}.shifted", FEATURES, "l2")
-    graph.initializer.append(numpy_helper.from_array(head.prototypes.detach().cpu().numpy().astype(np.float32), PROTOTYPES))
-    nodes.append(helper.make_node("Gemm", [FEATURES, PROTOTYPES], [OUTPUT], name=f"{name}/gemm", alpha=float(head.scale), transB=1))
-    graph.node.extend(nodes)
-    graph.output.extend(
-        [
-            helper.make_tensor_value_info(OUTPUT, TensorProto.FLOAT, [batch, "classes"]),
-            helper.make_tensor_value_info(FEATURES, TensorProto.FLOAT, [batch, width]),
-        ]
-    )
 
 
 def _dynamo_export(built: BuiltModel, options: ExportOptions, outputs: list[str], tasks: Tasks | None = None):

@@ -100,8 +100,9 @@ def _task_rows(table: Table, tasks: dict[str, Any]) -> None:
     for name, task in tasks.items():
         test = task["test"]
         tested = f"; test {100 * test['top1']:.2f}% of {test['images']} [{test['interval'][0]:.1f}, {test['interval'][1]:.1f}]" if test else ""
+        head = ", prototype head (no training)" if task.get("head") == "prototype" else ""
         table.add_row(
-            Text(f"task {name}"), Text(f"{len(task['classes'])} classes, val {100 * task['val_top1']:.2f}% of {task['val_images']}{tested}")
+            Text(f"task {name}"), Text(f"{len(task['classes'])} classes{head}, val {100 * task['val_top1']:.2f}% of {task['val_images']}{tested}")
         )
 
 

@@ -62,7 +62,8 @@ def _about(run: RunDir, manifest: dict[str, Any], metrics: dict[str, Any]) -> Ta
         del rows["test top-1"]
         for name, task in tasks.items():
             test = task.get("test") if isinstance(task, dict) else None
-            rows[f"task {name}"] = "test top-1 " + _top1((test or {}).get("top1"), (test or {}).get("images"))
+            head = " (prototype head)" if isinstance(task, dict) and task.get("head") == "prototype" else ""
+            rows[f"task {name}"] = "test top-1 " + _top1((test or {}).get("top1"), (test or {}).get("images")) + head
     parent = manifest.get("parent")
     if isinstance(parent, dict):
         rows["parent"] = str(parent.get("run", "?"))

@@ -20,15 +20,28 @@ __all__ = ["tasks_of", "TaskHeads", "swap_classifier", "one_linear_classifier", 
 
 
 class TaskHeads(nn.Module):
-    """One Linear classifier per task, reading the same features; the logits side by side."""
+    """One classifier per task, reading the same features; the logits side by side.
+
+    Each head is a Linear layer, or a prototype head (:class:`~edgetransfer.prototype.PrototypeHead`,
+    put in its place by the caller). With ``features_only`` set (during export) it returns its
+    input: export then appends every head to the graph itself.
+    """
 
     def __init__(self, width: int, sizes: list[int]) -> None:
         super().__init__()
         self.heads = nn.ModuleList(nn.Linear(width, size) for size in sizes)
         self.sizes = list(sizes)
+        self.width = width
+        self.features_only = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.features_only:
+            return x
         return torch.cat([head(x) for head in self.heads], dim=1)
+
+    def kinds(self) -> list[str]:
+        """Each task's head: ``linear`` or ``prototype``."""
+        return ["linear" if isinstance(head, nn.Linear) else "prototype" for head in self.heads]
 
 
 def task_slices(sizes: list[int]) -> list[slice]:

@@ -25,7 +25,19 @@ from .data import DEMO, FACES, Dataset, DataSpec, Sample, check_images, load_dat
 from .errors import DataError, OptionError
 from .runtime.text import printable
 
-__all__ = ["TaskSpec", "TASKS_DEMO", "MAX_TASKS", "parse_task", "tasks_option", "load_tasks", "check_task_name", "side_by_side", "with_weights"]
+__all__ = [
+    "TaskSpec",
+    "TASKS_DEMO",
+    "MAX_TASKS",
+    "HEADS",
+    "parse_task",
+    "tasks_option",
+    "load_tasks",
+    "check_task_name",
+    "side_by_side",
+    "with_weights",
+    "with_heads",
+]
 
 TASKS_DEMO = "demo"
 MAX_TASKS = 16
@@ -33,6 +45,8 @@ NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")  # a task's name is an ONNX output's 
 IMAGE_COLUMN = "image"
 MAX_CSV_ROWS = 10**7
 MAX_WEIGHT = 1000.0
+LINEAR, PROTOTYPE = "linear", "prototype"
+HEADS = (LINEAR, PROTOTYPE)  # a task's head: a trained Linear layer, or class means of frozen features
 
 
 @dataclass(frozen=True)
@@ -44,24 +58,34 @@ class TaskSpec:
         data: the task's images and split (``data.source``: a folder, an embedded data set, or a CSV file).
         column: the CSV column that labels the task (``None`` unless ``data.source`` is a CSV file).
         weight: the weight of the task's loss in full mode (the losses are summed); head mode needs none.
+        head: ``linear`` (trained) or ``prototype`` (class means of the frozen features, no
+            training; classes can be enrolled into the task where the model is deployed).
     """
 
     name: str
     data: DataSpec = field(default_factory=DataSpec)
     column: str | None = None
     weight: float = 1.0
+    head: str = LINEAR
 
     def __post_init__(self) -> None:
         check_task_name(self.name)
         if not (isinstance(self.weight, (int, float)) and 0 < self.weight <= MAX_WEIGHT):
             raise OptionError(f"task {self.name}'s loss weight must be in (0, {MAX_WEIGHT}], got {printable(repr(self.weight))[:40]}")
+        if self.head not in HEADS:
+            raise OptionError(f"task {self.name}'s head must be one of {', '.join(HEADS)}, got {printable(repr(self.head))[:40]}")
+
+    @property
+    def prototype(self) -> bool:
+        return self.head == PROTOTYPE
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "data": self.data.to_dict(), "column": self.column, "weight": self.weight}
+        return {"name": self.name, "data": self.data.to_dict(), "column": self.column, "weight": self.weight, "head": self.head}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TaskSpec":
-        return cls(str(data["name"]), DataSpec.from_dict(data["data"]), data.get("column"), float(data.get("weight", 1.0)))
+        weight, head = float(data.get("weight", 1.0)), str(data.get("head", LINEAR))
+        return cls(str(data["name"]), DataSpec.from_dict(data["data"]), data.get("column"), weight, head)
 
 
 def check_task_name(name: str) -> str:
@@ -90,21 +114,45 @@ def with_weights(tasks: tuple[TaskSpec, ...], weights: tuple[str, ...]) -> tuple
     Raises:
         OptionError: not NAME=NUMBER, or a name that is not a task.
     """
-    given: dict[str, float] = {}
-    for text in weights:
+    given = _per_task("--task-weight", "NAME=NUMBER", weights, tasks, float)
+    return tuple(replace(task, weight=given.get(task.name, task.weight)) for task in tasks)
+
+
+def with_heads(tasks: tuple[TaskSpec, ...], heads: tuple[str, ...]) -> tuple[TaskSpec, ...]:
+    """``--task-head NAME=linear|prototype`` applied to the tasks.
+
+    Raises:
+        OptionError: not NAME=HEAD with a known head, or a name that is not a task.
+    """
+
+    def head(value: str) -> str:
+        if value.strip() not in HEADS:
+            raise ValueError(value)
+        return value.strip()
+
+    given = _per_task("--task-head", f"NAME={'|'.join(HEADS)}", heads, tasks, head)
+    return tuple(replace(task, head=given.get(task.name, task.head)) for task in tasks)
+
+
+def _per_task(option: str, form: str, texts: tuple[str, ...], tasks: tuple[TaskSpec, ...], convert) -> dict[str, Any]:
+    """``option``'s ``NAME=VALUE`` texts as {task name: converted value}.
+
+    Raises:
+        OptionError: a text not of ``form`` (``convert`` raised ValueError), or a name that is not a task.
+    """
+    given: dict[str, Any] = {}
+    for text in texts:
         name, sep, value = text.partition("=")
         try:
-            given[name.strip()] = float(value)
+            given[name.strip()] = convert(value)
         except ValueError:
             sep = ""
         if not sep:
-            raise OptionError(f"--task-weight takes NAME=NUMBER, got {printable(text)[:80]!r}")
+            raise OptionError(f"{option} takes {form}, got {printable(text)[:80]!r}")
     unknown = sorted(set(given) - {t.name for t in tasks})
     if unknown:
-        raise OptionError(
-            f"--task-weight names {printable(', '.join(unknown))[:80]}, which is not a task; the tasks: {', '.join(t.name for t in tasks)}"
-        )
-    return tuple(replace(task, weight=given.get(task.name, task.weight)) for task in tasks)
+        raise OptionError(f"{option} names {printable(', '.join(unknown))[:80]}, which is not a task; the tasks: {', '.join(t.name for t in tasks)}")
+    return given
 
 
 def tasks_option(value: str, base: DataSpec | None = None) -> tuple[TaskSpec, ...]:

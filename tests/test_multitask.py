@@ -375,7 +375,7 @@ def test_task_names_and_combinations_that_cannot_work_are_refused_in_one_line(tm
             parse_task(text)
     with pytest.raises(OptionError, match="2 to 16 tasks"):
         FinetuneConfig(tasks=(parse_task("digit=digits"),))
-    with pytest.raises(OptionError, match="prototype head takes one task"):
+    with pytest.raises(OptionError, match="--mode prototype takes one task"):
         two_task_config(mode="prototype")
     with pytest.raises(OptionError, match="'demo' or a CSV file"):
         tasks_option(str(tmp_path / "missing.csv"))

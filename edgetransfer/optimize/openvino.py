@@ -40,7 +40,7 @@ from ..errors import (
     OptionError,
     QuantizationError,
 )
-from ..export import PROTOTYPE_NODE
+from ..onnxheads import PROTOTYPE_NODE
 from ..progress import console
 from ..results import VariantReport
 from ..runtime import openvino_ir

@@ -32,7 +32,7 @@ from onnxruntime.transformers.float16 import (
 from ..choice import Choice
 from ..cpu import CpuFeatures
 from ..errors import QuantizationError, first_line
-from ..export import PROTOTYPE_NODE
+from ..onnxheads import PROTOTYPE_NODE
 from ..qdq import prune, sort_nodes
 from ..runtime.sessions import fixed_batch, open_session, run_batched, write_optimized
 from .calibration import BatchStream

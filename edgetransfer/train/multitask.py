@@ -115,7 +115,13 @@ class MultiTaskTrainer:
 
     def _save_checkpoint(self, **extra: Any) -> None:
         tasks = {name: list(dataset.classes) for name, dataset in self.datasets.items()}
-        save_checkpoint(self.run_dir / CHECKPOINT, self.built, task_labels(tasks), tasks=tasks, **extra)
+        heads = {name: "prototype" if name in self._prototypes else "linear" for name in tasks}
+        save_checkpoint(self.run_dir / CHECKPOINT, self.built, task_labels(tasks), tasks=tasks, task_heads=heads, **extra)
+
+    @property
+    def _prototypes(self) -> dict[str, dict[str, Any]]:
+        """The prototype tasks' records (how their heads were made)."""
+        return getattr(self.tasks, "prototypes", {})
 
     def _val(self) -> dict[str, dict[str, Any]]:
         """Each task's validation logits (its own columns), top-1 and loss."""
@@ -203,6 +209,8 @@ class MultiTaskTrainer:
             test = {"images": len(test_labels), "top1": right / len(test_labels), "interval": wilson_interval(right, len(test_labels))}
         return {
             "classes": list(dataset.classes),
+            "head": "prototype" if name in self._prototypes else "linear",
+            "prototype": self._prototypes.get(name),
             "train_images": len(dataset.train),
             "val_images": len(dataset.val),
             "val_top1": val["top1"],

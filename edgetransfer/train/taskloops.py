@@ -8,6 +8,7 @@ logits (its own columns), the test logits of its images and the parameters that 
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from torch import nn
 from ..config import FinetuneConfig
 from ..data import Dataset
 from ..distributed import SINGLE, Context
+from ..prototype import fit_head
 from ..rundir import RunDir
 from ..taskheads import TaskHeads, task_slices
 from ..training import seed_stage
@@ -31,7 +33,11 @@ Step = tuple[torch.Tensor, int, int]  # (the loss to step on, right answers, ima
 class CachedTasks:
     """Head mode: each task's images through the frozen backbone once; an epoch visits every
     task's batches of cached features, interleaved task by task in a seeded order, and a step
-    trains the head of its batch's task on that task's loss (the heads share no parameter)."""
+    trains the head of its batch's task on that task's loss (the heads share no parameter).
+
+    A prototype task's head is made once from its cached features (class means, see
+    :mod:`edgetransfer.prototype`) and has no steps.
+    """
 
     weighting = "none needed: a step trains one task's head on that task's loss; the heads share no parameter"
     amp = False  # a head on cached features is one small matrix product, kept in FP32
@@ -44,10 +50,23 @@ class CachedTasks:
             for name, dataset in datasets.items()
         ]
         self.criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+        self.trains = [not task.prototype for task in config.tasks] if config.tasks else [True] * len(self.loops)
+        self.prototypes = {
+            name: self._prototype_head(index, name) for index, name in enumerate(datasets) if not self.trains[index]
+        }  # fresh: a resumed run loads the same head's state over it
+
+    def _prototype_head(self, index: int, name: str) -> dict[str, Any]:
+        """Task ``index``'s prototype head from its cached features, put in its place; its record."""
+        started = time.perf_counter()
+        loop, size = self.loops[index], self.heads.sizes[index]
+        head = fit_head(loop.train_x, loop.train_y, size, loop.val_x, loop.val_y).to(self.device)
+        self.heads.heads[index] = head
+        shots = torch.bincount(loop.train_y, minlength=size).tolist()
+        return {"scale": float(head.scale), "whitened": head.whitens, "shots_per_class": shots, "seconds": time.perf_counter() - started}
 
     @property
     def steps_per_epoch(self) -> int:
-        return sum(loop.steps_per_epoch for loop in self.loops)
+        return sum(loop.steps_per_epoch for loop, trains in zip(self.loops, self.trains, strict=True) if trains)
 
     @property
     def features_s(self) -> float:
@@ -64,7 +83,7 @@ class CachedTasks:
         per_task = []
         for index, loop in enumerate(self.loops):
             order = torch.randperm(len(loop.train_y), generator=generator)
-            per_task.append([(index, rows) for rows in order.split(self.config.batch_size)])
+            per_task.append([(index, rows) for rows in order.split(self.config.batch_size)] if self.trains[index] else [])
         self.heads.train()
         for index, rows in (batch for group in itertools.zip_longest(*per_task) for batch in group if batch is not None):
             loop = self.loops[index]
