@@ -94,6 +94,7 @@ def predict(
 @click.option("--label", default=None, help="The class to add (or, with --replace, to make anew).")
 @click.option("--remove", "remove_label", default=None, metavar="LABEL", help="The class to remove.")
 @click.option("--replace", is_flag=True, help="Make an existing class anew from these images.")
+@click.option("--task", default=None, metavar="NAME", help="A multi-task model's prototype task to enrol into. [default: its only one]")
 @click.option(
     "--output", type=click.Path(path_type=Path), default=None, help="Where to write the enrolled model. [default: MODEL-enrolled.onnx beside it]"
 )
@@ -109,6 +110,7 @@ def enrol(
     output: Path | None,
     in_place: bool,
     threads: int | None,
+    task: str | None,
 ) -> None:
     """Add a class to a prototype model from a few images, or replace or remove one (no training, no torch).
 
@@ -118,6 +120,7 @@ def enrol(
       edgetransfer enrol runs/shop/model.onnx --label teapot teapot/*.jpg     # writes model-enrolled.onnx
       edgetransfer enrol runs/shop/model-enrolled.onnx --label teapot new/*.jpg --replace --in-place
       edgetransfer enrol runs/shop/model-enrolled.onnx --remove teapot --in-place
+      edgetransfer enrol runs/two/model.onnx --task face --label cat cats/*.jpg   # a multi-task model's prototype task
     """
 
     if (label is None) == (remove_label is None):
@@ -133,6 +136,7 @@ def enrol(
         output=output,
         in_place=in_place,
         threads=threads,
+        task=task,
     )
     click.echo(enrolment_line(done, path))
 

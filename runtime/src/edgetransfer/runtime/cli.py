@@ -3,7 +3,7 @@
     edgetransfer-runtime predict model.onnx cat.jpg dog.png [--json]
     edgetransfer-runtime info model.onnx
     edgetransfer-runtime check model.onnx [images...]
-    edgetransfer-runtime enrol model.onnx --label NAME images... [--replace] [--in-place | --output PATH]
+    edgetransfer-runtime enrol model.onnx --label NAME images... [--replace] [--task NAME] [--in-place | --output PATH]
     edgetransfer-runtime serve model.onnx [--port 3000] [--max-batch 8]   (the serve extra)
 
 argparse only: the runtime installs no CLI framework. Every message that reaches the terminal
@@ -126,6 +126,7 @@ def _enrol_parser(commands) -> None:
     what.add_argument("--label", help="the class to add (or, with --replace, to make anew)")
     what.add_argument("--remove", metavar="LABEL", help="the class to remove")
     enrol.add_argument("--replace", action="store_true", help="make an existing class anew from these images")
+    enrol.add_argument("--task", default=None, help="a multi-task model's prototype task to enrol into (default: its only one)")
     enrol.add_argument("--output", type=Path, default=None, help="where to write the enrolled model")
     enrol.add_argument("--in-place", action="store_true", help="replace MODEL itself (atomically)")
     enrol.add_argument("--threads", type=_positive, default=None, help="inference threads (default: the runtime's choice)")
@@ -147,6 +148,7 @@ def _enrol(args: argparse.Namespace) -> int:
         output=args.output,
         in_place=args.in_place,
         threads=args.threads,
+        task=args.task,
     )
     print(enrolment_line(done, path) if not args.json else json.dumps({**done.__dict__, "model": str(path)}, indent=2))
     return 0
@@ -161,7 +163,8 @@ def enrolment_line(done, path: Path) -> str:
             f"{'added' if done.action == 'add' else 'replaced'} {printable(done.label)} from {done.images} image(s)"
             f" ({done.recognised} of them now recognised as it)"
         )
-    return f"{what}; {done.classes} classes; wrote {printable(path)} in {done.seconds:.2f} s"
+    where = f" in task {printable(done.task)}" if done.task else ""
+    return f"{what}{where}; {done.classes} classes; wrote {printable(path)} in {done.seconds:.2f} s"
 
 
 def _positive(text: str) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import replace as replace_field
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +27,11 @@ def enrol_file(
     output: str | os.PathLike | None = None,
     in_place: bool = False,
     threads: int | None = None,
+    task: str | None = None,
 ) -> tuple[Enrolment, Path]:
-    """Enrol ``label`` from ``images`` into the model file (or ``remove`` it), and write the result
-    atomically to :func:`writable_output`'s path. On any error no file is written or changed.
+    """Enrol ``label`` from ``images`` into the model file (or ``remove`` it), into ``task`` for a
+    multi-task model (default: its one prototype task), and write the result atomically to
+    :func:`writable_output`'s path. On any error no file is written or changed.
 
     Returns:
         What was done, and the file written.
@@ -36,10 +39,10 @@ def enrol_file(
     model = Path(model)
     target = writable_output(model, Path(output) if output is not None else None, in_place)
     predictor = Predictor(model, threads=threads)
-    done = predictor.remove(label) if remove else predictor.enrol(label, list(images or []), replace=replace)
+    done = predictor.remove(label, task=task) if remove else predictor.enrol(label, list(images or []), replace=replace, task=task)
     started = time.perf_counter()
     predictor.save(target)
-    return Enrolment(done.action, done.label, done.images, done.classes, done.seconds + time.perf_counter() - started, done.recognised), target
+    return replace_field(done, seconds=done.seconds + time.perf_counter() - started), target
 
 
 def writable_output(model: Path, output: Path | None, in_place: bool) -> Path:

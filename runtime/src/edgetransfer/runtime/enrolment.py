@@ -8,6 +8,10 @@ normalised mean of its images' features, so enrolling is one forward pass over a
 one row of that matrix: no training, no torch, no ``onnx`` package. The file is rewritten with
 only that tensor, the labels and an enrolment record changed (:mod:`.wire`), and a model that
 was quantised keeps its prototype matrix in float.
+
+A multi-task model can have prototype tasks: task ``T``'s features are the output ``features_T``
+and its prototypes the initializer ``edgetransfer.prototypes.T``; enrolling into ``T`` changes
+that tensor, ``T``'s labels in the ``tasks`` metadata and the flat ``labels``, and no other task.
 """
 
 from __future__ import annotations
@@ -24,13 +28,37 @@ import numpy as np
 
 from . import wire
 from .errors import PredictorError
+from .tasks import Tasks
 
-__all__ = ["PROTOTYPES", "FEATURES", "ENROLMENT_KEY", "Enrolment", "prototype_of", "check_label", "enrolled_model", "image_record"]
+__all__ = [
+    "PROTOTYPES",
+    "FEATURES",
+    "ENROLMENT_KEY",
+    "Enrolment",
+    "PrototypeHead",
+    "prototype_head",
+    "features_of",
+    "prototypes_of",
+    "prototype_of",
+    "check_label",
+    "enrolled_model",
+    "image_record",
+]
 
 PROTOTYPES = "edgetransfer.prototypes"  # the initializer: one row per class
 FEATURES = "features"  # the graph output enrolment reads
 ENROLMENT_KEY = "edgetransfer.enrolment"  # metadata: a JSON list of what was enrolled, in order
 MAX_LABEL = 200
+
+
+def features_of(task: str | None) -> str:
+    """The output of a prototype head's features: ``features``, or ``features_TASK`` for a task's."""
+    return FEATURES if task is None else f"{FEATURES}_{task}"
+
+
+def prototypes_of(task: str | None) -> str:
+    """The initializer of a prototype head's matrix: :data:`PROTOTYPES`, or ``PROTOTYPES.TASK``."""
+    return PROTOTYPES if task is None else f"{PROTOTYPES}.{task}"
 
 
 @dataclass(frozen=True)
@@ -43,6 +71,71 @@ class Enrolment:
     classes: int  # how many the model has now
     seconds: float
     recognised: int  # of its own images, how many the new model gives the class (0 for a removal)
+    task: str | None = None  # the task enrolled into (a multi-task model)
+
+
+@dataclass(frozen=True)
+class PrototypeHead:
+    """Where a model's prototype head is: its task (``None`` for a one-task model), its labels,
+    and the model's tasks (``None`` for one task)."""
+
+    task: str | None
+    labels: tuple[str, ...]
+    tasks: Tasks | None = None
+
+    @property
+    def features(self) -> str:
+        return features_of(self.task)
+
+    @property
+    def initializer(self) -> str:
+        return prototypes_of(self.task)
+
+    @property
+    def named(self) -> dict[str, str]:
+        """The task, for an enrolment record (nothing for a one-task model)."""
+        return {} if self.task is None else {"task": self.task}
+
+    def metadata(self, labels: list[str]) -> dict[str, str]:
+        """The model's label metadata with this head's labels now ``labels``."""
+        if self.tasks is None:
+            return {"labels": json.dumps(labels)}
+        names, all_labels = self.tasks.names, list(self.tasks.labels)
+        all_labels[names.index(self.task)] = tuple(labels)
+        tasks = Tasks(names, tuple(all_labels))
+        return {"labels": json.dumps(list(tasks.flat_labels)), "tasks": tasks.to_json()}
+
+
+def prototype_head(labels: tuple[str, ...], tasks: Tasks | None, outputs: list[str], task: str | None) -> PrototypeHead:
+    """The prototype head to enrol into: the model's (one task), or task ``task``'s (``None``: its
+    one prototype task).
+
+    Raises:
+        PredictorError: no prototype head; a task named for a one-task model; an unknown task, a
+            task with a trained head, or no task named where several have prototype heads.
+    """
+    none = "this model has no prototype head, so it cannot enrol classes: only models made with 'edgetransfer finetune --mode prototype'"
+    if tasks is None:
+        if task is not None:
+            raise PredictorError(f"this model has one task, so there is no task to choose; drop the task ({task[:40]!r})")
+        if FEATURES not in outputs:
+            raise PredictorError(none + " (or a task's --task-head NAME=prototype) and exported to ONNX (any precision) can")
+        return PrototypeHead(None, labels)
+    heads = [name for name in tasks.names if features_of(name) in outputs]
+    if task is None and len(heads) != 1:
+        raise PredictorError(
+            f"this model's tasks ({', '.join(tasks.names)}) have no prototype head; a task made with --task-head NAME=prototype can enrol classes"
+            if not heads
+            else f"this model has several prototype tasks ({', '.join(heads)}); say which to enrol into (--task NAME)"
+        )
+    task = heads[0] if task is None else task
+    if task not in tasks.names:
+        raise PredictorError(f"this model has no task {task[:40]!r}; its tasks: {', '.join(tasks.names)}")
+    if task not in heads:
+        raise PredictorError(
+            f"task {task}'s head was trained (Linear), so it cannot enrol classes; only a prototype task can ({', '.join(heads) or 'none here'})"
+        )
+    return PrototypeHead(task, tasks.labels[tasks.names.index(task)], tasks)
 
 
 def prototype_of(features: np.ndarray) -> np.ndarray:
@@ -85,13 +178,14 @@ def image_record(image: Any, index: int) -> dict[str, str]:
     return {"name": f"<pixels {index}>", "sha256": hashlib.sha256(np.ascontiguousarray(pixels).tobytes()).hexdigest()}
 
 
-def enrolled_model(model: bytes, labels: list[str], matrix: np.ndarray, record: dict[str, Any]) -> bytes:
-    """``model`` with ``matrix`` as its prototypes, ``labels`` as its labels and ``record`` appended
-    to its enrolment history; every other byte as it was."""
-    updated = wire.replace_initializer(model, PROTOTYPES, matrix)
+def enrolled_model(model: bytes, initializer: str, matrix: np.ndarray, labels: dict[str, str], record: dict[str, Any]) -> bytes:
+    """``model`` with ``matrix`` as its prototype ``initializer``, the metadata in ``labels``
+    (``labels``, and ``tasks`` for a multi-task model) replaced and ``record`` appended to its
+    enrolment history; every other byte as it was."""
+    updated = wire.replace_initializer(model, initializer, matrix)
     props = wire.metadata(updated)
     history = _history(props)
-    props["labels"] = json.dumps(labels)
+    props.update(labels)
     props[ENROLMENT_KEY] = json.dumps([*history, record])
     return wire.with_metadata(updated, props)
 

@@ -14,7 +14,7 @@ from typing import cast
 import numpy as np
 
 from . import wire
-from .enrolment import FEATURES, PROTOTYPES, Enrolment, check_label, enrolled_model, image_record, now, prototype_of
+from .enrolment import Enrolment, PrototypeHead, check_label, enrolled_model, image_record, now, prototype_head, prototype_of
 from .errors import PredictorError
 from .files import write_bytes
 from .metadata import UINT8_NHWC, ModelInfo, model_info, verify_recorded
@@ -208,38 +208,40 @@ class Predictor:
 
     # -- prototype models: enrolment -------------------------------------------------------
 
-    def features(self, images: Sequence[ImageInput]) -> np.ndarray:
-        """A prototype model's normalised features (its ``features`` output), one row per image.
+    def features(self, images: Sequence[ImageInput], *, task: str | None = None) -> np.ndarray:
+        """A prototype head's normalised features (its ``features`` output; ``features_TASK`` for
+        a multi-task model's prototype task), one row per image.
 
         Raises:
-            PredictorError: the model has no prototype head (see :meth:`enrol`).
+            PredictorError: the model (or ``task``) has no prototype head (see :meth:`enrol`).
         """
-        self._require_prototype_head()
+        head = self._prototype_head(task)
         if len(images) == 0:
             raise PredictorError("no images given: enrol a class from at least one image of it")
-        return run_batched(lambda chunk: self._session.run_output(FEATURES, chunk), self._feed(images), self.batch_size, self._fixed_batch)
+        return run_batched(lambda chunk: self._session.run_output(head.features, chunk), self._feed(images), self.batch_size, self._fixed_batch)
 
-    def enrol(self, label: str, images: ImageInput | Sequence[ImageInput], *, replace: bool = False) -> Enrolment:
+    def enrol(self, label: str, images: ImageInput | Sequence[ImageInput], *, replace: bool = False, task: str | None = None) -> Enrolment:
         """Add class ``label`` (or, with ``replace``, make it anew) from a few of its images.
 
         The class's prototype is the normalised mean of the images' features, computed with this
         model (an INT8 model's own features for an INT8 model); the prototype matrix stays float.
-        This Predictor then runs the new model; :meth:`save` writes it. Nothing changes on error.
-        Unlike :meth:`predict`, not to be called while other threads predict with this Predictor.
+        For a multi-task model the class goes into ``task`` (default: its one prototype task), and
+        no other task changes. This Predictor then runs the new model; :meth:`save` writes it.
+        Nothing changes on error. Unlike :meth:`predict`, not to be called while other threads
+        predict with this Predictor.
 
         Raises:
-            PredictorError: a model without a prototype head, a label that exists (without
-                ``replace``) or cannot be stored, no images, or an image that cannot be used.
+            PredictorError: a model or task without a prototype head, a label that exists
+                (without ``replace``) or cannot be stored, no images, or an image that cannot be used.
         """
         started = time.perf_counter()
         label = check_label(label)
-        data = self.model_bytes()
-        matrix = self._prototypes(data)
-        labels = list(self.info.labels)
+        data, head = self.model_bytes(), self._prototype_head(task)
+        matrix, labels = self._prototypes(data, head), list(head.labels)
         if label in labels and not replace:
             raise PredictorError(f"class {label!r} exists already; pass replace=True (--replace) to make it anew from these images")
         batch = [cast(ImageInput, images)] if is_single(images) else list(cast(Sequence[ImageInput], images))
-        features = self.features(batch)
+        features = self.features(batch, task=task)
         row = prototype_of(features)
         if label in labels:
             matrix = matrix.copy()
@@ -247,28 +249,29 @@ class Predictor:
         else:
             matrix, labels = np.vstack([matrix, row[None]]), [*labels, label]
         recognised = int((np.argmax(features @ matrix.T, axis=1) == labels.index(label)).sum())  # the Gemm's argmax
-        action = "replace" if label in self.info.labels else "add"
-        record = {"action": action, "label": label, "time": now(), "images": [image_record(im, i) for i, im in enumerate(batch)]}
-        self._reload(enrolled_model(data, labels, matrix, record))
-        return Enrolment(action, label, len(batch), len(labels), time.perf_counter() - started, recognised)
+        action = "replace" if label in head.labels else "add"
+        record = {"action": action, "label": label, **head.named, "time": now(), "images": [image_record(im, i) for i, im in enumerate(batch)]}
+        self._reload(enrolled_model(data, head.initializer, matrix, head.metadata(labels), record))
+        return Enrolment(action, label, len(batch), len(labels), time.perf_counter() - started, recognised, head.task)
 
-    def remove(self, label: str) -> Enrolment:
-        """Remove class ``label``; this Predictor then runs the new model (:meth:`save` writes it).
+    def remove(self, label: str, *, task: str | None = None) -> Enrolment:
+        """Remove class ``label`` (of ``task``, for a multi-task model); this Predictor then runs
+        the new model (:meth:`save` writes it).
 
         Raises:
-            PredictorError: a model without a prototype head, an unknown label, or the last two classes.
+            PredictorError: a model or task without a prototype head, an unknown label, or the last two classes.
         """
         started = time.perf_counter()
-        data = self.model_bytes()
-        matrix, labels = self._prototypes(data), list(self.info.labels)
+        data, head = self.model_bytes(), self._prototype_head(task)
+        matrix, labels = self._prototypes(data, head), list(head.labels)
         if label not in labels:
-            raise PredictorError(f"there is no class {label!r} to remove; the model's classes: {', '.join(labels)}"[:400])
+            raise PredictorError(f"there is no class {label!r} to remove; the classes: {', '.join(labels)}"[:400])
         if len(labels) <= 2:
             raise PredictorError(f"cannot remove {label!r}: a classifier needs at least 2 classes; enrol another class first")
         keep = [i for i, name in enumerate(labels) if name != label]
-        record = {"action": "remove", "label": label, "time": now(), "images": []}
-        self._reload(enrolled_model(data, [labels[i] for i in keep], matrix[keep], record))
-        return Enrolment("remove", label, 0, len(keep), time.perf_counter() - started, 0)
+        record = {"action": "remove", "label": label, **head.named, "time": now(), "images": []}
+        self._reload(enrolled_model(data, head.initializer, matrix[keep], head.metadata([labels[i] for i in keep]), record))
+        return Enrolment("remove", label, 0, len(keep), time.perf_counter() - started, 0, head.task)
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the model this Predictor runs (after :meth:`enrol`, the enrolled one) atomically."""
@@ -289,29 +292,28 @@ class Predictor:
         except OSError as exc:
             raise PredictorError(f"cannot read {self._model}: {exc.strerror or exc}") from exc
 
-    def _require_prototype_head(self) -> None:
-        """Raises PredictorError unless the model is an ONNX model with a ``features`` output."""
-        if not isinstance(self._session, OrtSession):
-            raise PredictorError("an OpenVINO IR cannot enrol classes: enrol into the ONNX model, then convert it again")
-        if FEATURES not in self._session.output_names:
-            raise PredictorError(
-                "this model has no prototype head, so it cannot enrol classes: only models made with"
-                " 'edgetransfer finetune --mode prototype' and exported to ONNX (any precision) can"
-            )
-
-    def _prototypes(self, model: bytes) -> np.ndarray:
-        """The prototype matrix (one row per label) of ``model`` (this Predictor's), checked against the graph.
+    def _prototype_head(self, task: str | None) -> PrototypeHead:
+        """The prototype head to enrol into (see :func:`~.enrolment.prototype_head`).
 
         Raises:
-            PredictorError: the model has no prototype head.
+            PredictorError: an OpenVINO IR, or as :func:`~.enrolment.prototype_head`.
         """
-        self._require_prototype_head()
-        matrix = wire.read_initializer(model, PROTOTYPES)
-        width = self._session.output_widths.get(FEATURES)
-        if matrix is None or matrix.ndim != 2 or matrix.shape[0] != len(self.info.labels) or (width and matrix.shape[1] != width):
+        if not isinstance(self._session, OrtSession):
+            raise PredictorError("an OpenVINO IR cannot enrol classes: enrol into the ONNX model, then convert it again")
+        return prototype_head(self.info.labels, self.info.tasks, list(self._session.output_names), task)
+
+    def _prototypes(self, model: bytes, head: PrototypeHead) -> np.ndarray:
+        """``head``'s prototype matrix (one row per label) in ``model`` (this Predictor's), checked against the graph.
+
+        Raises:
+            PredictorError: a matrix that does not fit the head's labels and features.
+        """
+        matrix = wire.read_initializer(model, head.initializer)
+        width = self._session.output_widths.get(head.features)
+        if matrix is None or matrix.ndim != 2 or matrix.shape[0] != len(head.labels) or (width and matrix.shape[1] != width):
             shape = None if matrix is None else matrix.shape
             raise PredictorError(
-                f"the model's prototype matrix {shape} does not fit its {len(self.info.labels)} labels and {width}-wide features; export it again"
+                f"the model's prototype matrix {shape} does not fit its {len(head.labels)} labels and {width}-wide features; export it again"
             )
         return matrix
 
