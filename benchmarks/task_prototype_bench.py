@@ -45,8 +45,9 @@ from edgetransfer.runtime.predictor import prepare
 from edgetransfer.tasks import tasks_option, with_heads
 
 sys.path.insert(0, str(Path(__file__).parent))
-from fingerprint import fingerprint, save_results  # noqa: E402
 from multitask_bench import paired_change  # noqa: E402
+
+from fingerprint import fingerprint, save_results  # noqa: E402
 
 NEW_CLASS = "digit"  # enrolled into the face task: handwritten digits are neither faces nor lfw's non-faces
 
