@@ -29,7 +29,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 
 from edgetransfer.bench import BenchOptions, bench_run
 from edgetransfer.config import FinetuneConfig
@@ -42,6 +41,7 @@ from edgetransfer.optimize import Precision, QuantOptions, Target, build_variant
 from edgetransfer.progress import set_quiet
 from edgetransfer.runtime import Predictor
 from edgetransfer.runtime.predictor import prepare
+from edgetransfer.runtime.sessions import open_session
 from edgetransfer.tasks import tasks_option, with_heads
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -102,7 +102,7 @@ def accuracy(runs: dict[str, Path], tests: dict, threads: int) -> dict:
 
 
 def logits(model: bytes, images: list, info, output: str) -> np.ndarray:
-    session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    session = open_session(model)
     feed = np.stack([prepare(image, info) for image in images])
     return np.concatenate([session.run([output], {"input": feed[i : i + 64]})[0] for i in range(0, len(feed), 64)])
 
