@@ -32,7 +32,7 @@ from .errors import EdgeTransferError, ModelError, RunError
 from .metrics import topk_accuracy
 from .models import BuiltModel, build
 from .progress import console, set_quiet
-from .prototype import PROTOTYPE, fit_head, install_prototype_head
+from .prototype import PROTOTYPE, fit_recorded, install_prototype_head
 from .rundir import Manifest, RunDir, now
 from .runtime.files import write_json
 from .safeload import safe_load
@@ -317,19 +317,16 @@ def _prototype_run(config, built: BuiltModel, dataset: Dataset, device, run_dir:
     which changes no top-1 figure."""
     install_prototype_head(built, built.heads[0])  # refuses a model with no single Linear classifier, before any work
     loop = CachedHeadLoop(config, built, dataset, device, run_dir, dist)
-    prototyping = time.perf_counter()
-    classes = len(dataset.classes)
-    head = fit_head(loop.train_x, loop.train_y, classes, loop.val_x, loop.val_y).to(device)
-    scale = float(head.scale)
-    install_prototype_head(built, head)
+    head, record = fit_recorded(loop.train_x, loop.train_y, len(dataset.classes), loop.val_x, loop.val_y)
+    install_prototype_head(built, head.to(device))
     loop.head = head
-    shots = torch.bincount(loop.train_y, minlength=classes)
-    seconds = time.perf_counter() - prototyping
     if dist.main:
-        save_checkpoint(run_dir / CHECKPOINT, built, dataset.classes, head=PROTOTYPE, scale=scale, shots_per_class=shots.tolist())
+        save_checkpoint(
+            run_dir / CHECKPOINT, built, dataset.classes, head=PROTOTYPE, scale=record["scale"], shots_per_class=record["shots_per_class"]
+        )
     trainer = Trainer(config, built, loop, run_dir, dataset.classes, dist)
     metrics = trainer.finish(dataset, time.perf_counter() - started)
-    metrics["prototype"] = {"scale": scale, "whitened": head.whitens, "shots_per_class": shots.tolist(), "seconds": seconds}
+    metrics["prototype"] = record
     if dist.main:
         write_json(run_dir / METRICS, metrics)
         _record(manifest, config, metrics, run_dir)

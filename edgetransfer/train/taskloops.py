@@ -8,7 +8,6 @@ logits (its own columns), the test logits of its images and the parameters that 
 from __future__ import annotations
 
 import itertools
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ from torch import nn
 from ..config import FinetuneConfig
 from ..data import Dataset
 from ..distributed import SINGLE, Context
-from ..prototype import fit_head
+from ..prototype import fit_recorded
 from ..rundir import RunDir
 from ..taskheads import TaskHeads, task_slices
 from ..training import seed_stage
@@ -52,17 +51,15 @@ class CachedTasks:
         self.criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
         self.trains = [not task.prototype for task in config.tasks] if config.tasks else [True] * len(self.loops)
         self.prototypes = {
-            name: self._prototype_head(index, name) for index, name in enumerate(datasets) if not self.trains[index]
+            name: self._prototype_head(index) for index, name in enumerate(datasets) if not self.trains[index]
         }  # fresh: a resumed run loads the same head's state over it
 
-    def _prototype_head(self, index: int, name: str) -> dict[str, Any]:
+    def _prototype_head(self, index: int) -> dict[str, Any]:
         """Task ``index``'s prototype head from its cached features, put in its place; its record."""
-        started = time.perf_counter()
-        loop, size = self.loops[index], self.heads.sizes[index]
-        head = fit_head(loop.train_x, loop.train_y, size, loop.val_x, loop.val_y).to(self.device)
-        self.heads.heads[index] = head
-        shots = torch.bincount(loop.train_y, minlength=size).tolist()
-        return {"scale": float(head.scale), "whitened": head.whitens, "shots_per_class": shots, "seconds": time.perf_counter() - started}
+        loop = self.loops[index]
+        head, record = fit_recorded(loop.train_x, loop.train_y, self.heads.sizes[index], loop.val_x, loop.val_y)
+        self.heads.heads[index] = head.to(self.device)
+        return record
 
     @property
     def steps_per_epoch(self) -> int:
